@@ -1,0 +1,39 @@
+"""hookkit's exception classes: one base class, a few precise subclasses."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HookkitError",
+    "LayerNotFoundError",
+    "NotRecordedError",
+    "ModifiedInPlaceError",
+    "GradientUnavailableError",
+    "UnsupportedModelError",
+]
+
+
+class HookkitError(Exception):
+    """Base class of every error hookkit raises on its own account."""
+
+
+class LayerNotFoundError(HookkitError, LookupError):
+    """A layer spec (name, glob, class or predicate) matched no module of the model."""
+
+
+class NotRecordedError(HookkitError, KeyError):
+    """A value was asked for that the capture did not record (layer never ran, no backward...)."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ModifiedInPlaceError(HookkitError, RuntimeError):
+    """A stored tensor was changed in place after capture, so it no longer holds what the layer produced."""
+
+
+class GradientUnavailableError(HookkitError, RuntimeError):
+    """hookkit could not isolate a gradient (e.g. a module modified its own input in place twice)."""
+
+
+class UnsupportedModelError(HookkitError, TypeError):
+    """The model is of a kind whose module hooks torch does not run (TorchScript, compiled)."""

@@ -1,0 +1,182 @@
+"""Layer specs (names, globs, classes, module objects, predicates) -> modules, with helpful not-found errors."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Callable, Iterable, Union
+
+import torch
+import torch.nn as nn
+
+from ._errors import LayerNotFoundError, UnsupportedModelError
+
+__all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "check_model"]
+
+LayerSpec = Union[str, type, nn.Module, Callable[[str, nn.Module], bool]]
+Layers = Union[LayerSpec, Iterable[LayerSpec]]
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Every name that ``capture`` and ``hooks`` accept for ``model``, in ``named_modules`` order.
+
+    A module registered under several names (a shared submodule) is listed under each of them.
+
+    Example:
+        >>> import torch.nn as nn, hookkit
+        >>> hookkit.layer_names(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        ['0', '1']
+    """
+    _require_module(model)
+    return [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+
+
+def _require_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"hookkit needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}. "
+            "Pass the model object itself (not its output, state_dict or a function)."
+        )
+
+
+def check_model(model: Any) -> None:
+    """Refuse models whose module hooks torch would not run, before anything is registered."""
+    _require_module(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a TorchScript module: torch does not run Python module hooks on "
+            "scripted or traced modules. Capture on the eager nn.Module you scripted instead."
+        )
+    for name, module in model.named_modules():
+        where = f"the submodule {name!r}" if name else "the model"
+        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            raise UnsupportedModelError(
+                f"{where} is compiled with torch.compile: hooks added after compiling are skipped by the "
+                "compiled code (torch does not guard on hook dicts by default), so hookkit would see nothing. "
+                "Capture on the eager module (`compiled._orig_mod`), or register the capture before compiling."
+            )
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            raise UnsupportedModelError(
+                f"{where} was compiled in place with Module.compile(): hooks added afterwards are skipped by the "
+                "compiled code, so hookkit would see nothing. Capture on an uncompiled copy of the model, or "
+                "register the capture before calling .compile()."
+            )
+        if isinstance(module, torch.jit.ScriptModule) and name:
+            raise UnsupportedModelError(
+                f"{where} is a TorchScript module: torch does not run Python hooks inside it. "
+                "Replace it with its eager nn.Module to capture inside it."
+            )
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """``*`` matches inside one dotted component, ``**`` across components, ``?`` one character, ``[..]`` a set."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _describe(spec: Any) -> str:
+    if isinstance(spec, type):
+        return f"class {spec.__module__}.{spec.__qualname__}"
+    if isinstance(spec, nn.Module):
+        return f"module object {type(spec).__name__}"
+    if isinstance(spec, str):
+        return repr(spec)
+    return f"predicate {getattr(spec, '__qualname__', repr(spec))}"
+
+
+def _not_found(model: nn.Module, spec: Any, names: list[str]) -> LayerNotFoundError:
+    model_name = type(model).__name__
+    hint = "See hookkit.layer_names(model) (or `hookkit layers MODEL`) for every valid name."
+    if isinstance(spec, str):
+        kind = "pattern" if _GLOB_CHARS.search(spec) else "layer"
+        close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+        if not close and _GLOB_CHARS.search(spec):
+            literal = _GLOB_CHARS.sub("", spec)
+            close = difflib.get_close_matches(literal, names, n=5, cutoff=0.4)
+        did_you_mean = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        glob_help = " (in patterns `*` matches inside one dotted part, `**` across parts)" if kind == "pattern" else ""
+        return LayerNotFoundError(f"no {kind} {spec!r} in {model_name}{glob_help}.{did_you_mean} {hint}")
+    if isinstance(spec, type):
+        present = sorted({type(m).__name__ for m in model.modules()})
+        shown = ", ".join(present[:15]) + (", ..." if len(present) > 15 else "")
+        return LayerNotFoundError(
+            f"no module of {_describe(spec)} in {model_name}; its module classes are: {shown}. {hint}"
+        )
+    return LayerNotFoundError(f"{_describe(spec)} matched no module of {model_name}. {hint}")
+
+
+def _as_list(layers: Any) -> list[Any]:
+    if isinstance(layers, (str, type, nn.Module)) or callable(layers):
+        return [layers]
+    try:
+        specs = list(layers)
+    except TypeError:
+        raise TypeError(
+            f"layers must be a name, glob, module class, module, predicate (name, module) -> bool, or a list of "
+            f"these; got {type(layers).__name__}."
+        ) from None
+    if not specs:
+        raise ValueError("layers is empty: name at least one layer (see hookkit.layer_names(model)).")
+    return specs
+
+
+def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
+    """Map each selected module to the selected names it goes by, in ``named_modules`` order.
+
+    Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
+    """
+    specs = _as_list(layers)
+    named = list(model.named_modules(remove_duplicate=False))
+    names = [n for n, _ in named if n]
+    chosen: set[str] = set()
+    for spec in specs:
+        if isinstance(spec, str):
+            if _GLOB_CHARS.search(spec):
+                rx = _glob_regex(spec)
+                hits = [n for n in names if rx.match(n)]
+            else:
+                hits = [n for n, _ in named if n == spec]
+        elif isinstance(spec, type):
+            hits = [n for n, m in named if n and isinstance(m, spec)]
+        elif isinstance(spec, nn.Module):
+            hits = [n for n, m in named if m is spec]
+        elif callable(spec):
+            hits = [n for n, m in named if n and spec(n, m)]
+        else:
+            raise TypeError(
+                f"cannot select layers with {type(spec).__name__} {spec!r}: use a name, a glob, a module class, "
+                "a module object or a predicate (name, module) -> bool."
+            )
+        if not hits:
+            raise _not_found(model, spec, names)
+        chosen.update(hits)
+    selected: dict[nn.Module, list[str]] = {}
+    for n, m in named:
+        if n in chosen:
+            selected.setdefault(m, []).append(n)
+    return selected

@@ -1,0 +1,86 @@
+"""The one place that walks nested values: tensors inside tuples, lists, dicts, namedtuples, dataclasses, ModelOutput.
+
+Every option (detach, clone, device, dtype, hooking) is applied through ``map_leaves``, so nested containers get
+exactly the treatment that a bare tensor gets (baukit's ``recursive_copy`` once forgot ``clone`` in containers).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["map_leaves", "leaves", "skeleton", "fill"]
+
+_ATOMS = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def map_leaves(fn: Callable[[Any], Any], obj: Any, leaf_type: type | tuple[type, ...] = torch.Tensor) -> Any:
+    """Return a copy of ``obj`` with every ``leaf_type`` leaf replaced by ``fn(leaf)``, in a fixed depth-first order.
+
+    Containers keep their type: tuple, list, namedtuple, dict (and subclasses such as OrderedDict or Hugging Face
+    ``ModelOutput``), and dataclass instances. Anything else is returned as it is.
+    """
+    if isinstance(obj, leaf_type):
+        return fn(obj)
+    if isinstance(obj, _ATOMS):
+        return obj
+    if _is_namedtuple(obj):
+        return type(obj)(*(map_leaves(fn, v, leaf_type) for v in obj))
+    if type(obj) is tuple or type(obj) is list:
+        return type(obj)(map_leaves(fn, v, leaf_type) for v in obj)
+    if isinstance(obj, (tuple, list)):
+        mapped = [map_leaves(fn, v, leaf_type) for v in obj]
+        try:
+            return type(obj)(mapped)
+        except TypeError:  # a subclass with another constructor: a plain container of the same kind
+            return tuple(mapped) if isinstance(obj, tuple) else mapped
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: map_leaves(fn, v, leaf_type) for k, v in obj.items()}
+        # OrderedDict, defaultdict, ModelOutput (a dict *and* a dataclass): copy, then replace values by key,
+        # which for ModelOutput also keeps the attributes in step.
+        new = copy.copy(obj)
+        for k, v in obj.items():
+            new[k] = map_leaves(fn, v, leaf_type)
+        return new
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        new = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            if hasattr(obj, f.name):
+                object.__setattr__(new, f.name, map_leaves(fn, getattr(obj, f.name), leaf_type))
+        return new
+    return obj
+
+
+def leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors inside ``obj``, in ``map_leaves`` order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    found: list[torch.Tensor] = []
+    map_leaves(found.append, obj)
+    return found
+
+
+class _Slot:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def skeleton(obj: Any) -> Any:
+    """``obj`` with its tensors replaced by numbered slots, holding no tensor (and so no autograd graph)."""
+    counter = iter(range(1 << 62))
+    return map_leaves(lambda _t: _Slot(next(counter)), obj)
+
+
+def fill(skel: Any, values: list[Any]) -> Any:
+    """Put ``values[i]`` where ``skeleton`` left slot ``i``."""
+    return map_leaves(lambda s: values[s.index], skel, leaf_type=_Slot)

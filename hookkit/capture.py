@@ -1,0 +1,483 @@
+"""``capture()``: record what modules produced (and took in, and got as gradients), keyed by name."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Union
+
+import torch
+import torch.nn as nn
+
+from . import _tree
+from ._errors import GradientUnavailableError, ModifiedInPlaceError, NotRecordedError
+from ._handles import HandleGroup
+from ._select import Layers, check_model, resolve
+
+__all__ = ["capture", "Capture", "Store"]
+
+To = Union[None, str, torch.device, torch.dtype, tuple, list]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end the forward pass early; swallowed by the capture that raised it."""
+
+    def __init__(self, owner: "Capture") -> None:
+        super().__init__("hookkit stop=True: every selected layer has run")
+        self.owner = owner
+
+
+class _Call:
+    """Everything recorded about one forward call of one module."""
+
+    __slots__ = ("output", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in", "grad_in_skel",
+                 "grad_in_error", "aliases")
+
+    def __init__(self) -> None:
+        self.output: Any = None
+        self.guards: Any = ()
+        self.args: Any = None
+        self.kwargs: Any = None
+        self.in_guards: Any = ()
+        self.grad_out: list[Any] | None = None  # one slot per output tensor, once a gradient arrived
+        self.grad_in: list[Any] | None = None  # one slot per positional input tensor
+        self.grad_in_skel: Any = None
+        self.grad_in_error: str | None = None
+        self.aliases: Any = None  # (alias, version, base, base_grad_fn, slot, handle) per aliased input
+
+
+def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    items = list(to) if isinstance(to, (tuple, list)) else [to]
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, torch.dtype):
+            dtype = item
+        elif isinstance(item, (str, torch.device)):
+            try:
+                device = torch.device(item)
+            except RuntimeError:
+                raise ValueError(f"to={to!r}: {item!r} is not a device; use e.g. 'cpu', 'cuda:0' or torch.float16.") from None
+        else:
+            raise TypeError(
+                f"to={to!r}: expected a device ('cpu', torch.device), a dtype (torch.float16) or a tuple of both."
+            )
+    return device, dtype
+
+
+class _Snapshotter:
+    """Turns live values into stored ones: detach, move / cast, clone, and guard against later in-place edits."""
+
+    __slots__ = ("detach", "clone", "device", "dtype", "moves")
+
+    def __init__(self, *, detach: bool, clone: bool, to: To) -> None:
+        self.detach = detach
+        self.clone = clone
+        self.device, self.dtype = _parse_to(to)
+        self.moves = self.device is not None or self.dtype is not None
+
+    def tensor(self, t: torch.Tensor, guards: list) -> torch.Tensor:
+        s = t.detach() if self.detach else t
+        if self.moves:
+            dtype = self.dtype if self.dtype is not None and s.is_floating_point() else None
+            moved = s.to(device=self.device, dtype=dtype)
+            if moved is not s:
+                return moved  # a fresh copy: nothing can change it behind our back
+        if self.clone or s.is_inference():
+            # Inference tensors keep no version counter, so a later in-place op could not be detected: copy.
+            return s.clone()
+        guards.append((s, s._version))
+        return s
+
+    def __call__(self, value: Any) -> tuple[Any, Any]:
+        guards: list = []
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, guards), guards
+        return _tree.map_leaves(lambda t: self.tensor(t, guards), value), guards
+
+
+def _check(guards: Any, what: str) -> None:
+    for t, version in guards:
+        if t._version != version:
+            raise ModifiedInPlaceError(
+                f"{what} was modified in place after it was captured (by a later in-place op such as "
+                "ReLU(inplace=True) or `+=`), so the stored tensor no longer holds the value that was produced. "
+                "Fix: capture(..., clone=True) stores a copy at hook time."
+            )
+
+
+def _unwrap(args: Any) -> Any:
+    return args[0] if isinstance(args, tuple) and len(args) == 1 else args
+
+
+class Store:
+    """A read-only view of one kind of recorded value (outputs, inputs, kwargs, grads, grad_inputs), by layer name.
+
+    ``store[name]`` is the value of the layer's last call, ``store.calls(name)`` every call in call order.
+    """
+
+    def __init__(self, owner: "Capture", kind: str) -> None:
+        self._owner = owner
+        self._kind = kind
+
+    # -- Mapping-like surface ------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        calls = self._owner._calls_of(name, self._kind)
+        return self._read(name, calls, len(calls) - 1)
+
+    def calls(self, name: str) -> list[Any]:
+        """Every recorded call of layer ``name``, in call order (aligned across outputs, inputs and grads)."""
+        calls = self._owner._calls_of(name, self._kind)
+        return [self._read(name, calls, i) for i in range(len(calls))]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def keys(self) -> list[str]:
+        """Names of the layers with a value of this kind, in order of first call."""
+        return [n for n in self._owner._order if self._has(self._owner._records[n])]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(n, self[n]) for n in self.keys()]
+
+    def values(self) -> list[Any]:
+        return [self[n] for n in self.keys()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._owner._records and self._has(self._owner._records[name])
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __repr__(self) -> str:
+        return f"<hookkit {self._kind} of {len(self)} layer(s): {', '.join(self.keys())}>"
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _has(self, calls: list[_Call]) -> bool:
+        if not calls:
+            return False
+        if self._kind == "grads":
+            return any(c.grad_out is not None for c in calls)
+        if self._kind == "grad_inputs":
+            # Once backward reached a call's output, its input gradient is known: a tensor, or None where the
+            # input needs no grad (the lecture's grad_input[0] for the first conv).
+            return any(c.grad_in is not None or c.grad_in_error or c.grad_out is not None for c in calls)
+        return True
+
+    def _read(self, name: str, calls: list[_Call], i: int) -> Any:
+        call = calls[i]
+        where = f"{name!r}" + (f" (call {i})" if len(calls) > 1 else "")
+        kind = self._kind
+        if kind == "outputs":
+            _check(call.guards, f"the output of {where}")
+            return call.output
+        if kind == "inputs":
+            _check(call.in_guards, f"the input of {where}")
+            return _unwrap(call.args)
+        if kind == "kwargs":
+            _check(call.in_guards, f"a keyword input of {where}")
+            return call.kwargs
+        if kind == "grads":
+            if call.grad_out is None:
+                return None
+            return _tree.fill(_tree.skeleton(call.output), call.grad_out)
+        # grad_inputs
+        if call.grad_in_error:
+            raise GradientUnavailableError(f"no gradient w.r.t. the input of {where}: {call.grad_in_error}")
+        if call.grad_in is None:
+            if call.grad_in_skel is None:
+                return None
+            return _unwrap(_tree.fill(call.grad_in_skel, [None] * _count_slots(call.grad_in_skel)))
+        return _unwrap(_tree.fill(call.grad_in_skel, call.grad_in))
+
+
+def _count_slots(skel: Any) -> int:
+    n = 0
+
+    def count(_s: Any) -> None:
+        nonlocal n
+        n += 1
+
+    _tree.map_leaves(count, skel, leaf_type=_tree._Slot)
+    return n
+
+
+class Capture(Store):
+    """What ``capture()`` yields: the outputs by layer name, plus ``inputs``, ``kwargs``, ``grads``, ``grad_inputs``.
+
+    Stays readable after the ``with`` block; holds neither the model nor (with ``detach=True``) any autograd graph.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Layers,
+        *,
+        inputs: bool = False,
+        grads: bool = False,
+        detach: bool = True,
+        clone: bool = False,
+        to: To = None,
+        stop: bool = False,
+    ) -> None:
+        check_model(model)
+        self._selected = resolve(model, layers)  # raises before anything is registered
+        self._snap = _Snapshotter(detach=detach, clone=clone, to=to)
+        self._want_inputs = bool(inputs)
+        self._want_grads = bool(grads)
+        self._stop = bool(stop)
+        self._records: dict[str, list[_Call]] = {}
+        self._order: list[str] = []
+        self._handles = HandleGroup()
+        self._entered = False
+        self._active = False
+        self._ran: set[int] = set()
+        super().__init__(self, "outputs")
+        self.inputs = Store(self, "inputs")
+        self.kwargs = Store(self, "kwargs")
+        self.grads = Store(self, "grads")
+        self.grad_inputs = Store(self, "grad_inputs")
+
+    # -- context manager -----------------------------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        if self._entered:
+            raise RuntimeError("a Capture can be entered once; call hookkit.capture(...) again for a new block.")
+        self._entered = True
+        try:
+            for module, names in self._selected.items():
+                calls: list[_Call] = []
+                for n in names:
+                    self._records[n] = calls  # aliases of a shared module share one list
+                pending: list[_Call] = []
+                if self._want_inputs or self._want_grads:
+                    self._handles.add(
+                        module.register_forward_pre_hook(self._pre_hook(pending), with_kwargs=True)
+                    )
+                self._handles.add(module.register_forward_hook(self._forward_hook(names, calls, pending)))
+        except BaseException:
+            self._handles.remove()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._active = False
+        self._handles.remove()
+        return isinstance(exc, _StopForward) and exc.owner is self
+
+    def remove(self) -> None:
+        """Remove every hook this capture made (``__exit__`` does this for you)."""
+        self._active = False
+        self._handles.remove()
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _pre_hook(self, pending: list[_Call]) -> Any:
+        snap = self._snap
+        want_inputs = self._want_inputs
+        want_grads = self._want_grads
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            call = _Call()
+            pending.append(call)
+            if want_inputs:
+                guards: list = []
+                call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args)
+                call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs)
+                call.in_guards = guards
+            if want_grads and torch.is_grad_enabled():
+                new_args = self._alias_inputs(call, args)
+                if new_args is not None:
+                    return new_args, kwargs
+            return None
+
+        return pre_hook
+
+    def _alias_inputs(self, call: _Call, args: tuple) -> tuple | None:
+        """Give each positional input that needs grad a view of its own, hooked, so that the gradient this module
+        sends back to it can be told apart from what other users of the same tensor send."""
+        call.grad_in_skel = _tree.skeleton(args)
+        aliases: list = []
+        slot = iter(range(1 << 62))
+
+        def alias(t: torch.Tensor) -> torch.Tensor:
+            i = next(slot)
+            if not t.requires_grad:
+                return t
+            a = t.view_as(t)
+            handle = self._handles.add(a.register_hook(self._grad_in_hook(call, i)))
+            aliases.append((a, a._version, t, t.grad_fn, i, handle))
+            return a
+
+        new_args = _tree.map_leaves(alias, args)
+        if not aliases:
+            return None
+        call.aliases = aliases
+        return new_args
+
+    def _grad_in_hook(self, call: _Call, i: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if self._active:
+                self._store_grad(call, "grad_in", i, _count_slots(call.grad_in_skel), grad)
+
+        return hook
+
+    def _grad_out_hook(self, call: _Call, i: int, n: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if self._active:
+                self._store_grad(call, "grad_out", i, n, grad)
+
+        return hook
+
+    def _store_grad(self, call: _Call, field: str, i: int, n: int, grad: torch.Tensor) -> None:
+        slots = getattr(call, field)
+        if slots is None:
+            slots = [None] * n
+            setattr(call, field, slots)
+        g = grad.detach()
+        if self._snap.moves:
+            dtype = self._snap.dtype if g.is_floating_point() else None
+            g = g.to(device=self._snap.device, dtype=dtype)
+        if g.data_ptr() == grad.data_ptr():
+            g = g.clone()  # autograd may pass this buffer on and accumulate into it later: keep our own copy
+        slots[i] = g if slots[i] is None else slots[i] + g  # repeated backward() accumulates, like .grad
+
+    def _fix_inplace_inputs(self, call: _Call) -> None:
+        """The module changed an input in place: the alias's own hook is gone with the old view, so take the
+        gradient where the in-place op hands it to the input's previous value instead."""
+        for a, version, base, base_fn, i, handle in call.aliases:
+            if a._version == version:
+                continue
+            handle.remove()
+            node = base.grad_fn
+            edges = node.next_functions if node is not None else ()
+            if base_fn is not None and len(edges) >= 1 and edges[0][0] is base_fn and a._version == version + 1:
+                n = _count_slots(call.grad_in_skel)
+
+                def node_hook(grad_inputs: tuple, grad_outputs: tuple, i: int = i, n: int = n) -> None:
+                    if self._active and grad_inputs[0] is not None:
+                        self._store_grad(call, "grad_in", i, n, grad_inputs[0])
+
+                self._handles.add(node.register_hook(node_hook))
+            else:
+                call.grad_in_error = (
+                    "the module modified that input in place more than once (or through a path hookkit cannot "
+                    "follow), so the gradient w.r.t. the value it received cannot be isolated. Use the "
+                    "module's out-of-place form (e.g. inplace=False) for gradient capture."
+                )
+        call.aliases = None
+
+    def _forward_hook(self, names: list[str], calls: list[_Call], pending: list[_Call]) -> Any:
+        snap = self._snap
+        want_grads = self._want_grads
+        stop = self._stop
+        n_selected = len(self._selected)
+        order = self._order
+
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            call = pending.pop() if pending else _Call()
+            call.output, call.guards = snap(output)
+            if not calls:
+                order.extend(names)
+            calls.append(call)
+            if want_grads and torch.is_grad_enabled():
+                if call.aliases:
+                    self._fix_inplace_inputs(call)
+                outs = _tree.leaves(output)
+                n = len(outs)
+                for i, t in enumerate(outs):
+                    if t.requires_grad:
+                        self._handles.add(t.register_hook(self._grad_out_hook(call, i, n)))
+            if stop:
+                self._ran.add(id(module))
+                if len(self._ran) == n_selected:
+                    raise _StopForward(self)
+
+        return forward_hook
+
+    # -- lookups -------------------------------------------------------------------------------------------------
+    def _calls_of(self, name: str, kind: str) -> list[_Call]:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
+        calls = self._records.get(name)
+        if calls is None:
+            selected = [n for names in self._selected.values() for n in names]
+            shown = ", ".join(repr(n) for n in selected[:10]) + (", ..." if len(selected) > 10 else "")
+            raise NotRecordedError(f"{name!r} is not one of the captured layers ({shown}).")
+        if not calls:
+            raise NotRecordedError(
+                f"{name!r} never ran inside the capture block: nothing was recorded for it. "
+                "Call the model inside the `with` block (and check that this layer is on the forward path)."
+            )
+        if kind in ("inputs", "kwargs") and not self._want_inputs:
+            raise NotRecordedError(f"inputs were not recorded: pass inputs=True to capture() to read {kind}[{name!r}].")
+        if kind in ("grads", "grad_inputs"):
+            if not self._want_grads:
+                raise NotRecordedError(f"gradients were not recorded: pass grads=True to capture() to read {kind}[{name!r}].")
+            if not Store._has(self.grads if kind == "grads" else self.grad_inputs, calls):
+                target = "output" if kind == "grads" else "input"
+                raise NotRecordedError(
+                    f"no gradient w.r.t. the {target} of {name!r} was recorded: no backward() reached it inside the "
+                    "capture block (a backward after the block exits records nothing; the input or output may "
+                    "also not require grad)."
+                )
+        return calls
+
+    def __repr__(self) -> str:
+        state = "open" if self._active else "closed"
+        return f"<hookkit.Capture ({state}) of {len(self)} layer(s) that ran: {', '.join(self.keys())}>"
+
+
+def capture(
+    model: nn.Module,
+    layers: Layers,
+    *,
+    inputs: bool = False,
+    grads: bool = False,
+    detach: bool = True,
+    clone: bool = False,
+    to: To = None,
+    stop: bool = False,
+) -> Capture:
+    """Record what the selected layers produce while the ``with`` block is open; remove every hook on exit.
+
+    Example:
+        >>> import torch, torchvision, hookkit
+        >>> model = torchvision.models.resnet18().eval()
+        >>> with hookkit.capture(model, ["layer1", "fc"]) as cap:
+        ...     _ = model(torch.randn(1, 3, 64, 64))
+        >>> cap["layer1"].shape
+        torch.Size([1, 64, 16, 16])
+
+    Args:
+        model: the ``nn.Module`` to hook (not compiled, not TorchScript).
+        layers: a name from ``hookkit.layer_names(model)``, a glob (``"layer*.0.conv1"``; ``*`` stays inside one
+            dotted part, ``**`` crosses parts), a module class (``nn.Conv2d``), a module object, a predicate
+            ``(name, module) -> bool``, or a list of these.
+        inputs: also record each call's positional inputs (``cap.inputs``) and keyword inputs (``cap.kwargs``).
+        grads: also record gradients w.r.t. each call's output (``cap.grads``) and inputs (``cap.grad_inputs``)
+            for every backward that runs while the block is open. Uses tensor hooks, not
+            ``register_full_backward_hook``, so in-place ops, dict outputs and reused modules work.
+        detach: store tensors without their autograd graph (default ``True``).
+        clone: store a copy of every tensor at hook time. By default tensors are stored without copying and a
+            later in-place change is detected when you read the value (``ModifiedInPlaceError``).
+        to: a device and/or dtype for stored values, e.g. ``"cpu"``, ``torch.float16`` or ``("cpu", torch.float16)``;
+            the dtype applies to floating-point tensors only.
+        stop: end the forward pass as soon as every selected layer has run once; the ``with`` block swallows the
+            stop, so code after the model call inside the block does not run.
+
+    Returns:
+        A ``Capture``: ``cap[name]`` (last call), ``cap.calls(name)`` (every call), ``list(cap)`` (layers that ran,
+        in order of first call), and the stores ``cap.inputs``, ``cap.kwargs``, ``cap.grads``, ``cap.grad_inputs``.
+
+    Raises:
+        LayerNotFoundError: a spec matched no module (before any hook is registered).
+        TypeError: ``model`` is not an ``nn.Module``.
+        UnsupportedModelError: TorchScript or compiled modules, whose hooks torch would not run.
+    """
+    return Capture(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to, stop=stop)
