@@ -1,0 +1,137 @@
+"""Shared test helpers: the hook census and small models with awkward habits."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.modules.module as module_mod
+
+_MODULE_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def hook_census(model: nn.Module) -> dict[str, Any]:
+    """Every hook dict of every module (and torch's global ones), as keys and hook objects, plus the
+    ``_is_full_backward_hook`` flag: two censuses are equal only if nothing was added, removed or swapped."""
+    census: dict[str, Any] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr in _MODULE_HOOK_DICTS:
+            d = getattr(module, attr)
+            census[f"{name or '<root>'}.{attr}"] = [(k, id(v) if not isinstance(v, bool) else v) for k, v in d.items()]
+        census[f"{name or '<root>'}._is_full_backward_hook"] = module._is_full_backward_hook
+    for attr in _GLOBAL_HOOK_DICTS:
+        census[f"torch.{attr}"] = list(getattr(module_mod, attr).keys())
+    return census
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(
+        len(getattr(m, attr)) for m in model.modules() for attr in ("_forward_hooks", "_forward_pre_hooks",
+                                                                     "_backward_hooks", "_backward_pre_hooks")
+    )
+
+
+Pair = namedtuple("Pair", ["first", "second"])
+
+
+@dataclass
+class Out:
+    logits: torch.Tensor
+    extra: Any = None
+
+
+class NestedOutputs(nn.Module):
+    """Returns tuples with None, namedtuples, dicts and dataclasses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.tup = TupleWithNone()
+        self.named = NamedTupleOut()
+        self.dict = DictOut()
+        self.dc = DataclassOut()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        a, none, b = self.tup(h)
+        p = self.named(a)
+        d = self.dict(p.first + b)
+        o = self.dc(d["y"] * d["nested"][0])
+        return o.logits + o.extra["z"]
+
+
+class TupleWithNone(nn.Module):
+    def forward(self, x):
+        return x * 2, None, x + 1
+
+
+class NamedTupleOut(nn.Module):
+    def forward(self, x):
+        return Pair(x.sin(), x.cos())
+
+
+class DictOut(nn.Module):
+    def forward(self, x):
+        return {"y": x * 3, "nested": [x - 1, (x.abs(), None)], "name": "static"}
+
+
+class DataclassOut(nn.Module):
+    def forward(self, x):
+        return Out(logits=x.tanh(), extra={"z": x.exp()})
+
+
+class SharedReLU(nn.Module):
+    """One ReLU module called three times per forward (the reused-module case baukit keeps only once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.relu(self.fc1(x))
+        x = self.relu(self.fc2(x))
+        return self.head(self.relu(x - 0.1))
+
+
+class InplaceAfter(nn.Module):
+    """A Linear whose output is changed in place right after (the full-backward-hook crash case)."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.act = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
