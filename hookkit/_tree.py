@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["map_leaves", "leaves", "skeleton", "fill"]
+__all__ = ["map_leaves", "leaves", "is_container", "skeleton", "fill"]
 
 _ATOMS = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -57,6 +57,11 @@ def map_leaves(fn: Callable[[Any], Any], obj: Any, leaf_type: type | tuple[type,
                 object.__setattr__(new, f.name, map_leaves(fn, getattr(obj, f.name), leaf_type))
         return new
     return obj
+
+
+def is_container(obj: Any) -> bool:
+    """Whether ``map_leaves`` looks inside ``obj``."""
+    return isinstance(obj, (tuple, list, dict)) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type))
 
 
 def leaves(obj: Any) -> list[torch.Tensor]:

@@ -44,6 +44,8 @@ class _Call:
         self.aliases: Any = None  # (alias, version, base, base_grad_fn, slot, handle) per aliased input
 
 
+
+
 def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
     device: torch.device | None = None
     dtype: torch.dtype | None = None
@@ -301,7 +303,9 @@ class Capture(Store):
     def _alias_inputs(self, call: _Call, args: tuple) -> tuple | None:
         """Give each positional input that needs grad a view of its own, hooked, so that the gradient this module
         sends back to it can be told apart from what other users of the same tensor send."""
-        call.grad_in_skel = _tree.skeleton(args)
+        # Top-level arguments that are not tensors or containers (ints, flags) get None, as in torch's grad_input.
+        call.grad_in_skel = _tree.skeleton(tuple(a if isinstance(a, torch.Tensor) or _tree.is_container(a) else None
+                                                 for a in args))
         aliases: list = []
         slot = iter(range(1 << 62))
 
