@@ -41,7 +41,7 @@ def _require_module(model: Any) -> None:
         )
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any, named: list[tuple[str, nn.Module]] | None = None) -> None:
     """Refuse models whose module hooks torch would not run, before anything is registered."""
     _require_module(model)
     if isinstance(model, torch.jit.ScriptModule):
@@ -49,7 +49,7 @@ def check_model(model: Any) -> None:
             f"{type(model).__name__} is a TorchScript module: torch does not run Python module hooks on "
             "scripted or traced modules. Capture on the eager nn.Module you scripted instead."
         )
-    for name, module in model.named_modules():
+    for name, module in named if named is not None else model.named_modules():
         where = f"the submodule {name!r}" if name else "the model"
         if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
             raise UnsupportedModelError(
@@ -57,7 +57,7 @@ def check_model(model: Any) -> None:
                 "compiled code (torch does not guard on hook dicts by default), so hookkit would see nothing. "
                 "Capture on the eager module (`compiled._orig_mod`), or register the capture before compiling."
             )
-        if getattr(module, "_compiled_call_impl", None) is not None:
+        if module.__dict__.get("_compiled_call_impl") is not None:
             raise UnsupportedModelError(
                 f"{where} was compiled in place with Module.compile(): hooks added afterwards are skipped by the "
                 "compiled code, so hookkit would see nothing. Capture on an uncompiled copy of the model, or "
@@ -150,8 +150,10 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
 
     Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
     """
-    specs = _as_list(layers)
+    _require_module(model)
     named = list(model.named_modules(remove_duplicate=False))
+    check_model(model, named)
+    specs = _as_list(layers)
     names = [n for n, _ in named if n]
     chosen: set[str] = set()
     for spec in specs:

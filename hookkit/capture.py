@@ -70,16 +70,17 @@ def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
 class _Snapshotter:
     """Turns live values into stored ones: detach, move / cast, clone, and guard against later in-place edits."""
 
-    __slots__ = ("detach", "clone", "device", "dtype", "moves")
+    __slots__ = ("detach", "clone", "device", "dtype", "moves", "custom")
 
     def __init__(self, *, detach: bool, clone: bool, to: To) -> None:
         self.detach = detach
         self.clone = clone
         self.device, self.dtype = _parse_to(to)
         self.moves = self.device is not None or self.dtype is not None
+        self.custom = self.moves or clone or not detach
 
     def tensor(self, t: torch.Tensor, guards: list) -> torch.Tensor:
-        s = t.detach() if self.detach else t
+        s = t.detach() if self.detach and t.requires_grad else t
         if self.moves:
             dtype = self.dtype if self.dtype is not None and s.is_floating_point() else None
             moved = s.to(device=self.device, dtype=dtype)
@@ -112,24 +113,81 @@ def _unwrap(args: Any) -> Any:
     return args[0] if isinstance(args, tuple) and len(args) == 1 else args
 
 
+class _State:
+    """What the stores read: the records by name, the order of first calls, and what was asked for.
+
+    Kept apart from ``Capture`` so that stores and capture form no reference cycle: a finished capture is freed
+    by reference counting alone, not by the cyclic garbage collector.
+    """
+
+    __slots__ = ("records", "order", "selected_names", "want_inputs", "want_grads")
+
+    def __init__(self, selected_names: list[str], want_inputs: bool, want_grads: bool) -> None:
+        self.records: dict[str, list[Any]] = {}
+        self.order: list[str] = []
+        self.selected_names = selected_names
+        self.want_inputs = want_inputs
+        self.want_grads = want_grads
+
+    def calls_of(self, name: str, kind: str) -> list[Any]:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
+        calls = self.records.get(name)
+        if calls is None:
+            selected = self.selected_names
+            shown = ", ".join(repr(n) for n in selected[:10]) + (", ..." if len(selected) > 10 else "")
+            raise NotRecordedError(f"{name!r} is not one of the captured layers ({shown}).")
+        if not calls:
+            raise NotRecordedError(
+                f"{name!r} never ran inside the capture block: nothing was recorded for it. "
+                "Call the model inside the `with` block (and check that this layer is on the forward path)."
+            )
+        if kind in ("inputs", "kwargs") and not self.want_inputs:
+            raise NotRecordedError(f"inputs were not recorded: pass inputs=True to capture() to read {kind}[{name!r}].")
+        if kind in ("grads", "grad_inputs"):
+            if not self.want_grads:
+                raise NotRecordedError(
+                    f"gradients were not recorded: pass grads=True to capture() to read {kind}[{name!r}].")
+            if not _has(kind, calls):
+                target = "output" if kind == "grads" else "input"
+                raise NotRecordedError(
+                    f"no gradient w.r.t. the {target} of {name!r} was recorded: no backward() reached it inside the "
+                    "capture block (a backward after the block exits records nothing; the input or output may "
+                    "also not require grad)."
+                )
+        return calls
+
+
+def _has(kind: str, calls: list[Any]) -> bool:
+    if not calls or (kind != "outputs" and type(calls[0]) is tuple):  # fast-path records hold outputs only
+        return False
+    if kind == "grads":
+        return any(c.grad_out is not None for c in calls)
+    if kind == "grad_inputs":
+        # Once backward reached a call's output, its input gradient is known: a tensor, or None where the
+        # input needs no grad (the lecture's grad_input[0] for the first conv).
+        return any(c.grad_in is not None or c.grad_in_error or c.grad_out is not None for c in calls)
+    return True
+
+
 class Store:
     """A read-only view of one kind of recorded value (outputs, inputs, kwargs, grads, grad_inputs), by layer name.
 
     ``store[name]`` is the value of the layer's last call, ``store.calls(name)`` every call in call order.
     """
 
-    def __init__(self, owner: "Capture", kind: str) -> None:
-        self._owner = owner
+    def __init__(self, state: "_State", kind: str) -> None:
+        self._state = state
         self._kind = kind
 
     # -- Mapping-like surface ------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
-        calls = self._owner._calls_of(name, self._kind)
+        calls = self._state.calls_of(name, self._kind)
         return self._read(name, calls, len(calls) - 1)
 
     def calls(self, name: str) -> list[Any]:
         """Every recorded call of layer ``name``, in call order (aligned across outputs, inputs and grads)."""
-        calls = self._owner._calls_of(name, self._kind)
+        calls = self._state.calls_of(name, self._kind)
         return [self._read(name, calls, i) for i in range(len(calls))]
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -143,7 +201,8 @@ class Store:
 
     def keys(self) -> list[str]:
         """Names of the layers with a value of this kind, in order of first call."""
-        return [n for n in self._owner._order if self._has(self._owner._records[n])]
+        records = self._state.records
+        return [n for n in self._state.order if _has(self._kind, records[n])]
 
     def items(self) -> list[tuple[str, Any]]:
         return [(n, self[n]) for n in self.keys()]
@@ -152,7 +211,8 @@ class Store:
         return [self[n] for n in self.keys()]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._owner._records and self._has(self._owner._records[name])
+        records = self._state.records
+        return isinstance(name, str) and name in records and _has(self._kind, records[name])
 
     def __len__(self) -> int:
         return len(self.keys())
@@ -161,21 +221,15 @@ class Store:
         return f"<hookkit {self._kind} of {len(self)} layer(s): {', '.join(self.keys())}>"
 
     # -- internals -----------------------------------------------------------------------------------------------
-    def _has(self, calls: list[_Call]) -> bool:
-        if not calls:
-            return False
-        if self._kind == "grads":
-            return any(c.grad_out is not None for c in calls)
-        if self._kind == "grad_inputs":
-            # Once backward reached a call's output, its input gradient is known: a tensor, or None where the
-            # input needs no grad (the lecture's grad_input[0] for the first conv).
-            return any(c.grad_in is not None or c.grad_in_error or c.grad_out is not None for c in calls)
-        return True
-
     def _read(self, name: str, calls: list[_Call], i: int) -> Any:
         call = calls[i]
         where = f"{name!r}" + (f" (call {i})" if len(calls) > 1 else "")
         kind = self._kind
+        if type(call) is tuple:  # the fast path's (tensor, version) record
+            t, version = call
+            if version is not None and t._version != version:
+                _check(((t, version),), f"the output of {where}")
+            return t
         if kind == "outputs":
             _check(call.guards, f"the output of {where}")
             return call.output
@@ -228,23 +282,23 @@ class Capture(Store):
         to: To = None,
         stop: bool = False,
     ) -> None:
-        check_model(model)
-        self._selected = resolve(model, layers)  # raises before anything is registered
+        self._selected = resolve(model, layers)  # checks the model; raises before anything is registered
         self._snap = _Snapshotter(detach=detach, clone=clone, to=to)
         self._want_inputs = bool(inputs)
         self._want_grads = bool(grads)
         self._stop = bool(stop)
-        self._records: dict[str, list[_Call]] = {}
-        self._order: list[str] = []
+        state = _State([n for names in self._selected.values() for n in names], self._want_inputs, self._want_grads)
+        self._records = state.records
+        self._order = state.order
         self._handles = HandleGroup()
         self._entered = False
         self._active = False
         self._ran: set[int] = set()
-        super().__init__(self, "outputs")
-        self.inputs = Store(self, "inputs")
-        self.kwargs = Store(self, "kwargs")
-        self.grads = Store(self, "grads")
-        self.grad_inputs = Store(self, "grad_inputs")
+        super().__init__(state, "outputs")
+        self.inputs = Store(state, "inputs")
+        self.kwargs = Store(state, "kwargs")
+        self.grads = Store(state, "grads")
+        self.grad_inputs = Store(state, "grad_inputs")
 
     # -- context manager -----------------------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -261,7 +315,9 @@ class Capture(Store):
                     self._handles.add(
                         module.register_forward_pre_hook(self._pre_hook(pending), with_kwargs=True)
                     )
-                self._handles.add(module.register_forward_hook(self._forward_hook(names, calls, pending)))
+                fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom)
+                hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
+                self._handles.add(module.register_forward_hook(hook))
         except BaseException:
             self._handles.remove()
             raise
@@ -376,6 +432,28 @@ class Capture(Store):
                 )
         call.aliases = None
 
+    def _fast_hook(self, names: list[str], calls: list[Any]) -> Any:
+        """The default case (outputs only, no options), kept short: a hook runs on every call of the module."""
+        order = self._order
+        snap = self._snap
+        tensor = torch.Tensor
+
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not calls:
+                order.extend(names)
+            if type(output) is tensor:
+                t = output.detach() if output.requires_grad else output  # no graph, nothing to detach
+                if t.is_inference():
+                    calls.append((t.clone(), None))  # keeps no version counter: copy
+                else:
+                    calls.append((t, t._version))
+            else:
+                call = _Call()
+                call.output, call.guards = snap(output)
+                calls.append(call)
+
+        return forward_hook
+
     def _forward_hook(self, names: list[str], calls: list[_Call], pending: list[_Call]) -> Any:
         snap = self._snap
         want_grads = self._want_grads
@@ -403,34 +481,6 @@ class Capture(Store):
                     raise _StopForward(self)
 
         return forward_hook
-
-    # -- lookups -------------------------------------------------------------------------------------------------
-    def _calls_of(self, name: str, kind: str) -> list[_Call]:
-        if not isinstance(name, str):
-            raise TypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
-        calls = self._records.get(name)
-        if calls is None:
-            selected = [n for names in self._selected.values() for n in names]
-            shown = ", ".join(repr(n) for n in selected[:10]) + (", ..." if len(selected) > 10 else "")
-            raise NotRecordedError(f"{name!r} is not one of the captured layers ({shown}).")
-        if not calls:
-            raise NotRecordedError(
-                f"{name!r} never ran inside the capture block: nothing was recorded for it. "
-                "Call the model inside the `with` block (and check that this layer is on the forward path)."
-            )
-        if kind in ("inputs", "kwargs") and not self._want_inputs:
-            raise NotRecordedError(f"inputs were not recorded: pass inputs=True to capture() to read {kind}[{name!r}].")
-        if kind in ("grads", "grad_inputs"):
-            if not self._want_grads:
-                raise NotRecordedError(f"gradients were not recorded: pass grads=True to capture() to read {kind}[{name!r}].")
-            if not Store._has(self.grads if kind == "grads" else self.grad_inputs, calls):
-                target = "output" if kind == "grads" else "input"
-                raise NotRecordedError(
-                    f"no gradient w.r.t. the {target} of {name!r} was recorded: no backward() reached it inside the "
-                    "capture block (a backward after the block exits records nothing; the input or output may "
-                    "also not require grad)."
-                )
-        return calls
 
     def __repr__(self) -> str:
         state = "open" if self._active else "closed"

@@ -114,7 +114,7 @@ def hooks(
         LayerNotFoundError: a spec matched no module; nothing has been registered then.
         TypeError: a value is not callable, or ``model`` is not an ``nn.Module``.
     """
-    check_model(model)
+    check_model(model)  # also checked by resolve(); here so that a bad model fails even with no hooks given
     given = {"forward": forward, "forward_pre": forward_pre, "backward": backward, "backward_pre": backward_pre}
     plan: list[tuple[str, nn.Module, list[str], Callable[..., Any]]] = []
     for kind, mapping in given.items():
