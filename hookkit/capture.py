@@ -289,6 +289,10 @@ class Capture(Store):
         self._stop = bool(stop)
         state = _State([n for names in self._selected.values() for n in names], self._want_inputs, self._want_grads)
         self._records = state.records
+        for names in self._selected.values():
+            calls: list[Any] = []
+            for n in names:
+                self._records[n] = calls  # aliases of a shared module share one list
         self._order = state.order
         self._handles = HandleGroup()
         self._entered = False
@@ -307,9 +311,7 @@ class Capture(Store):
         self._entered = True
         try:
             for module, names in self._selected.items():
-                calls: list[_Call] = []
-                for n in names:
-                    self._records[n] = calls  # aliases of a shared module share one list
+                calls = self._records[names[0]]
                 pending: list[_Call] = []
                 if self._want_inputs or self._want_grads:
                     self._handles.add(
