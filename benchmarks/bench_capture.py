@@ -466,7 +466,6 @@ def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
         if t > 1.5:
             note += f"; still {t:.2f} s at {batch}x{px}px, the smallest size tried"
     x = torch.randn(batch, 3, px, px)
-    make = raw_hook_factory({})
 
     def bare(inner: int) -> Sample:
         with Clock() as c:
@@ -483,10 +482,18 @@ def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
             return c.dt / inner, c.gc / inner
         return run
 
+    store: dict[str, torch.Tensor] = {}
+    make = raw_hook_factory(store)
+
     def raw_convs(inner: int) -> Sample:
         hs = [m.register_forward_hook(make(n)) for n, m in convs]  # registered outside the timed region
         with Clock() as c:
             for _ in range(inner):
+                # A fresh dict per forward, like a capture per `with` block: the stored activations of one
+                # forward are all freed together. (Overwriting one shared dict frees each old tensor just as its
+                # successor is allocated, which the allocator likes better: ~6% faster on ResNet-50 8x224 here,
+                # for raw hooks and hookkit alike -- a cost of keeping results, not of hooking.)
+                store.clear()
                 model(x)
         for h in hs:
             h.remove()
