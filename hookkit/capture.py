@@ -10,7 +10,7 @@ import torch.nn as nn
 from . import _tree
 from ._errors import GradientUnavailableError, ModifiedInPlaceError, NotRecordedError
 from ._handles import HandleGroup
-from ._select import Layers, check_model, resolve
+from ._select import Layers, resolve
 
 __all__ = ["capture", "Capture", "Store"]
 
@@ -41,9 +41,7 @@ class _Call:
         self.grad_in: list[Any] | None = None  # one slot per positional input tensor
         self.grad_in_skel: Any = None
         self.grad_in_error: str | None = None
-        self.aliases: Any = None  # (alias, version, base, base_grad_fn, slot, handle) per aliased input
-
-
+        self.aliases: Any = None  # (alias, version, base, base_grad_fn, slot, n_slots, handle) per aliased input
 
 
 def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
@@ -327,14 +325,14 @@ class Capture(Store):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self._active = False
-        self._handles.remove()
+        self.remove()
         return isinstance(exc, _StopForward) and exc.owner is self
 
     def remove(self) -> None:
-        """Remove every hook this capture made (``__exit__`` does this for you)."""
+        """Remove every hook this capture made (``__exit__`` does this for you); safe to call twice."""
         self._active = False
         self._handles.remove()
+        self._selected = {}  # the stores outlive the block; the model's modules must not
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _pre_hook(self, pending: list[_Call]) -> Any:
@@ -364,16 +362,17 @@ class Capture(Store):
         # Top-level arguments that are not tensors or containers (ints, flags) get None, as in torch's grad_input.
         call.grad_in_skel = _tree.skeleton(tuple(a if isinstance(a, torch.Tensor) or _tree.is_container(a) else None
                                                  for a in args))
+        n = _count_slots(call.grad_in_skel)
         aliases: list = []
-        slot = iter(range(1 << 62))
+        slot = iter(range(n))
 
         def alias(t: torch.Tensor) -> torch.Tensor:
             i = next(slot)
             if not t.requires_grad:
                 return t
             a = t.view_as(t)
-            handle = self._handles.add(a.register_hook(self._grad_in_hook(call, i)))
-            aliases.append((a, a._version, t, t.grad_fn, i, handle))
+            handle = self._handles.add(a.register_hook(self._grad_in_hook(call, i, n)))
+            aliases.append((a, a._version, t, t.grad_fn, i, n, handle))
             return a
 
         new_args = _tree.map_leaves(alias, args)
@@ -382,10 +381,10 @@ class Capture(Store):
         call.aliases = aliases
         return new_args
 
-    def _grad_in_hook(self, call: _Call, i: int) -> Any:
+    def _grad_in_hook(self, call: _Call, i: int, n: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
             if self._active:
-                self._store_grad(call, "grad_in", i, _count_slots(call.grad_in_skel), grad)
+                self._store_grad(call, "grad_in", i, n, grad)
 
         return hook
 
@@ -412,14 +411,13 @@ class Capture(Store):
     def _fix_inplace_inputs(self, call: _Call) -> None:
         """The module changed an input in place: the alias's own hook is gone with the old view, so take the
         gradient where the in-place op hands it to the input's previous value instead."""
-        for a, version, base, base_fn, i, handle in call.aliases:
+        for a, version, base, base_fn, i, n, handle in call.aliases:
             if a._version == version:
                 continue
             handle.remove()
             node = base.grad_fn
             edges = node.next_functions if node is not None else ()
             if base_fn is not None and len(edges) >= 1 and edges[0][0] is base_fn and a._version == version + 1:
-                n = _count_slots(call.grad_in_skel)
 
                 def node_hook(grad_inputs: tuple, grad_outputs: tuple, i: int = i, n: int = n) -> None:
                     if self._active and grad_inputs[0] is not None:

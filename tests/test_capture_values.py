@@ -310,10 +310,10 @@ def test_stores_outlive_the_block_and_hold_no_model():
     import weakref
 
     model = nn.Sequential(nn.Linear(3, 3))
-    ref = weakref.ref(model)
-    with hookkit.capture(model, "0") as cap:
+    refs = [weakref.ref(model), weakref.ref(model[0])]
+    with hookkit.capture(model, "0", inputs=True, grads=True) as cap:
         model(torch.randn(1, 3))
     del model
     gc.collect()
-    assert ref() is None
+    assert [r() for r in refs] == [None, None]
     assert cap["0"].shape == (1, 3)
