@@ -1,0 +1,98 @@
+"""Hugging Face ModelOutput (a dict *and* a dataclass) through capture, against the model's own outputs.
+
+Needs the optional `hf` extra (transformers); skipped cleanly without it. The model is built from a small local
+config with random weights: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hookkit
+
+from conftest import hook_census
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def bert():
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config).eval()
+
+
+@pytest.fixture
+def batch():
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    return ids, mask
+
+
+def test_layer_outputs_equal_output_hidden_states(bert, batch):
+    ids, mask = batch
+    names = ["embeddings", "encoder.layer.0", "encoder.layer.1"]
+    # transformers installs forward hooks of its own (to collect hidden states) on the first such call, and keeps
+    # them: take the census after that, so it compares hookkit's hooks only.
+    bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    before = hook_census(bert)
+    with hookkit.capture(bert, names) as cap:
+        out = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert hook_census(bert) == before
+    for name, hidden in zip(names, out.hidden_states):
+        layer_out = cap[name][0] if isinstance(cap[name], tuple) else cap[name]
+        torch.testing.assert_close(layer_out, hidden, rtol=0, atol=0)
+
+
+def test_model_output_keeps_its_type_fields_and_values(bert, batch):
+    ids, mask = batch
+    with hookkit.capture(bert, ["encoder", ""], clone=True) as cap:
+        out = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    whole = cap[""]
+    assert type(whole) is type(out)
+    assert list(whole.keys()) == list(out.keys())
+    torch.testing.assert_close(whole.last_hidden_state, out.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(whole["pooler_output"], out.pooler_output, rtol=0, atol=0)
+    assert len(whole.hidden_states) == len(out.hidden_states)
+    assert not whole.last_hidden_state.requires_grad
+    assert type(cap["encoder"]).__name__.startswith("BaseModelOutput")
+
+
+def test_keyword_inputs_of_hf_layers_are_recorded(bert, batch):
+    ids, mask = batch
+    with hookkit.capture(bert, ["encoder.layer.0", ""], inputs=True) as cap:
+        bert(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(cap.kwargs[""]["attention_mask"], mask)
+    torch.testing.assert_close(cap.kwargs[""]["input_ids"], ids)
+    assert cap.inputs[""] == ()  # BertModel was called with keywords only
+    layer_in = cap.inputs["encoder.layer.0"]
+    hidden = layer_in[0] if isinstance(layer_in, tuple) else layer_in
+    assert hidden.shape == (2, 7, 32)
+
+
+def test_gradients_of_model_output_equal_autograd_grad(bert, batch):
+    """Full backward hooks never fire for dict-like outputs (pytorch issue 87540); hookkit's tensor hooks do."""
+    ids, mask = batch
+    with hookkit.capture(bert, ["encoder", "encoder.layer.1"], grads=True) as cap:
+        out = bert(input_ids=ids, attention_mask=mask)
+        out.pooler_output.pow(2).sum().backward()
+    ref = copy.deepcopy(bert)
+    seen = {}
+    h = ref.encoder.register_forward_hook(lambda m, a, o: seen.setdefault("enc", o))
+    try:
+        loss = ref(input_ids=ids, attention_mask=mask).pooler_output.pow(2).sum()
+    finally:
+        h.remove()
+    (expected,) = torch.autograd.grad(loss, seen["enc"].last_hidden_state)
+    grads = cap.grads["encoder"]
+    assert type(grads).__name__.startswith("BaseModelOutput")
+    torch.testing.assert_close(grads.last_hidden_state, expected)
+    layer_grad = cap.grads["encoder.layer.1"]
+    layer_grad = layer_grad[0] if isinstance(layer_grad, tuple) else layer_grad
+    torch.testing.assert_close(layer_grad, expected)  # the last layer's output *is* the encoder's output
