@@ -13,7 +13,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import hookkit
 from hookkit._tree import map_leaves
 
-from conftest import DataclassOut, NestedOutputs, Out, Pair, SharedReLU, hook_census
+from conftest import NestedOutputs, Out, Pair, SharedReLU, hook_census
 
 
 def raw_reference(model: nn.Module, names: list[str], run):

@@ -30,7 +30,7 @@ class FailingModel(nn.Module):
         self.b = nn.Linear(3, 3)
 
     def forward(self, x):
-        h = self.a(x)
+        self.a(x)
         raise Boom("inside forward")
 
 

@@ -6,6 +6,7 @@ comment quotes what the notes said. The walkthrough ``examples/lecture_autograd.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 import hookkit
@@ -29,25 +29,12 @@ GRADIENTS = torch.tensor([100, 0.1], dtype=torch.float)
 full_hook_on_plain_input = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 
-class SimpleNet(nn.Module):
-    """The lecture's network (its ``self_pool1 = nn_MaxPool2d(2, 2)`` is OCR damage for ``self.pool1``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 10, 5)
-        self.pool1 = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(10, 20, 5)
-        self.pool2 = nn.MaxPool2d(2, 2)
-        self.fc = nn.Linear(320, 50)
-        self.out = nn.Linear(50, 10)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(F.relu(self.conv1(input)))
-        x = self.pool2(F.relu(self.conv2(x)))
-        x = x.view(x.size(0), -1)
-        x = F.relu(self.fc(x))
-        x = F.relu(self.out(x))
-        return x
+# The lecture's network lives in the walkthrough; the tests use that very class.
+_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lecture_autograd.py"
+_spec = importlib.util.spec_from_file_location("lecture_autograd", _EXAMPLE)
+lecture_autograd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lecture_autograd)
+SimpleNet = lecture_autograd.SimpleNet
 
 
 def make_net_and_input(seed: int = 0) -> tuple[SimpleNet, torch.Tensor]:
