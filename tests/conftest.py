@@ -6,6 +6,8 @@ from collections import namedtuple
 from dataclasses import dataclass
 from typing import Any
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -135,3 +137,31 @@ class InplaceAfter(nn.Module):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# -- golden files: printed output compared with tests/golden/, rewritten only on request ---------------------------
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/* from the current output instead of comparing")
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest):
+    """``golden("trace_simplenet.txt", text)``: assert ``text`` equals the stored file (or rewrite it with
+    ``pytest --update-golden``). Formatting changes are then deliberate, and visible in the diff."""
+    update = request.config.getoption("--update-golden")
+
+    def check(name: str, text: str) -> None:
+        path = GOLDEN_DIR / name
+        if update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return
+        assert path.exists(), f"no golden file {path}: run pytest --update-golden once and review it"
+        expected = path.read_text()
+        assert text == expected, f"output differs from {path} (pytest --update-golden rewrites it after review)"
+
+    return check
