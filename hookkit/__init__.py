@@ -10,12 +10,14 @@ from ._errors import (
     HookkitError,
     LayerNotFoundError,
     ModifiedInPlaceError,
+    NonFiniteError,
     NotRecordedError,
     UnsupportedModelError,
 )
 from ._select import layer_names
 from .capture import Capture, Store, capture
 from .hooks import Hooks, hooks
+from .trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 
 __version__ = "0.1.0"
 
@@ -23,14 +25,20 @@ __all__ = [
     "capture",
     "hooks",
     "layer_names",
+    "trace",
+    "check_finite",
     "Capture",
     "Store",
     "Hooks",
+    "Trace",
+    "TraceEvent",
+    "CheckFinite",
     "HookkitError",
     "LayerNotFoundError",
     "NotRecordedError",
     "ModifiedInPlaceError",
     "GradientUnavailableError",
     "UnsupportedModelError",
+    "NonFiniteError",
     "__version__",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "HookkitError",
     "LayerNotFoundError",
@@ -9,6 +11,7 @@ __all__ = [
     "ModifiedInPlaceError",
     "GradientUnavailableError",
     "UnsupportedModelError",
+    "NonFiniteError",
 ]
 
 
@@ -37,3 +40,20 @@ class GradientUnavailableError(HookkitError, RuntimeError):
 
 class UnsupportedModelError(HookkitError, TypeError):
     """The model is of a kind whose module hooks torch does not run (TorchScript, compiled)."""
+
+
+class NonFiniteError(HookkitError, FloatingPointError):
+    """A module produced NaN or Inf: ``layer``, ``phase`` (``"forward"`` / ``"backward"``), ``call`` and the
+    ``stats`` of the offending tensor tell where and what."""
+
+    def __init__(self, message: str, *, layer: str, phase: str, call: int, stats: Any) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.phase = phase
+        self.call = call
+        self.stats = stats
+
+
+for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
+             UnsupportedModelError, NonFiniteError):
+    _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

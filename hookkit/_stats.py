@@ -14,7 +14,7 @@ import torch
 
 from . import _tree
 
-__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "shape_str"]
+__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "shape_str", "shorten_name"]
 
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -147,3 +147,23 @@ def _describe_tensor(t: torch.Tensor, stats: bool) -> str:
     if s.inf:
         parts.append(f"Inf={s.inf}")
     return " ".join(parts)
+
+
+def shorten_name(name: str, width: int = 40) -> str:
+    """A dotted module name cut to ``width`` characters in the middle, keeping the first part and the last ones.
+
+    Example:
+        >>> shorten_name("encoder.layer.11.attention.output.dense", 30)
+        'encoder.….output.dense'
+    """
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    head, tail = parts[0], []
+    for part in reversed(parts[1:]):
+        if len(head) + 2 + len(".".join([part, *tail])) + 1 > width:
+            break
+        tail.insert(0, part)
+    if not tail:
+        return name[: max(1, width // 2 - 1)] + "…" + name[-(width - width // 2):]
+    return f"{head}.….{'.'.join(tail)}"

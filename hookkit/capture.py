@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ class _Call:
     """Everything recorded about one forward call of one module."""
 
     __slots__ = ("output", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in", "grad_in_skel",
-                 "grad_in_error", "aliases")
+                 "grad_in_error", "aliases", "where")
 
     def __init__(self) -> None:
         self.output: Any = None
@@ -42,6 +42,17 @@ class _Call:
         self.grad_in_skel: Any = None
         self.grad_in_error: str | None = None
         self.aliases: Any = None  # (alias, version, base, base_grad_fn, slot, n_slots, handle) per aliased input
+        self.where: Any = None  # (name, module, call index), for a listener
+
+
+class _Listener(Protocol):
+    """Told of every hook event of a capture as it happens (how ``trace`` and ``check_finite`` are built)."""
+
+    def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None: ...
+
+    def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None: ...
+
+    def grad(self, where: tuple[str, nn.Module, int], which: str, i: int, n: int, grad: torch.Tensor) -> None: ...
 
 
 def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
@@ -296,6 +307,8 @@ class Capture(Store):
         self._entered = False
         self._active = False
         self._ran: set[int] = set()
+        self._listener: _Listener | None = None  # set by trace() / check_finite()
+        self._keep = True  # False: tell the listener, store nothing
         super().__init__(state, "outputs")
         self.inputs = Store(state, "inputs")
         self.kwargs = Store(state, "kwargs")
@@ -311,11 +324,11 @@ class Capture(Store):
             for module, names in self._selected.items():
                 calls = self._records[names[0]]
                 pending: list[_Call] = []
-                if self._want_inputs or self._want_grads:
+                if self._want_inputs or self._want_grads or self._listener:
                     self._handles.add(
-                        module.register_forward_pre_hook(self._pre_hook(pending), with_kwargs=True)
+                        module.register_forward_pre_hook(self._pre_hook(names[0], pending), with_kwargs=True)
                     )
-                fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom)
+                fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
                 hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
                 self._handles.add(module.register_forward_hook(hook))
         except BaseException:
@@ -335,14 +348,20 @@ class Capture(Store):
         self._selected = {}  # the stores outlive the block; the model's modules must not
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def _pre_hook(self, pending: list[_Call]) -> Any:
+    def _pre_hook(self, name: str, pending: list[_Call]) -> Any:
         snap = self._snap
         want_inputs = self._want_inputs
         want_grads = self._want_grads
+        listener = self._listener
+        started = [0]
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             call = _Call()
             pending.append(call)
+            if listener is not None:
+                call.where = (name, module, started[0])
+                started[0] += 1
+                listener.forward_pre(call.where, args, kwargs)
             if want_inputs:
                 guards: list = []
                 call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args)
@@ -396,6 +415,10 @@ class Capture(Store):
         return hook
 
     def _store_grad(self, call: _Call, field: str, i: int, n: int, grad: torch.Tensor) -> None:
+        if self._listener is not None:
+            self._listener.grad(call.where, "output" if field == "grad_out" else "input", i, n, grad)
+        if not self._keep:
+            return
         slots = getattr(call, field)
         if slots is None:
             slots = [None] * n
@@ -460,13 +483,18 @@ class Capture(Store):
         stop = self._stop
         n_selected = len(self._selected)
         order = self._order
+        listener = self._listener
+        keep = self._keep
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             call = pending.pop() if pending else _Call()
-            call.output, call.guards = snap(output)
+            if keep:
+                call.output, call.guards = snap(output)
             if not calls:
                 order.extend(names)
             calls.append(call)
+            if listener is not None:
+                listener.forward(call.where, args, output)
             if want_grads and torch.is_grad_enabled():
                 if call.aliases:
                     self._fix_inplace_inputs(call)

@@ -1,0 +1,270 @@
+"""Debugging views on the same hooks as ``capture``: ``trace()`` prints every hook event, ``check_finite()`` stops
+at the first module that produces NaN or Inf.
+
+Both are built on ``Capture`` with a listener and no storage, so they inherit its selection, its error messages,
+its gradient taps (tensor hooks that survive in-place ops and dict outputs) and its promise that every hook comes
+off on exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.text import Text
+
+from . import _tree
+from ._errors import NonFiniteError
+from ._stats import TensorStats, describe, shorten_name, tensor_stats
+from ._select import Layers
+from .capture import Capture
+
+__all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite", "NonFiniteError"]
+
+EventKind = Literal["forward_pre", "forward", "grad_output", "grad_input"]
+
+_GLYPH = {"forward_pre": "▷", "forward": "◁", "grad_output": "◀", "grad_input": "◀"}
+_LABEL = {"forward_pre": "in", "forward": "out", "grad_output": "grad_output", "grad_input": "grad_input"}
+_STYLE = {"forward_pre": "cyan", "forward": "green", "grad_output": "magenta", "grad_input": "magenta"}
+_NAME_WIDTH = 40
+
+
+def _all_submodules(name: str, module: nn.Module) -> bool:
+    return True
+
+
+def _stats_of(value: Any) -> tuple[TensorStats, ...]:
+    return tuple(tensor_stats(t) for t in _tree.leaves(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceEvent:
+    """One hook event: which module, which call, what it saw (as text and as statistics; no tensors are kept)."""
+
+    kind: EventKind
+    name: str
+    cls: str
+    call: int  # 0 for the first call of this module, 1 for the second...
+    depth: int  # how many traced modules enclose this one
+    text: str  # the values, as ``describe`` writes them
+    stats: tuple[TensorStats, ...]
+    index: int | None = None  # which output / input tensor, for gradients of modules with several
+
+    def line(self) -> Text:
+        """The event as one line of rich ``Text``: indentation, glyph, name (``#k`` for a reused module's k-th
+        call), class, what was seen."""
+        label = _LABEL[self.kind] + (f"[{self.index}]" if self.index is not None else "")
+        name = shorten_name(self.name, _NAME_WIDTH) + (f"#{self.call + 1}" if self.call else "")
+        text = Text("  " * self.depth)
+        text.append(f"{_GLYPH[self.kind]} ", style=_STYLE[self.kind])
+        text.append(name, style="bold")
+        text.append(f" {self.cls} ", style="dim")
+        text.append(f"{label}: ", style=_STYLE[self.kind])
+        bad = any(not s.finite for s in self.stats)
+        text.append(self.text, style="bold red" if bad else "")
+        return text
+
+
+class Trace:
+    """What ``trace()`` yields: prints each event while open, and keeps them in ``.events``."""
+
+    def __init__(self, model: nn.Module, layers: Layers | None, *, console: Console | None, backward: bool,
+                 inputs: bool, stats: bool) -> None:
+        self._capture = Capture(model, _all_submodules if layers is None else layers, grads=backward)
+        self._capture._listener = self
+        self._capture._keep = False
+        self._console = console
+        self._inputs = inputs
+        self._stats = stats
+        self._stack: list[nn.Module] = []
+        self._depth: dict[tuple[str, int], int] = {}
+        self._needs_input_grad: dict[tuple[str, int], bool] = {}
+        self.events: list[TraceEvent] = []
+
+    def __enter__(self) -> "Trace":
+        if self._console is None:
+            self._console = Console()
+        self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._capture.__exit__(*exc)
+        self._stack.clear()
+
+    # -- the listener ----------------------------------------------------------------------------------------------
+    def _emit(self, kind: EventKind, where: tuple[str, nn.Module, int], value: Any, depth: int,
+              index: int | None = None) -> None:
+        name, module, call = where
+        event = TraceEvent(kind, name, type(module).__name__, call, depth, describe(value, stats=self._stats),
+                           _stats_of(value) if self._stats else (), index)
+        self.events.append(event)
+        assert self._console is not None
+        self._console.print(event.line(), no_wrap=True, overflow="ellipsis", crop=True, soft_wrap=False)
+
+    def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
+        name, module, call = where
+        depth = len(self._stack)
+        self._stack.append(module)
+        self._depth[(name, call)] = depth
+        self._needs_input_grad[(name, call)] = torch.is_grad_enabled() and any(
+            t.requires_grad for t in _tree.leaves(args))
+        if self._inputs:
+            value = _unwrap(args)
+            if kwargs:
+                value = (value, kwargs) if args else kwargs
+            self._emit("forward_pre", where, value, depth)
+
+    def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
+        name, module, call = where
+        while self._stack and self._stack.pop() is not module:
+            pass  # a child that raised and was caught inside its parent left its entry behind
+        self._emit("forward", where, output, self._depth.get((name, call), 0))
+
+    def grad(self, where: tuple[str, nn.Module, int], which: str, i: int, n: int, grad: torch.Tensor) -> None:
+        name, module, call = where
+        depth = self._depth.get((name, call), 0)
+        if which == "output":
+            self._emit("grad_output", where, grad, depth, i if n > 1 else None)
+            if not self._needs_input_grad.get((name, call), True):
+                self._needs_input_grad[(name, call)] = True  # say it once
+                self._emit("grad_input", where, None, depth)
+        else:
+            self._emit("grad_input", where, grad, depth, i if n > 1 else None)
+
+
+def _unwrap(args: tuple) -> Any:
+    return args[0] if len(args) == 1 else args
+
+
+def trace(
+    model: nn.Module,
+    layers: Layers | None = None,
+    *,
+    console: Console | None = None,
+    backward: bool = True,
+    inputs: bool = True,
+    stats: bool = True,
+) -> Trace:
+    """Print one line per hook event (input, output, gradients) of the selected modules while the block is open.
+
+    Example:
+        >>> import io, torch, torch.nn as nn, hookkit
+        >>> from rich.console import Console
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> out = Console(file=io.StringIO(), width=120, color_system=None)
+        >>> with hookkit.trace(model, console=out) as t:
+        ...     _ = model(torch.ones(1, 2))
+        >>> [e.kind for e in t.events]
+        ['forward_pre', 'forward', 'forward_pre', 'forward']
+
+    Lines are indented by nesting (a parent encloses its children), a reused module's later calls are marked
+    ``name#2``, ``name#3``..., and every value is shown with its type, shape, dtype and statistics (mean, std,
+    range, NaN/Inf counts; computed under ``no_grad``, keeping no graph and no tensor).
+
+    Args:
+        model: the ``nn.Module`` to trace.
+        layers: anything ``capture`` accepts; ``None`` traces every submodule.
+        console: the ``rich.console.Console`` to write to (default: standard output). For plain, testable text:
+            ``Console(file=io.StringIO(), color_system=None)``.
+        backward: also show the gradients w.r.t. each module's output and inputs during ``backward()``.
+        inputs: also show each module's inputs before it runs.
+        stats: compute statistics (turn off for the cheapest trace: types and shapes only).
+
+    Returns:
+        A ``Trace`` whose ``events`` list holds every ``TraceEvent`` after the block.
+
+    Raises:
+        LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered.
+    """
+    return Trace(model, layers, console=console, backward=backward, inputs=inputs, stats=stats)
+
+
+# -- check_finite ----------------------------------------------------------------------------------------------------
+
+class CheckFinite:
+    """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
+
+    def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool) -> None:
+        self._capture = Capture(model, _all_submodules if layers is None else layers, grads=backward)
+        self._capture._listener = self
+        self._capture._keep = False
+
+    def __enter__(self) -> "CheckFinite":
+        self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._capture.__exit__(*exc)
+
+    def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
+        pass
+
+    def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
+        for t in _tree.leaves(output):
+            if _nonfinite(t):
+                s = tensor_stats(t)
+                name, module, call = where
+                came = describe(_unwrap(args))
+                upstream = any(not st.finite for st in _stats_of(args))
+                hint = (" Its input was already non-finite: the problem is upstream of every checked module "
+                        "(the data, or an operation outside a module)." if upstream else
+                        " Its input was finite, so this module made them.")
+                raise NonFiniteError(
+                    f"{name!r} ({type(module).__name__}) produced {s.nonfinite_text()} in forward, "
+                    f"call {call + 1}; output {describe(t)}; input {came}.{hint}",
+                    layer=name, phase="forward", call=call, stats=s,
+                )
+
+    def grad(self, where: tuple[str, nn.Module, int], which: str, i: int, n: int, grad: torch.Tensor) -> None:
+        if not _nonfinite(grad):
+            return
+        s = tensor_stats(grad)
+        name, module, call = where
+        what = f"output {i}" if which == "output" and n > 1 else which
+        if which == "output":
+            detail = (f"the gradient arriving at its {what} is already non-finite ({describe(grad)}): it comes "
+                      "from outside the checked modules (the loss, or an operation between modules).")
+        else:
+            detail = (f"its backward produced a non-finite gradient w.r.t. its {what if n == 1 else f'input {i}'} "
+                      f"({describe(grad)}) from a finite gradient at its output.")
+        raise NonFiniteError(
+            f"{name!r} ({type(module).__name__}) has {s.nonfinite_text()} in backward, call {call + 1}: {detail}",
+            layer=name, phase="backward", call=call, stats=s,
+        )
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.device.type == "meta":
+        return False
+    with torch.no_grad():
+        return not bool(torch.isfinite(t).all())
+
+
+def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bool = True) -> CheckFinite:
+    """Raise ``NonFiniteError`` at the first module (in execution order) whose output has NaN or Inf, or, in
+    backward, whose gradient w.r.t. its input is non-finite.
+
+    Example:
+        >>> import torch, torch.nn as nn, hookkit
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.LogSigmoid(), nn.Linear(2, 1))
+        >>> with hookkit.check_finite(model):
+        ...     model(torch.tensor([[float("inf"), 1.0]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        hookkit.NonFiniteError: '0' (Linear) produced ...
+
+    The message names the module, its class, forward or backward, what was found (``"2 NaN of 2 values"``), the
+    call, and the statistics of what went in. Hooks come off when the error leaves the block.
+
+    Args:
+        model: the ``nn.Module`` to watch.
+        layers: anything ``capture`` accepts; ``None`` watches every submodule.
+        backward: also check gradients during ``backward()`` inside the block.
+
+    Raises:
+        NonFiniteError: (while the block is open) at the first non-finite module.
+        LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered.
+    """
+    return CheckFinite(model, layers, backward=backward)

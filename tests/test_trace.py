@@ -1,0 +1,261 @@
+"""trace() and check_finite(): readable hook traces and the first non-finite module."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from rich.console import Console
+
+import hookkit
+
+from conftest import SharedReLU, hook_census
+
+
+def plain_console(width: int = 120) -> Console:
+    return Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
+
+
+class ExactNet(nn.Module):
+    """Small integer weights and inputs: every value is exact in float32, so the golden text cannot drift with
+    the CPU's summation order. Has a nested block, a reused ReLU and a tuple output with None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.relu = nn.ReLU()
+        self.split = Split()
+        self.head = nn.Linear(2, 1)
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters()):
+                p.copy_(torch.arange(p.numel()).reshape(p.shape).float().remainder(5) - 2 + (i % 2))
+
+    def forward(self, x):
+        h = self.relu(self.fc1(x))
+        h = self.relu(self.block(h) - 3)
+        a, none = self.split(h)
+        return self.head(a)
+
+
+class Split(nn.Module):
+    def forward(self, x):
+        return x[:, :2] * 2, None
+
+
+def exact_input() -> torch.Tensor:
+    return torch.tensor([[1.0, -2.0, 3.0], [0.0, 1.0, -1.0]])
+
+
+def test_golden_trace_forward_and_backward(golden):
+    model = ExactNet()
+    x = exact_input().requires_grad_()
+    out = plain_console()
+    with hookkit.trace(model, console=out):
+        model(x).sum().backward()
+    golden("trace_exactnet.txt", out.file.getvalue())
+
+
+def test_events_are_kept_as_data_with_calls_and_depth():
+    model = ExactNet()
+    with hookkit.trace(model, console=plain_console()) as t:
+        model(exact_input()).sum().backward()
+    fwd = [(e.name, e.call, e.depth) for e in t.events if e.kind == "forward"]
+    assert fwd == [("fc1", 0, 0), ("relu", 0, 0), ("block.0", 0, 1), ("block.1", 0, 1), ("block", 0, 0),
+                   ("relu", 1, 0), ("split", 0, 0), ("head", 0, 0)]
+    split = next(e for e in t.events if e.kind == "forward" and e.name == "split")
+    assert split.text.startswith("(f32[2, 2]") and split.text.endswith(", None)")
+    grads = [(e.kind, e.name, e.call) for e in t.events if e.kind.startswith("grad")]
+    # backward runs in reverse; fc1's input needs no grad, which the trace says once (the lecture's None)
+    assert grads[0] == ("grad_output", "head", 0)
+    assert grads[-2:] == [("grad_output", "fc1", 0), ("grad_input", "fc1", 0)]
+    none_line = [e for e in t.events if e.kind == "grad_input" and e.name == "fc1"]
+    assert none_line[0].text == "None" and none_line[0].stats == ()
+
+
+def test_trace_statistics_match_torch_and_keep_no_tensors():
+    model = SharedReLU()
+    x = torch.randn(4, 6)
+    with hookkit.trace(model, ["fc1"], console=plain_console()) as t:
+        y = model(x)
+    (out,) = [e for e in t.events if e.kind == "forward"]
+    s = out.stats[0]
+    ref = model.fc1(x).detach()
+    assert s.shape == (4, 6) and s.nan == 0
+    assert s.mean == pytest.approx(ref.mean().item(), rel=1e-5)
+    assert s.std == pytest.approx(ref.std().item(), rel=1e-5)
+    assert (s.min, s.max) == (ref.min().item(), ref.max().item())
+    assert not any(isinstance(v, torch.Tensor) for e in t.events for v in vars(e).values())
+    assert y.requires_grad
+
+
+def test_tracing_does_not_change_results_or_gradients():
+    model = torchvision.models.resnet18()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    with hookkit.trace(model, console=plain_console()):
+        y = model(x)
+        y.pow(2).sum().backward()
+    y2 = twin(x)
+    y2.pow(2).sum().backward()
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+def test_resnet50_forward_backward_trace_is_readable_at_120_columns():
+    model = torchvision.models.resnet50()
+    out = plain_console(120)
+    before = hook_census(model)
+    with hookkit.trace(model, console=out) as t:
+        model(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert hook_census(model) == before
+    lines = out.file.getvalue().splitlines()
+    assert len(lines) == len(t.events) > 600  # one line per event, no wrapping
+    assert max(len(line) for line in lines) <= 120
+    assert any("layer4.2.conv3 Conv2d out: f32[1, 2048, 2, 2]" in line for line in lines)
+
+
+def test_long_names_are_shortened_in_the_middle():
+    inner = nn.Linear(2, 2)
+    model = nn.Sequential()
+    deep = model
+    for part in ["encoder", "layers", "seventeen", "attention_block", "output_projection_stack"]:
+        child = nn.Sequential()
+        deep.add_module(part, child)
+        deep = child
+    deep.add_module("dense", inner)
+    out = plain_console(120)
+    with hookkit.trace(model, [inner], console=out):
+        model(torch.ones(1, 2))
+    text = out.file.getvalue()
+    assert "encoder.….output_projection_stack.dense Linear out" in text
+
+
+def test_trace_removes_hooks_on_error_and_rejects_bad_names():
+    model = SharedReLU()
+    before = hook_census(model)
+    with pytest.raises(ValueError):
+        with hookkit.trace(model, console=plain_console()):
+            model(torch.randn(1, 6))
+            raise ValueError("boom")
+    assert hook_census(model) == before
+    with pytest.raises(LookupError, match="fc3.*layer_names"):
+        hookkit.trace(model, ["fc3"])
+    assert hook_census(model) == before
+
+
+def test_trace_without_backward_or_inputs_or_stats():
+    model = SharedReLU()
+    with hookkit.trace(model, console=plain_console(), backward=False, inputs=False, stats=False) as t:
+        model(torch.randn(1, 6)).sum().backward()
+    assert {e.kind for e in t.events} == {"forward"}
+    assert all("μ" not in e.text for e in t.events)
+
+
+# -- check_finite ----------------------------------------------------------------------------------------------------
+
+class GoesNaNDeepInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.body = nn.Sequential(nn.Linear(8, 8), LogOfNegative(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+class LogOfNegative(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN wherever x < 0
+
+
+def test_check_finite_names_the_first_module_with_nan_in_forward():
+    model = GoesNaNDeepInside()
+    before = hook_census(model)
+    with pytest.raises(hookkit.NonFiniteError) as info:
+        with hookkit.check_finite(model):
+            model(torch.randn(16, 4))
+    err = info.value
+    assert (err.layer, err.phase, err.call) == ("body.1", "forward", 0)
+    msg = str(err)
+    assert "'body.1' (LogOfNegative) produced" in msg and "NaN of 128 values" in msg and "call 1" in msg
+    assert "input f32[16, 8]" in msg and "Its input was finite" in msg
+    assert err.stats.nan > 0
+    assert isinstance(err, hookkit.HookkitError) and isinstance(err, FloatingPointError)
+    assert hook_census(model) == before  # left as it was found
+
+
+def test_check_finite_blames_the_data_when_the_input_is_already_bad():
+    model = GoesNaNDeepInside()
+    x = torch.randn(2, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(hookkit.NonFiniteError, match="'stem.0' .*upstream of every checked module"):
+        with hookkit.check_finite(model):
+            model(x)
+
+
+class SqrtAtZero(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)  # finite forward at 0, infinite gradient
+
+
+def test_check_finite_in_backward_names_the_module_whose_input_gradient_goes_bad():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), SqrtAtZero(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+        model[0].bias.zero_()
+    x = torch.ones(2, 3)  # every ReLU output is 0: sqrt'(0) = inf
+    with pytest.raises(hookkit.NonFiniteError) as info:
+        with hookkit.check_finite(model):
+            model(x).sum().backward()
+    err = info.value
+    assert (err.layer, err.phase) == ("2", "backward")
+    assert "from a finite gradient at its output" in str(err)
+
+
+def test_check_finite_says_when_the_gradient_arrives_already_bad():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with pytest.raises(hookkit.NonFiniteError, match="'1' .*arriving at its output.*outside the checked modules"):
+        with hookkit.check_finite(model):
+            (model(torch.ones(1, 3)) * float("inf")).sum().backward()
+
+
+def test_check_finite_is_silent_on_a_healthy_model_and_leaves_no_hooks():
+    model = torchvision.models.resnet18()
+    before = hook_census(model)
+    with hookkit.check_finite(model):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert hook_census(model) == before
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_detect_anomaly_blames_a_backward_op_where_check_finite_names_the_module():
+    """What the README compares: anomaly mode only looks at backward and names the first op whose gradient is NaN
+    (here the head's matmul, far from the cause); check_finite names the module that made the NaN, in forward."""
+    model = GoesNaNDeepInside()
+    x = torch.randn(16, 4)
+    with pytest.raises(RuntimeError, match="Function 'AddmmBackward0' returned nan values"):
+        with torch.autograd.detect_anomaly():
+            model(x).sum().backward()
+    with pytest.raises(hookkit.NonFiniteError, match="'body.1' \\(LogOfNegative\\) produced"):
+        with hookkit.check_finite(model):
+            model(x).sum().backward()
+
+
+def test_check_finite_catches_inf_gradients_that_anomaly_mode_ignores():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), SqrtAtZero(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+        model[0].bias.zero_()
+    with torch.autograd.detect_anomaly():  # Inf (not NaN), then masked to 0 by ReLU's backward: no complaint
+        model(torch.ones(2, 3)).sum().backward()
+    with pytest.raises(hookkit.NonFiniteError, match="'2' \\(SqrtAtZero\\) has 6 Inf of 6 values in backward"):
+        with hookkit.check_finite(model):
+            model(torch.ones(2, 3)).sum().backward()
