@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +262,25 @@ def test_check_finite_catches_inf_gradients_that_anomaly_mode_ignores():
     with pytest.raises(hookkit.NonFiniteError, match="'2' \\(SqrtAtZero\\) has 6 Inf of 6 values in backward"):
         with hookkit.check_finite(model):
             model(torch.ones(2, 3)).sum().backward()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str) -> str:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120,
+                          env={"COLUMNS": "120", "PATH": "", "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_example_trace_simplenet_shows_conv1_grad_input_none():
+    out = run_example("trace_simplenet.py")
+    assert "conv1 Conv2d grad_input: None" in out
+    assert "hooks left on the model: 0" in out
+
+
+def test_example_find_nan_finds_the_block_and_shows_what_anomaly_mode_says():
+    out = run_example("find_nan.py")
+    assert "NonFiniteError" in out and "layer='2' phase='forward'" in out
+    assert "LogsumexpBackward0" in out
