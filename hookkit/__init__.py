@@ -16,6 +16,7 @@ from ._errors import (
 )
 from ._select import layer_names
 from .capture import Capture, Store, capture
+from .graph import AutogradGraph, GraphNode, graph
 from .hooks import Hooks, hooks
 from .trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 
@@ -27,12 +28,15 @@ __all__ = [
     "layer_names",
     "trace",
     "check_finite",
+    "graph",
     "Capture",
     "Store",
     "Hooks",
     "Trace",
     "TraceEvent",
     "CheckFinite",
+    "AutogradGraph",
+    "GraphNode",
     "HookkitError",
     "LayerNotFoundError",
     "NotRecordedError",

@@ -143,7 +143,69 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0,
                       help="seed of the random weights and of the generated image; default: %(default)s")
     demo.set_defaults(command=_cmd_demo)
+
+    trace_cmd = sub.add_parser(
+        "trace",
+        help="print every hook event of one forward (and backward) pass on a random input",
+        description="Run MODEL once on a random input of --input-shape inside hookkit.trace(): one line per "
+        "module input, output and (with --backward) gradient, with shapes and statistics.",
+    )
+    _model_and_input_args(trace_cmd)
+    trace_cmd.add_argument("--layers", nargs="+", metavar="LAYER",
+                           help="names or globs to trace (default: every module; see `hookkit layers MODEL`)")
+    trace_cmd.add_argument("--backward", action="store_true",
+                           help="also run backward() on the sum of the output and show the gradients")
+    trace_cmd.add_argument("--no-stats", action="store_true", help="types and shapes only (fastest)")
+    trace_cmd.set_defaults(command=_cmd_trace)
     return parser
+
+
+def _model_and_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--input-shape", required=True, type=_shape, metavar="N,C,H,W",
+                   help="shape of the random float input, comma-separated, e.g. 1,3,224,224")
+    p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input; default: %(default)s")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: write positive sizes separated by commas, "
+                                         "e.g. 1,3,224,224")
+    return shape
+
+
+def _model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, weights=args.weights)
+    return model, torch.randn(args.input_shape)
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Any:
+    try:
+        return model(x)
+    except Exception as exc:
+        raise ValueError(f"{type(model).__name__} rejected a random input of shape {tuple(x.shape)}: "
+                         f"{_one_line(exc)} (pass the shape it expects with --input-shape)") from exc
+
+
+def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
+    from .trace import trace
+
+    model, x = _model_and_input(args)
+    with trace(model, args.layers, console=console, backward=args.backward, stats=not args.no_stats) as t:
+        out = _forward(model, x)
+        if args.backward:
+            tensors = [o for o in _tree.leaves(out) if o.requires_grad]
+            if not tensors:
+                raise ValueError("--backward: the model's output does not require grad")
+            tensors[0].float().sum().backward()
+    console.print(Text(f"{len(t.events)} events; every hook removed.", style="dim"))
+    return 0
 
 
 def _weights_note(spec: str, weights: str | None) -> str:
