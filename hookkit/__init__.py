@@ -18,6 +18,7 @@ from ._select import layer_names
 from .capture import Capture, Store, capture
 from .graph import AutogradGraph, GraphNode, graph
 from .hooks import Hooks, hooks
+from .summary import Summary, SummaryError, SummaryRow, summary
 from .trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "trace",
     "check_finite",
     "graph",
+    "summary",
     "Capture",
     "Store",
     "Hooks",
@@ -37,6 +39,8 @@ __all__ = [
     "CheckFinite",
     "AutogradGraph",
     "GraphNode",
+    "Summary",
+    "SummaryRow",
     "HookkitError",
     "LayerNotFoundError",
     "NotRecordedError",
@@ -44,5 +48,6 @@ __all__ = [
     "GradientUnavailableError",
     "UnsupportedModelError",
     "NonFiniteError",
+    "SummaryError",
     "__version__",
 ]

@@ -149,21 +149,36 @@ def _describe_tensor(t: torch.Tensor, stats: bool) -> str:
     return " ".join(parts)
 
 
-def shorten_name(name: str, width: int = 40) -> str:
-    """A dotted module name cut to ``width`` characters in the middle, keeping the first part and the last ones.
+def shorten_name(name: str, limit: int = 40) -> str:
+    """``name`` if it fits in ``limit`` characters, else its last dotted parts with ``…`` for what was left out.
+
+    The first part stays when it fits alongside at least the last two parts.
 
     Example:
         >>> shorten_name("encoder.layer.11.attention.output.dense", 30)
         'encoder.….output.dense'
+        >>> shorten_name("model.encoder.layers.11.self_attn.out_proj", 30)
+        'model.….11.self_attn.out_proj'
+        >>> shorten_name("encoder.layers.0.self_attention_block.0", 26)
+        '….0.self_attention_block.0'
     """
-    if len(name) <= width:
+    if len(name) <= limit:
         return name
     parts = name.split(".")
-    head, tail = parts[0], []
-    for part in reversed(parts[1:]):
-        if len(head) + 2 + len(".".join([part, *tail])) + 1 > width:
-            break
-        tail.insert(0, part)
-    if not tail:
-        return name[: max(1, width // 2 - 1)] + "…" + name[-(width - width // 2):]
-    return f"{head}.….{'.'.join(tail)}"
+
+    def tail_fitting(head: list[str]) -> list[str]:
+        tail: list[str] = []
+        for part in reversed(parts[len(head) - 1:]):
+            if len(".".join([*head, part, *tail])) > limit:
+                break
+            tail.insert(0, part)
+        return tail
+
+    if len(parts) > 3:
+        tail = tail_fitting([parts[0], "…"])
+        if len(tail) >= 2:
+            return ".".join([parts[0], "…", *tail])
+    tail = tail_fitting(["…"])
+    if tail:
+        return ".".join(["…", *tail])
+    return "…" + name[-(limit - 1):] if limit > 1 else "…"

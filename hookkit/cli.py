@@ -157,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
                            help="also run backward() on the sum of the output and show the gradients")
     trace_cmd.add_argument("--no-stats", action="store_true", help="types and shapes only (fastest)")
     trace_cmd.set_defaults(command=_cmd_trace)
+
+    summary_cmd = sub.add_parser(
+        "summary",
+        help="a table of every module call of one forward pass: shapes, parameters, statistics, time",
+        description="Run MODEL once on a random input of --input-shape under no_grad and show hookkit.summary(): "
+        "every module call with its output shape, parameter count, output statistics and time.",
+    )
+    _model_and_input_args(summary_cmd)
+    summary_cmd.add_argument("--depth", type=_positive_int, metavar="N",
+                             help="show modules with at most N dotted parts (the data keeps every row)")
+    summary_cmd.add_argument("--layers", nargs="+", metavar="LAYER", help="names or globs (default: every module)")
+    summary_cmd.add_argument("--no-timing", action="store_true", help="leave out the Time column")
+    summary_cmd.set_defaults(command=_cmd_summary)
     return parser
 
 
@@ -191,6 +204,15 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Any:
     except Exception as exc:
         raise ValueError(f"{type(model).__name__} rejected a random input of shape {tuple(x.shape)}: "
                          f"{_one_line(exc)} (pass the shape it expects with --input-shape)") from exc
+
+
+def _cmd_summary(args: argparse.Namespace, console: Console) -> int:
+    from .summary import summary
+
+    model, x = _model_and_input(args)
+    _forward(model, x)  # a clear one-line error for an input the model rejects, before the table
+    console.print(summary(model, x, layers=args.layers, depth=args.depth, timing=not args.no_timing))
+    return 0
 
 
 def _cmd_trace(args: argparse.Namespace, console: Console) -> int:

@@ -50,3 +50,21 @@ def test_python_dash_m_trace_runs_as_a_process():
                            "1,3,32,32", "--layers", "avgpool"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "avgpool AdaptiveAvgPool2d out: f32[1, 512, 1, 1]" in proc.stdout
+
+
+def test_summary_command_shows_every_module_call_within_120_columns():
+    code, out = invoke(["summary", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--no-timing"])
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["Layer", "Class", "Output"]
+    assert any(line.split()[:3] == ["layer4.1.conv2", "Conv2d", "f32[1,"] for line in lines)
+    assert "Time" not in lines[0]
+    assert max(len(line) for line in lines) <= 120
+    assert "11,689,512 params" in lines[-1]
+
+
+def test_summary_command_depth_and_bad_input(capsys):
+    code, out = invoke(["summary", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--depth", "1"])
+    assert code == 0 and "layer1.0" not in out and "layer1 " in out
+    assert invoke(["summary", "torchvision:resnet18", "--input-shape", "2,2"])[0] == 2
+    assert "rejected a random input" in capsys.readouterr().err
