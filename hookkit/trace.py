@@ -191,12 +191,14 @@ class CheckFinite:
         self._capture = Capture(model, _all_submodules if layers is None else layers, grads=backward)
         self._capture._listener = self
         self._capture._keep = False
+        self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
 
     def __enter__(self) -> "CheckFinite":
         self._capture.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._last = None
         self._capture.__exit__(*exc)
 
     def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
@@ -204,6 +206,10 @@ class CheckFinite:
 
     def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         for t in _tree.leaves(output):
+            version = None if t.is_inference() else t._version
+            if self._last is not None and t is self._last[0] and version is not None and version == self._last[1]:
+                continue  # a container returning its last child's output, unchanged since it was checked
+            self._last = (t, version)
             if _nonfinite(t):
                 s = tensor_stats(t)
                 name, module, call = where
@@ -240,6 +246,11 @@ def _nonfinite(t: torch.Tensor) -> bool:
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.device.type == "meta":
         return False
     with torch.no_grad():
+        # One reduction without a temporary: NaN and Inf always reach the sum. Only when the sum is not finite
+        # (which an overflow can also cause) is the exact, allocating check needed.
+        total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+        if bool(torch.isfinite(total)):
+            return False
         return not bool(torch.isfinite(t).all())
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from rich.console import Console
 
@@ -284,3 +283,20 @@ def test_example_find_nan_finds_the_block_and_shows_what_anomaly_mode_says():
     out = run_example("find_nan.py")
     assert "NonFiniteError" in out and "layer='2' phase='forward'" in out
     assert "LogsumexpBackward0" in out
+
+
+def test_check_finite_sees_a_parent_that_changes_its_childs_output_in_place():
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.child = nn.Linear(2, 2)
+
+        def forward(self, x):
+            y = self.child(x)
+            y.mul_(float("inf"))  # the same tensor object the child returned, now non-finite
+            return y
+
+    model = nn.Sequential(Parent())
+    with pytest.raises(hookkit.NonFiniteError, match="'0' \\(Parent\\) produced"):
+        with torch.no_grad(), hookkit.check_finite(model):
+            model(torch.ones(1, 2))
