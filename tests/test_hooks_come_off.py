@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from rich.console import Console
 import torch.nn as nn
 import torchvision
 from hypothesis import HealthCheck, given, settings
@@ -134,7 +135,7 @@ LAYERS = ["fc1", "fc2", "relu", "head"]
 layer_lists = st.lists(st.sampled_from(LAYERS), min_size=1, max_size=4, unique=True)
 frame = st.fixed_dictionaries(
     {
-        "kind": st.sampled_from(["capture", "hooks"]),
+        "kind": st.sampled_from(["capture", "hooks", "trace", "check_finite"]),
         "layers": layer_lists,
         "inputs": st.booleans(),
         "grads": st.booleans(),
@@ -165,6 +166,10 @@ def test_any_nesting_of_captures_and_failures_leaves_the_census_unchanged(frames
         if f["kind"] == "capture":
             ctx = hookkit.capture(model, f["layers"], inputs=f["inputs"], grads=f["grads"], stop=f["stop"],
                                   clone=f["clone"])
+        elif f["kind"] == "trace":
+            ctx = hookkit.trace(model, f["layers"], console=Console(file=io.StringIO()), backward=f["grads"])
+        elif f["kind"] == "check_finite":
+            ctx = hookkit.check_finite(model, f["layers"], backward=f["grads"])
         else:
             def bad(*a):
                 raise Boom("in a user hook")
