@@ -5,6 +5,8 @@
     cap["conv1"]
 """
 
+__version__ = "0.1.0"
+
 from ._errors import (
     GradientUnavailableError,
     HookkitError,
@@ -16,12 +18,11 @@ from ._errors import (
 )
 from ._select import layer_names
 from .capture import Capture, Store, capture
+from .extract import ExtractError, Features, extract
 from .graph import AutogradGraph, GraphNode, graph
 from .hooks import Hooks, hooks
 from .summary import Summary, SummaryError, SummaryRow, summary
 from .trace import CheckFinite, Trace, TraceEvent, check_finite, trace
-
-__version__ = "0.1.0"
 
 __all__ = [
     "capture",
@@ -30,6 +31,7 @@ __all__ = [
     "trace",
     "check_finite",
     "graph",
+    "extract",
     "summary",
     "Capture",
     "Store",
@@ -39,6 +41,7 @@ __all__ = [
     "CheckFinite",
     "AutogradGraph",
     "GraphNode",
+    "Features",
     "Summary",
     "SummaryRow",
     "HookkitError",
@@ -49,5 +52,6 @@ __all__ = [
     "UnsupportedModelError",
     "NonFiniteError",
     "SummaryError",
+    "ExtractError",
     "__version__",
 ]

@@ -1,0 +1,73 @@
+""".npy files written row by row, from several processes at once, readable by plain numpy at every stage.
+
+The header has a fixed size (``HEADER_BYTES``), so the data always starts at the same offset: rows can be written at
+their final place with ``os.pwrite`` before the number of rows is known, by any process, and the header is
+written last. While a run is unfinished the file is named ``<layer>.npy.partial``; it is renamed to
+``<layer>.npy`` only once every row is in place and the header says how many there are.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["HEADER_BYTES", "RowFile", "write_header", "header_bytes"]
+
+HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
+_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header for ``dtype`` and ``shape``, padded to exactly ``HEADER_BYTES``."""
+    body = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(dtype),
+                                                                       tuple(shape))
+    room = HEADER_BYTES - len(_MAGIC) - 2
+    if len(body) + 1 > room:
+        raise ValueError(f"shape {shape} is too long for a fixed .npy header")
+    body = body + " " * (room - len(body) - 1) + "\n"
+    return _MAGIC + struct.pack("<H", room) + body.encode("latin1")
+
+
+def write_header(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, header_bytes(dtype, shape), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RowFile:
+    """One layer's rows: ``write(first_row, array)`` puts rows at their place; opened without truncating, so
+    several processes (and a resumed run) share the file."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(row_shape)
+        self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self._fd).st_size < HEADER_BYTES:
+            # A provisional header (0 rows) so that even a partial file is a valid, empty .npy.
+            os.pwrite(self._fd, header_bytes(self.dtype, (0, *self.row_shape)), 0)
+
+    def write(self, first_row: int, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        if data.shape[1:] != self.row_shape:
+            raise ValueError(f"rows of shape {data.shape[1:]} do not fit {self.path.name}'s {self.row_shape}")
+        view = memoryview(data).cast("B")
+        offset = HEADER_BYTES + first_row * self.row_bytes
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
