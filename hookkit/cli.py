@@ -170,6 +170,30 @@ def _parser() -> argparse.ArgumentParser:
     summary_cmd.add_argument("--layers", nargs="+", metavar="LAYER", help="names or globs (default: every module)")
     summary_cmd.add_argument("--no-timing", action="store_true", help="leave out the Time column")
     summary_cmd.set_defaults(command=_cmd_summary)
+
+    extract_cmd = sub.add_parser(
+        "extract",
+        help="features of every image in a folder, streamed to DIR/<layer>.npy (resumable)",
+        description="Run MODEL over every image under --data (sorted by relative path, so row i is always the same "
+        "image; standard ImageNet preprocessing) and write DIR/<layer>.npy, DIR/manifest.json and DIR/files.txt "
+        "(the image of each row). Run the same command again to resume an interrupted extraction.",
+    )
+    extract_cmd.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    extract_cmd.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
+                             help="layer names or globs (see `hookkit layers MODEL`)")
+    extract_cmd.add_argument("--data", required=True, metavar="IMAGE_FOLDER",
+                             help="a folder of images (ImageFolder-style class subfolders or flat)")
+    extract_cmd.add_argument("--out", required=True, metavar="DIR", help="where the .npy files go")
+    extract_cmd.add_argument("--pool", choices=["avg", "max", "flatten", "cls"],
+                             help="per image: global average / max over space or tokens, flatten, or first token")
+    extract_cmd.add_argument("--batch-size", type=_positive_int, default=64, metavar="N")
+    extract_cmd.add_argument("--image-size", type=_positive_int, default=224, metavar="PX")
+    extract_cmd.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                             help="storage dtype (default: the layer's own)")
+    extract_cmd.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes")
+    extract_cmd.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+    extract_cmd.add_argument("--seed", type=int, default=0, help="seed of random weights; default: %(default)s")
+    extract_cmd.set_defaults(command=_cmd_extract)
     return parser
 
 
@@ -204,6 +228,37 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Any:
     except Exception as exc:
         raise ValueError(f"{type(model).__name__} rejected a random input of shape {tuple(x.shape)}: "
                          f"{_one_line(exc)} (pass the shape it expects with --input-shape)") from exc
+
+
+def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from ._images import ImageFiles, write_file_list
+    from .extract import extract
+
+    images = ImageFiles(args.data, image_size=args.image_size)  # a bad folder fails before the model is built
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, weights=args.weights)
+    out = Path(args.out)
+    listing = out / "files.txt"
+    if listing.exists() and listing.read_text().splitlines() != images.files:
+        raise ValueError(f"{listing} lists other images than {args.data} holds now, so resuming would mix rows. "
+                         "Use another --out, or delete it to start over.")
+    resolve(model, args.layers)  # a bad layer name fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    write_file_list(images.files, listing)  # first, so that a resumed run can tell if the folder changed
+    loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    feats = extract(model, args.layers, loader, out=out, pool=args.pool, dtype=args.dtype, progress=True)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for column in ("layer", "file", "shape", "dtype"):
+        table.add_column(column)
+    for name, array in feats.items():
+        table.add_row(name, str(out / f"{name}.npy"), " × ".join(map(str, array.shape)), str(array.dtype))
+    console.print(table)
+    console.print(Text(f"{len(images)} images; row i is the image on line i of {listing}.", style="dim"))
+    return 0
 
 
 def _cmd_summary(args: argparse.Namespace, console: Console) -> int:

@@ -1,0 +1,74 @@
+"""`hookkit extract MODEL --layers ... --data IMAGE_FOLDER --out DIR`: rows in file order, files.txt, resume."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+import hookkit
+from hookkit._images import ImageFiles
+from hookkit.cli import run
+
+
+def make_images(root: Path, n: int = 7) -> None:
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        folder = root / ("zebra" if i % 2 else "ant")
+        folder.mkdir(parents=True, exist_ok=True)
+        img = (torch.rand(30 + i, 41, 3, generator=g) * 255).to(torch.uint8)
+        Image.fromarray(img.numpy()).save(folder / f"{i:02d}.png")
+
+
+def invoke(argv: list[str]) -> tuple[int, str]:
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    return run(argv, console=console), console.file.getvalue()
+
+
+def test_extract_command_writes_rows_in_file_order_equal_to_the_library_call(tmp_path):
+    make_images(tmp_path / "imgs")
+    out = tmp_path / "out"
+    code, text = invoke(["extract", "torchvision:resnet18", "--layers", "avgpool", "layer3", "--pool", "avg",
+                         "--data", str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "3",
+                         "--image-size", "64"])
+    assert code == 0, text
+    files = (out / "files.txt").read_text().splitlines()
+    assert files == sorted(files) and len(files) == 7 and files[0].startswith("ant/")
+    torch.manual_seed(0)  # the command's --seed default: the same random weights
+    model = hookkit.cli.load_model("torchvision:resnet18")
+    images = ImageFiles(tmp_path / "imgs", image_size=64)
+    ref = hookkit.extract(model, ["avgpool", "layer3"], DataLoader(images, batch_size=7), pool="avg",
+                          progress=False)
+    for name in ["avgpool", "layer3"]:
+        got = np.load(out / f"{name}.npy")
+        assert got.shape == ref[name].shape == (7, 512 if name == "avgpool" else 256)
+        np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-5)
+    assert "7 images" in text
+
+
+def test_a_changed_folder_is_refused_instead_of_mixing_rows(tmp_path, capsys):
+    make_images(tmp_path / "imgs", n=4)
+    out = tmp_path / "out"
+    args = ["extract", "torchvision:resnet18", "--layers", "avgpool", "--data", str(tmp_path / "imgs"), "--out",
+            str(out), "--image-size", "32"]
+    assert invoke(args)[0] == 0
+    make_images(tmp_path / "imgs", n=6)
+    assert invoke(args)[0] == 2
+    assert "lists other images" in capsys.readouterr().err
+    assert np.load(out / "avgpool.npy").shape == (4, 512, 1, 1)  # what was written stays
+
+
+def test_bad_folder_and_layer_exit_2(tmp_path, capsys):
+    assert invoke(["extract", "torchvision:resnet18", "--layers", "avgpool", "--data", str(tmp_path / "none"),
+                   "--out", str(tmp_path / "o")])[0] == 2
+    assert "does not exist" in capsys.readouterr().err
+    make_images(tmp_path / "imgs", n=2)
+    assert invoke(["extract", "torchvision:resnet18", "--layers", "avgpol", "--data", str(tmp_path / "imgs"),
+                   "--out", str(tmp_path / "o")])[0] == 2
+    assert "Did you mean 'avgpool'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
