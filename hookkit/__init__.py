@@ -20,6 +20,7 @@ from ._select import layer_names
 from .capture import Capture, Store, capture
 from .extract import ExtractError, Features, extract
 from .graph import AutogradGraph, GraphNode, graph
+from .grid import feature_grid, save_feature_grid
 from .hooks import Hooks, hooks
 from .summary import Summary, SummaryError, SummaryRow, summary
 from .trace import CheckFinite, Trace, TraceEvent, check_finite, trace
@@ -32,6 +33,8 @@ __all__ = [
     "check_finite",
     "graph",
     "extract",
+    "feature_grid",
+    "save_feature_grid",
     "summary",
     "Capture",
     "Store",
