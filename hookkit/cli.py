@@ -24,6 +24,7 @@ from rich.tree import Tree
 from . import __version__, _tree
 from ._errors import HookkitError
 from ._models import load_model
+from ._stats import fmt_num, tensor_stats
 from ._select import Layers, resolve
 from .capture import capture
 
@@ -448,28 +449,18 @@ def _normalise(img: torch.Tensor) -> torch.Tensor:
 
 
 def _stats(value: Any) -> dict[str, Any]:
+    """The demo's numbers for a captured value: its first tensor's statistics, plus the fraction of zeros."""
     leaves = _tree.leaves(value)
     if not leaves:
         return {"shape": None, "dtype": None, "leaves": 0}
     t = leaves[0]
-    out: dict[str, Any] = {"shape": tuple(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                           "leaves": len(leaves)}
-    if t.numel() == 0 or t.is_meta:
-        return out
-    with torch.no_grad():
-        f = t.detach().float()
-        out.update(
-            mean=f.mean().item(),
-            std=f.std().item() if f.numel() > 1 else 0.0,
-            min=f.min().item(),
-            max=f.max().item(),
-            zeros=(f == 0).float().mean().item(),
-        )
+    s = tensor_stats(t)
+    out: dict[str, Any] = {"shape": s.shape, "dtype": str(t.dtype).removeprefix("torch."), "leaves": len(leaves)}
+    if s.mean is not None:
+        with torch.no_grad():
+            zeros = (t == 0).float().mean().item()
+        out.update(mean=s.mean, std=s.std if s.std is not None else 0.0, min=s.min, max=s.max, zeros=zeros)
     return out
-
-
-def _fmt(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3g}"
 
 
 def run_demo(
@@ -547,7 +538,7 @@ def run_demo(
         zeros = s.get("zeros")
         table.add_row(
             name, s["class"], shape, s["dtype"] or "—",
-            *(_fmt(s.get(k)) for k in ("mean", "std", "min", "max")),
+            *(fmt_num(s.get(k)) for k in ("mean", "std", "min", "max")),
             "—" if zeros is None else f"{zeros:.1%}", str(s["calls"]),
         )
     console.print(table)
