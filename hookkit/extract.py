@@ -17,6 +17,7 @@ from . import __version__ as _version
 from . import _tree
 from ._errors import HookkitError
 from ._npy import RowFile, write_header
+from ._select import resolve
 from .capture import Capture
 
 __all__ = ["extract", "Features", "ExtractError"]
@@ -301,9 +302,7 @@ def extract(
         raise ValueError(f"pool={pool!r}: use None, 'avg', 'max', 'flatten', 'cls' or a callable.")
     torch_dtype = _torch_dtype(dtype)
     rank, world, dist = _dist()
-    probe = Capture(model, layer_list)  # checks the model and the names before anything runs
-    names = [n for ns in probe._selected.values() for n in ns]
-    probe.remove()
+    names = [n for ns in resolve(model, layer_list).values() for n in ns]  # checks model and names first
     if any(n == "" for n in names):
         raise ValueError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
     if world > 1 and out is None:
