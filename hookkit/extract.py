@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -230,20 +231,41 @@ def _open_result(out: Path, layers: list[str]) -> Features:
     return Features(arrays, out, manifest)
 
 
-def _progress(enabled: bool, total: int | None) -> Any:
-    """A rich progress bar on a terminal (batches, rate, ETA, rows written); None in CI, pipes and files."""
+class _Bar:
+    """A rich progress bar on a terminal: batches done of total, ETA, images/s and bytes written."""
+
+    def __init__(self, total: int | None, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self._task = self._progress.add_task("extract", total=total, info="")
+        self._start = time.perf_counter()
+        self._progress.start()
+
+    def update(self, batches: int, images: int, written: int) -> None:
+        rate = images / max(time.perf_counter() - self._start, 1e-9)
+        self._progress.update(self._task, completed=batches,
+                              info=f"{rate:,.0f} images/s · {_human_bytes(written)} written")
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+def _progress(enabled: bool, total: int | None, console: Any = None) -> _Bar | None:
+    """The bar, only when asked for and writing to a terminal: silent in CI, pipes and files."""
     from rich.console import Console
 
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
-                   TimeRemainingColumn(), TextColumn("{task.fields[rows]}"), console=console)
-    bar.start()
-    bar.add_task("extract", total=total, rows="")
-    return bar
+    console = console or Console(stderr=True)
+    return _Bar(total, console) if enabled and console.is_terminal else None
 
 
 def extract(
@@ -338,6 +360,7 @@ def extract(
     row = 0
     n_seen = 0
     bar = _progress(progress and rank == 0, n_batches)
+    images = written = 0
     was_training = model.training
     model.eval()
     try:
@@ -382,8 +405,10 @@ def extract(
                     _atomic_json(progress_path, {"done": _ranges(mine),
                                                  "shapes": shapes,
                                                  "dtypes": {k: f.dtype.str for k, f in files.items()}})
+                images += n
+                written += sum(t.numel() * t.element_size() for t in host.values())
                 if bar is not None:
-                    bar.update(bar.task_ids[0], completed=len(mine | done), rows=f"{row} rows")
+                    bar.update(len(mine | done), images, written)
     finally:
         if was_training:
             model.train()

@@ -297,3 +297,20 @@ def test_a_layer_that_runs_twice_is_refused():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     with pytest.raises(hookkit.ExtractError, match="ran more than once"):
         hookkit.extract(model, ["0"], [torch.randn(2, 6)], progress=False, stop=False)
+
+
+def test_progress_bar_only_on_a_terminal_with_rate_and_bytes():
+    import io
+
+    from rich.console import Console
+
+    from hookkit.extract import _progress
+
+    assert _progress(True, 3, Console(file=io.StringIO())) is None  # a file / pipe / CI: silent
+    assert _progress(False, 3, Console(file=io.StringIO(), force_terminal=True)) is None
+    screen = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    bar = _progress(True, 4, screen)
+    bar.update(2, 128, 3 * 2**20)
+    bar.stop()
+    text = screen.file.getvalue()
+    assert "2/4" in text and "images/s" in text and "3.0 MiB written" in text
