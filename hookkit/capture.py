@@ -16,6 +16,9 @@ __all__ = ["capture", "Capture", "Store"]
 
 To = Union[None, str, torch.device, torch.dtype, tuple, list]
 
+# -1 unless autograd is running a backward pass: a forward call then is activation checkpointing recomputing it.
+in_backward = torch._C._current_graph_task_id
+
 
 class _StopForward(Exception):
     """Raised by a hook to end the forward pass early; swallowed by the capture that raised it."""
@@ -356,6 +359,8 @@ class Capture(Store):
         started = [0]
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if in_backward() != -1:
+                return None  # activation checkpointing recomputing a forward: not a new call
             call = _Call()
             pending.append(call)
             if listener is not None:
@@ -462,6 +467,8 @@ class Capture(Store):
         tensor = torch.Tensor
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if in_backward() != -1:
+                return  # activation checkpointing recomputing a forward: not a new call
             if not calls:
                 order.extend(names)
             if type(output) is tensor:
@@ -487,6 +494,8 @@ class Capture(Store):
         keep = self._keep
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if in_backward() != -1:
+                return  # activation checkpointing recomputing a forward: not a new call
             call = pending.pop() if pending else _Call()
             if keep:
                 call.output, call.guards = snap(output)
