@@ -293,11 +293,13 @@ class Capture(Store):
         clone: bool = False,
         to: To = None,
         stop: bool = False,
+        param_grads: bool = False,
     ) -> None:
         self._selected = resolve(model, layers)  # checks the model; raises before anything is registered
         self._snap = _Snapshotter(detach=detach, clone=clone, to=to)
         self._want_inputs = bool(inputs)
         self._want_grads = bool(grads)
+        self._want_param_grads = bool(param_grads)
         self._stop = bool(stop)
         state = _State([n for names in self._selected.values() for n in names], self._want_inputs, self._want_grads)
         self._records = state.records
@@ -317,6 +319,7 @@ class Capture(Store):
         self.kwargs = Store(state, "kwargs")
         self.grads = Store(state, "grads")
         self.grad_inputs = Store(state, "grad_inputs")
+        self.param_grads: dict[str, dict[str, torch.Tensor]] = {}  # filled by backward passes inside the block
 
     # -- context manager -----------------------------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -334,6 +337,8 @@ class Capture(Store):
                 fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
                 hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
                 self._handles.add(module.register_forward_hook(hook))
+                if self._want_param_grads:
+                    self._hook_params(module, names)
         except BaseException:
             self._handles.remove()
             raise
@@ -351,6 +356,25 @@ class Capture(Store):
         self._selected = {}  # the stores outlive the block; the model's modules must not
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    def _hook_params(self, module: nn.Module, names: list[str]) -> None:
+        """``param_grads``: after each backward accumulates into ``p.grad``, keep a copy, under every name of the
+        module (``register_post_accumulate_grad_hook``; the value is ``.grad`` as it stands then)."""
+        for pname, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+
+            def hook(param: torch.Tensor, pname: str = pname) -> None:
+                if self._active and param.grad is not None:
+                    g = param.grad.detach()
+                    if self._snap.moves:
+                        g = g.to(device=self._snap.device,
+                                 dtype=self._snap.dtype if g.is_floating_point() else None)
+                    g = g.clone() if g.data_ptr() == param.grad.data_ptr() else g
+                    for n in names:
+                        self.param_grads.setdefault(n, {})[pname] = g
+
+            self._handles.add(p.register_post_accumulate_grad_hook(hook))
+
     def _pre_hook(self, name: str, pending: list[_Call]) -> Any:
         snap = self._snap
         want_inputs = self._want_inputs
@@ -534,6 +558,7 @@ def capture(
     clone: bool = False,
     to: To = None,
     stop: bool = False,
+    param_grads: bool = False,
 ) -> Capture:
     """Record what the selected layers produce while the ``with`` block is open; remove every hook on exit.
 
@@ -561,6 +586,9 @@ def capture(
             the dtype applies to floating-point tensors only.
         stop: end the forward pass as soon as every selected layer has run once; the ``with`` block swallows the
             stop, so code after the model call inside the block does not run.
+        param_grads: also keep, after each backward inside the block, a copy of the accumulated ``.grad`` of
+            every parameter of each selected module: ``cap.param_grads[layer][param_name]`` (parameter names are
+            relative to the layer, e.g. ``"weight"``, ``"0.bias"``).
 
     Returns:
         A ``Capture``: ``cap[name]`` (last call), ``cap.calls(name)`` (every call), ``list(cap)`` (layers that ran,
@@ -571,4 +599,5 @@ def capture(
         TypeError: ``model`` is not an ``nn.Module``.
         UnsupportedModelError: TorchScript or compiled modules, whose hooks torch would not run.
     """
-    return Capture(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to, stop=stop)
+    return Capture(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to, stop=stop,
+                   param_grads=param_grads)

@@ -44,6 +44,9 @@ def hook_census(model: nn.Module) -> dict[str, Any]:
             d = getattr(module, attr)
             census[f"{name or '<root>'}.{attr}"] = [(k, id(v) if not isinstance(v, bool) else v) for k, v in d.items()]
         census[f"{name or '<root>'}._is_full_backward_hook"] = module._is_full_backward_hook
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            census[f"param {pname}.{attr}"] = list((getattr(p, attr, None) or {}).keys())
     for attr in _GLOBAL_HOOK_DICTS:
         census[f"torch.{attr}"] = list(getattr(module_mod, attr).keys())
     return census
