@@ -17,7 +17,7 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._select import layer_names
-from .capture import Capture, Store, capture
+from .capture import Capture, Store, capture, concat_calls
 from .extract import ExtractError, Features, extract
 from .graph import AutogradGraph, GraphNode, graph
 from .grid import feature_grid, save_feature_grid
@@ -29,6 +29,7 @@ __all__ = [
     "capture",
     "hooks",
     "layer_names",
+    "concat_calls",
     "trace",
     "check_finite",
     "graph",

@@ -12,7 +12,7 @@ from ._errors import GradientUnavailableError, ModifiedInPlaceError, NotRecorded
 from ._handles import HandleGroup
 from ._select import Layers, resolve
 
-__all__ = ["capture", "Capture", "Store"]
+__all__ = ["capture", "Capture", "Store", "concat_calls"]
 
 To = Union[None, str, torch.device, torch.dtype, tuple, list]
 
@@ -601,3 +601,28 @@ def capture(
     """
     return Capture(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to, stop=stop,
                    param_grads=param_grads)
+
+
+def concat_calls(values: list[Any], dim: int = 1) -> Any:
+    """Join the calls of one layer into one value: e.g. the steps of ``model.generate()`` with a KV cache, where a
+    block sees the prompt first and then one new token per call, concatenated along the sequence dimension.
+
+    Example:
+        >>> import torch
+        >>> steps = [torch.zeros(1, 5, 8), torch.ones(1, 1, 8), torch.ones(1, 1, 8)]  # prompt, then 2 tokens
+        >>> concat_calls(steps, dim=1).shape
+        torch.Size([1, 7, 8])
+
+    Nested values (tuples, dicts, ModelOutput) are joined tensor by tensor; ``None`` and other non-tensors are
+    taken from the first call. Typical use: ``concat_calls(cap.calls("transformer.h.0"), dim=1)``.
+
+    Raises:
+        ValueError: no calls, or calls whose structures differ.
+    """
+    if not values:
+        raise ValueError("concat_calls needs at least one call; did the layer run inside the capture block?")
+    per_call = [_tree.leaves(v) for v in values]
+    if any(len(p) != len(per_call[0]) for p in per_call):
+        raise ValueError("the calls hold different numbers of tensors, so they cannot be joined tensor by tensor.")
+    joined = [torch.cat([p[i] for p in per_call], dim=dim) for i in range(len(per_call[0]))]
+    return _tree.fill(_tree.skeleton(values[0]), joined)

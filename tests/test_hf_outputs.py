@@ -96,3 +96,35 @@ def test_gradients_of_model_output_equal_autograd_grad(bert, batch):
     layer_grad = cap.grads["encoder.layer.1"]
     layer_grad = layer_grad[0] if isinstance(layer_grad, tuple) else layer_grad
     torch.testing.assert_close(layer_grad, expected)  # the last layer's output *is* the encoder's output
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_generate_with_kv_cache_keeps_one_call_per_step_and_concat_calls_rebuilds_the_sequence():
+    config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.randint(2, 50, (1, 5))
+    before = hook_census(model)
+    with hookkit.capture(model, ["transformer.h.0", "transformer.h.1"]) as cap:
+        generated = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, min_new_tokens=4)
+    assert hook_census(model) == before
+    steps = cap.calls("transformer.h.1")
+    assert len(steps) == 4  # the prompt, then one call per new token (the cache holds the rest)
+    first = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+    assert [first(s).shape[1] for s in steps] == [5, 1, 1, 1]
+    joined = first(hookkit.concat_calls(cap.calls("transformer.h.0"), dim=1))
+    with torch.no_grad():
+        full = model(generated[:, :-1], output_hidden_states=True)
+    # hidden_states[1] is block 0's output (the last entry has ln_f applied, so it is not a block's output)
+    torch.testing.assert_close(joined, full.hidden_states[1], rtol=1e-4, atol=1e-5)
+
+
+def test_concat_calls_joins_nested_values_and_refuses_mismatches():
+    a = (torch.zeros(1, 2, 3), None, {"k": torch.ones(1, 2)})
+    b = (torch.ones(1, 1, 3), None, {"k": torch.ones(1, 1)})
+    joined = hookkit.concat_calls([a, b], dim=1)
+    assert joined[0].shape == (1, 3, 3) and joined[1] is None and joined[2]["k"].shape == (1, 3)
+    with pytest.raises(ValueError, match="different numbers"):
+        hookkit.concat_calls([a, torch.ones(1)])
+    with pytest.raises(ValueError, match="at least one"):
+        hookkit.concat_calls([])
