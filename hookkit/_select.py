@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ._errors import LayerNotFoundError, UnsupportedModelError
 
-__all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "check_model"]
+__all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "check_model", "unwrap"]
 
 LayerSpec = Union[str, type, nn.Module, Callable[[str, nn.Module], bool]]
 Layers = Union[LayerSpec, Iterable[LayerSpec]]
@@ -22,7 +22,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 def layer_names(model: nn.Module) -> list[str]:
     """Every name that ``capture`` and ``hooks`` accept for ``model``, in ``named_modules`` order.
 
-    A module registered under several names (a shared submodule) is listed under each of them.
+    A module registered under several names (a shared submodule) is listed under each of them. For a model
+    wrapped in DataParallel or DistributedDataParallel, the names are the wrapped model's (``"layer1"``; hookkit
+    also accepts ``"module.layer1"``).
 
     Example:
         >>> import torch.nn as nn, hookkit
@@ -30,7 +32,16 @@ def layer_names(model: nn.Module) -> list[str]:
         ['0', '1']
     """
     _require_module(model)
+    model, _ = unwrap(model)
     return [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The model inside DataParallel / DistributedDataParallel wrappers, and whether there was one."""
+    wrapped = False
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model, wrapped = model.module, True
+    return model, wrapped
 
 
 def _require_module(model: Any) -> None:
@@ -151,9 +162,12 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
     Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
     """
     _require_module(model)
+    model, wrapped = unwrap(model)
     named = list(model.named_modules(remove_duplicate=False))
     check_model(model, named)
     specs = _as_list(layers)
+    if wrapped:  # "module.layer1" and "layer1" both name the wrapped model's layer1
+        specs = [s[len("module."):] if isinstance(s, str) and s.startswith("module.") else s for s in specs]
     names = [n for n, _ in named if n]
     chosen: set[str] = set()
     for spec in specs:

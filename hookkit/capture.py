@@ -10,7 +10,7 @@ import torch.nn as nn
 from . import _tree
 from ._errors import GradientUnavailableError, ModifiedInPlaceError, NotRecordedError
 from ._handles import HandleGroup
-from ._select import Layers, resolve
+from ._select import Layers, resolve, unwrap
 
 __all__ = ["capture", "Capture", "Store", "concat_calls"]
 
@@ -132,7 +132,7 @@ class _State:
     by reference counting alone, not by the cyclic garbage collector.
     """
 
-    __slots__ = ("records", "order", "selected_names", "want_inputs", "want_grads")
+    __slots__ = ("records", "order", "selected_names", "want_inputs", "want_grads", "wrapped")
 
     def __init__(self, selected_names: list[str], want_inputs: bool, want_grads: bool) -> None:
         self.records: dict[str, list[Any]] = {}
@@ -140,11 +140,18 @@ class _State:
         self.selected_names = selected_names
         self.want_inputs = want_inputs
         self.want_grads = want_grads
+        self.wrapped = False
+
+    def find(self, name: str) -> list[Any] | None:
+        calls = self.records.get(name)
+        if calls is None and self.wrapped and name.startswith("module."):
+            calls = self.records.get(name[len("module."):])  # DataParallel / DDP: the prefix is optional
+        return calls
 
     def calls_of(self, name: str, kind: str) -> list[Any]:
         if not isinstance(name, str):
             raise TypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
-        calls = self.records.get(name)
+        calls = self.find(name)
         if calls is None:
             selected = self.selected_names
             shown = ", ".join(repr(n) for n in selected[:10]) + (", ..." if len(selected) > 10 else "")
@@ -223,8 +230,8 @@ class Store:
         return [self[n] for n in self.keys()]
 
     def __contains__(self, name: object) -> bool:
-        records = self._state.records
-        return isinstance(name, str) and name in records and _has(self._kind, records[name])
+        calls = self._state.find(name) if isinstance(name, str) else None
+        return calls is not None and _has(self._kind, calls)
 
     def __len__(self) -> int:
         return len(self.keys())
@@ -302,6 +309,7 @@ class Capture(Store):
         self._want_param_grads = bool(param_grads)
         self._stop = bool(stop)
         state = _State([n for names in self._selected.values() for n in names], self._want_inputs, self._want_grads)
+        state.wrapped = unwrap(model)[1]
         self._records = state.records
         for names in self._selected.values():
             calls: list[Any] = []
