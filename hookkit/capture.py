@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Iterator, Protocol, Union
 
 import torch
@@ -18,6 +20,22 @@ To = Union[None, str, torch.device, torch.dtype, tuple, list]
 
 # -1 unless autograd is running a backward pass: a forward call then is activation checkpointing recomputing it.
 in_backward = torch._C._current_graph_task_id
+
+
+def _guard_hooks_in_compiled_code() -> Any:
+    """While a capture is open, make torch.compile guard on module hooks, so that code compiled inside the block
+    sees them (and is recompiled when they change). Only when dynamo is already in use; returns the undo."""
+    dynamo = sys.modules.get("torch._dynamo")
+    config = getattr(dynamo, "config", None)
+    if config is None or not hasattr(config, "skip_nnmodule_hook_guards"):
+        return None
+    before = config.skip_nnmodule_hook_guards
+    config.skip_nnmodule_hook_guards = False
+
+    def restore() -> None:
+        config.skip_nnmodule_hook_guards = before
+
+    return restore
 
 
 class _StopForward(Exception):
@@ -351,16 +369,28 @@ class Capture(Store):
             self._handles.remove()
             raise
         self._active = True
+        self._dynamo_guard = _guard_hooks_in_compiled_code()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.remove()
+        if exc_type is None and not self._order and "torch._dynamo" in sys.modules and self._listener is None:
+            warnings.warn(
+                "hookkit.capture recorded nothing: no selected layer ran inside the block. If you called a "
+                "torch.compile'd version of this model, its compiled code skips hooks added after it was compiled "
+                "(torch does not guard on hooks by default). Call the eager model inside the block, or enter the "
+                "capture before the first call of the compiled model.",
+                stacklevel=2,
+            )
         return isinstance(exc, _StopForward) and exc.owner is self
 
     def remove(self) -> None:
         """Remove every hook this capture made (``__exit__`` does this for you); safe to call twice."""
         self._active = False
         self._handles.remove()
+        restore, self._dynamo_guard = getattr(self, "_dynamo_guard", None), None
+        if restore is not None:
+            restore()
         self._selected = {}  # the stores outlive the block; the model's modules must not
 
     # -- hooks ---------------------------------------------------------------------------------------------------
