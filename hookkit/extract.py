@@ -361,7 +361,7 @@ def extract(
     n_seen = 0
     bar = _progress(progress and rank == 0, n_batches)
     images = written = 0
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode: a wrapper may differ from its model
     model.eval()
     try:
         with torch.inference_mode():
@@ -410,8 +410,8 @@ def extract(
                 if bar is not None:
                     bar.update(len(mine | done), images, written)
     finally:
-        if was_training:
-            model.train()
+        for m, mode in modes:
+            m.training = mode
         for f in files.values():
             f.close()
         if bar is not None:

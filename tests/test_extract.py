@@ -314,3 +314,14 @@ def test_progress_bar_only_on_a_terminal_with_rate_and_bytes():
     bar.stop()
     text = screen.file.getvalue()
     assert "2/4" in text and "images/s" in text and "3.0 MiB written" in text
+
+
+def test_each_modules_own_mode_is_restored_not_just_the_roots():
+    """A DataParallel wrapper is in train mode around an eval model: restoring model.train() would flip the
+    wrapped model into train mode (and its BatchNorms would use batch statistics from then on)."""
+    inner = torchvision.models.resnet18().eval()
+    wrapper = nn.DataParallel(inner)
+    inner.layer1.train()
+    modes = {name: m.training for name, m in wrapper.named_modules()}
+    hookkit.extract(wrapper, ["layer2"], [torch.randn(2, 3, 32, 32)], progress=False)
+    assert {name: m.training for name, m in wrapper.named_modules()} == modes
