@@ -128,3 +128,17 @@ def test_concat_calls_joins_nested_values_and_refuses_mismatches():
         hookkit.concat_calls([a, torch.ones(1)])
     with pytest.raises(ValueError, match="at least one"):
         hookkit.concat_calls([])
+
+
+def test_attention_weights_equal_output_attentions_with_eager_attention(batch):
+    ids, mask = batch
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=37, attn_implementation="eager")
+    model = transformers.BertModel(config).eval()
+    names = ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    with torch.no_grad(), hookkit.capture(model, names) as cap:
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    for name, attentions in zip(names, out.attentions):
+        context, weights = cap[name]
+        torch.testing.assert_close(weights, attentions, rtol=0, atol=0)
+        assert context.shape == (2, 7, 32)
