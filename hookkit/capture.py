@@ -122,6 +122,14 @@ class _Snapshotter:
         guards.append((s, s._version))
         return s
 
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A detached copy of ``t`` on the requested device / dtype, never sharing memory with ``t`` (gradients:
+        autograd may pass a buffer on and accumulate into it later)."""
+        g = t.detach()
+        if self.moves:
+            g = g.to(device=self.device, dtype=self.dtype if g.is_floating_point() else None)
+        return g.clone() if g.data_ptr() == t.data_ptr() else g
+
     def __call__(self, value: Any) -> tuple[Any, Any]:
         guards: list = []
         if isinstance(value, torch.Tensor):
@@ -403,11 +411,7 @@ class Capture(Store):
 
             def hook(param: torch.Tensor, pname: str = pname) -> None:
                 if self._active and param.grad is not None:
-                    g = param.grad.detach()
-                    if self._snap.moves:
-                        g = g.to(device=self._snap.device,
-                                 dtype=self._snap.dtype if g.is_floating_point() else None)
-                    g = g.clone() if g.data_ptr() == param.grad.data_ptr() else g
+                    g = self._snap.copy(param.grad)
                     for n in names:
                         self.param_grads.setdefault(n, {})[pname] = g
 
@@ -490,12 +494,7 @@ class Capture(Store):
         if slots is None:
             slots = [None] * n
             setattr(call, field, slots)
-        g = grad.detach()
-        if self._snap.moves:
-            dtype = self._snap.dtype if g.is_floating_point() else None
-            g = g.to(device=self._snap.device, dtype=dtype)
-        if g.data_ptr() == grad.data_ptr():
-            g = g.clone()  # autograd may pass this buffer on and accumulate into it later: keep our own copy
+        g = self._snap.copy(grad)
         slots[i] = g if slots[i] is None else slots[i] + g  # repeated backward() accumulates, like .grad
 
     def _fix_inplace_inputs(self, call: _Call) -> None:

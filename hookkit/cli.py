@@ -23,6 +23,7 @@ from rich.tree import Tree
 
 from . import __version__, _tree
 from ._errors import HookkitError
+from ._images import IMAGENET_MEAN, IMAGENET_STD
 from ._models import load_model
 from ._stats import fmt_num, tensor_stats
 from ._select import Layers, resolve
@@ -31,8 +32,6 @@ from .capture import capture
 __all__ = ["main", "run", "run_demo", "hook_census", "demo_image"]
 
 DEMO_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _USER_ERRORS = (HookkitError, LookupError, ValueError, TypeError)
 
