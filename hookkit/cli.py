@@ -36,6 +36,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _USER_ERRORS = (HookkitError, LookupError, ValueError, TypeError)
 
 
+class _InputError(HookkitError, ValueError):
+    """A command-line value that cannot work (an --out that is a file, an input too large for memory); the message
+    names the option, what was wrong and the fix."""
+
+
 # -- entry points --------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hookkit`` command and return its exit code (0 ok, 2 bad input); ``argv`` defaults to ``sys.argv``.
@@ -238,17 +243,21 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     from ._images import ImageFiles, write_file_list
     from .extract import extract
 
-    images = ImageFiles(args.data, image_size=args.image_size)  # a bad folder fails before the model is built
+    out = _writable_folder(args.out)  # these fail before the model is built or anything is written
+    images = ImageFiles(args.data, image_size=args.image_size)
     torch.manual_seed(args.seed)
     model = load_model(args.model, weights=args.weights)
-    out = Path(args.out)
     listing = out / "files.txt"
     if listing.exists() and listing.read_text().splitlines() != images.files:
         raise ValueError(f"{listing} lists other images than {args.data} holds now, so resuming would mix rows. "
                          "Use another --out, or delete it to start over.")
     resolve(model, args.layers)  # a bad layer name fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    write_file_list(images.files, listing)  # first, so that a resumed run can tell if the folder changed
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_file_list(images.files, listing)  # first, so that a resumed run can tell if the folder changed
+    except OSError as exc:  # the checks above passed, but the file system still said no (quota, a race, ...)
+        raise _InputError(f"cannot write to --out {args.out!r} ({exc.strerror or exc}); choose a writable "
+                          "folder.") from exc
     loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     feats = extract(model, args.layers, loader, out=out, pool=args.pool, dtype=args.dtype, progress=True)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
@@ -259,6 +268,33 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(Text(f"{len(images)} images; row i is the image on line i of {listing}.", style="dim"))
     return 0
+
+
+def _writable_folder(text: str) -> "Path":
+    """``--out``: a folder that exists or can be created, on a writable file system; checked without writing."""
+    from pathlib import Path
+
+    out = Path(text)
+    nearest = out  # the folder itself, or the nearest ancestor that exists: where mkdir would start
+    while not nearest.is_dir():
+        if os.path.lexists(nearest):
+            what = ("a file" if nearest.is_file() else "a broken symbolic link" if nearest.is_symlink()
+                    else "a special file")
+            if nearest == out:
+                raise _InputError(f"--out {text!r} is {what}, not a folder; pass a folder (it is created if "
+                                  "missing), e.g. a new name next to it.")
+            raise _InputError(f"--out {text!r} lies below {str(nearest)!r}, which is {what} and so cannot hold "
+                              "the folder; pass a path outside it.")
+        if nearest.parent == nearest:
+            break
+        nearest = nearest.parent
+    where = "" if nearest == out else f" ({str(nearest)!r}, where it would be created, cannot be written)"
+    if hasattr(os, "statvfs") and os.statvfs(nearest).f_flag & os.ST_RDONLY:
+        raise _InputError(f"--out {text!r} is on a read-only file system{where}; choose a writable folder.")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise _InputError(f"--out {text!r} is not writable: no permission to create files in {str(nearest)!r}; "
+                          "choose a writable folder.")
+    return out
 
 
 def _cmd_summary(args: argparse.Namespace, console: Console) -> int:
