@@ -1,0 +1,121 @@
+"""Run by tests/test_extract_crash.py: a server that imports torch once and forks one child per extract() run, so
+that the test can kill -9 many runs without paying torch's import (seconds) for each.
+
+Protocol: the test writes one JSON object per line on stdin (``{"out": DIR, "n": N, "batch": B, "sleep": S,
+"inject": null | "tear:K" | "rename"}``); the server forks a child, which prints ``started <pid>``,
+``begin`` just before it calls ``hookkit.extract``, ``next <i>`` before its data yields batch i, ``batch`` each time
+the model runs, ``finished`` and ``error <text>`` at the end; the server reaps the child and prints
+``exit <pid> <code>`` (``-9`` for kill -9). EOF on stdin ends the server.
+
+``inject`` makes the child kill -9 itself at a moment an outside timer rarely hits:
+  ``tear:K``  in the middle of the K-th ``os.pwrite`` (half of its bytes written, the rest not);
+  ``rename``  just after the first ``<layer>.npy`` is renamed into place (before the others and the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import hookkit
+
+LAYERS = ["1", "3"]
+
+
+def model_and_batches(n: int, batch: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(1))
+    return model, [(x[i:i + batch], torch.zeros(len(x[i:i + batch]))) for i in range(0, n, batch)]
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # pragma: no cover - never reached
+
+
+def _inject(inject: str | None) -> None:
+    if not inject:
+        return
+    if inject.startswith("tear:"):
+        at = int(inject.split(":")[1])
+        real = os.pwrite
+        count = [0]
+
+        def torn(fd, data, offset):
+            count[0] += 1
+            if count[0] < at:
+                return real(fd, data, offset)
+            view = memoryview(data).cast("B")
+            half = max(1, len(view) // 2)
+            real(fd, view[:half], offset)
+            print("torn", flush=True)
+            _die()
+
+        os.pwrite = torn
+    elif inject == "rename":
+        for attr in ("replace", "rename"):
+            real_move = getattr(os, attr)
+
+            def move(src, dst, *args, _real=real_move, **kwargs):
+                result = _real(src, dst, *args, **kwargs)
+                if os.fspath(dst).endswith(".npy"):
+                    print("renamed", os.path.basename(os.fspath(dst)), flush=True)
+                    _die()
+                return result
+
+            setattr(os, attr, move)
+    else:
+        raise ValueError(inject)
+
+
+def child(job: dict) -> None:
+    torch.set_num_threads(1)  # the same kernels in every run: rows are bit-identical whichever run computed them
+    model, batches = model_and_batches(job["n"], job["batch"])
+    sleep = job.get("sleep", 0.0)
+
+    def data():
+        for i, b in enumerate(batches):
+            print("next", i, flush=True)
+            yield b
+            if sleep:
+                time.sleep(sleep)
+
+    model[0].register_forward_hook(lambda m, a, o: print("batch", flush=True))
+    _inject(job.get("inject"))
+    print("begin", flush=True)
+    hookkit.extract(model, LAYERS, data(), out=job["out"], progress=False)
+    print("finished", flush=True)
+
+
+def serve() -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            print("started", os.getpid(), flush=True)
+            try:
+                child(job)
+            except BaseException as exc:  # reported to the test, which fails with it
+                print("error", f"{type(exc).__name__}: {exc}".replace("\n", " "), flush=True)
+                code = 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print("exit", pid, code, flush=True)
+
+
+if __name__ == "__main__":
+    serve()
