@@ -192,7 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     extract_cmd.add_argument("--pool", choices=["avg", "max", "flatten", "cls"],
                              help="per image: global average / max over space or tokens, flatten, or first token")
     extract_cmd.add_argument("--batch-size", type=_positive_int, default=64, metavar="N")
-    extract_cmd.add_argument("--image-size", type=_positive_int, default=224, metavar="PX")
+    extract_cmd.add_argument("--image-size", type=_positive_int, default=224, metavar="PX",
+                             help="side of the square crop; default: %(default)s (a batch over half of the memory "
+                             "is refused)")
     extract_cmd.add_argument("--dtype", choices=["float32", "float16"], default=None,
                              help="storage dtype (default: the layer's own)")
     extract_cmd.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes")
@@ -205,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
 def _model_and_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--input-shape", required=True, type=_shape, metavar="N,C,H,W",
-                   help="shape of the random float input, comma-separated, e.g. 1,3,224,224")
+                   help="shape of the random float input, comma-separated, e.g. 1,3,224,224 (refused when "
+                   "it would take over half of the memory)")
     p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input; default: %(default)s")
 
@@ -221,7 +224,55 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+# The most one input (or one batch of images) may take: half of the memory, as the forward needs at least the input
+# and its first activation beside it. Refused before allocating, rather than waiting for the out-of-memory killer.
+_INPUT_SHARE_OF_MEMORY = 2  # the limit is memory // this
+_MEMORY_IF_UNKNOWN = 16 * 2**30  # where neither sysconf nor a cgroup says (Windows)
+
+
+def _physical_memory_bytes() -> int:
+    """The machine's memory, or the container's limit (cgroup v2 or v1) where that is lower."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        memory = -1
+    memory = memory if memory > 0 else _MEMORY_IF_UNKNOWN
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = int(f.read().strip())  # "max" (no limit) fails here
+        except (OSError, ValueError):
+            continue
+        if 0 < limit < memory:
+            memory = limit
+    return memory
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size, units = n / 1024, ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"]
+    while size >= 1024 and len(units) > 1:
+        size, units = size / 1024, units[1:]
+    return f"{size:,.1f} {units[0]}"
+
+
+def _check_fits(what: str, numel: int, fix: str) -> None:
+    """Refuse a float32 tensor of ``numel`` elements over the input limit, before it is allocated."""
+    nbytes = numel * 4
+    memory = _physical_memory_bytes()
+    limit = memory // _INPUT_SHARE_OF_MEMORY
+    if nbytes > limit:
+        raise _InputError(
+            f"{what} ({numel:,} float32 numbers, {_bytes(nbytes)}): more than half of this machine's "
+            f"{_bytes(memory)} of memory ({_bytes(limit)}), the most hookkit allocates for one input; {fix}."
+        )
+
+
 def _model_and_input(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    shape = args.input_shape
+    _check_fits(f"--input-shape {','.join(map(str, shape))} makes an input", math.prod(shape),
+                "pass a smaller shape")
     torch.manual_seed(args.seed)
     model = load_model(args.model, weights=args.weights)
     return model, torch.randn(args.input_shape)
@@ -245,6 +296,10 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
 
     out = _writable_folder(args.out)  # these fail before the model is built or anything is written
     images = ImageFiles(args.data, image_size=args.image_size)
+    batch, side = min(args.batch_size, len(images)), args.image_size
+    _check_fits(f"--image-size {side} with --batch-size {args.batch_size} makes a batch of {batch} "
+                f"image{'s' if batch > 1 else ''} of 3×{side}×{side}", batch * 3 * side * side,
+                "pass a smaller --image-size or --batch-size")
     torch.manual_seed(args.seed)
     model = load_model(args.model, weights=args.weights)
     listing = out / "files.txt"

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+import hookkit._images
 import hookkit.cli
 from hookkit.cli import main, run
 
@@ -121,3 +122,55 @@ def test_out_on_a_read_only_mount_is_refused_before_the_model_is_built(tmp_path,
     assert f"--out {str(out)!r}" in line and "read-only file system" in line
     assert "choose a writable folder" in line
     assert os.listdir(read_only_dir) == []
+
+
+# -- --input-shape -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["trace", "summary"])
+def test_an_input_too_large_for_memory_is_refused_before_anything_is_built(command, capsys, no_model_built):
+    assert main([command, "torchvision:resnet18", "--input-shape", "1000000,1000000,1000"]) == 2
+    line = one_error_line(capsys)
+    assert "--input-shape 1000000,1000000,1000" in line
+    assert "makes an input (1,000,000,000,000,000 float32 numbers, 3.6 PiB)" in line
+    assert "pass a smaller shape" in line
+
+
+@pytest.mark.parametrize("shape", ["99999999999999999999,4", "4,9223372036854775808"])
+def test_a_size_no_tensor_can_have_is_refused_without_cpp_frames(shape, capsys, no_model_built):
+    assert main(["trace", "torchvision:resnet18", "--input-shape", shape]) == 2
+    line = one_error_line(capsys)
+    assert f"--input-shape {shape}" in line and "pass a smaller shape" in line
+
+
+def test_the_input_limit_is_half_the_physical_memory(monkeypatch, leaf_models, capsys):
+    monkeypatch.setattr(hookkit.cli, "_physical_memory_bytes", lambda: 48)  # half: 24 bytes, six float32 numbers
+    code, out = invoke(["summary", leaf_models, "--input-shape", "2,3"])
+    assert code == 0, capsys.readouterr().err
+    code, out = invoke(["summary", leaf_models, "--input-shape", "7,1"])
+    assert code == 2 and out == ""
+    line = one_error_line(capsys)
+    assert "(7 float32 numbers, 28 B): more than half of this machine's 48 B of memory (24 B)" in line
+
+
+# -- extract --image-size / --batch-size ---------------------------------------------------------------------------
+def test_an_image_size_too_large_for_memory_is_refused_before_any_image_is_decoded(tmp_path, capsys, monkeypatch,
+                                                                                 no_model_built):
+    data = make_images(tmp_path / "imgs")
+    monkeypatch.setattr(hookkit._images.ImageFiles, "__getitem__",
+                        lambda self, i: pytest.fail("an image was decoded before the size was checked"))
+    out = tmp_path / "out"
+    assert main(extract_args(data, out, "--image-size", "100000")) == 2
+    line = one_error_line(capsys)
+    assert "--image-size 100000" in line and "pass a smaller --image-size or --batch-size" in line
+    assert not out.exists()
+
+
+def test_the_batch_counts_only_the_images_there_are(tmp_path, capsys, monkeypatch, no_model_built):
+    data = make_images(tmp_path / "imgs", n=3)
+    one_image = 3 * 64 * 64 * 4
+    monkeypatch.setattr(hookkit.cli, "_physical_memory_bytes", lambda: 2 * 3 * one_image)
+    # --batch-size 64 over 3 images is a batch of 3, which fits: it gets as far as building the model.
+    with pytest.raises(RuntimeError, match="the model was built"):
+        main(extract_args(data, tmp_path / "out", "--image-size", "64", "--batch-size", "64"))
+    make_images(data, n=4)
+    assert main(extract_args(data, tmp_path / "out", "--image-size", "64", "--batch-size", "64")) == 2
+    assert "makes a batch of 4 images of 3×64×64 (49,152 float32 numbers, 192.0 KiB)" in one_error_line(capsys)
