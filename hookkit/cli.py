@@ -358,6 +358,11 @@ def _cmd_summary(args: argparse.Namespace, console: Console) -> int:
     model, x = _model_and_input(args)
     _forward(model, x)  # a clear one-line error for an input the model rejects, before the table
     console.print(summary(model, x, layers=args.layers, depth=args.depth, timing=not args.no_timing))
+    if next(iter(model.children()), None) is None:
+        shape = ",".join(map(str, args.input_shape))
+        console.print(Text(f"{type(model).__name__} has no submodules, so the table has no rows (the line above is "
+                           f"the whole model); `hookkit trace {args.model} --input-shape {shape}` shows its input "
+                           "and output.", style="yellow"))
     return 0
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from rich.console import Console
 
@@ -174,3 +173,21 @@ def test_the_batch_counts_only_the_images_there_are(tmp_path, capsys, monkeypatc
     make_images(data, n=4)
     assert main(extract_args(data, tmp_path / "out", "--image-size", "64", "--batch-size", "64")) == 2
     assert "makes a batch of 4 images of 3×64×64 (49,152 float32 numbers, 192.0 KiB)" in one_error_line(capsys)
+
+
+# -- models without submodules -------------------------------------------------------------------------------------
+def test_trace_of_a_model_without_submodules_traces_the_model_itself(leaf_models, capsys):
+    # Needs hookkit.trace() to trace the root module when it has no submodules (the lead's change in trace.py).
+    code, out = invoke(["trace", leaf_models, "--input-shape", "2,3"])
+    assert code == 0, capsys.readouterr().err
+    assert "Linear in: f32[2, 3]" in out and "Linear out: f32[2, 3]" in out
+    assert out.splitlines()[-1] == "2 events; every hook removed."
+
+
+def test_summary_of_a_model_without_submodules_says_so(leaf_models, capsys):
+    code, out = invoke(["summary", leaf_models, "--input-shape", "2,3", "--no-timing"])
+    assert code == 0, capsys.readouterr().err
+    assert "Linear: 12 params" in out and "output f32[2, 3]" in out
+    note = " ".join(out.split())  # the note may wrap
+    assert "Linear has no submodules, so the table has no rows" in note
+    assert f"`hookkit trace {leaf_models} --input-shape 2,3` shows its input and output" in note
