@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -98,6 +99,29 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    if value > sys.maxsize:  # Python's own indices and DataLoader batch sizes stop here
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {sys.maxsize}, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= sys.maxsize:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {sys.maxsize}, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 2**64
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError("expected a whole number from -2**63 to 2**64-1 (what torch.manual_seed "
+                                         f"accepts), got {text}")
     return value
 
 
@@ -145,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
     demo.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS), metavar="LAYER",
                       help="layer names or globs to capture (see `hookkit layers MODEL`); default: %(default)s")
-    demo.add_argument("--seed", type=int, default=0,
+    demo.add_argument("--seed", type=_seed, default=0,
                       help="seed of the random weights and of the generated image; default: %(default)s")
     demo.set_defaults(command=_cmd_demo)
 
@@ -197,9 +221,9 @@ def _parser() -> argparse.ArgumentParser:
                              "is refused)")
     extract_cmd.add_argument("--dtype", choices=["float32", "float16"], default=None,
                              help="storage dtype (default: the layer's own)")
-    extract_cmd.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes")
+    extract_cmd.add_argument("--workers", type=_count, default=0, metavar="N", help="DataLoader worker processes")
     extract_cmd.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
-    extract_cmd.add_argument("--seed", type=int, default=0, help="seed of random weights; default: %(default)s")
+    extract_cmd.add_argument("--seed", type=_seed, default=0, help="seed of random weights; default: %(default)s")
     extract_cmd.set_defaults(command=_cmd_extract)
     return parser
 
@@ -210,7 +234,7 @@ def _model_and_input_args(p: argparse.ArgumentParser) -> None:
                    help="shape of the random float input, comma-separated, e.g. 1,3,224,224 (refused when "
                    "it would take over half of the memory)")
     p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input; default: %(default)s")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the input; default: %(default)s")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -287,8 +311,6 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Any:
 
 
 def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
-    from pathlib import Path
-
     from torch.utils.data import DataLoader
 
     from ._images import ImageFiles, write_file_list
@@ -325,10 +347,8 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _writable_folder(text: str) -> "Path":
+def _writable_folder(text: str) -> Path:
     """``--out``: a folder that exists or can be created, on a writable file system; checked without writing."""
-    from pathlib import Path
-
     out = Path(text)
     nearest = out  # the folder itself, or the nearest ancestor that exists: where mkdir would start
     while not nearest.is_dir():

@@ -191,3 +191,20 @@ def test_summary_of_a_model_without_submodules_says_so(leaf_models, capsys):
     note = " ".join(out.split())  # the note may wrap
     assert "Linear has no submodules, so the table has no rows" in note
     assert f"`hookkit trace {leaf_models} --input-shape 2,3` shows its input and output" in note
+
+
+# -- other numbers out of range ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    (["trace", "torchvision:resnet18", "--input-shape", "1,3,8,8", "--seed", "99999999999999999999"],
+     "argument --seed: expected a whole number from -2**63 to 2**64-1 (what torch.manual_seed accepts), got "
+     "99999999999999999999"),
+    (["demo", "--seed", "-99999999999999999999"], "argument --seed: expected a whole number from -2**63"),
+    (["extract", "torchvision:resnet18", "--layers", "fc", "--data", "d", "--out", "o", "--batch-size",
+      "99999999999999999999"], "argument --batch-size: expected a whole number from 1 to 9223372036854775807"),
+    (["extract", "torchvision:resnet18", "--layers", "fc", "--data", "d", "--out", "o", "--workers", "-1"],
+     "argument --workers: expected a whole number from 0 to"),
+])
+def test_numbers_out_of_range_are_usage_errors(argv, expected, capsys, no_model_built):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
