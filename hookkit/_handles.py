@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch.nn as nn
 
 __all__ = ["HandleGroup"]
+
+# Modules whose ``_is_full_backward_hook`` flag hookkit turned on (it was None before). Shared by every group, so
+# that whichever of several open blocks is removed last puts the flag back, whatever order they exit in.
+_FLAG_SET_BY_HOOKKIT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class HandleGroup:
@@ -24,12 +29,16 @@ class HandleGroup:
 
     def full_backward_hook(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
         """``register_full_backward_hook``, undoing the ``_is_full_backward_hook`` flag torch leaves behind."""
-        before = module._is_full_backward_hook
+        ours = module._is_full_backward_hook is None or module in _FLAG_SET_BY_HOOKKIT
         handle = self.add(module.register_full_backward_hook(hook, **kwargs))
-        if before is None:
+        if ours:
+            _FLAG_SET_BY_HOOKKIT.add(module)
+
             def restore() -> None:
-                if not module._backward_hooks and not module._backward_pre_hooks:
+                # Only full backward hooks depend on the flag (pre-hooks run either way).
+                if module in _FLAG_SET_BY_HOOKKIT and not module._backward_hooks:
                     module._is_full_backward_hook = None
+                    _FLAG_SET_BY_HOOKKIT.discard(module)
             self._undo.append(restore)
         return handle
 

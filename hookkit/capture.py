@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
-from typing import Any, Iterator, Protocol, Union
+from typing import Any, Callable, Iterator, Protocol, Union
 
 import torch
 import torch.nn as nn
@@ -22,20 +23,47 @@ To = Union[None, str, torch.device, torch.dtype, tuple, list]
 in_backward = torch._C._current_graph_task_id
 
 
-def _guard_hooks_in_compiled_code() -> Any:
-    """While a capture is open, make torch.compile guard on module hooks, so that code compiled inside the block
-    sees them (and is recompiled when they change). Only when dynamo is already in use; returns the undo."""
-    dynamo = sys.modules.get("torch._dynamo")
-    config = getattr(dynamo, "config", None)
-    if config is None or not hasattr(config, "skip_nnmodule_hook_guards"):
-        return None
-    before = config.skip_nnmodule_hook_guards
-    config.skip_nnmodule_hook_guards = False
+class _HookGuards:
+    """While any capture is open, make torch.compile guard on module hooks, so that code compiled inside a block
+    sees them (and is recompiled when they change); only when dynamo is already in use.
 
-    def restore() -> None:
-        config.skip_nnmodule_hook_guards = before
+    Counted rather than saved per block: captures may be exited in any order (A opens, B opens, A exits, B
+    exits), and dynamo's flag must be back at the user's value exactly when the last one closes."""
 
-    return restore
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._saved: Any = None
+        self._config: Any = None
+
+    def acquire(self) -> Callable[[], None] | None:
+        config = getattr(sys.modules.get("torch._dynamo"), "config", None)
+        if config is None or not hasattr(config, "skip_nnmodule_hook_guards"):
+            return None
+        with self._lock:
+            if self._open == 0:
+                self._config, self._saved = config, config.skip_nnmodule_hook_guards
+            self._open += 1
+            config.skip_nnmodule_hook_guards = False
+        return self._release
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                self._config.skip_nnmodule_hook_guards = self._saved
+                self._config = self._saved = None
+
+
+_hook_guards = _HookGuards()
+
+
+def _dynamo_has_compiled() -> bool:
+    """Whether torch.compile has compiled any frame in this process: only then can a block that recorded nothing
+    be explained by compiled code skipping hooks. (Importing torchvision imports dynamo, so being imported is no
+    sign.)"""
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    return bool(counters) and counters.get("frames", {}).get("ok", 0) > 0
 
 
 class _StopForward(Exception):
@@ -50,7 +78,7 @@ class _Call:
     """Everything recorded about one forward call of one module."""
 
     __slots__ = ("output", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in", "grad_in_skel",
-                 "grad_in_error", "aliases", "where")
+                 "grad_in_error", "grad_out_error", "aliases", "where")
 
     def __init__(self) -> None:
         self.output: Any = None
@@ -62,6 +90,7 @@ class _Call:
         self.grad_in: list[Any] | None = None  # one slot per positional input tensor
         self.grad_in_skel: Any = None
         self.grad_in_error: str | None = None
+        self.grad_out_error: str | None = None  # why a gradient w.r.t. the output could not be stored
         self.aliases: Any = None  # (alias, version, base, base_grad_fn, slot, n_slots, handle) per aliased input
         self.where: Any = None  # (name, module, call index), for a listener
 
@@ -77,6 +106,8 @@ class _Listener(Protocol):
 
 
 def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
+    """``to=`` as (device, dtype), checked now rather than inside the forward: one of each at most, and a device
+    that exists on this machine."""
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     items = list(to) if isinstance(to, (tuple, list)) else [to]
@@ -84,16 +115,28 @@ def _parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
         if item is None:
             continue
         if isinstance(item, torch.dtype):
+            if dtype is not None and item != dtype:
+                raise ValueError(f"to={to!r} names two dtypes ({dtype} and {item}); give one.")
             dtype = item
         elif isinstance(item, (str, torch.device)):
             try:
-                device = torch.device(item)
+                new = torch.device(item)
             except RuntimeError:
                 raise ValueError(f"to={to!r}: {item!r} is not a device; use e.g. 'cpu', 'cuda:0' or torch.float16.") from None
+            if device is not None and new != device:
+                raise ValueError(f"to={to!r} names two devices ({device} and {new}); give one.")
+            device = new
         else:
             raise TypeError(
                 f"to={to!r}: expected a device ('cpu', torch.device), a dtype (torch.float16) or a tuple of both."
             )
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:  # no CUDA build / no such device index
+            reason = " ".join(str(exc).split()).split(". ")[0]
+            raise ValueError(f"to={to!r}: device {str(device)!r} is not available here ({reason}). Use 'cpu', or a "
+                             "device this machine has.") from None
     return device, dtype
 
 
@@ -124,17 +167,37 @@ class _Snapshotter:
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         """A detached copy of ``t`` on the requested device / dtype, never sharing memory with ``t`` (gradients:
-        autograd may pass a buffer on and accumulate into it later)."""
+        autograd may pass a buffer on and accumulate into it later).
+
+        Raises ``_Untappable`` for a tensor that cannot be kept past the moment (functorch's wrappers)."""
+        if _is_functorch(t):
+            raise _Untappable(
+                "it arrived inside a torch.func transform (grad, vjp, vmap...) as a functorch-wrapped tensor, which "
+                "does not outlive the transform. Use the transform's own results, or call backward() outside it.")
         g = t.detach()
         if self.moves:
             g = g.to(device=self.device, dtype=self.dtype if g.is_floating_point() else None)
-        return g.clone() if g.data_ptr() == t.data_ptr() else g
+        if g.layout != torch.strided:  # sparse (e.g. nn.Embedding(sparse=True)) and others: no data pointer
+            return g.clone()
+        try:
+            shared = g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a tensor kind without a storage of its own: copy to be safe
+            shared = True
+        return g.clone() if shared else g
 
     def __call__(self, value: Any) -> tuple[Any, Any]:
         guards: list = []
         if isinstance(value, torch.Tensor):
             return self.tensor(value, guards), guards
-        return _tree.map_leaves(lambda t: self.tensor(t, guards), value), guards
+        return _tree.map_leaves(lambda t: self.tensor(t, guards), value, opaque=_tree.NotStored), guards
+
+
+class _Untappable(Exception):
+    """A tap met a tensor it cannot handle; it steps aside and the stores say why."""
+
+
+def _is_functorch(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _check(guards: Any, what: str) -> None:
@@ -145,6 +208,15 @@ def _check(guards: Any, what: str) -> None:
                 "ReLU(inplace=True) or `+=`), so the stored tensor no longer holds the value that was produced. "
                 "Fix: capture(..., clone=True) stores a copy at hook time."
             )
+
+
+def _refuse_unstored(value: Any, what: str) -> None:
+    if isinstance(value, _tree.NotStored):
+        raise NotRecordedError(
+            f"{what} is a {value.type_name}, which hookkit cannot snapshot: it walks tensors inside tuples, lists, "
+            "dicts, dataclasses and ModelOutput, and an object of another class, kept live, would hold its autograd "
+            "graph and change with any later in-place op. Return one of those containers from the module, or read "
+            "the object yourself with hookkit.hooks(...).")
 
 
 def _unwrap(args: Any) -> Any:
@@ -207,11 +279,12 @@ def _has(kind: str, calls: list[Any]) -> bool:
     if not calls or (kind != "outputs" and type(calls[0]) is tuple):  # fast-path records hold outputs only
         return False
     if kind == "grads":
-        return any(c.grad_out is not None for c in calls)
+        return any(c.grad_out is not None or c.grad_out_error for c in calls)
     if kind == "grad_inputs":
         # Once backward reached a call's output, its input gradient is known: a tensor, or None where the
         # input needs no grad (the lecture's grad_input[0] for the first conv).
-        return any(c.grad_in is not None or c.grad_in_error or c.grad_out is not None for c in calls)
+        return any(c.grad_in is not None or c.grad_in_error or c.grad_out is not None or c.grad_out_error
+                   for c in calls)
     return True
 
 
@@ -277,14 +350,19 @@ class Store:
             return t
         if kind == "outputs":
             _check(call.guards, f"the output of {where}")
+            _refuse_unstored(call.output, f"the output of {where}")
             return call.output
         if kind == "inputs":
             _check(call.in_guards, f"the input of {where}")
+            _refuse_unstored(_unwrap(call.args), f"the input of {where}")
             return _unwrap(call.args)
         if kind == "kwargs":
             _check(call.in_guards, f"a keyword input of {where}")
             return call.kwargs
         if kind == "grads":
+            if call.grad_out_error:
+                raise GradientUnavailableError(f"the gradient w.r.t. the output of {where} was not stored: "
+                                               f"{call.grad_out_error}")
             if call.grad_out is None:
                 return None
             return _tree.fill(_tree.skeleton(call.output), call.grad_out)
@@ -364,25 +442,28 @@ class Capture(Store):
             for module, names in self._selected.items():
                 calls = self._records[names[0]]
                 pending: list[_Call] = []
-                if self._want_inputs or self._want_grads or self._listener:
+                paired = bool(self._want_inputs or self._want_grads or self._listener)
+                if paired:
                     self._handles.add(
                         module.register_forward_pre_hook(self._pre_hook(names[0], pending), with_kwargs=True)
                     )
                 fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
                 hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
                 self._handles.add(module.register_forward_hook(hook))
+                if paired:
+                    self._handles.add(module.register_forward_hook(_end_of_call(pending), always_call=True))
                 if self._want_param_grads:
                     self._hook_params(module, names)
         except BaseException:
             self._handles.remove()
             raise
         self._active = True
-        self._dynamo_guard = _guard_hooks_in_compiled_code()
+        self._dynamo_guard = _hook_guards.acquire()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.remove()
-        if exc_type is None and not self._order and "torch._dynamo" in sys.modules and self._listener is None:
+        if exc_type is None and not self._order and self._listener is None and _dynamo_has_compiled():
             warnings.warn(
                 "hookkit.capture recorded nothing: no selected layer ran inside the block. If you called a "
                 "torch.compile'd version of this model, its compiled code skips hooks added after it was compiled "
@@ -435,8 +516,8 @@ class Capture(Store):
                 listener.forward_pre(call.where, args, kwargs)
             if want_inputs:
                 guards: list = []
-                call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args)
-                call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs)
+                call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args, opaque=_tree.NotStored)
+                call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs, opaque=_tree.NotStored)
                 call.in_guards = guards
             if want_grads and torch.is_grad_enabled():
                 new_args = self._alias_inputs(call, args)
@@ -460,7 +541,14 @@ class Capture(Store):
             i = next(slot)
             if not t.requires_grad:
                 return t
-            a = t.view_as(t)
+            try:
+                a = t.view_as(t)
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. sparse tensors have no views: step aside
+                call.grad_in_error = (
+                    f"input {i} is a {str(t.layout).replace('torch.', '')} tensor, of which hookkit cannot make the "
+                    f"view it taps ({type(exc).__name__}), so its gradient was not recorded; the user's computation "
+                    "ran unchanged. Gradients w.r.t. the output are recorded as usual.")
+                return t
             handle = self._handles.add(a.register_hook(self._grad_in_hook(call, i, n)))
             aliases.append((a, a._version, t, t.grad_fn, i, n, handle))
             return a
@@ -490,11 +578,15 @@ class Capture(Store):
             self._listener.grad(call.where, "output" if field == "grad_out" else "input", i, n, grad)
         if not self._keep:
             return
+        try:
+            g = self._snap.copy(grad)
+        except _Untappable as why:
+            setattr(call, f"{field}_error", str(why))
+            return
         slots = getattr(call, field)
         if slots is None:
             slots = [None] * n
             setattr(call, field, slots)
-        g = self._snap.copy(grad)
         slots[i] = g if slots[i] is None else slots[i] + g  # repeated backward() accumulates, like .grad
 
     def _fix_inplace_inputs(self, call: _Call) -> None:
@@ -557,12 +649,12 @@ class Capture(Store):
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if in_backward() != -1:
                 return  # activation checkpointing recomputing a forward: not a new call
-            call = pending.pop() if pending else _Call()
+            call = pending[-1] if pending else _Call()  # popped by _end_of_call, which runs next
             if keep:
                 call.output, call.guards = snap(output)
-            if not calls:
-                order.extend(names)
-            calls.append(call)
+                if not calls:
+                    order.extend(names)
+                calls.append(call)
             if listener is not None:
                 listener.forward(call.where, args, output)
             if want_grads and torch.is_grad_enabled():
@@ -583,6 +675,18 @@ class Capture(Store):
     def __repr__(self) -> str:
         state = "open" if self._active else "closed"
         return f"<hookkit.Capture ({state}) of {len(self)} layer(s) that ran: {', '.join(self.keys())}>"
+
+
+def _end_of_call(pending: list[_Call]) -> Any:
+    """A forward hook run after the recording one, and also when the forward raised (``always_call``): it ends the
+    call the pre-hook opened. A module that calls itself and catches a failing inner call thus pairs each output
+    with its own inputs: the failed call is dropped here, so the outer call's hook finds its own record on top."""
+
+    def end_of_call(module: nn.Module, args: tuple, output: Any) -> None:
+        if in_backward() == -1 and pending:
+            pending.pop()
+
+    return end_of_call
 
 
 def capture(

@@ -36,6 +36,15 @@ def _all_submodules(name: str, module: nn.Module) -> bool:
     return True
 
 
+def _default_layers(model: nn.Module, layers: Layers | None) -> Layers:
+    """``layers=None``: every submodule, or the model itself when it has none (a bare ``nn.Linear``)."""
+    if layers is not None:
+        return layers
+    if isinstance(model, nn.Module) and next(iter(model.children()), None) is None:
+        return ""
+    return _all_submodules
+
+
 def _stats_of(value: Any) -> tuple[TensorStats, ...]:
     return tuple(tensor_stats(t) for t in _tree.leaves(value))
 
@@ -57,7 +66,8 @@ class TraceEvent:
         """The event as one line of rich ``Text``: indentation, glyph, name (``#k`` for a reused module's k-th
         call), class, what was seen."""
         label = _LABEL[self.kind] + (f"[{self.index}]" if self.index is not None else "")
-        name = shorten_name(self.name, _NAME_WIDTH) + (f"#{self.call + 1}" if self.call else "")
+        name = (shorten_name(self.name, _NAME_WIDTH) if self.name else "(model)") + (
+            f"#{self.call + 1}" if self.call else "")
         text = Text("  " * self.depth)
         text.append(f"{_GLYPH[self.kind]} ", style=_STYLE[self.kind])
         text.append(name, style="bold")
@@ -73,7 +83,10 @@ class Trace:
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, console: Console | None, backward: bool,
                  inputs: bool, stats: bool) -> None:
-        self._capture = Capture(model, _all_submodules if layers is None else layers, grads=backward)
+        if console is not None and not isinstance(console, Console):
+            raise TypeError(f"console= takes a rich.console.Console, got {type(console).__name__} {console!r}. For "
+                            "standard output leave it out; for text, Console(file=io.StringIO(), color_system=None).")
+        self._capture = Capture(model, _default_layers(model, layers), grads=backward)
         self._capture._listener = self
         self._capture._keep = False
         self._console = console
@@ -166,7 +179,7 @@ def trace(
 
     Args:
         model: the ``nn.Module`` to trace.
-        layers: anything ``capture`` accepts; ``None`` traces every submodule.
+        layers: anything ``capture`` accepts; ``None`` traces every submodule (the model itself if it has none).
         console: the ``rich.console.Console`` to write to (default: standard output). For plain, testable text:
             ``Console(file=io.StringIO(), color_system=None)``.
         backward: also show the gradients w.r.t. each module's output and inputs during ``backward()``.
@@ -177,7 +190,8 @@ def trace(
         A ``Trace`` whose ``events`` list holds every ``TraceEvent`` after the block.
 
     Raises:
-        LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered.
+        LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered;
+        ``TypeError`` also for a ``console`` that is not a rich ``Console``.
     """
     return Trace(model, layers, console=console, backward=backward, inputs=inputs, stats=stats)
 
@@ -188,7 +202,7 @@ class CheckFinite:
     """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool) -> None:
-        self._capture = Capture(model, _all_submodules if layers is None else layers, grads=backward)
+        self._capture = Capture(model, _default_layers(model, layers), grads=backward)
         self._capture._listener = self
         self._capture._keep = False
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
@@ -271,7 +285,7 @@ def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bo
 
     Args:
         model: the ``nn.Module`` to watch.
-        layers: anything ``capture`` accepts; ``None`` watches every submodule.
+        layers: anything ``capture`` accepts; ``None`` watches every submodule (the model itself if it has none).
         backward: also check gradients during ``backward()`` inside the block.
 
     Raises:

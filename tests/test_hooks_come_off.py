@@ -112,6 +112,7 @@ def test_deepcopy_and_torch_save_work_afterwards():
     model.eval(), clone.eval(), loaded.eval()
     torch.testing.assert_close(clone(x), model(x))
     torch.testing.assert_close(loaded(x), model(x))
+    model.train()  # the test's own eval() above; the census also compares training flags
     assert hook_census(model) == pristine
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in loaded.modules()] == [0] * len(
         list(loaded.modules()))

@@ -144,8 +144,8 @@ def test_bert_self_attention_output_structure(bert, ids):
 
 def test_head_ablation_zeroes_exactly_that_head_and_matches_a_raw_hook(bert, ids, ablate_mod):
     assert no_hooks_anywhere(bert)
-    before_census = hook_census(bert)
     with torch.no_grad():
+        before_census = hook_census(bert)  # taken in the same grad mode (the census compares it too)
         with hookkit.capture(bert, [SELF_ATTN]) as plain:
             base = bert(input_ids=ids).last_hidden_state
         with hookkit.hooks(bert, forward={SELF_ATTN: ablate_mod.zero_head(HEAD)}) as h:

@@ -22,7 +22,7 @@ def test_readme_tour_runs_and_leaves_no_hooks():
     model, cap = namespace["model"], namespace["cap"]
     assert cap.grad_inputs["relu"] is not None and cap.grads["fc"].shape == (2, 1000)
     assert hookkit.layer_names(model)[:4] == ["conv1", "bn1", "relu", "maxpool"]
-    assert hook_census(model) == hook_census(torchvision.models.resnet18())
+    assert hook_census(model) == hook_census(torchvision.models.resnet18().eval())
 
 
 def test_readme_first_commands_are_demo_then_tests_and_ci_runs_the_same_test_command():
