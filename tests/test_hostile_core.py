@@ -399,3 +399,26 @@ def test_trace_and_check_finite_of_a_model_without_submodules_watch_the_model_it
     with pytest.raises(hookkit.NonFiniteError, match=r"\(Softplus\) produced 1 NaN"):
         with hookkit.check_finite(leaf):
             leaf(torch.tensor([float("nan")]))
+
+
+# -- the README's limit of in-place detection ------------------------------------------------------------------------
+
+def test_writes_torch_does_not_count_are_not_detected_and_clone_is_the_way_out():
+    """README: writes through ``.data`` or a numpy view do not bump the version counter, so they cannot be
+    detected; ``clone=True`` is the way out. This pins both halves of that sentence."""
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        expected = lin(x).clone()
+    with hookkit.capture(model, ["0"]) as plain, hookkit.capture(model, ["0"], clone=True) as copied:
+        out = model(x)
+        out.data.mul_(0)  # not counted by torch
+    assert out._version == 0
+    torch.testing.assert_close(plain["0"], torch.zeros_like(expected))  # followed the write, undetectably
+    torch.testing.assert_close(copied["0"], expected)
+    with torch.no_grad(), hookkit.capture(model, ["0"]) as plain, hookkit.capture(model, ["0"], clone=True) as copied:
+        out = model(x)
+        out.numpy()[:] = 7.0
+    torch.testing.assert_close(plain["0"], torch.full_like(expected, 7.0))
+    torch.testing.assert_close(copied["0"], expected)
