@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEADER_BYTES", "RowFile", "write_header", "header_bytes"]
+__all__ = ["HEADER_BYTES", "RowFile", "write_header", "header_bytes", "finish_file"]
 
 HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
 _MAGIC = b"\x93NUMPY\x01\x00"
@@ -40,6 +40,19 @@ def write_header(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         os.close(fd)
 
 
+def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Make ``path`` exactly a .npy of ``shape``: the final header, and nothing past the last row (a file that
+    once held more rows is cut)."""
+    size = HEADER_BYTES + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, header_bytes(dtype, shape), 0)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class RowFile:
     """One layer's rows: ``write(first_row, array)`` puts rows at their place; opened without truncating, so
     several processes (and a resumed run) share the file."""
@@ -50,14 +63,20 @@ class RowFile:
         self.row_shape = tuple(row_shape)
         self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size < HEADER_BYTES:
-            # A provisional header (0 rows) so that even a partial file is a valid, empty .npy.
-            os.pwrite(self._fd, header_bytes(self.dtype, (0, *self.row_shape)), 0)
+        try:
+            if os.fstat(self._fd).st_size < HEADER_BYTES:
+                # A provisional header (0 rows) so that even a partial file is a valid, empty .npy.
+                os.pwrite(self._fd, header_bytes(self.dtype, (0, *self.row_shape)), 0)
+        except BaseException:  # e.g. a full disk: do not leak the descriptor
+            self.close()
+            raise
 
     def write(self, first_row: int, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows, dtype=self.dtype)
-        if data.shape[1:] != self.row_shape:
+        if data.shape[1:] != self.row_shape:  # extract() checks shapes first: this is a guard against bugs
             raise ValueError(f"rows of shape {data.shape[1:]} do not fit {self.path.name}'s {self.row_shape}")
+        if data.size == 0:
+            return
         view = memoryview(data).cast("B")
         offset = HEADER_BYTES + first_row * self.row_bytes
         while view:
