@@ -43,6 +43,16 @@ def test_to_cuda_without_cuda_is_refused_when_the_capture_is_made():
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_cuda_with_cuda_stores_on_the_gpu():
+    model = small()
+    x = torch.randn(2, 3)
+    with hookkit.capture(model, ["0"], to="cuda", grads=True) as cap:
+        model(x).sum().backward()
+    assert cap["0"].device.type == "cuda" and cap.grads["0"].device.type == "cuda"
+    torch.testing.assert_close(cap["0"].cpu(), model[0](x).detach())
+
+
 def test_a_device_index_this_machine_lacks_is_refused():
     with pytest.raises(ValueError, match="not available here"):
         hookkit.capture(small(), ["0"], to=f"cuda:{torch.cuda.device_count() + 3}")
