@@ -9,7 +9,8 @@ the model runs, ``finished`` and ``error <text>`` at the end; the server reaps t
 
 ``inject`` makes the child kill -9 itself at a moment an outside timer rarely hits:
   ``tear:K``  in the middle of the K-th ``os.pwrite`` (half of its bytes written, the rest not);
-  ``rename``  just after the first ``<layer>.npy`` is renamed into place (before the others and the manifest).
+  ``rename``  just after the first ``<layer>.npy`` is renamed into place, before the other layer's rename.
+Every line goes out in one ``write(2)``, so a kill -9 never leaves half a line.
 """
 
 from __future__ import annotations
