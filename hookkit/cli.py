@@ -341,7 +341,7 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     for column in ("layer", "file", "shape", "dtype"):
         table.add_column(column)
     for name, array in feats.items():
-        table.add_row(name, str(out / f"{name}.npy"), " × ".join(map(str, array.shape)), str(array.dtype))
+        table.add_row(name, str(feats.path(name)), " × ".join(map(str, array.shape)), str(array.dtype))
     console.print(table)
     console.print(Text(f"{len(images)} images; row i is the image on line i of {listing}.", style="dim"))
     return 0

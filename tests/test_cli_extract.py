@@ -72,3 +72,29 @@ def test_bad_folder_and_layer_exit_2(tmp_path, capsys):
                    "--out", str(tmp_path / "o")])[0] == 2
     assert "Did you mean 'avgpool'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+SLASH_MODULE = """
+import torch.nn as nn
+
+
+def model():
+    m = nn.Sequential()
+    m.add_module("stem", nn.Conv2d(3, 4, 3))
+    m.add_module("enc/0", nn.AdaptiveAvgPool2d(1))
+    m.add_module("flat", nn.Flatten())
+    return m
+"""
+
+
+def test_the_command_names_the_real_file_of_a_layer_whose_name_is_no_file_name(tmp_path, monkeypatch):
+    (tmp_path / "slash_models.py").write_text(SLASH_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    make_images(tmp_path / "imgs", n=3)
+    out = tmp_path / "out"
+    code, text = invoke(["extract", "slash_models:model", "--layers", "enc/0", "--data", str(tmp_path / "imgs"),
+                         "--out", str(out), "--image-size", "32"])
+    assert code == 0, text
+    (written,) = [p for p in out.iterdir() if p.suffix == ".npy"]
+    assert np.load(written).shape == (3, 4, 1, 1)
+    assert written.name in " ".join(text.split())  # the table shows the file that exists, not out/enc/0.npy
