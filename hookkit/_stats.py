@@ -14,7 +14,7 @@ import torch
 
 from . import _tree
 
-__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "shape_str", "shorten_name"]
+__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "fmt_bytes", "shape_str", "shorten_name"]
 
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -63,6 +63,23 @@ def fmt_num(x: float | None) -> str:
     if x == 0:
         return "0"
     return f"{x:.3g}"
+
+
+def fmt_bytes(n: float, *, si: bool = False) -> str:
+    """A byte count for people: ``'512 B'``, ``'1.5 KiB'``, ``'3.6 PiB'`` (steps of 1024); ``si=True`` gives
+    ``'1.5 KB'`` (steps of 1000, as torchinfo writes model sizes).
+
+    Example:
+        >>> fmt_bytes(1536), fmt_bytes(1500, si=True), fmt_bytes(7)
+        ('1.5 KiB', '1.5 KB', '7 B')
+    """
+    step, units = (1000, ("B", "KB", "MB", "GB", "TB", "PB", "EB")) if si else (
+        1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"))
+    for unit in units:
+        if n < step or unit == units[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= step
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def tensor_stats(t: torch.Tensor) -> TensorStats:

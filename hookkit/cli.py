@@ -26,7 +26,7 @@ from . import __version__, _tree
 from ._errors import HookkitError
 from ._images import IMAGENET_MEAN, IMAGENET_STD
 from ._models import load_model
-from ._stats import fmt_num, tensor_stats
+from ._stats import fmt_bytes, fmt_num, tensor_stats
 from ._select import Layers, resolve
 from .capture import capture
 
@@ -272,15 +272,6 @@ def _physical_memory_bytes() -> int:
     return memory
 
 
-def _bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size, units = n / 1024, ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB"]
-    while size >= 1024 and len(units) > 1:
-        size, units = size / 1024, units[1:]
-    return f"{size:,.1f} {units[0]}"
-
-
 def _check_fits(what: str, numel: int, fix: str) -> None:
     """Refuse a float32 tensor of ``numel`` elements over the input limit, before it is allocated."""
     nbytes = numel * 4
@@ -288,8 +279,8 @@ def _check_fits(what: str, numel: int, fix: str) -> None:
     limit = memory // _INPUT_SHARE_OF_MEMORY
     if nbytes > limit:
         raise _InputError(
-            f"{what} ({numel:,} float32 numbers, {_bytes(nbytes)}): more than half of this machine's "
-            f"{_bytes(memory)} of memory ({_bytes(limit)}), the most hookkit allocates for one input; {fix}."
+            f"{what} ({numel:,} float32 numbers, {fmt_bytes(nbytes)}): more than half of this machine's "
+            f"{fmt_bytes(memory)} of memory ({fmt_bytes(limit)}), the most hookkit allocates for one input; {fix}."
         )
 
 

@@ -32,6 +32,7 @@ from . import _tree
 from ._errors import HookkitError
 from ._npy import HEADER_BYTES, RowFile, finish_file
 from ._select import resolve
+from ._stats import fmt_bytes
 from .capture import Capture
 
 try:
@@ -664,18 +665,10 @@ class _Bar:
     def update(self, batches: int, images: int, written: int) -> None:
         rate = images / max(time.perf_counter() - self._start, 1e-9)
         self._progress.update(self._task, completed=batches,
-                              info=f"{rate:,.0f} images/s · {_human_bytes(written)} written")
+                              info=f"{rate:,.0f} images/s · {fmt_bytes(written)} written")
 
     def stop(self) -> None:
         self._progress.stop()
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"  # pragma: no cover
 
 
 def _progress(enabled: bool, total: int | None, console: Any = None) -> _Bar | None:

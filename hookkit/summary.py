@@ -23,7 +23,7 @@ from . import _tree
 from ._errors import HookkitError
 from ._handles import HandleGroup
 from ._select import Layers, check_model, resolve
-from ._stats import describe, fmt_num, shorten_name, tensor_stats
+from ._stats import describe, fmt_bytes, fmt_num, shorten_name, tensor_stats
 
 __all__ = ["summary", "Summary", "SummaryRow", "SummaryError"]
 
@@ -380,14 +380,6 @@ def _fmt_params(n: int) -> str:
     return f"{n:,}"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
 _GAP = 2  # columns are two spaces apart (padding collapsed, box.SIMPLE_HEAD's space between)
 # Text columns shrink to these (or their natural width, if less) before numbers or anything else give way.
 _MIN_WIDTH = {"Layer": 12, "Class": 8, "Output shape": 24}
@@ -469,7 +461,7 @@ def _fit(widths: dict[str, int], least: dict[str, int], text: list[str], room: i
 def _footer(s: Summary) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(s.model, style="bold")
-    text.append(f": {_fmt_params(s.total_params)} params ({_fmt_bytes(s.param_bytes)})")
+    text.append(f": {_fmt_params(s.total_params)} params ({fmt_bytes(s.param_bytes, si=True)})")
     if s.trainable_params != s.total_params:
         text.append(f", {_fmt_params(s.trainable_params)} trainable")
     text.append(f" · output {s.output} · {len(s.rows)} module calls")
