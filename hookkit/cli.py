@@ -92,37 +92,28 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(message).split()) or type(exc).__name__
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    if value > sys.maxsize:  # Python's own indices and DataLoader batch sizes stop here
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {sys.maxsize}, got {value}")
-    return value
+def _whole_number(low: int, high: int, bounds: str, *, below: str | None = None) -> Any:
+    """An argparse ``type=`` for whole numbers in ``[low, high]``: out-of-range values (also ones too large for
+    torch or Python's indices) are usage errors at parse time, not a C++ overflow later. ``below``: the shorter
+    wording for a value under ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {below or bounds}, got {text!r}") from None
+        if not low <= value <= high:
+            wording = below if below and value < low else bounds
+            raise argparse.ArgumentTypeError(f"expected a whole number {wording}, got {value}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= sys.maxsize:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {sys.maxsize}, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 2**64
-    if not -(2**63) <= value < 2**64:
-        raise argparse.ArgumentTypeError("expected a whole number from -2**63 to 2**64-1 (what torch.manual_seed "
-                                         f"accepts), got {text}")
-    return value
+# Python's own indices and DataLoader batch sizes stop at sys.maxsize; torch.manual_seed takes 64-bit seeds.
+_positive_int = _whole_number(1, sys.maxsize, f"from 1 to {sys.maxsize}", below=">= 1")
+_count = _whole_number(0, sys.maxsize, f"from 0 to {sys.maxsize}")
+_seed = _whole_number(-(2**63), 2**64 - 1, "from -2**63 to 2**64-1 (what torch.manual_seed accepts)")
 
 
 _MODEL_HELP = (
