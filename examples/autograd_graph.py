@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-from hookkit.graph import graph
+from hookkit import graph
 
 
 def lecture_graph(console: Console) -> None:

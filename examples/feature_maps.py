@@ -21,7 +21,7 @@ import torchvision
 from torchvision.utils import save_image
 
 import hookkit
-from hookkit.grid import save_feature_grid
+from hookkit import save_feature_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

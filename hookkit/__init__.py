@@ -15,15 +15,20 @@ from ._errors import (
     NonFiniteError,
     NotRecordedError,
     UnsupportedModelError,
+    CommandLineError,
+    ExtractError,
+    ImageFolderError,
+    ModelSpecError,
+    SummaryError,
 )
 from ._select import layer_names
-from .capture import Capture, Store, capture, concat_calls
-from .extract import ExtractError, Features, extract
-from .graph import AutogradGraph, GraphNode, graph
-from .grid import feature_grid, save_feature_grid
-from .hooks import Hooks, hooks
-from .summary import Summary, SummaryError, SummaryRow, summary
-from .trace import CheckFinite, Trace, TraceEvent, check_finite, trace
+from ._capture import Capture, Store, capture, concat_calls
+from ._extract import Features, extract
+from ._graph import AutogradGraph, GraphNode, graph
+from ._grid import feature_grid, save_feature_grid
+from ._hooks import Hooks, hooks
+from ._summary import Summary, SummaryRow, summary
+from ._trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 
 __all__ = [
     "capture",
@@ -57,5 +62,8 @@ __all__ = [
     "NonFiniteError",
     "SummaryError",
     "ExtractError",
+    "ModelSpecError",
+    "ImageFolderError",
+    "CommandLineError",
     "__version__",
 ]

@@ -12,6 +12,11 @@ __all__ = [
     "GradientUnavailableError",
     "UnsupportedModelError",
     "NonFiniteError",
+    "ExtractError",
+    "SummaryError",
+    "ModelSpecError",
+    "ImageFolderError",
+    "CommandLineError",
 ]
 
 
@@ -54,6 +59,24 @@ class NonFiniteError(HookkitError, FloatingPointError):
         self.stats = stats
 
 
+class ExtractError(HookkitError, RuntimeError):
+    """Extraction could not go on: bad data, a batch the model rejects, an output folder that does not fit."""
+
+class SummaryError(HookkitError, RuntimeError):
+    """The model's forward raised during ``summary()``; the message names the module it failed in."""
+
+class ModelSpecError(HookkitError, ValueError):
+    """A model spec or weights file that cannot be turned into an ``nn.Module``."""
+
+class ImageFolderError(HookkitError, ValueError):
+    """An image folder could not be used: missing, empty, unreadable, or holding an image that does not decode."""
+
+class CommandLineError(HookkitError, ValueError):
+    """A command-line value that cannot work (an --out that is a file, an input too large for memory); the message
+    names the option, what was wrong and the fix."""
+
+
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
-             UnsupportedModelError, NonFiniteError):
+             UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
+             CommandLineError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

@@ -16,19 +16,15 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from ._errors import HookkitError
+from ._errors import ImageFolderError
 
-__all__ = ["ImageFiles", "ImageFolderError", "write_file_list", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ImageFiles", "write_file_list", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CROP_FRACTION = 0.875  # resize the shorter side to image_size / 0.875 (256 for 224), then center-crop image_size
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale; PIL's convert("RGB") would clip
-
-
-class ImageFolderError(HookkitError, ValueError):
-    """An image folder could not be used: missing, empty, unreadable, or holding an image that does not decode."""
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -13,16 +13,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._errors import HookkitError
+from ._errors import ModelSpecError
 
-__all__ = ["ModelSpecError", "load_model"]
+__all__ = ["load_model"]
 
 _TORCHVISION = "torchvision"
 _SPEC_HELP = "use 'torchvision:NAME' (e.g. 'torchvision:resnet18') or 'package.module:factory' for your own model"
-
-
-class ModelSpecError(HookkitError, ValueError):
-    """A model spec or weights file that cannot be turned into an ``nn.Module``."""
 
 
 def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> nn.Module:

@@ -23,23 +23,18 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import __version__, _tree
-from ._errors import HookkitError
+from ._errors import HookkitError, CommandLineError
 from ._images import IMAGENET_MEAN, IMAGENET_STD
 from ._models import load_model
 from ._stats import fmt_bytes, fmt_num, tensor_stats
 from ._select import Layers, resolve
-from .capture import capture
+from ._capture import capture
 
 __all__ = ["main", "run", "run_demo", "hook_census", "demo_image"]
 
 DEMO_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _USER_ERRORS = (HookkitError, LookupError, ValueError, TypeError)
-
-
-class _InputError(HookkitError, ValueError):
-    """A command-line value that cannot work (an --out that is a file, an input too large for memory); the message
-    names the option, what was wrong and the fix."""
 
 
 # -- entry points --------------------------------------------------------------------------------------------------
@@ -269,7 +264,7 @@ def _check_fits(what: str, numel: int, fix: str) -> None:
     memory = _physical_memory_bytes()
     limit = memory // _INPUT_SHARE_OF_MEMORY
     if nbytes > limit:
-        raise _InputError(
+        raise CommandLineError(
             f"{what} ({numel:,} float32 numbers, {fmt_bytes(nbytes)}): more than half of this machine's "
             f"{fmt_bytes(memory)} of memory ({fmt_bytes(limit)}), the most hookkit allocates for one input; {fix}."
         )
@@ -296,7 +291,7 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     from torch.utils.data import DataLoader
 
     from ._images import ImageFiles, write_file_list
-    from .extract import extract
+    from ._extract import extract
 
     out = _writable_folder(args.out)  # these fail before the model is built or anything is written
     images = ImageFiles(args.data, image_size=args.image_size)
@@ -315,7 +310,7 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_file_list(images.files, listing)  # first, so that a resumed run can tell if the folder changed
     except OSError as exc:  # the checks above passed, but the file system still said no (quota, a race, ...)
-        raise _InputError(f"cannot write to --out {args.out!r} ({exc.strerror or exc}); choose a writable "
+        raise CommandLineError(f"cannot write to --out {args.out!r} ({exc.strerror or exc}); choose a writable "
                           "folder.") from exc
     loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     feats = extract(model, args.layers, loader, out=out, pool=args.pool, dtype=args.dtype, progress=True)
@@ -338,24 +333,24 @@ def _writable_folder(text: str) -> Path:
             what = ("a file" if nearest.is_file() else "a broken symbolic link" if nearest.is_symlink()
                     else "a special file")
             if nearest == out:
-                raise _InputError(f"--out {text!r} is {what}, not a folder; pass a folder (it is created if "
+                raise CommandLineError(f"--out {text!r} is {what}, not a folder; pass a folder (it is created if "
                                   "missing), e.g. a new name next to it.")
-            raise _InputError(f"--out {text!r} lies below {str(nearest)!r}, which is {what} and so cannot hold "
+            raise CommandLineError(f"--out {text!r} lies below {str(nearest)!r}, which is {what} and so cannot hold "
                               "the folder; pass a path outside it.")
         if nearest.parent == nearest:
             break
         nearest = nearest.parent
     where = "" if nearest == out else f" ({str(nearest)!r}, where it would be created, cannot be written)"
     if hasattr(os, "statvfs") and os.statvfs(nearest).f_flag & os.ST_RDONLY:
-        raise _InputError(f"--out {text!r} is on a read-only file system{where}; choose a writable folder.")
+        raise CommandLineError(f"--out {text!r} is on a read-only file system{where}; choose a writable folder.")
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise _InputError(f"--out {text!r} is not writable: no permission to create files in {str(nearest)!r}; "
+        raise CommandLineError(f"--out {text!r} is not writable: no permission to create files in {str(nearest)!r}; "
                           "choose a writable folder.")
     return out
 
 
 def _cmd_summary(args: argparse.Namespace, console: Console) -> int:
-    from .summary import summary
+    from ._summary import summary
 
     model, x = _model_and_input(args)
     _forward(model, x)  # a clear one-line error for an input the model rejects, before the table
@@ -369,7 +364,7 @@ def _cmd_summary(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
-    from .trace import trace
+    from ._trace import trace
 
     model, x = _model_and_input(args)
     with trace(model, args.layers, console=console, backward=args.backward, stats=not args.no_stats) as t:

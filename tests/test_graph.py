@@ -17,7 +17,7 @@ import torch.nn as nn
 import torchvision
 from rich.console import Console
 
-from hookkit.graph import AutogradGraph, GraphNode, graph
+from hookkit import AutogradGraph, GraphNode, graph
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "autograd_graph.py"

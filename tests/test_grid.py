@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import hookkit
-from hookkit.grid import _VIRIDIS, feature_grid, save_feature_grid
+from hookkit._grid import _VIRIDIS, feature_grid, save_feature_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "feature_maps.py"

@@ -17,7 +17,7 @@ from rich.console import Console
 
 import hookkit
 from hookkit._stats import describe
-from hookkit.summary import Summary, SummaryError, SummaryRow, summary
+from hookkit import Summary, SummaryError, SummaryRow, summary
 
 from conftest import NestedOutputs, SharedReLU, hook_census
 

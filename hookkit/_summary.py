@@ -20,20 +20,16 @@ from rich.table import Table
 from rich.text import Text
 
 from . import _tree
-from ._errors import HookkitError
+from ._errors import SummaryError
 from ._handles import HandleGroup
 from ._select import Layers, check_model, resolve
 from ._stats import describe, fmt_bytes, fmt_num, shorten_name, tensor_stats
 
-__all__ = ["summary", "Summary", "SummaryRow", "SummaryError"]
+__all__ = ["summary", "Summary", "SummaryRow"]
 
 _NAME_LIMIT = 40  # longer layer names keep their first and last dotted parts, with "…" between
 _TEXT_WIDTH = 120  # the width of str(summary)
 _EXECUTED_SHOWN = 5  # how many executed layers a SummaryError names
-
-
-class SummaryError(HookkitError, RuntimeError):
-    """The model's forward raised during ``summary()``; the message names the module it failed in."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +118,7 @@ def summary(
 
     Example:
         >>> import torch, torch.nn as nn
-        >>> from hookkit.summary import summary
+        >>> from hookkit import summary
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> s = summary(model, torch.ones(1, 4), timing=False)

@@ -195,7 +195,7 @@ def feature_grid(
 
     Example:
         >>> import torch, torchvision, hookkit
-        >>> from hookkit.grid import feature_grid
+        >>> from hookkit import feature_grid
         >>> model = torchvision.models.resnet18().eval()
         >>> with hookkit.capture(model, ["conv1"]) as cap:
         ...     _ = model(torch.randn(1, 3, 64, 64))
@@ -250,7 +250,7 @@ def save_feature_grid(
 
     Example:
         >>> import tempfile, torch
-        >>> from hookkit.grid import save_feature_grid
+        >>> from hookkit import save_feature_grid
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = save_feature_grid(torch.randn(1, 8, 16, 16), f"{tmp}/maps/layer1.png", nrow=4)
         ...     print(path.name, path.exists())

@@ -29,27 +29,23 @@ import torch.nn as nn
 
 from . import __version__ as _version
 from . import _tree
-from ._errors import HookkitError
+from ._errors import ExtractError, HookkitError
 from ._npy import HEADER_BYTES, RowFile, finish_file
 from ._select import resolve
 from ._stats import fmt_bytes
-from .capture import Capture
+from ._capture import Capture
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks, a second writer is not noticed
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["extract", "Features", "ExtractError"]
+__all__ = ["extract", "Features"]
 
 Pool = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 Select = Union[None, int, str, Callable[[Any], torch.Tensor], Mapping[str, Any]]
 _POOLS = (None, "avg", "max", "flatten", "cls")
 _MANIFEST = "manifest.json"
-
-
-class ExtractError(HookkitError, RuntimeError):
-    """Extraction could not go on: bad data, a batch the model rejects, an output folder that does not fit."""
 
 
 # -- per-sample reductions --------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def graph(tensor: torch.Tensor, *, params: Params | None = None, max_depth: int 
     Example:
         >>> import torch
         >>> from rich.console import Console
-        >>> from hookkit.graph import graph
+        >>> from hookkit import graph
         >>> x = torch.randn(2, requires_grad=True)
         >>> y = x * 3
         >>> w = x + y

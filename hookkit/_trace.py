@@ -20,9 +20,9 @@ from . import _tree
 from ._errors import NonFiniteError
 from ._stats import TensorStats, describe, shorten_name, tensor_stats
 from ._select import Layers
-from .capture import Capture
+from ._capture import Capture
 
-__all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite", "NonFiniteError"]
+__all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite"]
 
 EventKind = Literal["forward_pre", "forward", "grad_output", "grad_input"]
 
