@@ -22,6 +22,7 @@ from ._errors import (
     SummaryError,
 )
 from ._select import layer_names
+from ._census import hook_census
 from ._capture import Capture, Store, capture, concat_calls
 from ._extract import Features, extract
 from ._graph import AutogradGraph, GraphNode, graph
@@ -34,6 +35,7 @@ __all__ = [
     "capture",
     "hooks",
     "layer_names",
+    "hook_census",
     "concat_calls",
     "trace",
     "check_finite",

@@ -11,46 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.modules.module as module_mod
 
-def hook_census(model: nn.Module) -> dict[str, Any]:
-    """Everything a hookkit block could leave changed, as data: two censuses are equal only if nothing was added,
-    removed, swapped or flipped.
-
-    - every module's hook dicts (every attribute with "hook" in its name: forward, pre, backward, always-called,
-      with-kwargs, state-dict and load-state-dict hooks, and any torch adds later), its ``_is_full_backward_hook``
-      flag and its ``training`` flag;
-    - every parameter's and buffer's tensor hooks (``_backward_hooks``, ``_post_accumulate_grad_hooks``);
-    - torch's global module hook dicts and flags (``torch.nn.modules.module._global_*``);
-    - dynamo's whole config (``skip_nnmodule_hook_guards`` among it) and grad / inference / anomaly mode.
-    """
-    import torch._dynamo  # noqa: F401  (imported by torchvision anyway; its config is part of the census)
-
-    census: dict[str, Any] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        where = name or "<root>"
-        for attr, value in sorted(vars(module).items()):
-            if "hook" not in attr:
-                continue
-            if isinstance(value, dict):
-                census[f"{where}.{attr}"] = [(k, v if isinstance(v, bool) else id(v)) for k, v in value.items()]
-            else:
-                census[f"{where}.{attr}"] = value
-        census[f"{where}.training"] = module.training
-    tensors = [(f"param {n}", p) for n, p in model.named_parameters(remove_duplicate=False)]
-    tensors += [(f"buffer {n}", b) for n, b in model.named_buffers(remove_duplicate=False)]
-    for label, t in tensors:
-        for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
-            census[f"{label}.{attr}"] = list((getattr(t, attr, None) or {}).keys())
-    for attr in sorted(vars(module_mod)):
-        if attr.startswith("_global_"):
-            value = getattr(module_mod, attr)
-            census[f"torch.{attr}"] = list(value.items()) if isinstance(value, dict) else value
-    census["dynamo.config"] = torch._dynamo.config.get_config_copy()
-    census["grad_enabled"] = torch.is_grad_enabled()
-    census["inference_mode"] = torch.is_inference_mode_enabled()
-    census["anomaly"] = torch.is_anomaly_enabled()
-    return census
+from hookkit import hook_census  # noqa: F401  (the tests' census is the public one)
 
 
 def hook_count(model: nn.Module) -> int:
