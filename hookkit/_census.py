@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
 

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from ._compat import full_backward_flag, set_full_backward_flag
+
 __all__ = ["HandleGroup"]
 
 # Modules whose ``_is_full_backward_hook`` flag hookkit turned on (it was None before). Shared by every group, so
@@ -29,7 +31,7 @@ class HandleGroup:
 
     def full_backward_hook(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
         """``register_full_backward_hook``, undoing the ``_is_full_backward_hook`` flag torch leaves behind."""
-        ours = module._is_full_backward_hook is None or module in _FLAG_SET_BY_HOOKKIT
+        ours = full_backward_flag(module) is None or module in _FLAG_SET_BY_HOOKKIT
         handle = self.add(module.register_full_backward_hook(hook, **kwargs))
         if ours:
             _FLAG_SET_BY_HOOKKIT.add(module)
@@ -37,7 +39,7 @@ class HandleGroup:
             def restore() -> None:
                 # Only full backward hooks depend on the flag (pre-hooks run either way).
                 if module in _FLAG_SET_BY_HOOKKIT and not module._backward_hooks:
-                    module._is_full_backward_hook = None
+                    set_full_backward_flag(module, None)
                     _FLAG_SET_BY_HOOKKIT.discard(module)
             self._undo.append(restore)
         return handle

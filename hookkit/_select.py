@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Union
 import torch
 import torch.nn as nn
 
+from ._compat import is_compiled_in_place
 from ._errors import LayerNotFoundError, UnsupportedModelError
 
 __all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "check_model", "unwrap"]
@@ -68,7 +69,7 @@ def check_model(model: Any, named: list[tuple[str, nn.Module]] | None = None) ->
                 "compiled code (torch does not guard on hook dicts by default), so hookkit would see nothing. "
                 "Capture on the eager module (`compiled._orig_mod`), or register the capture before compiling."
             )
-        if module.__dict__.get("_compiled_call_impl") is not None:
+        if is_compiled_in_place(module):
             raise UnsupportedModelError(
                 f"{where} was compiled in place with Module.compile(): hooks added afterwards are skipped by the "
                 "compiled code, so hookkit would see nothing. Capture on an uncompiled copy of the model, or "

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import _tree
+from ._compat import buffers_of
 from ._errors import SummaryError
 from ._handles import HandleGroup
 from ._select import Layers, check_model, resolve
@@ -354,7 +355,7 @@ def _save_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, 
     saved = []
     with torch.no_grad():
         for module in model.modules():
-            for name, buf in module._buffers.items():
+            for name, buf in buffers_of(module).items():
                 if buf is None or nn.parameter.is_lazy(buf):
                     continue
                 # An inference tensor cannot change in place outside inference mode: only its slot can change.
@@ -365,8 +366,9 @@ def _save_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, 
 def _restore_buffers(saved: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]]) -> None:
     with torch.no_grad():
         for module, name, buf, copy in saved:
-            if module._buffers.get(name) is not buf:
-                module._buffers[name] = buf
+            own = buffers_of(module)
+            if own.get(name) is not buf:
+                own[name] = buf
             if copy is not None:
                 buf.copy_(copy)
 

@@ -1,9 +1,9 @@
 """Debugging views on the same hooks as ``capture``: ``trace()`` prints every hook event, ``check_finite()`` stops
 at the first module that produces NaN or Inf.
 
-Both are built on ``Capture`` with a listener and no storage, so they inherit its selection, its error messages,
-its gradient taps (tensor hooks that survive in-place ops and dict outputs) and its promise that every hook comes
-off on exit.
+Both are the hook engine (``_engine.Engine``, as ``capture`` is) given a listener and asked to store nothing, so
+they share its selection, its error messages, its gradient taps (tensor hooks that survive in-place ops and dict
+outputs) and its promise that every hook comes off on exit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from . import _tree
 from ._errors import NonFiniteError
 from ._stats import TensorStats, describe, shorten_name, tensor_stats
 from ._select import Layers
-from ._capture import Capture
+from ._engine import Engine
 
 __all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite"]
 
@@ -86,9 +86,7 @@ class Trace:
         if console is not None and not isinstance(console, Console):
             raise TypeError(f"console= takes a rich.console.Console, got {type(console).__name__} {console!r}. For "
                             "standard output leave it out; for text, Console(file=io.StringIO(), color_system=None).")
-        self._capture = Capture(model, _default_layers(model, layers), grads=backward)
-        self._capture._listener = self
-        self._capture._keep = False
+        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward)
         self._console = console
         self._inputs = inputs
         self._stats = stats
@@ -100,11 +98,11 @@ class Trace:
     def __enter__(self) -> "Trace":
         if self._console is None:
             self._console = Console()
-        self._capture.__enter__()
+        self._engine.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._capture.__exit__(*exc)
+        self._engine.__exit__(*exc)
         self._stack.clear()
 
     # -- the listener ----------------------------------------------------------------------------------------------
@@ -202,18 +200,16 @@ class CheckFinite:
     """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool) -> None:
-        self._capture = Capture(model, _default_layers(model, layers), grads=backward)
-        self._capture._listener = self
-        self._capture._keep = False
+        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward)
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
 
     def __enter__(self) -> "CheckFinite":
-        self._capture.__enter__()
+        self._engine.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._last = None
-        self._capture.__exit__(*exc)
+        self._engine.__exit__(*exc)
 
     def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
         pass

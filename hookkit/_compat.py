@@ -1,0 +1,84 @@
+"""Every use of a torch internal, in one small module: what hookkit needs, why, and since which torch.
+
+hookkit declares ``torch>=2.13`` and CI runs the suite on 2.13 and on the pinned 2.14; the rest of the package goes
+through these functions, so that a torch release that moves one of them breaks one place, with its name on it.
+
+| what                                | used by                 | in torch since | fallback here                      |
+|-------------------------------------|-------------------------|----------------|------------------------------------|
+| ``torch._C._current_graph_task_id`` | engine (checkpointing)  | 2.1            | -1: "not in backward"              |
+| ``torch._dynamo.config.skip_nnmodule_hook_guards`` | engine (compile) | 2.1      | nothing to switch                  |
+| ``torch._dynamo.utils.counters``    | engine (compile warning)| 2.0            | "nothing compiled"                 |
+| ``Module._is_full_backward_hook``   | handles                 | 1.8            | required                           |
+| ``Module._compiled_call_impl``      | select (``.compile()``) | 2.2            | "not compiled"                     |
+| ``Module._buffers``                 | summary (BN restore)    | 1.0            | required                           |
+| ``torch._C._functorch.is_functorch_wrapped_tensor`` | snapshots | 2.0          | "not wrapped"                      |
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "current_graph_task_id",
+    "dynamo_config",
+    "dynamo_has_compiled",
+    "full_backward_flag",
+    "set_full_backward_flag",
+    "is_compiled_in_place",
+    "buffers_of",
+    "is_functorch_wrapped",
+]
+
+
+def _not_in_backward() -> int:
+    return -1
+
+
+# -1 unless autograd is running a backward pass (a forward then is activation checkpointing recomputing it).
+current_graph_task_id = getattr(torch._C, "_current_graph_task_id", _not_in_backward)
+
+
+def dynamo_config() -> Any:
+    """``torch._dynamo.config`` if dynamo is already imported and has the hook-guard switch, else None. Never
+    imports dynamo itself (that takes a second, and a process that never compiles does not need it)."""
+    config = getattr(sys.modules.get("torch._dynamo"), "config", None)
+    return config if config is not None and hasattr(config, "skip_nnmodule_hook_guards") else None
+
+
+def dynamo_has_compiled() -> bool:
+    """Whether torch.compile has compiled any frame in this process (importing dynamo alone is no sign)."""
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    return bool(counters) and counters.get("frames", {}).get("ok", 0) > 0
+
+
+def full_backward_flag(module: nn.Module) -> bool | None:
+    """``Module._is_full_backward_hook``: None until a backward hook is registered, then which kind it was; torch
+    never resets it, and refuses the other kind while it is set."""
+    return module._is_full_backward_hook
+
+
+def set_full_backward_flag(module: nn.Module, value: bool | None) -> None:
+    module._is_full_backward_hook = value
+
+
+def is_compiled_in_place(module: nn.Module) -> bool:
+    """``module.compile()`` (in place, unlike ``torch.compile(module)``) stores ``_compiled_call_impl``; its hooks
+    then run only if they existed when it was compiled."""
+    return module.__dict__.get("_compiled_call_impl") is not None
+
+
+def buffers_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """A module's own buffer dict (not its children's), the one ``register_buffer`` writes: restoring an entry in
+    it restores the buffer object itself, as ``summary`` needs after a forward in training mode."""
+    return module._buffers
+
+
+def is_functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functorch wrapper (inside ``torch.func.grad`` / ``vmap``), which has no storage and does
+    not outlive its transform."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False

@@ -1,0 +1,441 @@
+"""The hook engine: registers hookkit's hooks on the selected modules, records each call, taps gradients, and tells
+its listener; owns every handle it made and removes exactly those.
+
+``capture()`` (``_capture.py``) is the engine plus stores that read its ``Recording``. ``trace()`` and
+``check_finite()`` (``_trace.py``) and ``extract()`` (``_extract.py``) give the engine a listener at construction
+and ask it to keep nothing. Values are snapshotted through ``_snapshot.Snapshotter``; torch internals come from
+``_compat``.
+
+Taps: today one kind, module hooks (``_attach_module``: a pre-hook that opens a ``Call``, a forward hook that
+records it, an always-called hook that closes it, tensor hooks for gradients). The op-level issue adds a second
+kind (a torch function mode entered inside the modules whose ops were asked for); it records into the same
+``Recording`` with the same ``Call`` records, snapshotter and listener, and registers its undo in the same
+``HandleGroup``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Callable, NamedTuple, Protocol
+
+import torch
+import torch.nn as nn
+
+from . import _tree
+from ._compat import current_graph_task_id, dynamo_config, dynamo_has_compiled
+from ._handles import HandleGroup
+from ._select import Layers, resolve, unwrap
+from ._snapshot import Snapshotter, To, Untappable
+
+__all__ = ["Engine", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
+
+Where = tuple  # (layer name, module, index of this call among the module's calls)
+
+
+class Listener(Protocol):
+    """Told of every hook event as it happens (how ``trace``, ``check_finite`` and ``extract`` are built)."""
+
+    def forward_pre(self, where: Where, args: tuple, kwargs: dict) -> None: ...
+
+    def forward(self, where: Where, args: tuple, output: Any) -> None: ...
+
+    def grad(self, where: Where, which: str, i: int, n: int, grad: torch.Tensor) -> None: ...
+
+
+class _Alias(NamedTuple):
+    """A view made of one input that needs grad, so that this module's share of its gradient can be told apart."""
+
+    view: torch.Tensor
+    version: int
+    base: torch.Tensor
+    base_grad_fn: Any
+    slot: int
+    n_slots: int
+    handle: Any
+
+
+class Call:
+    """Everything recorded about one forward call of one module: the one record type the stores read."""
+
+    __slots__ = ("output", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in", "grad_in_skel",
+                 "grad_in_error", "grad_out_error", "aliases", "where")
+
+    def __init__(self, output: Any = None, guards: Any = ()) -> None:
+        self.output = output
+        self.guards = guards  # (tensor, version) for each stored tensor that was not copied
+        self.args: Any = None
+        self.kwargs: Any = None
+        self.in_guards: Any = ()
+        self.grad_out: list[Any] | None = None  # one slot per output tensor, once a gradient arrived
+        self.grad_in: list[Any] | None = None  # one slot per positional input tensor
+        self.grad_in_skel: Any = None
+        self.grad_in_error: str | None = None
+        self.grad_out_error: str | None = None  # why a gradient w.r.t. the output could not be stored
+        self.aliases: list[_Alias] | None = None
+        self.where: Where | None = None  # for a listener
+
+
+class Recording:
+    """What an engine recorded, for the stores to read: calls by layer name, the order of first calls, parameter
+    gradients, and what was asked for. Holds no module: it outlives the block without keeping the model."""
+
+    __slots__ = ("records", "order", "selected_names", "want_inputs", "want_grads", "wrapped", "param_grads")
+
+    def __init__(self, selected: dict[nn.Module, list[str]], want_inputs: bool, want_grads: bool,
+                 wrapped: bool) -> None:
+        self.records: dict[str, list[Call]] = {}
+        for names in selected.values():
+            calls: list[Call] = []
+            for n in names:
+                self.records[n] = calls  # aliases of a shared module share one list
+        self.order: list[str] = []
+        self.selected_names = [n for names in selected.values() for n in names]
+        self.want_inputs = want_inputs
+        self.want_grads = want_grads
+        self.wrapped = wrapped
+        self.param_grads: dict[str, dict[str, torch.Tensor]] = {}
+
+
+class _HookGuards:
+    """While any capture is open, make torch.compile guard on module hooks, so that code compiled inside a block
+    sees them (and is recompiled when they change); only when dynamo is already in use.
+
+    Counted rather than saved per block: captures may be exited in any order (A opens, B opens, A exits, B
+    exits), and dynamo's flag must be back at the user's value exactly when the last one closes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._saved: Any = None
+        self._config: Any = None
+
+    def acquire(self) -> Callable[[], None] | None:
+        config = dynamo_config()
+        if config is None:
+            return None
+        with self._lock:
+            if self._open == 0:
+                self._config, self._saved = config, config.skip_nnmodule_hook_guards
+            self._open += 1
+            config.skip_nnmodule_hook_guards = False
+        return self._release
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                self._config.skip_nnmodule_hook_guards = self._saved
+                self._config = self._saved = None
+
+
+_hook_guards = _HookGuards()
+
+
+_hook_guards = _HookGuards()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass early (``stop=True``); swallowed by the block that owns it."""
+
+    def __init__(self, owner: Engine) -> None:
+        super().__init__("hookkit stop=True: every selected layer has run")
+        self.owner = owner
+
+
+class Engine:
+    """Hooks on the selected modules of one model, for one ``with`` block; see the module docstring.
+
+    ``listener`` is told of every event; ``keep=False`` stores nothing (the listener has what it needs).
+    """
+
+    def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None, keep: bool = True,
+                 inputs: bool = False, grads: bool = False, detach: bool = True, clone: bool = False, to: To = None,
+                 stop: bool = False, param_grads: bool = False) -> None:
+        self._selected = resolve(model, layers)  # checks the model; raises before anything is registered
+        self._snap = Snapshotter(detach=detach, clone=clone, to=to)
+        self._listener = listener
+        self._keep = keep
+        self._want_inputs = bool(inputs)
+        self._want_grads = bool(grads)
+        self._want_param_grads = bool(param_grads)
+        self._stop = bool(stop)
+        self.recording = Recording(self._selected, self._want_inputs, self._want_grads, unwrap(model)[1])
+        self._handles = HandleGroup()
+        self._entered = False
+        self._active = False
+        self._ran: set[int] = set()
+        self._dynamo_guard: Callable[[], None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def __enter__(self) -> Engine:
+        if self._entered:
+            raise RuntimeError("a hookkit block can be entered once; call hookkit.capture(...) (or trace, ...) again "
+                               "for a new block.")
+        self._entered = True
+        try:
+            for module, names in self._selected.items():
+                self._attach_module(module, names)
+        except BaseException:
+            self._handles.remove()
+            raise
+        self._active = True
+        self._dynamo_guard = _hook_guards.acquire()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        """Remove everything; swallow this engine's own ``StopForward``."""
+        self.remove()
+        return isinstance(exc, StopForward) and exc.owner is self
+
+    def remove(self) -> None:
+        """Remove every hook this engine made; safe to call twice."""
+        self._active = False
+        self._handles.remove()
+        restore, self._dynamo_guard = self._dynamo_guard, None
+        if restore is not None:
+            restore()
+        self._selected = {}  # what was recorded outlives the block; the model's modules must not
+
+    def warn_if_compiled_code_skipped_hooks(self, what: str) -> None:
+        """A block that recorded nothing while torch.compile has compiled code in this process: say why that may
+        be, rather than return nothing silently."""
+        if not self.recording.order and dynamo_has_compiled():
+            warnings.warn(
+                f"{what} recorded nothing: no selected layer ran inside the block. If you called a "
+                "torch.compile'd version of this model, its compiled code skips hooks added after it was compiled "
+                "(torch does not guard on hooks by default). Call the eager model inside the block, or enter the "
+                "capture before the first call of the compiled model.",
+                stacklevel=3,
+            )
+
+    # -- module taps ---------------------------------------------------------------------------------------------
+    def _attach_module(self, module: nn.Module, names: list[str]) -> None:
+        calls = self.recording.records[names[0]]
+        pending: list[Call] = []
+        paired = bool(self._want_inputs or self._want_grads or self._listener)
+        if paired:
+            self._handles.add(module.register_forward_pre_hook(self._pre_hook(names[0], pending), with_kwargs=True))
+        fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
+        hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
+        self._handles.add(module.register_forward_hook(hook))
+        if paired:
+            self._handles.add(module.register_forward_hook(_end_of_call(pending), always_call=True))
+        if self._want_param_grads:
+            self._hook_params(module, names)
+
+    def _hook_params(self, module: nn.Module, names: list[str]) -> None:
+        """``param_grads``: after each backward accumulates into ``p.grad``, keep a copy, under every name of the
+        module (``register_post_accumulate_grad_hook``; the value is ``.grad`` as it stands then)."""
+        for pname, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+
+            def hook(param: torch.Tensor, pname: str = pname) -> None:
+                if self._active and param.grad is not None:
+                    g = self._snap.copy(param.grad)
+                    for n in names:
+                        self.recording.param_grads.setdefault(n, {})[pname] = g
+
+            self._handles.add(p.register_post_accumulate_grad_hook(hook))
+
+    def _pre_hook(self, name: str, pending: list[Call]) -> Any:
+        snap = self._snap
+        want_inputs = self._want_inputs
+        want_grads = self._want_grads
+        listener = self._listener
+        started = [0]
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if current_graph_task_id() != -1:
+                return None  # activation checkpointing recomputing a forward: not a new call
+            call = Call()
+            pending.append(call)
+            if listener is not None:
+                call.where = (name, module, started[0])
+                started[0] += 1
+                listener.forward_pre(call.where, args, kwargs)
+            if want_inputs:
+                guards: list = []
+                call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args, opaque=_tree.NotStored)
+                call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs, opaque=_tree.NotStored)
+                call.in_guards = guards
+            if want_grads and torch.is_grad_enabled():
+                new_args = self._alias_inputs(call, args)
+                if new_args is not None:
+                    return new_args, kwargs
+            return None
+
+        return pre_hook
+
+    def _alias_inputs(self, call: Call, args: tuple) -> tuple | None:
+        """Give each positional input that needs grad a view of its own, hooked, so that the gradient this module
+        sends back to it can be told apart from what other users of the same tensor send."""
+        # Top-level arguments that are not tensors or containers (ints, flags) get None, as in torch's grad_input.
+        call.grad_in_skel = _tree.skeleton(tuple(a if isinstance(a, torch.Tensor) or _tree.is_container(a) else None
+                                                 for a in args))
+        n = count_slots(call.grad_in_skel)
+        aliases: list = []
+        slot = iter(range(n))
+
+        def alias(t: torch.Tensor) -> torch.Tensor:
+            i = next(slot)
+            if not t.requires_grad:
+                return t
+            try:
+                a = t.view_as(t)
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. sparse tensors have no views: step aside
+                call.grad_in_error = (
+                    f"input {i} is a {str(t.layout).replace('torch.', '')} tensor, of which hookkit cannot make the "
+                    f"view it taps ({type(exc).__name__}), so its gradient was not recorded; the user's computation "
+                    "ran unchanged. Gradients w.r.t. the output are recorded as usual.")
+                return t
+            handle = self._handles.add(a.register_hook(self._grad_in_hook(call, i, n)))
+            aliases.append(_Alias(a, a._version, t, t.grad_fn, i, n, handle))
+            return a
+
+        new_args = _tree.map_leaves(alias, args)
+        if not aliases:
+            return None
+        call.aliases = aliases
+        return new_args
+
+    def _grad_in_hook(self, call: Call, i: int, n: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if self._active:
+                self._store_grad(call, "grad_in", i, n, grad)
+
+        return hook
+
+    def _grad_out_hook(self, call: Call, i: int, n: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if self._active:
+                self._store_grad(call, "grad_out", i, n, grad)
+
+        return hook
+
+    def _store_grad(self, call: Call, field: str, i: int, n: int, grad: torch.Tensor) -> None:
+        if self._listener is not None:
+            self._listener.grad(call.where, "output" if field == "grad_out" else "input", i, n, grad)
+        if not self._keep:
+            return
+        try:
+            g = self._snap.copy(grad)
+        except Untappable as why:
+            setattr(call, f"{field}_error", str(why))
+            return
+        slots = getattr(call, field)
+        if slots is None:
+            slots = [None] * n
+            setattr(call, field, slots)
+        slots[i] = g if slots[i] is None else slots[i] + g  # repeated backward() accumulates, like .grad
+
+    def _fix_inplace_inputs(self, call: Call) -> None:
+        """The module changed an input in place: the alias's own hook is gone with the old view, so take the
+        gradient where the in-place op hands it to the input's previous value instead."""
+        for a, version, base, base_fn, i, n, handle in call.aliases or ():
+            if a._version == version:
+                continue
+            handle.remove()
+            node = base.grad_fn
+            edges = node.next_functions if node is not None else ()
+            if base_fn is not None and len(edges) >= 1 and edges[0][0] is base_fn and a._version == version + 1:
+
+                def node_hook(grad_inputs: tuple, grad_outputs: tuple, i: int = i, n: int = n) -> None:
+                    if self._active and grad_inputs[0] is not None:
+                        self._store_grad(call, "grad_in", i, n, grad_inputs[0])
+
+                self._handles.add(node.register_hook(node_hook))
+            else:
+                call.grad_in_error = (
+                    "the module modified that input in place more than once (or through a path hookkit cannot "
+                    "follow), so the gradient w.r.t. the value it received cannot be isolated. Use the "
+                    "module's out-of-place form (e.g. inplace=False) for gradient capture."
+                )
+        call.aliases = None
+
+    def _fast_hook(self, names: list[str], calls: list[Any]) -> Any:
+        """The default case (outputs only, no options), kept short: a hook runs on every call of the module."""
+        order = self.recording.order
+        snap = self._snap
+        tensor = torch.Tensor
+
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if current_graph_task_id() != -1:
+                return  # activation checkpointing recomputing a forward: not a new call
+            if not calls:
+                order.extend(names)
+            if type(output) is tensor:
+                t = output.detach() if output.requires_grad else output  # no graph, nothing to detach
+                if t.is_inference():
+                    calls.append(Call(t.clone()))  # keeps no version counter: copy
+                else:
+                    calls.append(Call(t, ((t, t._version),)))
+            else:
+                call = Call()
+                call.output, call.guards = snap(output)
+                calls.append(call)
+
+        return forward_hook
+
+    def _forward_hook(self, names: list[str], calls: list[Call], pending: list[Call]) -> Any:
+        snap = self._snap
+        want_grads = self._want_grads
+        stop = self._stop
+        n_selected = len(self._selected)
+        order = self.recording.order
+        listener = self._listener
+        keep = self._keep
+
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if current_graph_task_id() != -1:
+                return  # activation checkpointing recomputing a forward: not a new call
+            call = pending[-1] if pending else Call()  # popped by _end_of_call, which runs next
+            if keep:
+                call.output, call.guards = snap(output)
+                if not calls:
+                    order.extend(names)
+                calls.append(call)
+            if listener is not None:
+                listener.forward(call.where, args, output)
+            if want_grads and torch.is_grad_enabled():
+                if call.aliases:
+                    self._fix_inplace_inputs(call)
+                outs = _tree.leaves(output)
+                n = len(outs)
+                for i, t in enumerate(outs):
+                    if t.requires_grad:
+                        self._handles.add(t.register_hook(self._grad_out_hook(call, i, n)))
+            if stop:
+                self._ran.add(id(module))
+                if len(self._ran) == n_selected:
+                    raise StopForward(self)
+
+        return forward_hook
+
+
+def _end_of_call(pending: list[Call]) -> Any:
+    """A forward hook run after the recording one, and also when the forward raised (``always_call``): it ends the
+    call the pre-hook opened. A module that calls itself and catches a failing inner call thus pairs each output
+    with its own inputs: the failed call is dropped here, so the outer call's hook finds its own record on top."""
+
+    def end_of_call(module: nn.Module, args: tuple, output: Any) -> None:
+        if current_graph_task_id() == -1 and pending:
+            pending.pop()
+
+    return end_of_call
+
+
+def count_slots(skel: Any) -> int:
+    """How many slots ``_tree.skeleton`` left in ``skel``."""
+    n = 0
+
+    def count(_s: Any) -> None:
+        nonlocal n
+        n += 1
+
+    _tree.map_leaves(count, skel, leaf_type=_tree._Slot)
+    return n

@@ -1,0 +1,130 @@
+"""Snapshots: how a live value becomes a stored one (detach, move / cast, copy), and how a stored tensor that was
+not copied is checked for later in-place edits.
+
+The engine (``_engine.py``) snapshots each recorded output, input and gradient through a ``Snapshotter``; the
+stores (``_capture.py``) call ``check_guards`` / ``refuse_unstored`` when a value is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+
+from . import _tree
+from ._compat import is_functorch_wrapped
+from ._errors import ModifiedInPlaceError, NotRecordedError
+
+__all__ = ["To", "parse_to", "Snapshotter", "Untappable", "check_guards", "refuse_unstored"]
+
+To = Union[None, str, torch.device, torch.dtype, tuple, list]
+
+
+def parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
+    """``to=`` as (device, dtype), checked now rather than inside the forward: one of each at most, and a device
+    that exists on this machine."""
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    items = list(to) if isinstance(to, (tuple, list)) else [to]
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, torch.dtype):
+            if dtype is not None and item != dtype:
+                raise ValueError(f"to={to!r} names two dtypes ({dtype} and {item}); give one.")
+            dtype = item
+        elif isinstance(item, (str, torch.device)):
+            try:
+                new = torch.device(item)
+            except RuntimeError:
+                raise ValueError(f"to={to!r}: {item!r} is not a device; use e.g. 'cpu', 'cuda:0' or torch.float16.") from None
+            if device is not None and new != device:
+                raise ValueError(f"to={to!r} names two devices ({device} and {new}); give one.")
+            device = new
+        else:
+            raise TypeError(
+                f"to={to!r}: expected a device ('cpu', torch.device), a dtype (torch.float16) or a tuple of both."
+            )
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:  # no CUDA build / no such device index
+            reason = " ".join(str(exc).split()).split(". ")[0]
+            raise ValueError(f"to={to!r}: device {str(device)!r} is not available here ({reason}). Use 'cpu', or a "
+                             "device this machine has.") from None
+    return device, dtype
+
+
+class Snapshotter:
+    """Turns live values into stored ones: detach, move / cast, clone, and guard against later in-place edits."""
+
+    __slots__ = ("detach", "clone", "device", "dtype", "moves", "custom")
+
+    def __init__(self, *, detach: bool, clone: bool, to: To) -> None:
+        self.detach = detach
+        self.clone = clone
+        self.device, self.dtype = parse_to(to)
+        self.moves = self.device is not None or self.dtype is not None
+        self.custom = self.moves or clone or not detach
+
+    def tensor(self, t: torch.Tensor, guards: list) -> torch.Tensor:
+        s = t.detach() if self.detach and t.requires_grad else t
+        if self.moves:
+            dtype = self.dtype if self.dtype is not None and s.is_floating_point() else None
+            moved = s.to(device=self.device, dtype=dtype)
+            if moved is not s:
+                return moved  # a fresh copy: nothing can change it behind our back
+        if self.clone or s.is_inference():
+            # Inference tensors keep no version counter, so a later in-place op could not be detected: copy.
+            return s.clone()
+        guards.append((s, s._version))
+        return s
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A detached copy of ``t`` on the requested device / dtype, never sharing memory with ``t`` (gradients:
+        autograd may pass a buffer on and accumulate into it later).
+
+        Raises ``Untappable`` for a tensor that cannot be kept past the moment (functorch's wrappers)."""
+        if is_functorch_wrapped(t):
+            raise Untappable(
+                "it arrived inside a torch.func transform (grad, vjp, vmap...) as a functorch-wrapped tensor, which "
+                "does not outlive the transform. Use the transform's own results, or call backward() outside it.")
+        g = t.detach()
+        if self.moves:
+            g = g.to(device=self.device, dtype=self.dtype if g.is_floating_point() else None)
+        if g.layout != torch.strided:  # sparse (e.g. nn.Embedding(sparse=True)) and others: no data pointer
+            return g.clone()
+        try:
+            shared = g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a tensor kind without a storage of its own: copy to be safe
+            shared = True
+        return g.clone() if shared else g
+
+    def __call__(self, value: Any) -> tuple[Any, Any]:
+        guards: list = []
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, guards), guards
+        return _tree.map_leaves(lambda t: self.tensor(t, guards), value, opaque=_tree.NotStored), guards
+
+
+class Untappable(Exception):
+    """A tap met a tensor it cannot handle; it steps aside and the stores say why."""
+
+
+def check_guards(guards: Any, what: str) -> None:
+    for t, version in guards:
+        if t._version != version:
+            raise ModifiedInPlaceError(
+                f"{what} was modified in place after it was captured (by a later in-place op such as "
+                "ReLU(inplace=True) or `+=`), so the stored tensor no longer holds the value that was produced. "
+                "Fix: capture(..., clone=True) stores a copy at hook time."
+            )
+
+
+def refuse_unstored(value: Any, what: str) -> None:
+    if isinstance(value, _tree.NotStored):
+        raise NotRecordedError(
+            f"{what} is a {value.type_name}, which hookkit cannot snapshot: it walks tensors inside tuples, lists, "
+            "dicts, dataclasses and ModelOutput, and an object of another class, kept live, would hold its autograd "
+            "graph and change with any later in-place op. Return one of those containers from the module, or read "
+            "the object yourself with hookkit.hooks(...).")
