@@ -35,8 +35,9 @@ import statistics
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -72,7 +73,7 @@ GC = _GcMeter()
 class Clock:
     """``with Clock() as c: ...`` -> ``c.dt`` wall seconds and ``c.gc`` seconds of GC inside the block."""
 
-    def __enter__(self) -> "Clock":
+    def __enter__(self) -> Clock:
         self._gc0 = GC.total
         GC.armed = True
         self._t0 = perf()
@@ -123,7 +124,7 @@ def summary(samples: list[float], gc_s: float) -> dict[str, float]:
 
 
 def ratio(samples: dict[str, list[float]], num: str, den: str) -> dict[str, float]:
-    per_round = [a / b for a, b in zip(samples[num], samples[den])]
+    per_round = [a / b for a, b in zip(samples[num], samples[den], strict=True)]
     p25, med, p75 = quantiles(per_round)
     of_medians = statistics.median(samples[num]) / statistics.median(samples[den])
     return {"median": med, "p25": p25, "p75": p75, "of_medians": of_medians}
@@ -194,9 +195,9 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(title)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +280,8 @@ def bench_tiny(cfg: dict[str, Any], results: dict[str, Any]) -> None:
     }
     t0 = perf()
     with torch.no_grad():
-        samples, gcs = interleave(variants, rounds=cfg["tiny_rounds"], warmup=cfg["tiny_warmup"], inner=cfg["tiny_inner"])
+        samples, gcs = interleave(variants, rounds=cfg["tiny_rounds"], warmup=cfg["tiny_warmup"],
+                                  inner=cfg["tiny_inner"])
     wall = perf() - t0
     stats = {k: summary(v, gcs[k]) for k, v in samples.items()}
     ratios = {
@@ -379,9 +381,8 @@ def _tiny_breakdown(model: nn.Module, x: torch.Tensor, linears: list, make: Call
     }
     # Is a finished Capture freed by reference counting, or left for the cyclic GC (which then has to run)?
     gc.collect()
-    with torch.no_grad():
-        with hookkit.capture(model, nn.Linear) as cap:
-            model(x)
+    with torch.no_grad(), hookkit.capture(model, nn.Linear) as cap:
+        model(x)
     ref = weakref.ref(cap)
     del cap
     freed_by_refcount = ref() is None
@@ -397,8 +398,8 @@ def _tiny_breakdown(model: nn.Module, x: torch.Tensor, linears: list, make: Call
     say(f"   a finished Capture is freed by refcount: {freed_by_refcount}; objects left for the cyclic GC per "
         f"`with` block: {left_for_gc} (gc tracks {len(gc.get_objects())} objects here)")
     results["tiny"]["breakdown_s"] = pieces
-    results["tiny"]["gc"] = {"capture_freed_by_refcount": freed_by_refcount, "objects_left_for_gc_per_block": left_for_gc,
-                             "full_collect_s": full_gc}
+    results["tiny"]["gc"] = {"capture_freed_by_refcount": freed_by_refcount,
+                             "objects_left_for_gc_per_block": left_for_gc, "full_collect_s": full_gc}
 
 
 def _tiny_profile(model: nn.Module, x: torch.Tensor, cfg: dict) -> None:
@@ -547,7 +548,8 @@ def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
             ["c/d  hookkit / raw, every conv", fmt_r(ratios["c/d"]), f"{est['c/d']:.5f}x", ""],
         ],
     )
-    say(f"   empty `with hookkit.capture(...)` block on ResNet-50: 5 blocks {fmt_t(blk_b)}, every Conv2d {fmt_t(blk_c)}")
+    say(f"   empty `with hookkit.capture(...)` block on ResNet-50: 5 blocks {fmt_t(blk_b)}, "
+        f"every Conv2d {fmt_t(blk_c)}")
     results["resnet50"] = {
         "input": [batch, 3, px, px], "size_note": note, "rounds": cfg["resnet_rounds"], "wall_s": wall,
         "variants": {labels[k]: v for k, v in stats.items()}, "ratios_measured": ratios, "ratios_estimated": est,
@@ -619,7 +621,7 @@ def bench_memory(cfg: dict[str, Any], results: dict[str, Any]) -> None:
 
         def pack(t: torch.Tensor) -> _Box:
             b = _Box(t)
-            boxes.append(weakref.ref(b))
+            boxes.append(weakref.ref(b))  # noqa: B023  (pack is used only inside this iteration)
             return b
 
         gc.collect()
@@ -650,7 +652,8 @@ def bench_memory(cfg: dict[str, Any], results: dict[str, Any]) -> None:
             f"{alive_bytes / 2**20:.1f} MiB",
         ])
         out_json[f"detach={detach},clone={clone}"] = {
-            "layers_readable": layers_ok, "layers_modified_in_place": in_place, "stored_tensors_readable": len(readable),
+            "layers_readable": layers_ok, "layers_modified_in_place": in_place,
+            "stored_tensors_readable": len(readable),
             "readable_without_graph": no_graph, "stored_bytes_readable": stored,
             "saved_tensors_total": n_saved, "saved_tensors_alive_after_del_out": len(alive),
             "saved_bytes_alive_excl_weights": alive_bytes,
@@ -664,8 +667,8 @@ def bench_memory(cfg: dict[str, Any], results: dict[str, Any]) -> None:
          "stored (readable, numel*size)", "saved-for-backward alive after `del out`", "their bytes (excl. weights)"],
         rows,
     )
-    say("   clone=False: outputs later overwritten by ReLU(inplace) or `out += identity` raise ModifiedInPlaceError when "
-        "read (by design); the rest alias the activations.")
+    say("   clone=False: outputs later overwritten by ReLU(inplace) or `out += identity` raise ModifiedInPlaceError "
+        "when read (by design); the rest alias the activations.")
     results["memory"] = {"input": [cfg["mem_batch"], 3, 224, 224], "activations_bytes": act_bytes, **out_json}
 
 
@@ -692,7 +695,8 @@ def main() -> None:
     host = socket.gethostname() or "local"
     say(
         f"hookkit {hookkit.__version__} | torch {torch.__version__} | python {platform.python_version()} | "
-        f"{platform.machine()} {os.cpu_count()} CPUs | host {host} | torch.set_num_threads({torch.get_num_threads()}) | "
+        f"{platform.machine()} {os.cpu_count()} CPUs | host {host} | "
+        f"torch.set_num_threads({torch.get_num_threads()}) | "
         f"{'quick' if args.quick else 'full'} run | timing under torch.no_grad() | load avg {_loadavg()}"
     )
     results: dict[str, Any] = {

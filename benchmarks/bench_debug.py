@@ -59,7 +59,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in variants}
     for f in variants.values():
         f()  # warm-up
-    for r in range(7):
+    for _r in range(7):
         for k, f in variants.items():
             t0 = time.perf_counter()
             f()

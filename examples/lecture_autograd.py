@@ -16,7 +16,6 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import hookkit
 
@@ -239,6 +238,11 @@ def step_remove(image: torch.Tensor) -> None:
 
 def step_toy_activation() -> None:
     heading("11. Toy activation example: save_feat by hand, then hookkit.capture")
+    try:
+        import torchvision
+    except ImportError:
+        print("  skipped: the toy example uses a torchvision ResNet-18 (pip install 'hookkit[torchvision]')")
+        return
     model = torchvision.models.resnet18(weights=None).eval()
     img = torch.randn(3, 64, 64)
     target_layer_name = "layer2"

@@ -5,7 +5,8 @@
     hookkit.save_feature_grid(cap["conv1"], "conv1.png")
 
 Each channel of one sample becomes a tile, scaled to [0, 1] by its own min / max, and the tiles are laid out by
-``torchvision.utils.make_grid``.
+``torchvision.utils.make_grid``. torchvision is optional for hookkit (``pip install 'hookkit[torchvision]'``): it is
+imported when a grid is drawn, so ``import hookkit`` works without it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import math
 import operator
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from types import ModuleType
+from typing import Any, Literal
 
 import torch
-import torchvision.utils
 
 __all__ = ["feature_grid", "save_feature_grid"]
 
-Channels = Union[None, int, Sequence[int], torch.Tensor]
+Channels = None | int | Sequence[int] | torch.Tensor
 Normalize = Literal["channel", "global"]
 Cmap = Literal["gray", "viridis", None]
 
@@ -34,6 +36,18 @@ _VIRIDIS = (
     (0x44, 0x01, 0x54), (0x47, 0x2D, 0x7B), (0x3B, 0x52, 0x8B), (0x2C, 0x72, 0x8E), (0x21, 0x91, 0x8C),
     (0x28, 0xAE, 0x80), (0x5E, 0xC9, 0x62), (0xAD, 0xDC, 0x30), (0xFD, 0xE7, 0x25),
 )
+
+
+def _torchvision_utils() -> ModuleType:
+    """``torchvision.utils``, imported on first use; a missing torchvision says what to install."""
+    try:
+        import torchvision.utils
+    except ImportError as e:
+        raise ImportError(
+            f"hookkit's feature grids need torchvision, which could not be imported ({e}). Install it with "
+            "`pip install 'hookkit[torchvision]'` (or `pip install torchvision` matching your torch)."
+        ) from e
+    return torchvision.utils
 
 
 def _index(value: Any, what: str) -> int:
@@ -178,7 +192,7 @@ def _render(
                 stacklevel=stacklevel,
             )
         tiles = _colour(scaled, cmap)
-        return torchvision.utils.make_grid(tiles, nrow=nrow, padding=padding, pad_value=_PAD_VALUE)
+        return _torchvision_utils().make_grid(tiles, nrow=nrow, padding=padding, pad_value=_PAD_VALUE)
 
 
 def feature_grid(
@@ -278,5 +292,5 @@ def save_feature_grid(
     grid = _render(activation, sample=sample, channels=channels, nrow=nrow, padding=padding, normalize=normalize,
                    cmap=cmap, stacklevel=3)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(grid, out, format="PNG")
+    _torchvision_utils().save_image(grid, out, format="PNG")
     return out

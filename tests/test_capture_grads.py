@@ -34,7 +34,7 @@ def test_grads_equal_autograd_grad_on_a_plain_mlp():
     ref = copy.deepcopy(model)
     got, y = outputs_by_raw_hook(ref, ["0", "1", "2"], lambda: ref(x))
     expected = torch.autograd.grad(y.pow(2).sum(), [got[n][0][1] for n in ["0", "1", "2"]])
-    for n, g in zip(["0", "1", "2"], expected):
+    for n, g in zip(["0", "1", "2"], expected, strict=True):
         torch.testing.assert_close(cap.grads[n], g)
 
 
@@ -74,9 +74,9 @@ def test_module_called_several_times_pairs_each_gradient_with_its_call():
     ins = [i[0] for i, _ in got["relu"]]
     expected = torch.autograd.grad((y ** 2).sum(), outs + ins)
     assert len(cap.grads.calls("relu")) == 3
-    for mine, theirs in zip(cap.grads.calls("relu"), expected[:3]):
+    for mine, theirs in zip(cap.grads.calls("relu"), expected[:3], strict=True):
         torch.testing.assert_close(mine, theirs)
-    for mine, theirs in zip(cap.grad_inputs.calls("relu"), expected[3:]):
+    for mine, theirs in zip(cap.grad_inputs.calls("relu"), expected[3:], strict=True):
         torch.testing.assert_close(mine, theirs)
     torch.testing.assert_close(cap.grads["relu"], expected[2])
 
@@ -267,5 +267,5 @@ def test_capture_does_not_change_parameter_gradients():
     with hookkit.capture(model, ["fc", "act", "head"], grads=True, inputs=True):
         model(x).sum().backward()
     twin(x).sum().backward()
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)

@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
-from torchvision.models.feature_extraction import create_feature_extractor
 
 import hookkit
 from hookkit._tree import map_leaves
 
+from _optional import needs_torchvision, torchvision
 from conftest import NestedOutputs, Out, Pair, SharedReLU, hook_census
 
 
@@ -45,7 +44,7 @@ def assert_same(a, b):
             assert_same(a[k], b[k])
     elif isinstance(a, (tuple, list)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert_same(x, y)
     elif dataclasses.is_dataclass(a):
         for f in dataclasses.fields(a):
@@ -54,6 +53,7 @@ def assert_same(a, b):
         assert a == b
 
 
+@needs_torchvision
 def test_resnet_layers_equal_raw_hook_clones():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(2, 3, 64, 64)
@@ -73,7 +73,7 @@ def test_reused_module_keeps_every_call_in_order():
     with hookkit.capture(model, ["relu", "fc1"]) as cap:
         ref, _ = raw_reference(model, ["relu"], lambda: model(x))
     assert len(cap.calls("relu")) == 3
-    for mine, theirs in zip(cap.calls("relu"), ref["relu"]):
+    for mine, theirs in zip(cap.calls("relu"), ref["relu"], strict=True):
         assert_same(mine, theirs)
     assert_same(cap["relu"], ref["relu"][-1])  # [] is the last call
     assert list(cap) == ["fc1", "relu"]  # order of first call: fc1 runs before the first relu
@@ -85,7 +85,7 @@ def test_calls_accumulate_over_several_forwards():
     with hookkit.capture(model, "0") as cap:
         outs = [model(x) for x in xs]
     assert len(cap.calls("0")) == 4
-    for mine, out in zip(cap.calls("0"), outs):
+    for mine, out in zip(cap.calls("0"), outs, strict=True):
         torch.testing.assert_close(mine, out.detach(), rtol=0, atol=0)
 
 
@@ -149,6 +149,7 @@ def test_bad_to_is_refused_before_hooking():
 
 # -- in-place ops after the hooked module ------------------------------------------------------------------------
 
+@needs_torchvision
 def test_inplace_relu_after_capture_is_detected_not_silent():
     """ResNet's bn1 is followed by ReLU(inplace=True): the stored tensor would silently hold relu(bn1)."""
     model = torchvision.models.resnet18().eval()
@@ -162,6 +163,7 @@ def test_inplace_relu_after_capture_is_detected_not_silent():
     assert ref["bn1"][0].min() < 0  # the true value has negatives that the in-place ReLU erased
 
 
+@needs_torchvision
 def test_inplace_relu_after_capture_with_clone_keeps_the_snapshot():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -171,6 +173,7 @@ def test_inplace_relu_after_capture_with_clone_keeps_the_snapshot():
     assert_same(cap["layer1.0.bn2"], ref["layer1.0.bn2"][0])  # followed by `out += identity`
 
 
+@needs_torchvision
 def test_vgg11_features_3_is_the_conv_output_unlike_the_fx_extractor():
     """torchvision's create_feature_extractor returns features.3 after the in-place ReLU features.4."""
     model = torchvision.models.vgg11().eval()
@@ -189,6 +192,8 @@ def test_vgg11_features_3_is_the_conv_output_unlike_the_fx_extractor():
     with hookkit.capture(model, ["features.3", "classifier.6"], clone=True) as both:
         model(x)
     assert_same(both["features.3"], truth)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
     fx = create_feature_extractor(model, ["features.3", "classifier.6"])(x)["features.3"]
     assert fx.min() == 0 and not torch.equal(fx, truth)
 
@@ -196,9 +201,8 @@ def test_vgg11_features_3_is_the_conv_output_unlike_the_fx_extractor():
 def test_inference_mode_tensors_are_copied_since_they_keep_no_version():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))
     x = torch.randn(3, 4)
-    with torch.inference_mode():
-        with hookkit.capture(model, "0") as cap:
-            ref, _ = raw_reference(model, ["0"], lambda: model(x))
+    with torch.inference_mode(), hookkit.capture(model, "0") as cap:
+        ref, _ = raw_reference(model, ["0"], lambda: model(x))
     assert_same(cap["0"], ref["0"][0])
     assert ref["0"][0].min() < 0
 
@@ -249,22 +253,24 @@ def test_shared_module_answers_under_each_name():
     assert_same(cap["0"], cap["2"])
 
 
+@needs_torchvision
 def test_selection_by_glob_class_module_and_predicate():
     model = torchvision.models.resnet18()
     names = hookkit.layer_names(model)
     by_glob = hookkit.capture(model, "layer*.0.conv1")
-    assert [n for ns in by_glob._selected.values() for n in ns] == [f"layer{i}.0.conv1" for i in range(1, 5)]
+    assert by_glob.selected == [f"layer{i}.0.conv1" for i in range(1, 5)]
     by_double = hookkit.capture(model, "layer1.**.conv1")
-    assert [n for ns in by_double._selected.values() for n in ns] == ["layer1.0.conv1", "layer1.1.conv1"]
+    assert by_double.selected == ["layer1.0.conv1", "layer1.1.conv1"]
     by_class = hookkit.capture(model, nn.BatchNorm2d)
     expected = [n for n in names if isinstance(model.get_submodule(n), nn.BatchNorm2d)]
-    assert [n for ns in by_class._selected.values() for n in ns] == expected
+    assert by_class.selected == expected
     by_module = hookkit.capture(model, model.layer2)
-    assert [n for ns in by_module._selected.values() for n in ns] == ["layer2"]
+    assert by_module.selected == ["layer2"]
     by_pred = hookkit.capture(model, lambda name, m: name.endswith("downsample.0"))
-    assert [n for ns in by_pred._selected.values() for n in ns] == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
+    assert by_pred.selected == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
 
 
+@needs_torchvision
 def test_stop_ends_the_forward_after_the_last_selected_layer():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -286,9 +292,8 @@ def test_stop_ends_the_forward_after_the_last_selected_layer():
 
 def test_other_exceptions_are_not_swallowed_by_stop():
     model = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(ZeroDivisionError):
-        with hookkit.capture(model, "0", stop=True):
-            1 / 0
+    with pytest.raises(ZeroDivisionError), hookkit.capture(model, "0", stop=True):
+        1 / 0  # noqa: B018  (the exception is the point)
 
 
 def test_nested_stop_belongs_to_the_capture_that_raised_it():

@@ -12,9 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from _optional import importorskip_torchvision
+
+# Feature grids are drawn by torchvision (pip install 'hookkit[torchvision]'): the whole file needs it.
+torchvision = importorskip_torchvision()
+
 from PIL import Image
 
 import hookkit

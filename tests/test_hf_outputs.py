@@ -45,7 +45,7 @@ def test_layer_outputs_equal_output_hidden_states(bert, batch):
     with hookkit.capture(bert, names) as cap:
         out = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     assert hook_census(bert) == before
-    for name, hidden in zip(names, out.hidden_states):
+    for name, hidden in zip(names, out.hidden_states, strict=True):
         layer_out = cap[name][0] if isinstance(cap[name], tuple) else cap[name]
         torch.testing.assert_close(layer_out, hidden, rtol=0, atol=0)
 
@@ -138,7 +138,7 @@ def test_attention_weights_equal_output_attentions_with_eager_attention(batch):
     names = ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
     with torch.no_grad(), hookkit.capture(model, names) as cap:
         out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    for name, attentions in zip(names, out.attentions):
+    for name, attentions in zip(names, out.attentions, strict=True):
         context, weights = cap[name]
         torch.testing.assert_close(weights, attentions, rtol=0, atol=0)
         assert context.shape == (2, 7, 32)

@@ -7,14 +7,14 @@ import io
 
 import pytest
 import torch
-from rich.console import Console
 import torch.nn as nn
-import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 import hookkit
 
+from _optional import needs_torchvision, torchvision
 from conftest import InplaceAfter, SharedReLU, hook_census
 
 
@@ -46,6 +46,7 @@ def user_hooks(model: nn.Module) -> list:
     ]
 
 
+@needs_torchvision
 def test_normal_exit_removes_everything_and_keeps_user_hooks():
     model = torchvision.models.resnet18()
     mine = user_hooks(model)
@@ -60,19 +61,17 @@ def test_normal_exit_removes_everything_and_keeps_user_hooks():
 def test_exception_in_the_block_removes_hooks():
     model = SharedReLU()
     before = hook_census(model)
-    with pytest.raises(Boom):
-        with hookkit.capture(model, ["relu", "fc1"], inputs=True, grads=True):
-            model(torch.randn(1, 6))
-            raise Boom()
+    with pytest.raises(Boom), hookkit.capture(model, ["relu", "fc1"], inputs=True, grads=True):
+        model(torch.randn(1, 6))
+        raise Boom()
     assert hook_census(model) == before
 
 
 def test_exception_inside_forward_removes_hooks_and_keeps_what_ran():
     model = FailingModel()
     before = hook_census(model)
-    with pytest.raises(Boom):
-        with hookkit.capture(model, ["a", "b"], inputs=True, grads=True) as cap:
-            model(torch.randn(1, 3))
+    with pytest.raises(Boom), hookkit.capture(model, ["a", "b"], inputs=True, grads=True) as cap:
+        model(torch.randn(1, 3))
     assert hook_census(model) == before
     assert list(cap) == ["a"]
     with pytest.raises(KeyError, match="'b' never ran"):
@@ -98,6 +97,7 @@ def test_hooks_api_removes_only_its_own_and_restores_the_full_backward_flag():
     model.head.register_backward_hook(lambda *a: None).remove()
 
 
+@needs_torchvision
 def test_deepcopy_and_torch_save_work_afterwards():
     model = torchvision.models.resnet18()
     pristine = hook_census(model)
@@ -118,6 +118,7 @@ def test_deepcopy_and_torch_save_work_afterwards():
         list(loaded.modules()))
 
 
+@needs_torchvision
 def test_capture_does_not_touch_training_mode_or_grad_mode():
     model = torchvision.models.resnet18().train()
     with hookkit.capture(model, "fc", stop=True):

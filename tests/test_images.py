@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from _optional import importorskip_torchvision
+
+# Image folders are a torchvision feature (pip install 'hookkit[torchvision]'): the whole file needs it.
+importorskip_torchvision()
+
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -133,7 +139,7 @@ def test_solid_colour_image_gives_the_normalized_colour_everywhere(tmp_path: Pat
     rgb = (200, 100, 30)
     Image.new("RGB", (333, 251), rgb).save(tmp_path / "solid.png")
     x = ImageFiles(tmp_path)[0]
-    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD)])
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD, strict=True)])
     torch.testing.assert_close(x, expected[:, None, None].expand(3, 224, 224), atol=1e-5, rtol=0)
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import hookkit
 
+from _optional import importorskip_torchvision, needs_torchvision
 from conftest import hook_census, hook_count
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -56,12 +56,13 @@ def gradcam_by_raw_hooks(model: nn.Module, x: torch.Tensor, layer: str, target: 
 
 @pytest.fixture(scope="module")
 def gradcam_mod():
+    importorskip_torchvision()  # the example draws with torchvision
     return load_example("gradcam")
 
 
 @pytest.fixture
 def resnet():
-    return torchvision.models.resnet18(weights=None).eval()
+    return importorskip_torchvision().models.resnet18(weights=None).eval()
 
 
 @pytest.mark.parametrize("layer, target", [("layer4", None), ("layer4", 7), ("layer3", 123)])
@@ -91,6 +92,7 @@ def test_gradcam_default_target_is_the_top_class_and_takes_a_3d_image(gradcam_mo
     torch.testing.assert_close(cam, gradcam_by_raw_hooks(resnet, x[None], "layer4", top), rtol=1e-5, atol=1e-5)
 
 
+@needs_torchvision
 def test_gradcam_example_runs_and_writes_its_png(tmp_path):
     out = tmp_path / "cam"
     proc = subprocess.run([sys.executable, str(EXAMPLES / "gradcam.py"), "--out", str(out)], capture_output=True,
@@ -163,7 +165,8 @@ def test_head_ablation_zeroes_exactly_that_head_and_matches_a_raw_hook(bert, ids
     keep = torch.ones(HIDDEN, dtype=torch.bool)
     keep[COLS] = False
     torch.testing.assert_close(ctx[..., keep], ctx0[..., keep], rtol=0, atol=0)  # the other heads are untouched
-    for a, b in zip(cap[SELF_ATTN][1:], plain[SELF_ATTN][1:]):  # the rest of the tuple passes through as it was
+    # the rest of the tuple passes through as it was
+    for a, b in zip(cap[SELF_ATTN][1:], plain[SELF_ATTN][1:], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
 
     assert not torch.allclose(ablated, base, atol=1e-4)  # the ablation reaches the final output

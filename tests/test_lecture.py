@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 
 import hookkit
+
+from _optional import importorskip_torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lecture_autograd.py"
@@ -374,7 +375,7 @@ def test_removed_forward_hook_no_longer_fires() -> None:
 
 def toy_model_and_image():
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
+    model = importorskip_torchvision().models.resnet18(weights=None).eval()
     img = torch.randn(3, 64, 64)
     return model, img
 
@@ -406,9 +407,8 @@ def test_toy_save_feat_hook_matches_hookkit_capture() -> None:
     assert len(save_feat) == 1
     assert save_feat[0].shape == (1, 128, 8, 8)
 
-    with hookkit.capture(model, [target_layer_name]) as cap:
-        with torch.no_grad():
-            s2 = model(img)[0]
+    with hookkit.capture(model, [target_layer_name]) as cap, torch.no_grad():
+        s2 = model(img)[0]
     torch.testing.assert_close(cap[target_layer_name], save_feat[0])
     assert len(cap.calls(target_layer_name)) == 1
     torch.testing.assert_close(s2, s)  # hook_feat returning `output` left the model's result unchanged

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 from torch.utils.checkpoint import checkpoint
 
 import hookkit
 from hookkit._tree import leaves
 
+from _optional import importorskip_torchvision
 from conftest import hook_census
 
 
@@ -49,6 +50,10 @@ class CheckpointedCNN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+def _resnet18():
+    return importorskip_torchvision().models.resnet18().eval()
+
+
 def _bert():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -75,9 +80,9 @@ def _tokens():
 
 
 FAMILIES = {
-    "torchvision resnet18": Family(lambda: torchvision.models.resnet18().eval(), lambda: torch.randn(2, 3, 32, 32),
+    "torchvision resnet18": Family(_resnet18, lambda: torch.randn(2, 3, 32, 32),
                                    "layer2", "fc", lambda: torch.randn(2, 5)),
-    "DataParallel(resnet18)": Family(lambda: nn.DataParallel(torchvision.models.resnet18().eval()),
+    "DataParallel(resnet18)": Family(lambda: nn.DataParallel(_resnet18()),
                                      lambda: torch.randn(2, 3, 32, 32), "layer2", "module.fc",
                                      lambda: torch.randn(2, 5)),
     "HF BERT": Family(_bert, _tokens, "encoder.layer.0", "pooler", lambda: {"input_ids": torch.ones(2, 99).long()}),
@@ -141,7 +146,7 @@ def test_inputs_and_kwargs(family):
     mine_args = leaves(cap.inputs[fam.layer])
     mine_kwargs = leaves(cap.kwargs[fam.layer])
     assert len(mine_args) == len(args) and len(mine_kwargs) == len(kwargs)
-    for a, b in zip(mine_args + mine_kwargs, args + kwargs):
+    for a, b in zip(mine_args + mine_kwargs, args + kwargs, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -184,7 +189,7 @@ def test_extract(family, tmp_path):
 def test_census_also_when_the_forward_raises(family):
     fam, model = family
     before = hook_census(model)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (each family's forward raises its own error)
         with hookkit.capture(model, [fam.layer], inputs=True, grads=True):
             call(model, fam.bad_batch())
     assert hook_census(model) == before

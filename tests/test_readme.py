@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torchvision
-
 import hookkit
 
+from _optional import importorskip_torchvision
 from conftest import hook_census
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +15,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_tour_runs_and_leaves_no_hooks():
+    torchvision = importorskip_torchvision()  # the tour uses a torchvision ResNet-18
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
@@ -27,7 +27,7 @@ def test_readme_tour_runs_and_leaves_no_hooks():
 
 def test_readme_first_commands_are_demo_then_tests_and_ci_runs_the_same_test_command():
     commands = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
-    lines = [l for l in commands.splitlines() if l and not l.startswith("#")]
+    lines = [line for line in commands.splitlines() if line and not line.startswith("#")]
     assert lines[0].endswith("hookkit demo")
     test_command = lines[1].split("&&")[-1].strip()
     assert "pytest" in test_command

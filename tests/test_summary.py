@@ -10,15 +10,15 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
 import hookkit
-from hookkit._stats import describe
 from hookkit import Summary, SummaryError, SummaryRow, summary
+from hookkit._stats import describe
 
+from _optional import needs_torchvision, torchvision
 from conftest import NestedOutputs, SharedReLU, hook_census
 
 
@@ -109,6 +109,7 @@ class Tied(nn.Module):
 
 
 # -- what the rows hold ---------------------------------------------------------------------------------------------
+@needs_torchvision
 def test_rows_match_raw_forward_hooks_on_every_resnet18_module():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(2, 3, 64, 64)
@@ -117,7 +118,7 @@ def test_rows_match_raw_forward_hooks_on_every_resnet18_module():
 
     assert [(r.layer, r.class_name) for r in s.rows] == [(c["name"], type(c["module"]).__name__) for c in raw]
     assert {r.layer for r in s.rows} == {n for n, _ in model.named_modules() if n}  # every module has a row
-    for row, call in zip(s.rows, raw):
+    for row, call in zip(s.rows, raw, strict=True):
         assert row.output_shapes == call["shapes"], row.name
         assert row.output == call["text"], row.name
         assert row.depth == row.layer.count(".") + 1
@@ -126,6 +127,7 @@ def test_rows_match_raw_forward_hooks_on_every_resnet18_module():
     assert s.output == "f32[2, 1000]" and s.output_shapes == ((2, 1000),)
 
 
+@needs_torchvision
 def test_param_counts_are_numel_sums_of_each_module_with_shared_parameters_once():
     model = torchvision.models.resnet18().eval()
     model.conv1.requires_grad_(False)
@@ -175,6 +177,7 @@ def test_nested_outputs_show_every_tensor_shape_and_none():
     assert by_name["tup"].min == pytest.approx(raw["lin"]["min"] * 2, rel=1e-5)  # x * 2, not x + 1
 
 
+@needs_torchvision
 def test_indentation_is_relative_to_the_shallowest_row_shown():
     model = torchvision.models.resnet18().eval()
     s = summary(model, torch.randn(1, 3, 32, 32), layers=["layer1.0", "layer1.0.*"], timing=False)
@@ -224,6 +227,7 @@ def test_nan_and_inf_counts_of_a_model_that_produces_them():
 
 
 # -- the model is left as it was ------------------------------------------------------------------------------------
+@needs_torchvision
 def test_hooks_come_off_and_user_hooks_survive():
     model = torchvision.models.resnet18().eval()
     mine = [model.layer1.register_forward_hook(lambda *a: None), model.register_forward_pre_hook(lambda *a: None)]
@@ -329,6 +333,7 @@ def test_summary_keeps_no_tensor_and_not_the_model():
 
 
 # -- what it refuses ------------------------------------------------------------------------------------------------
+@needs_torchvision
 def test_bad_layer_name_raises_lookup_error_before_any_hook():
     model = torchvision.models.resnet18().eval()
     before = hook_census(model)
@@ -346,6 +351,7 @@ def test_torchscript_and_bad_depth_are_refused():
         summary(nn.Linear(2, 2), torch.randn(1, 2), depth=0)
 
 
+@needs_torchvision
 def test_layers_limit_the_rows_to_the_selection():
     model = torchvision.models.resnet18().eval()
     s = summary(model, torch.randn(1, 3, 32, 32), layers=["layer1.*", "fc"])
@@ -354,6 +360,7 @@ def test_layers_limit_the_rows_to_the_selection():
 
 
 # -- time --------------------------------------------------------------------------------------------------------
+@needs_torchvision
 def test_time_includes_children_and_is_off_with_timing_false():
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
@@ -381,6 +388,7 @@ def test_small_convnet_render_matches_golden(golden):
     golden("summary_small.txt", str(s) + "\n")
 
 
+@needs_torchvision
 @pytest.mark.slow
 def test_resnet50_table_fits_120_columns_with_one_line_per_module_call():
     model = torchvision.models.resnet50().eval()
@@ -395,7 +403,7 @@ def test_resnet50_table_fits_120_columns_with_one_line_per_module_call():
         assert lines[0].split() == ["Layer", "Class", "Output", "shape", "Params", "Mean", "Std", "Min", "Max",
                                     "Time", "(ms)"]
         # Names, shapes and numbers are shown whole; only a long class name gives way (AdaptiveAvgPool2d).
-        for row, line in zip(s.rows, lines[2:]):
+        for row, line in zip(s.rows, lines[2:], strict=True):
             name, cls = line.split()[:2]
             assert name == row.name
             assert cls == row.class_name or (cls.endswith("…") and row.class_name.startswith(cls[:-1]))
@@ -403,6 +411,7 @@ def test_resnet50_table_fits_120_columns_with_one_line_per_module_call():
         assert sum("…" in line for line in lines) <= 1
 
 
+@needs_torchvision
 def test_depth_shows_only_shallow_rows_but_keeps_every_row():
     model = torchvision.models.resnet18().eval()
     s = summary(model, torch.randn(1, 3, 32, 32), depth=1, timing=False)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
-from torchvision.models import get_model, list_models
 
 import hookkit
 from hookkit._tree import map_leaves
 
+from _optional import importorskip_torchvision
 from conftest import hook_census
 
-MODELS = list_models(module=torchvision.models)
+torchvision = importorskip_torchvision()  # the whole file is about torchvision's models
+
+MODELS = torchvision.models.list_models(module=torchvision.models)
 
 # Small inputs keep the whole sweep within CI's budget; ViTs are built for the small size they are fed.
 _SIZE = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
@@ -21,7 +22,7 @@ _SIZE = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
 def _build(name):
     size = _SIZE.get(name, 64)
     kwargs = {"image_size": size} if name.startswith("vit_") else {}
-    return get_model(name, weights=None, **kwargs).eval(), torch.randn(1, 3, size, size)
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval(), torch.randn(1, 3, size, size)
 
 
 def _leaf_names(model):
@@ -32,7 +33,7 @@ def _equal(a, b) -> bool:
     la, lb = [], []
     map_leaves(la.append, a)
     map_leaves(lb.append, b)
-    return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 @pytest.mark.slow
@@ -51,8 +52,9 @@ def test_every_leaf_of_every_classification_model_matches_raw_hooks(name):
         for n in leaves
     ]
     try:
-        with torch.no_grad(), hookkit.capture(model, leaves) as lazy, hookkit.capture(model, leaves, clone=True) as copied:
-            model(x)
+        with torch.no_grad(), hookkit.capture(model, leaves) as lazy:
+            with hookkit.capture(model, leaves, clone=True) as copied:
+                model(x)
     finally:
         for h in handles:
             h.remove()
@@ -65,12 +67,12 @@ def test_every_leaf_of_every_classification_model_matches_raw_hooks(name):
             continue
         copies = copied.calls(n)
         assert len(copies) == len(ref[n])
-        assert all(_equal(a, b) for a, b in zip(copies, ref[n])), n
+        assert all(_equal(a, b) for a, b in zip(copies, ref[n], strict=True)), n
         try:
             lazy_calls = lazy.calls(n)
         except hookkit.ModifiedInPlaceError:
             detected += 1  # a later in-place op changed it: reading says so instead of returning it
             continue
-        assert all(_equal(a, b) for a, b in zip(lazy_calls, ref[n])), f"{n} silently differs"
+        assert all(_equal(a, b) for a, b in zip(lazy_calls, ref[n], strict=True)), f"{n} silently differs"
     if any(getattr(m, "inplace", False) for m in model.modules()):
         assert detected > 0, "in-place activations in this model must have been detected somewhere"

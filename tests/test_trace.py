@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 from rich.console import Console
 
 import hookkit
 
+from _optional import needs_torchvision, torchvision
 from conftest import SharedReLU, hook_census
 
 
@@ -96,6 +96,7 @@ def test_trace_statistics_match_torch_and_keep_no_tensors():
     assert y.requires_grad
 
 
+@needs_torchvision
 def test_tracing_does_not_change_results_or_gradients():
     model = torchvision.models.resnet18()
     twin = copy.deepcopy(model)
@@ -106,10 +107,11 @@ def test_tracing_does_not_change_results_or_gradients():
     y2 = twin(x)
     y2.pow(2).sum().backward()
     torch.testing.assert_close(y, y2, rtol=0, atol=0)
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
+@needs_torchvision
 def test_resnet50_forward_backward_trace_is_readable_at_120_columns():
     model = torchvision.models.resnet50()
     out = plain_console(120)
@@ -142,10 +144,9 @@ def test_long_names_are_shortened_in_the_middle():
 def test_trace_removes_hooks_on_error_and_rejects_bad_names():
     model = SharedReLU()
     before = hook_census(model)
-    with pytest.raises(ValueError):
-        with hookkit.trace(model, console=plain_console()):
-            model(torch.randn(1, 6))
-            raise ValueError("boom")
+    with pytest.raises(ValueError), hookkit.trace(model, console=plain_console()):
+        model(torch.randn(1, 6))
+        raise ValueError("boom")
     assert hook_census(model) == before
     with pytest.raises(LookupError, match="fc3.*layer_names"):
         hookkit.trace(model, ["fc3"])
@@ -181,9 +182,8 @@ class LogOfNegative(nn.Module):
 def test_check_finite_names_the_first_module_with_nan_in_forward():
     model = GoesNaNDeepInside()
     before = hook_census(model)
-    with pytest.raises(hookkit.NonFiniteError) as info:
-        with hookkit.check_finite(model):
-            model(torch.randn(16, 4))
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model):
+        model(torch.randn(16, 4))
     err = info.value
     assert (err.layer, err.phase, err.call) == ("body.1", "forward", 0)
     msg = str(err)
@@ -214,9 +214,8 @@ def test_check_finite_in_backward_names_the_module_whose_input_gradient_goes_bad
         model[0].weight.fill_(-1.0)
         model[0].bias.zero_()
     x = torch.ones(2, 3)  # every ReLU output is 0: sqrt'(0) = inf
-    with pytest.raises(hookkit.NonFiniteError) as info:
-        with hookkit.check_finite(model):
-            model(x).sum().backward()
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model):
+        model(x).sum().backward()
     err = info.value
     assert (err.layer, err.phase) == ("2", "backward")
     assert "from a finite gradient at its output" in str(err)
@@ -229,6 +228,7 @@ def test_check_finite_says_when_the_gradient_arrives_already_bad():
             (model(torch.ones(1, 3)) * float("inf")).sum().backward()
 
 
+@needs_torchvision
 def test_check_finite_is_silent_on_a_healthy_model_and_leaves_no_hooks():
     model = torchvision.models.resnet18()
     before = hook_census(model)

@@ -57,7 +57,7 @@ def same_shape(a, b) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(same_shape(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_shape(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_shape(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, (Box, Frozen)):
         return same_shape(vars(a), vars(b))
     return a == b
@@ -70,7 +70,7 @@ def test_map_leaves_keeps_structure_and_applies_fn_to_every_tensor(value):
     assert same_shape(value, doubled)
     before, after = _tree.leaves(value), _tree.leaves(doubled)
     assert len(before) == len(after)
-    for x, y in zip(before, after):
+    for x, y in zip(before, after, strict=True):
         torch.testing.assert_close(y, x * 2)
 
 
@@ -82,7 +82,7 @@ def test_skeleton_holds_no_tensor_and_fill_round_trips(value):
     tensors = _tree.leaves(value)
     rebuilt = _tree.fill(skel, tensors)
     assert same_shape(value, rebuilt)
-    assert all(a is b for a, b in zip(_tree.leaves(rebuilt), tensors))
+    assert all(a is b for a, b in zip(_tree.leaves(rebuilt), tensors, strict=True))
 
 
 def test_defaultdict_and_tuple_subclass_with_odd_constructor():

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 import hookkit
 
+from _optional import needs_torchvision, torchvision
 from conftest import hook_census
 
 HERE = Path(__file__).resolve().parent
 
 
+@needs_torchvision
 def test_dataparallel_names_with_and_without_prefix():
     inner = torchvision.models.resnet18().eval()
     model = nn.DataParallel(inner)  # on a CPU-only machine it simply calls the wrapped model

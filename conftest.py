@@ -1,0 +1,40 @@
+"""Doctests that draw on torchvision are skipped, with the reason, where torchvision is not installed.
+
+torchvision is optional for hookkit (``pip install 'hookkit[torchvision]'``): CI's second environment (torch 2.13,
+no torchvision) runs every doctest that does not need it. A doctest needs it when its examples name torchvision,
+or when it lives in a module that draws with torchvision (feature grids).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+try:
+    import torchvision  # noqa: F401
+except ImportError:  # not installed, or built for another torch
+    _TORCHVISION_MISSING = True
+else:
+    _TORCHVISION_MISSING = False
+_MODULES_THAT_NEED_TORCHVISION = ("hookkit._grid",)
+
+
+# Modules that cannot even be imported without torchvision / Pillow: their doctests are not collected then.
+collect_ignore = ["hookkit/_images.py"] if _TORCHVISION_MISSING else []
+
+
+def _needs_torchvision(item: pytest.DoctestItem) -> bool:
+    test = item.dtest
+    if test is None:
+        return False
+    if any(test.name.startswith(m + ".") for m in _MODULES_THAT_NEED_TORCHVISION):
+        return True
+    return any("torchvision" in example.source for example in test.examples)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _TORCHVISION_MISSING:
+        return
+    skip = pytest.mark.skip(reason="needs torchvision: pip install 'hookkit[torchvision]'")
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and _needs_torchvision(item):
+            item.add_marker(skip)
