@@ -14,16 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEADER_BYTES", "RowFile", "write_header", "header_bytes", "finish_file"]
+__all__ = ["HEADER_BYTES", "RowFile", "write_header", "header_bytes", "finish_file", "npy_bytes"]
 
 HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
 _MAGIC = b"\x93NUMPY\x01\x00"
 
 
+def npy_bytes(dtype: np.dtype, shape: tuple[int, ...] | list[int]) -> int:
+    """The exact size of a finished .npy of ``dtype`` and ``shape`` (a fixed header, then the rows)."""
+    return HEADER_BYTES + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 def header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """A version 1.0 .npy header for ``dtype`` and ``shape``, padded to exactly ``HEADER_BYTES``."""
-    body = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(dtype),
-                                                                       tuple(shape))
+    body = f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     room = HEADER_BYTES - len(_MAGIC) - 2
     if len(body) + 1 > room:
         raise ValueError(f"shape {shape} is too long for a fixed .npy header")
@@ -43,7 +47,7 @@ def write_header(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
 def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Make ``path`` exactly a .npy of ``shape``: the final header, and nothing past the last row (a file that
     once held more rows is cut)."""
-    size = HEADER_BYTES + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = npy_bytes(dtype, shape)
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(fd, header_bytes(dtype, shape), 0)
@@ -77,7 +81,7 @@ class RowFile:
             raise ValueError(f"rows of shape {data.shape[1:]} do not fit {self.path.name}'s {self.row_shape}")
         if data.size == 0:
             return
-        view = memoryview(data).cast("B")
+        view = data.data.cast("B")
         offset = HEADER_BYTES + first_row * self.row_bytes
         while view:
             n = os.pwrite(self._fd, view, offset)

@@ -1,0 +1,593 @@
+"""Where ``extract()`` puts its rows: one interface (``RowStore``), two stores, and ``Features``, what both hand back.
+
+``_extract.extract()`` opens one store per call (``MemoryRows(names)`` without ``out``, ``NpyFolder(...)`` with it)
+and uses it as a context manager: ``resume()`` (a finished folder's ``Features``, else None), ``done_rows()`` (row
+ranges already written, handed to the share of ``_shards``), ``first_sample()`` (the data check), then
+``write(first_row, rows, batch=)`` for every batch this rank computes, and ``finish(batches, rows)``, which returns
+the ``Features``. Files are written through ``_npy`` (``RowFile``, ``finish_file``); the manifest's settings come
+from ``_fingerprint``.
+
+The ``.npy`` folder on disk (``out=DIR``): ``manifest.json`` says what the rows are (model fingerprint, layers,
+options, data checks, the file of each layer); ``<file>.npy.partial`` receive rows at their final place;
+``progress/rank-R.json`` lists the row ranges rank R has written, rewritten atomically after each batch's rows are
+in the files; ``progress/rank-R.lock`` is held (``flock``) by the process writing as rank R. Finished work is
+tracked by rows, not batches, so a resumed run may use another batch size or another number of ranks. Rank 0
+finishes the files (checks that every row is written, writes the final headers, marks the manifest complete,
+renames) once every rank is done.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__ as _version
+from ._errors import ExtractError
+from ._fingerprint import sample0_digest
+from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, a second writer is not noticed
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Features", "RowStore", "MemoryRows", "NpyFolder"]
+
+_MANIFEST = "manifest.json"
+
+
+class Features(Mapping[str, np.ndarray]):
+    """What ``extract()`` returns: ``feats[layer]`` is an N-row array in dataset order (a read-only memmap of
+    the layer's file when ``out`` was given; ``feats.path(layer)`` names it)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], out: Path | None, manifest: dict[str, Any] | None) -> None:
+        self._arrays = arrays
+        self.out = out
+        self.manifest = manifest
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        try:
+            return self._arrays[layer]
+        except KeyError:
+            raise KeyError(f"{layer!r} was not extracted; layers: {', '.join(self._arrays)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def path(self, layer: str) -> Path:
+        """The ``.npy`` file of ``layer`` (its name, or a cleaned name with a hash when the layer name is not a
+        plain file name, e.g. holds ``/``)."""
+        if self.out is None or self.manifest is None:
+            raise ValueError("these features are in memory: extract(..., out=DIR) writes files.")
+        self[layer]  # a clear KeyError for a layer that was not extracted
+        return self.out / self.manifest["files"][layer]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" for k, v in self._arrays.items())
+        return f"<hookkit.Features {shapes}{f' in {self.out}' if self.out else ''}>"
+
+
+# -- the interface ----------------------------------------------------------------------------------------------------
+
+class _RowShapes:
+    """Each layer's row shape, as first seen (and where): rows of another shape are refused before any is written."""
+
+    def __init__(self, known: dict[str, tuple[list[int], str]]) -> None:
+        self.known = known
+
+    def check(self, rows: dict[str, np.ndarray], batch: int) -> None:
+        for name, arr in rows.items():
+            shape = list(arr.shape[1:])
+            before, where = self.known.setdefault(name, (shape, f"batch {batch}"))
+            if shape != before:
+                raise ExtractError(
+                    f"{name!r}: batch {batch} gave rows of shape {tuple(shape)}, but {where} gave "
+                    f"{tuple(before)}, and a .npy file holds rows of one shape. Reduce them to a fixed size "
+                    "with pool= (e.g. pool='avg'), or feed inputs of one size.")
+
+    def recorded(self) -> dict[str, list[int]]:
+        return {k: s for k, (s, _) in self.known.items()}
+
+
+class RowStore:
+    """Rows of every layer by their place in the dataset. Used as ``with store:``; ``close()`` (also on error)
+    keeps what was written."""
+
+    def resume(self) -> Features | None:
+        """Check what the store already holds against this call: the ``Features`` of a finished run, else None."""
+        return None
+
+    def done_rows(self) -> list[list[int]]:
+        """Row ranges ``[start, stop)`` (sorted, disjoint) already written by any rank: not computed again."""
+        return []
+
+    def first_sample(self, args: tuple, kwargs: dict, n: int) -> None:
+        """The data's first batch (as model input, ``n`` samples), seen before any row is written."""
+
+    def write(self, first_row: int, rows: dict[str, np.ndarray], *, batch: int) -> None:
+        """Rows ``[first_row, first_row + len)`` of each layer, computed from batch number ``batch``."""
+        raise NotImplementedError
+
+    def finish(self, batches: int, rows: int) -> Features:
+        """Every rank is done and the data held ``batches`` batches and ``rows`` rows: the features."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RowStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class MemoryRows(RowStore):
+    """In memory, one process: each layer's rows as a list of arrays (in data order), concatenated at the end."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.arrays: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.shapes = _RowShapes({})
+
+    def write(self, first_row: int, rows: dict[str, np.ndarray], *, batch: int) -> None:
+        self.shapes.check(rows, batch)
+        for name, arr in rows.items():
+            self.arrays[name].append(arr)
+
+    def finish(self, batches: int, rows: int) -> Features:
+        return Features({n: np.concatenate(parts) for n, parts in self.arrays.items()}, None, None)
+
+
+class NpyFolder(RowStore):
+    """The ``.npy`` folder ``out`` (see the module docstring), written as ``rank`` of ``world``: makes the folder
+    and takes this rank's lock when built (errors say which folder and why)."""
+
+    def __init__(self, out: Path, names: list[str], settings: dict[str, Any], samples: int | None, *, rank: int,
+                 world: int, dist: Any) -> None:
+        self.out = out
+        self.names = names
+        self.settings = settings
+        self.samples = samples
+        self.rank = rank
+        self.world = world
+        self.dist = dist
+        try:
+            (out / "progress").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExtractError(f"out={str(out)!r} is not a writable folder ({exc.strerror or exc}); "
+                               "choose another.") from None
+        self._lock: _Lock | None = _lock(out, rank)
+        self.files = _file_names(names)
+        self.manifest: dict[str, Any] | None = None
+        self.sample0: str | None = None
+        self._done: list[list[int]] = []
+        self._own = out / "progress" / f"rank-{rank}.json"
+        self._mine: list[list[int]] = []
+        self._shapes = _RowShapes({})
+        self._dtypes: dict[str, str] = {}
+        self._row_files: dict[str, RowFile] = {}
+
+    def resume(self) -> Features | None:
+        out, names = self.out, self.names
+        manifest = _read_manifest(out)
+        if manifest is not None:
+            _check_same(out, manifest, self.settings, self.samples)
+            if manifest.get("complete"):
+                return _open_finished(out, manifest, names)
+            _check_partials(out, names, self.files, self.rank, self.world)
+        else:
+            _start_fresh(out, self.rank, self.world)
+        if self.dist is not None:
+            self.dist.barrier()  # every rank has checked the files before any rank writes
+        done, known_shapes, dtypes = _all_progress(out)
+        self.manifest = manifest
+        self._done = done
+        self._mine = _read_progress(self._own)["rows"]
+        self._shapes = _RowShapes({n: (s, f"the rows already in {out}") for n, s in known_shapes.items()
+                                   if n in names})
+        self._dtypes = {n: d for n, d in dtypes.items() if n in names}
+        return None
+
+    def done_rows(self) -> list[list[int]]:
+        return self._done
+
+    def first_sample(self, args: tuple, kwargs: dict, n: int) -> None:
+        self.sample0 = digest = sample0_digest(args, kwargs, n)
+        before = (self.manifest or {}).get("data", {}).get("sample0")
+        if before is not None and before != digest:
+            raise ExtractError(
+                f"sample 0 of data differs from the one the extraction in {self.out} started on: the dataset changed "
+                "(other content or order; random transforms or shuffle=True do this too), so its rows would not "
+                "match. Use another out= folder, or delete this one to start over.")
+
+    def write(self, first_row: int, rows: dict[str, np.ndarray], *, batch: int) -> None:
+        self._shapes.check(rows, batch)
+        out = self.out
+        if self.manifest is None and self.rank == 0:  # only once a batch gave good rows: bad options leave no trace
+            self.manifest = _manifest(self.settings, self.samples, self.sample0, self.files)
+            with _Writing(out / _MANIFEST):
+                _atomic_json(out / _MANIFEST, self.manifest)
+        for name, arr in rows.items():
+            path = out / f"{self.files[name]}.partial"
+            with _Writing(path):
+                if name not in self._row_files:
+                    self._dtypes.setdefault(name, arr.dtype.str)
+                    self._row_files[name] = RowFile(path, np.dtype(self._dtypes[name]), arr.shape[1:])
+                self._row_files[name].write(first_row, arr)
+        n = len(next(iter(rows.values())))
+        self._mine[:] = _merge([*self._mine, [first_row, first_row + n]])
+        with _Writing(self._own):  # after the rows: progress never claims rows that are not in the files
+            _atomic_json(self._own, {"rows": self._mine, "shapes": self._shapes.recorded(), "dtypes": self._dtypes})
+
+    def finish(self, batches: int, rows: int) -> Features:
+        """Rank 0 finishes the files once every rank is done (the ranks wait for each other); every rank returns
+        the finished folder."""
+        self._close_files()
+        out, dist = self.out, self.dist
+        error: BaseException | None = None
+        if dist is not None:
+            dist.barrier()
+        if self.rank == 0:
+            try:
+                _complete(out, _manifest(self.settings, self.samples, self.sample0, self.files), self.names,
+                          batches=batches, rows=rows)
+            except BaseException as exc:  # raised after the barrier, so that the other ranks are not left waiting
+                if dist is None:
+                    raise
+                error = exc
+        if dist is not None:
+            dist.barrier()
+        if error is not None:
+            raise error
+        manifest = _read_manifest(out)
+        if manifest is None or not manifest.get("complete"):
+            raise ExtractError(f"rank 0 could not finish the files in {out} (its error says why); run the same call "
+                               "again to complete them.")
+        return _open_finished(out, manifest, self.names)
+
+    def _close_files(self) -> None:
+        for f in self._row_files.values():
+            f.close()
+
+    def close(self) -> None:
+        self._close_files()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+# -- row ranges -------------------------------------------------------------------------------------------------------
+
+def _merge(ranges: Iterable[Iterable[int]]) -> list[list[int]]:
+    """Sorted, disjoint ``[start, stop)`` row ranges."""
+    out: list[list[int]] = []
+    for a, b in sorted([int(a), int(b)] for a, b in ranges):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _clip(ranges: list[list[int]], limit: int) -> list[list[int]]:
+    return [[a, min(b, limit)] for a, b in ranges if a < limit]
+
+
+def _gaps(ranges: list[list[int]], n: int) -> list[list[int]]:
+    gaps, at = [], 0
+    for a, b in _clip(ranges, n):
+        if a > at:
+            gaps.append([at, a])
+        at = max(at, b)
+    if at < n:
+        gaps.append([at, n])
+    return gaps
+
+
+# -- the folder's files -----------------------------------------------------------------------------------------------
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}")
+
+
+def _file_names(names: list[str]) -> dict[str, str]:
+    """Each layer's file inside ``out``: the layer name itself when that is a plain file name, else a cleaned name
+    with a hash (``a/b`` must not become a folder, ``../x`` must not leave ``out``)."""
+    files: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = name
+        if not _SAFE_NAME.fullmatch(name) or name.lower() in taken:
+            clean = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:100]
+            stem = f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        taken.add(stem.lower())
+        files[name] = f"{stem}.npy"
+    return files
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Writing:
+    """``with _Writing(path):`` around a write: a full disk (or any OS error) becomes an ExtractError that names
+    the file and says that the rows written so far are kept and how to go on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not isinstance(exc, OSError):
+            return
+        if exc.errno in _DISK_FULL:
+            raise ExtractError(
+                f"the disk is full ({exc.strerror}) while writing {self.path}. The rows written so far are kept: "
+                "free some space and run the same call again to resume.") from exc
+        if exc.errno in _DISK_TROUBLE:
+            raise ExtractError(f"could not write {self.path} ({exc.strerror}). The rows written so far are kept: "
+                               "fix that and run the same call again to resume.") from exc
+        # anything else (a closed file, a bad argument) is a bug of ours: raised as it is
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_TROUBLE = {errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
+
+
+class _Lock:
+    """``progress/rank-R.lock``, held with ``flock`` while this process writes as rank R: a second writer into the
+    same folder (same rank) is refused instead of interleaving its rows and progress with ours."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self.fd)
+                self.fd = -1
+                raise
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass  # the pid is for messages only
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def _lock(out: Path, rank: int) -> _Lock:
+    path = out / "progress" / f"rank-{rank}.lock"
+    try:
+        return _Lock(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise ExtractError(f"out={str(out)!r} is not a writable folder ({exc.strerror or exc}); "
+                               "choose another.") from None
+        try:
+            pid = path.read_text().strip()
+        except OSError:
+            pid = ""
+        who = f", pid {pid}" if pid else ""
+        raise ExtractError(
+            f"another process is writing into {out} (rank {rank}{who}); two writers would mix their rows. Wait for "
+            "it to finish (then this call returns its result), stop it, or use another out= folder.") from None
+
+
+def _try_lock(path: Path) -> _Lock | None:
+    try:
+        return _Lock(path)
+    except OSError:
+        return None
+
+
+def _manifest(settings: dict[str, Any], samples: int | None, sample0: str | None, files: dict[str, str],
+              **finished: Any) -> dict[str, Any]:
+    return {"settings": settings, "data": {"samples": samples, "sample0": sample0}, "files": files,
+            "complete": bool(finished), **finished,
+            "hookkit": _version, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / _MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ExtractError(f"{path} is unreadable ({exc}): delete the folder to start over, or use another "
+                           "out=.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise ExtractError(f"{path} is unreadable (not a hookkit manifest): delete the folder to start over, or "
+                           "use another out=.")
+    return manifest
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
+    """One rank's progress; an unreadable or old-format file counts as nothing done (those rows are recomputed)."""
+    try:
+        data = json.loads(path.read_text())
+        return {"rows": _merge(data["rows"]), "shapes": dict(data.get("shapes", {})),
+                "dtypes": dict(data.get("dtypes", {}))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"rows": [], "shapes": {}, "dtypes": {}}
+
+
+def _all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dict[str, str]]:
+    rows: list[list[int]] = []
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
+    for path in sorted((out / "progress").glob("rank-*.json")):
+        p = _read_progress(path)
+        rows += p["rows"]
+        for name, shape in p["shapes"].items():
+            if shapes.setdefault(name, shape) != shape:
+                raise ExtractError(f"{out}: ranks wrote rows of two shapes for {name!r} ({shapes[name]} and "
+                                   f"{shape}); delete the folder and run again with pool= or inputs of one size.")
+        for name, dt in p["dtypes"].items():
+            dtypes.setdefault(name, dt)
+    return _merge(rows), shapes, dtypes
+
+
+def _clip_progress(path: Path, limit: int) -> None:
+    p = _read_progress(path)
+    with _Writing(path):
+        if limit == 0:
+            path.unlink(missing_ok=True)
+        else:
+            _atomic_json(path, {**p, "rows": _clip(p["rows"], limit)})
+
+
+def _forget_rows(out: Path, rank: int, world: int, limit: int) -> None:
+    """Forget progress at and after row ``limit``: this rank's file, and (rank 0) the files of ranks beyond this
+    job's ``world`` (left by a run with more ranks) that no live process holds. The job's ranks forget their own."""
+    _clip_progress(out / "progress" / f"rank-{rank}.json", limit)
+    if rank != 0:
+        return
+    for path in (out / "progress").glob("rank-*.json"):
+        number = path.stem.removeprefix("rank-")
+        if not number.isdigit() or int(number) < world:
+            continue
+        held = _try_lock(path.with_suffix(".lock"))
+        if held is not None:
+            try:
+                _clip_progress(path, limit)
+            finally:
+                held.release()
+
+
+def _check_partials(out: Path, names: list[str], files: dict[str, str], rank: int, world: int) -> None:
+    """Each ``.partial`` must hold every row the progress files claim; rows a deleted or cut file lost are
+    forgotten (and computed again), never returned as zeros. Called by ``NpyFolder.resume``, itself called by
+    ``extract()``: the warning's ``stacklevel`` points at the user's call."""
+    rows, shapes, dtypes = _all_progress(out)
+    if not rows:
+        return
+    end = rows[-1][1]
+    limit = end
+    problems = []
+    for name in names:
+        path = out / f"{files[name]}.partial"
+        if name not in shapes or name not in dtypes:
+            problems.append(f"no row shape of {name!r} is recorded")
+            limit = 0
+            continue
+        row_bytes = int(np.prod(shapes[name], dtype=np.int64)) * np.dtype(dtypes[name]).itemsize
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path} is missing")
+            limit = 0
+            continue
+        held = (size - HEADER_BYTES) // row_bytes if row_bytes else end
+        if held < end:
+            limit = min(limit, max(held, 0))
+            problems.append(f"{path} holds {max(held, 0)} rows where {end} were written")
+    if problems:
+        warnings.warn(f"{'; '.join(problems)}: rows from {limit} on are computed again.", stacklevel=4)
+        _forget_rows(out, rank, world, limit)
+
+
+def _start_fresh(out: Path, rank: int, world: int) -> None:
+    """No manifest: nothing in the folder is known to belong to this call, so no earlier progress counts."""
+    _forget_rows(out, rank, world, 0)
+
+
+def _check_same(out: Path, manifest: dict[str, Any], settings: dict[str, Any], samples: int | None) -> None:
+    old = manifest["settings"]
+    differ = [k for k in settings if old.get(k) != settings[k]]
+    if differ:
+        raise ExtractError(
+            f"{out} holds features of another extraction ({', '.join(differ)} differ from this call's), "
+            "so continuing would mix data. Use another out= folder, or delete this one to start over.")
+    before = manifest.get("data", {}).get("samples")
+    if samples is not None and before is not None and samples != before:
+        raise ExtractError(
+            f"data holds {samples} samples, but the extraction in {out} was started on {before}: the dataset "
+            "changed, so its rows would not match. Use another out= folder, or delete this one to start over.")
+
+
+def _open_finished(out: Path, manifest: dict[str, Any], names: list[str]) -> Features:
+    """A finished folder as it is; renames left undone by an interrupted finish are completed."""
+    files = manifest["files"]
+    for name in names:
+        path = out / files[name]
+        if not path.exists():
+            try:
+                os.replace(out / f"{files[name]}.partial", path)
+            except FileNotFoundError:
+                if not path.exists():  # not renamed by a process beside us either
+                    raise ExtractError(
+                        f"{path} is missing, but {out / _MANIFEST} says the extraction finished. To compute it "
+                        "again, delete the folder (or use another out=) and run the same call.") from None
+        expected = npy_bytes(manifest["dtypes"][name], manifest["shapes"][name])
+        if path.stat().st_size != expected:
+            raise ExtractError(f"{path} has {path.stat().st_size} bytes where the finished extraction wrote "
+                               f"{expected}: it was changed. Delete the folder (or use another out=) and run the "
+                               "same call to compute it again.")
+    arrays = {n: np.load(out / files[n], mmap_mode="r") for n in names}
+    return Features(arrays, out, manifest)
+
+
+def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches: int, rows: int) -> None:
+    """Rank 0, after every rank is done: check that every row 0..N-1 is written, give each file its final header
+    and length, mark the manifest complete (the commit point), then rename the files."""
+    current = _read_manifest(out)
+    if current is not None and current.get("complete"):
+        return  # finished by another process: never replace finished files
+    written, shapes, dtypes = _all_progress(out)
+    if written and written[-1][1] > rows:
+        raise ExtractError(
+            f"{out} holds {written[-1][1]} rows written earlier, but data now gives only {rows}: the dataset "
+            "shrank or changed since the extraction began, so its rows would not match. Use another out= folder, "
+            "or delete this one to start over.")
+    gaps = _gaps(written, rows)
+    if gaps:
+        listed = ", ".join(f"{a}..{b - 1}" for a, b in gaps[:5])
+        raise ExtractError(f"rows {listed} of {rows} were not written by any rank; run the same call again to "
+                           "complete them.")
+    files = manifest["files"]
+    for name in names:
+        partial = out / f"{files[name]}.partial"
+        dt = np.dtype(dtypes[name])
+        need = npy_bytes(dt, (rows, *shapes[name]))
+        size = partial.stat().st_size if partial.exists() else None
+        if size is None or size < need:
+            raise ExtractError(f"{partial} {'is missing' if size is None else 'was cut short'} while this run "
+                               "wrote into it (by another program?). Run the same call again: the lost rows are "
+                               "computed again.")
+        with _Writing(partial):
+            finish_file(partial, dt, (rows, *shapes[name]))
+    manifest.update(complete=True, batches=batches, rows=rows, shapes={n: [rows, *shapes[n]] for n in names},
+                    dtypes={n: dtypes[n] for n in names})
+    with _Writing(out / _MANIFEST):
+        _atomic_json(out / _MANIFEST, manifest)
+    for name in names:
+        os.replace(out / f"{files[name]}.partial", out / files[name])
