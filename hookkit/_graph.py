@@ -17,7 +17,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 from rich.tree import Tree
 
-from ._stats import _DTYPE_SHORT, shape_str
+from ._stats import dtype_short, shape_str
 
 __all__ = ["graph", "AutogradGraph", "GraphNode"]
 
@@ -295,7 +295,7 @@ def _names_by_identity(params: Params | None) -> dict[int, str]:
 
 
 def _dtype(t: torch.Tensor) -> str:
-    return _DTYPE_SHORT.get(t.dtype, str(t.dtype).replace("torch.", ""))
+    return dtype_short(t.dtype)
 
 
 def _tensor_head(t: torch.Tensor) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from . import _tree
 
-__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "fmt_bytes", "shape_str", "shorten_name"]
+__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "fmt_bytes", "dtype_short", "nonfinite_words", "shape_str", "shorten_name"]
 
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -44,7 +44,7 @@ class TensorStats:
 
     def nonfinite_text(self) -> str:
         """E.g. ``"3 NaN and 1 Inf of 4096 values"``; empty when everything is finite."""
-        parts = [f"{n} {what}" for n, what in ((self.nan, "NaN"), (self.inf, "Inf")) if n]
+        parts = nonfinite_words(self.nan, self.inf)
         return f"{' and '.join(parts)} of {self.numel} values" if parts else ""
 
 
@@ -63,6 +63,16 @@ def fmt_num(x: float | None) -> str:
     if x == 0:
         return "0"
     return f"{x:.3g}"
+
+
+def nonfinite_words(nan: int, inf: int) -> list[str]:
+    """``["3 NaN", "1 Inf"]``, leaving out a zero count: the one wording of non-finite counts."""
+    return [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n]
+
+
+def dtype_short(dtype: torch.dtype) -> str:
+    """``f32``, ``bf16``, ``i64``...: the one short spelling of a dtype in hookkit's output."""
+    return _DTYPE_SHORT.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def fmt_bytes(n: float, *, si: bool = False) -> str:
@@ -84,7 +94,7 @@ def fmt_bytes(n: float, *, si: bool = False) -> str:
 
 def tensor_stats(t: torch.Tensor) -> TensorStats:
     """Statistics of ``t``; never raises and never records autograd history."""
-    dtype = _DTYPE_SHORT.get(t.dtype, str(t.dtype).replace("torch.", ""))
+    dtype = dtype_short(t.dtype)
     base = dict(shape=tuple(t.shape), dtype=dtype, device=str(t.device), numel=t.numel())
     if t.numel() == 0 or t.device.type == "meta" or t.layout != torch.strided:
         return TensorStats(**base)

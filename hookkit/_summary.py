@@ -24,7 +24,7 @@ from ._compat import buffers_of
 from ._errors import SummaryError
 from ._handles import HandleGroup
 from ._select import Layers, check_model, resolve
-from ._stats import describe, fmt_bytes, fmt_num, shorten_name, tensor_stats
+from ._stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
 
 __all__ = ["summary", "Summary", "SummaryRow"]
 
@@ -62,7 +62,7 @@ class SummaryRow:
 
     def nonfinite_text(self) -> str:
         """E.g. ``"3 NaN 1 Inf"``; empty when the first output tensor is all finite."""
-        return " ".join(f"{n} {what}" for n, what in ((self.nan, "NaN"), (self.inf, "Inf")) if n)
+        return " ".join(nonfinite_words(self.nan, self.inf))
 
 
 @dataclasses.dataclass(frozen=True)
