@@ -7,27 +7,27 @@
 
 __version__ = "0.1.0"
 
+from ._capture import Capture, Store, capture, concat_calls
+from ._census import hook_census
 from ._errors import (
+    CommandLineError,
+    ExtractError,
     GradientUnavailableError,
     HookkitError,
+    ImageFolderError,
     LayerNotFoundError,
+    ModelSpecError,
     ModifiedInPlaceError,
     NonFiniteError,
     NotRecordedError,
-    UnsupportedModelError,
-    CommandLineError,
-    ExtractError,
-    ImageFolderError,
-    ModelSpecError,
     SummaryError,
+    UnsupportedModelError,
 )
-from ._select import layer_names
-from ._census import hook_census
-from ._capture import Capture, Store, capture, concat_calls
 from ._extract import Features, extract
 from ._graph import AutogradGraph, GraphNode, graph
 from ._grid import feature_grid, save_feature_grid
 from ._hooks import Hooks, hooks
+from ._select import layer_names
 from ._summary import Summary, SummaryRow, summary
 from ._trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 

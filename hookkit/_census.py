@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
 
@@ -56,7 +55,7 @@ def hook_census(model: nn.Module) -> dict[str, Any]:
             else:
                 census[f"{where}.{attr}"] = value
         census[f"{where}.training"] = module.training
-    tensors = [(f"param {n}", p) for n, p in model.named_parameters(remove_duplicate=False)]
+    tensors: list[tuple[str, Any]] = [(f"param {n}", p) for n, p in model.named_parameters(remove_duplicate=False)]
     tensors += [(f"buffer {n}", b) for n, b in model.named_buffers(remove_duplicate=False)]
     for label, t in tensors:
         for attr in _TENSOR_HOOK_DICTS:

@@ -3,15 +3,15 @@
 hookkit declares ``torch>=2.13`` and CI runs the suite on 2.13 and on the pinned 2.14; the rest of the package goes
 through these functions, so that a torch release that moves one of them breaks one place, with its name on it.
 
-| what                                | used by                 | in torch since | fallback here                      |
-|-------------------------------------|-------------------------|----------------|------------------------------------|
-| ``torch._C._current_graph_task_id`` | engine (checkpointing)  | 2.1            | -1: "not in backward"              |
-| ``torch._dynamo.config.skip_nnmodule_hook_guards`` | engine (compile) | 2.1      | nothing to switch                  |
-| ``torch._dynamo.utils.counters``    | engine (compile warning)| 2.0            | "nothing compiled"                 |
-| ``Module._is_full_backward_hook``   | handles                 | 1.8            | required                           |
-| ``Module._compiled_call_impl``      | select (``.compile()``) | 2.2            | "not compiled"                     |
-| ``Module._buffers``                 | summary (BN restore)    | 1.0            | required                           |
-| ``torch._C._functorch.is_functorch_wrapped_tensor`` | snapshots | 2.0          | "not wrapped"                      |
+| what                                                | used by                  | since | fallback here         |
+|-----------------------------------------------------|--------------------------|-------|-----------------------|
+| ``torch._C._current_graph_task_id``                 | engine (checkpointing)   | 2.1   | -1: "not in backward" |
+| ``torch._dynamo.config.skip_nnmodule_hook_guards``  | engine (compile)         | 2.1   | nothing to switch     |
+| ``torch._dynamo.utils.counters``                    | engine (compile warning) | 2.0   | "nothing compiled"    |
+| ``Module._is_full_backward_hook``                   | handles                  | 1.8   | required              |
+| ``Module._compiled_call_impl``                      | select (``.compile()``)  | 2.2   | "not compiled"        |
+| ``Module._buffers``                                 | summary (BN restore)     | 1.0   | required              |
+| ``torch._C._functorch.is_functorch_wrapped_tensor`` | snapshots                | 2.0   | "not wrapped"         |
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def dynamo_config() -> Any:
 def dynamo_has_compiled() -> bool:
     """Whether torch.compile has compiled any frame in this process (importing dynamo alone is no sign)."""
     counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
-    return bool(counters) and counters.get("frames", {}).get("ok", 0) > 0
+    if not counters:
+        return False
+    return counters.get("frames", {}).get("ok", 0) > 0
 
 
 def full_backward_flag(module: nn.Module) -> bool | None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -73,7 +74,7 @@ class Call:
         self.grad_in_error: str | None = None
         self.grad_out_error: str | None = None  # why a gradient w.r.t. the output could not be stored
         self.aliases: list[_Alias] | None = None
-        self.where: Where | None = None  # for a listener
+        self.where: Where = ()  # (name, module, call index), for a listener
 
 
 class Recording:
@@ -342,7 +343,8 @@ class Engine:
             handle.remove()
             node = base.grad_fn
             edges = node.next_functions if node is not None else ()
-            if base_fn is not None and len(edges) >= 1 and edges[0][0] is base_fn and a._version == version + 1:
+            if (node is not None and base_fn is not None and len(edges) >= 1 and edges[0][0] is base_fn
+                    and a._version == version + 1):
 
                 def node_hook(grad_inputs: tuple, grad_outputs: tuple, i: int = i, n: int = n) -> None:
                     if self._active and grad_inputs[0] is not None:

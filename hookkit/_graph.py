@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterable, Mapping, Union
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from ._stats import dtype_short, shape_str
 
 __all__ = ["graph", "AutogradGraph", "GraphNode"]
 
-Params = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+Params = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 # Rendering: a tree indents 4 columns a level; keep this many columns for the labels themselves. Subtrees that would
 # start deeper than the width allows are printed as separate blocks below (rich would silently drop them otherwise).
@@ -235,7 +236,7 @@ def _layout(nodes: list[GraphNode], *, max_depth: int | None, max_level: int) ->
         rows: list[tuple[int, str, int]] = []
         stack: list[tuple[int, int, int]] = []  # (node id, level, depth) of edges still to print
 
-        def show(nid: int, level: int, depth: int) -> None:
+        def show(nid: int, level: int, depth: int, rows: list = rows, stack: list = stack) -> None:
             rows.append((level, "node", nid))
             if max_depth is not None and depth >= max_depth:
                 hidden = _hide_below(nodes, nid, state)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -13,7 +14,7 @@ __all__ = ["HandleGroup"]
 
 # Modules whose ``_is_full_backward_hook`` flag hookkit turned on (it was None before). Shared by every group, so
 # that whichever of several open blocks is removed last puts the flag back, whatever order they exit in.
-_FLAG_SET_BY_HOOKKIT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_FLAG_SET_BY_HOOKKIT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class HandleGroup:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -11,7 +12,7 @@ from ._select import LayerSpec, check_model, resolve
 
 __all__ = ["hooks", "Hooks"]
 
-HookFns = Union[Callable[..., Any], list, tuple]
+HookFns = Callable[..., Any] | list | tuple
 HookMap = Mapping[LayerSpec, HookFns]
 
 _KINDS = ("forward", "forward_pre", "backward", "backward_pre")
@@ -34,7 +35,7 @@ class Hooks:
         self.handles: dict[str, dict[str, list[Any]]] = {k: {} for k in _KINDS}
         self._entered = False
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         if self._entered:
             raise RuntimeError("a Hooks object can be entered once; call hookkit.hooks(...) again.")
         self._entered = True

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,8 +15,8 @@ from ._errors import LayerNotFoundError, UnsupportedModelError
 
 __all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "check_model", "unwrap"]
 
-LayerSpec = Union[str, type, nn.Module, Callable[[str, nn.Module], bool]]
-Layers = Union[LayerSpec, Iterable[LayerSpec]]
+LayerSpec = str | type | nn.Module | Callable[[str, nn.Module], bool]
+Layers = LayerSpec | Iterable[LayerSpec]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 

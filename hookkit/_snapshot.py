@@ -7,7 +7,7 @@ stores (``_capture.py``) call ``check_guards`` / ``refuse_unstored`` when a valu
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -17,7 +17,7 @@ from ._errors import ModifiedInPlaceError, NotRecordedError
 
 __all__ = ["To", "parse_to", "Snapshotter", "Untappable", "check_guards", "refuse_unstored"]
 
-To = Union[None, str, torch.device, torch.dtype, tuple, list]
+To = None | str | torch.device | torch.dtype | tuple | list
 
 
 def parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
@@ -37,7 +37,8 @@ def parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
             try:
                 new = torch.device(item)
             except RuntimeError:
-                raise ValueError(f"to={to!r}: {item!r} is not a device; use e.g. 'cpu', 'cuda:0' or torch.float16.") from None
+                raise ValueError(
+                    f"to={to!r}: {item!r} is not a device; use e.g. 'cpu', 'cuda:0' or torch.float16.") from None
             if device is not None and new != device:
                 raise ValueError(f"to={to!r} names two devices ({device} and {new}); give one.")
             device = new

@@ -14,7 +14,8 @@ import torch
 
 from . import _tree
 
-__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "fmt_bytes", "dtype_short", "nonfinite_words", "shape_str", "shorten_name"]
+__all__ = ["TensorStats", "tensor_stats", "describe", "fmt_num", "fmt_bytes", "dtype_short", "nonfinite_words",
+           "shape_str", "shorten_name"]
 
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -95,7 +96,7 @@ def fmt_bytes(n: float, *, si: bool = False) -> str:
 def tensor_stats(t: torch.Tensor) -> TensorStats:
     """Statistics of ``t``; never raises and never records autograd history."""
     dtype = dtype_short(t.dtype)
-    base = dict(shape=tuple(t.shape), dtype=dtype, device=str(t.device), numel=t.numel())
+    base: dict[str, Any] = dict(shape=tuple(t.shape), dtype=dtype, device=str(t.device), numel=t.numel())
     if t.numel() == 0 or t.device.type == "meta" or t.layout != torch.strided:
         return TensorStats(**base)
     with torch.no_grad():
@@ -138,7 +139,7 @@ def describe(value: Any, *, stats: bool = True) -> str:
     if value is None:
         return "None"
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        inner = ", ".join(f"{k}={describe(v, stats=stats)}" for k, v in zip(value._fields, value))
+        inner = ", ".join(f"{k}={describe(v, stats=stats)}" for k, v in zip(value._fields, value, strict=True))
         return f"{type(value).__name__}({inner})"
     if isinstance(value, (tuple, list)):
         inner = ", ".join(describe(v, stats=stats) for v in value)
@@ -148,7 +149,8 @@ def describe(value: Any, *, stats: bool = True) -> str:
         name = "" if type(value) is dict else type(value).__name__
         return f"{name}{{{inner}}}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        inner = ", ".join(f"{f.name}={describe(getattr(value, f.name), stats=stats)}" for f in dataclasses.fields(value))
+        inner = ", ".join(f"{f.name}={describe(getattr(value, f.name), stats=stats)}"
+                          for f in dataclasses.fields(value))
         return f"{type(value).__name__}({inner})"
     if _tree.is_container(value):  # pragma: no cover - covered by the branches above
         return type(value).__name__

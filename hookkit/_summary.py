@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -391,7 +392,7 @@ def _table(s: Summary, width: int) -> Table:
     top = min((r.depth for r in rows), default=1)
     indents = [2 * (r.depth - top) for r in rows]  # relative: rows of only deep layers do not start far right
     columns: dict[str, list[str]] = {
-        "Layer": [" " * i + shorten_name(r.name, _NAME_LIMIT) for i, r in zip(indents, rows)],
+        "Layer": [" " * i + shorten_name(r.name, _NAME_LIMIT) for i, r in zip(indents, rows, strict=True)],
         "Class": [r.class_name for r in rows],
         "Output shape": [r.output for r in rows],
         "Params": [_fmt_params(r.params) for r in rows],
@@ -425,7 +426,7 @@ def _table(s: Summary, width: int) -> Table:
     if any(cell_len(name) > layer_width for name in names):
         # Names too long for the column: indent one space a level instead of two (in every row, so the nesting
         # still reads), then shorten what still does not fit, keeping the last parts that tell layers apart.
-        for i, (indent, r) in enumerate(zip(indents, rows)):
+        for i, (indent, r) in enumerate(zip(indents, rows, strict=True)):
             indent = min(indent // 2, max(layer_width - 12, 0))
             names[i] = " " * indent + shorten_name(r.name, min(layer_width - indent, _NAME_LIMIT))
     for i in range(len(rows)):

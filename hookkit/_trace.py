@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.text import Text
 
 from . import _tree
-from ._errors import NonFiniteError
-from ._stats import TensorStats, describe, shorten_name, tensor_stats
-from ._select import Layers
 from ._engine import Engine
+from ._errors import NonFiniteError
+from ._select import Layers
+from ._stats import TensorStats, describe, shorten_name, tensor_stats
 
 __all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite"]
 
@@ -95,7 +95,7 @@ class Trace:
         self._needs_input_grad: dict[tuple[str, int], bool] = {}
         self.events: list[TraceEvent] = []
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self) -> Trace:
         if self._console is None:
             self._console = Console()
         self._engine.__enter__()
@@ -203,7 +203,7 @@ class CheckFinite:
         self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward)
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
 
-    def __enter__(self) -> "CheckFinite":
+    def __enter__(self) -> CheckFinite:
         self._engine.__enter__()
         return self
 

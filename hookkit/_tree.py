@@ -10,7 +10,8 @@ import copy
 import dataclasses
 import enum
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,11 +76,11 @@ def map_leaves(fn: Callable[[Any], Any], obj: Any, leaf_type: type | tuple[type,
             new[k] = map_leaves(fn, v, leaf_type, opaque)
         return new
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        new = copy.copy(obj)
+        copied = copy.copy(obj)
         for f in dataclasses.fields(obj):
             if hasattr(obj, f.name):
-                object.__setattr__(new, f.name, map_leaves(fn, getattr(obj, f.name), leaf_type, opaque))
-        return new
+                object.__setattr__(copied, f.name, map_leaves(fn, getattr(obj, f.name), leaf_type, opaque))
+        return copied
     if opaque is None or isinstance(obj, _INERT):
         return obj
     if isinstance(obj, np.ndarray):
