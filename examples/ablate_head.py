@@ -46,6 +46,7 @@ def main() -> None:
     model = transformers.BertModel(config).eval()
     ids = torch.randint(0, 100, (2, 7))
 
+    census = hookkit.hook_census(model)  # every hook and flag on the model, to compare after the block
     with torch.no_grad():
         before = model(input_ids=ids).last_hidden_state
         with hookkit.hooks(model, forward={LAYER: zero_head(2)}) as h:
@@ -58,7 +59,7 @@ def main() -> None:
           f"(relative L2), max |diff| {(ablated - before).abs().max():.4f}")
     print(f"after the block: {hook_count(model)} forward hook(s); outputs equal the original again: "
           f"{torch.equal(after, before)}")
-    assert hook_count(model) == 0 and torch.equal(after, before)
+    assert hookkit.hook_census(model) == census and torch.equal(after, before)
 
 
 if __name__ == "__main__":
