@@ -3,20 +3,28 @@
 Files are found recursively and sorted by their path relative to the folder, so the order never depends on the
 filesystem; ``write_file_list`` records that order next to the extracted features (``files.txt``, line ``i`` is
 row ``i``). Each image gets the standard ImageNet evaluation preprocessing.
+
+``hookkit.cli.extract`` builds an ``ImageFiles`` for ``--data``; ``hookkit.cli.demo`` takes the ImageNet mean and std
+from here. Pillow and torchvision (the optional extra ``hookkit[torchvision]``) are imported when an ``ImageFiles``
+is made, not with this module: without them the constructor raises ``ImageFolderError`` saying what to install.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
 from ._errors import ImageFolderError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["ImageFiles", "write_file_list", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -25,6 +33,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CROP_FRACTION = 0.875  # resize the shorter side to image_size / 0.875 (256 for 224), then center-crop image_size
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale; PIL's convert("RGB") would clip
+_INSTALL = "pip install 'hookkit[torchvision]' (or pip install torchvision pillow)"
+
+
+def _imaging() -> tuple[ModuleType, ModuleType]:
+    """``(PIL.Image, torchvision.transforms.v2.functional)``, imported now: both are optional dependencies."""
+    try:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional
+    except ImportError as exc:  # not installed, or torchvision built for another torch
+        raise ImageFolderError(
+            f"reading image folders needs Pillow and torchvision, which cannot be imported ({exc}); {_INSTALL}."
+        ) from exc
+    return Image, functional
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -60,12 +81,14 @@ class ImageFiles(torch.utils.data.Dataset):
     Raises:
         ImageFolderError: ``root`` is missing or not a folder, a folder under it cannot be listed, it holds no
             image file, or ``image_size`` is not a positive int. ``data[i]`` raises it, naming the file and the
-            row, when the file cannot be read or decoded (nothing is skipped silently).
+            row, when the file cannot be read or decoded (nothing is skipped silently); also when Pillow or
+            torchvision cannot be imported (``pip install 'hookkit[torchvision]'``).
     """
 
     def __init__(self, root: str | os.PathLike[str], *, image_size: int = 224) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ImageFolderError(f"image_size must be a positive int, got {image_size!r}")
+        _imaging()  # no Pillow or torchvision: say so now, before the folder is searched or a model is built
         self.root = Path(root)
         self.image_size = image_size
         self.resize_size = round(image_size / _CROP_FRACTION)
@@ -87,6 +110,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return self._preprocess(image)
 
     def _preprocess(self, image: Image.Image) -> torch.Tensor:
+        F = _imaging()[1]
         image = F.resize(image, [self.resize_size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
         image = F.center_crop(image, [self.image_size, self.image_size])
         x = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
@@ -127,10 +151,8 @@ def write_file_list(files: Iterable[str], path: str | os.PathLike[str]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return path
 
@@ -170,7 +192,7 @@ def _find_images(root: Path) -> list[str]:
 
 def _load_rgb(path: Path) -> Image.Image:
     """Decode ``path`` fully and return it as an RGB image."""
-    with Image.open(path) as image:
+    with _imaging()[0].open(path) as image:
         image.load()  # decode now: a truncated file fails here, inside the try that names it
         if image.mode in _SIXTEEN_BIT_MODES:
             image = image.point(lambda v: v * (1 / 256)).convert("L")  # 16-bit -> 8-bit, not clipped at 255

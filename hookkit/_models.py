@@ -1,4 +1,9 @@
-"""Model specs (``torchvision:resnet18``, ``package.module:factory``) -> an ``nn.Module`` in eval mode, for the CLI."""
+"""Model specs (``torchvision:resnet18``, ``package.module:factory``) -> an ``nn.Module`` in eval mode, for the CLI.
+
+``hookkit.cli`` (its ``_inputs.build_model``) calls ``load_model`` for every command's MODEL. torchvision is
+optional: it is imported only for ``torchvision:NAME`` specs, and its absence is a ``ModelSpecError`` saying what to
+install.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from ._errors import ModelSpecError
 __all__ = ["load_model"]
 
 _TORCHVISION = "torchvision"
+_INSTALL_TORCHVISION = "pip install 'hookkit[torchvision]' (or pip install torchvision)"
 _SPEC_HELP = "use 'torchvision:NAME' (e.g. 'torchvision:resnet18') or 'package.module:factory' for your own model"
 
 
@@ -42,7 +48,8 @@ def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> n
 
     Raises:
         ModelSpecError: the spec is malformed, names nothing, does not yield an ``nn.Module``, or the weights file
-            is missing or does not fit the model. The message names the spec and the fix.
+            is missing or does not fit the model, or a ``torchvision:`` spec finds no torchvision. The message names
+            the spec and the fix.
     """
     if not isinstance(spec, str):
         raise ModelSpecError(f"a model spec is a string, got {type(spec).__name__} {spec!r}; {_SPEC_HELP}.")
@@ -52,17 +59,18 @@ def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> n
         raise ModelSpecError(f"model spec {spec!r} has no ':'; {_suggest_colon(spec)}.")
     if not source or not name:
         raise ModelSpecError(f"model spec {spec!r} needs a name on both sides of ':'; {_SPEC_HELP}.")
-    if source == _TORCHVISION:
-        model = _torchvision_model(spec, name)
-    else:
-        model = _user_model(spec, source, name)
+    model = _torchvision_model(spec, name) if source == _TORCHVISION else _user_model(spec, source, name)
     if weights is not None:
         _load_weights(model, spec, weights)
     return model.eval()
 
 
 def _suggest_colon(spec: str) -> str:
-    if spec.strip() in _torchvision_names():
+    try:
+        torchvision_names = _torchvision_names()
+    except ModelSpecError:  # no torchvision: suggest what can be suggested without it
+        torchvision_names = ()
+    if spec.strip() in torchvision_names:
         return f"did you mean 'torchvision:{spec.strip()}'? (otherwise {_SPEC_HELP})"
     if "." in spec:
         module, _, attr = spec.strip().rpartition(".")
@@ -70,16 +78,27 @@ def _suggest_colon(spec: str) -> str:
     return _SPEC_HELP
 
 
+def _torchvision_models(spec: str | None = None) -> Any:
+    """``torchvision.models``, imported now (torchvision is an optional dependency); ``spec``: the spec to name in
+    the error."""
+    try:
+        import torchvision.models
+    except ImportError as exc:  # not installed, or built for another torch
+        where = f"model spec {spec!r}: " if spec is not None else ""
+        raise ModelSpecError(
+            f"{where}the torchvision:NAME models need torchvision, which cannot be imported ({exc}); "
+            f"{_INSTALL_TORCHVISION}, or name your own model as 'package.module:factory'."
+        ) from exc
+    return torchvision.models
+
+
 @functools.lru_cache(maxsize=1)
 def _torchvision_names() -> tuple[str, ...]:
-    import torchvision.models
-
-    return tuple(torchvision.models.list_models())
+    return tuple(_torchvision_models().list_models())
 
 
 def _torchvision_model(spec: str, name: str) -> nn.Module:
-    import torchvision.models
-
+    models = _torchvision_models(spec)
     names = _torchvision_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
@@ -89,9 +108,9 @@ def _torchvision_model(spec: str, name: str) -> nn.Module:
             "See torchvision.models.list_models() for every name."
         )
     kwargs: dict[str, Any] = {"weights": None}
-    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+    if "weights_backbone" in inspect.signature(models.get_model_builder(name)).parameters:
         kwargs["weights_backbone"] = None  # detection / segmentation builders download a backbone by default
-    return torchvision.models.get_model(name, **kwargs)
+    return models.get_model(name, **kwargs)
 
 
 def _user_model(spec: str, module_name: str, attr_path: str) -> nn.Module:

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 from rich.console import Console
 
 import hookkit
 from hookkit._models import ModelSpecError, load_model
-from hookkit.cli import DEMO_LAYERS, demo_image, hook_census, main, run, run_demo
+from hookkit.cli import DEMO_LAYERS, demo_image, main, run, run_demo
 
-from conftest import hook_census as full_hook_census
+from _optional import needs_torchvision, torchvision
+from conftest import hook_count
 
 TINY_MODULE = """
 import torch
@@ -92,6 +92,7 @@ def n_params(module: nn.Module) -> int:
 
 
 # -- hookkit layers ------------------------------------------------------------------------------------------------
+@needs_torchvision
 def test_layers_lists_every_capturable_name_with_class_and_torch_param_counts():
     code, out = invoke(["layers", "torchvision:resnet18"])
     assert code == 0
@@ -106,6 +107,7 @@ def test_layers_lists_every_capturable_name_with_class_and_torch_param_counts():
     assert max(len(line) for line in out.splitlines()) <= 120
 
 
+@needs_torchvision
 def test_layers_table_shows_own_and_total_parameters():
     code, out = invoke(["layers", "torchvision:resnet18", "--table"])
     assert code == 0
@@ -116,6 +118,7 @@ def test_layers_table_shows_own_and_total_parameters():
     assert fc_row.split()[1:] == ["Linear", "513,000", "513,000"]
 
 
+@needs_torchvision
 def test_layers_depth_keeps_only_shallow_names():
     code, out = invoke(["layers", "torchvision:resnet18", "--depth", "1"])
     assert code == 0
@@ -124,6 +127,7 @@ def test_layers_depth_keeps_only_shallow_names():
     assert "57 deeper names hidden by --depth 1." in out
 
 
+@needs_torchvision
 def test_layers_filter_selects_like_capture_and_keeps_ancestors():
     code, out = invoke(["layers", "torchvision:resnet18", "--filter", "layer*.0.conv1"])
     assert code == 0
@@ -158,7 +162,7 @@ def test_weights_file_is_loaded_into_the_model(tiny_module: Path, tmp_path: Path
     path = tmp_path / "tiny.pt"
     torch.save(source.state_dict(), path)
     loaded = load_model("tinymodels:make", weights=str(path))
-    for (name, p), q in zip(loaded.named_parameters(), source.parameters()):
+    for (name, p), q in zip(loaded.named_parameters(), source.parameters(), strict=True):
         assert torch.equal(p, q), name
     code, out = invoke(["layers", "tinymodels:make", "--weights", str(path)])
     assert code == 0 and f"weights from {path}" in out
@@ -177,6 +181,7 @@ def test_weights_that_do_not_fit_are_a_spec_error(tiny_module: Path, tmp_path: P
         load_model("tinymodels:make", weights=str(mismatched))
 
 
+@needs_torchvision
 def test_torchvision_models_are_built_without_downloading(monkeypatch: pytest.MonkeyPatch):
     def no_download(*args, **kwargs):
         raise AssertionError("hookkit tried to download weights")
@@ -190,14 +195,14 @@ def test_torchvision_models_are_built_without_downloading(monkeypatch: pytest.Mo
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["layers", "resnet18"], "did you mean 'torchvision:resnet18'"),
-        (["layers", "torchvision:resnet1800"], "Did you mean 'resnet18'"),
+        pytest.param(*(["layers", "resnet18"], "did you mean 'torchvision:resnet18'"), marks=needs_torchvision),
+        pytest.param(*(["layers", "torchvision:resnet1800"], "Did you mean 'resnet18'"), marks=needs_torchvision),
         (["layers", "nosuchpkg.mod:f"], "cannot import 'nosuchpkg.mod'"),
         (["layers", "math:sqrt"], "the factory must take no arguments and return an nn.Module"),
         (["layers", "tinymodels:not_a_model"], "returned int, not a torch.nn.Module"),
         (["layers", "tinymodels:mkae"], "has no attribute 'mkae'. Did you mean 'make'?"),
-        (["layers", "torchvision:resnet18", "--weights", "no/such/file.pt"], "does not exist"),
-        (["demo", "--model", "resnet18"], "did you mean 'torchvision:resnet18'"),
+        pytest.param(*(["layers", "torchvision:resnet18", "--weights", "no/such/file.pt"], "does not exist"), marks=needs_torchvision),
+        pytest.param(*(["demo", "--model", "resnet18"], "did you mean 'torchvision:resnet18'"), marks=needs_torchvision),
     ],
 )
 def test_bad_model_specs_exit_2_with_one_line_naming_the_spec(argv, expected, tiny_module, capsys):
@@ -222,6 +227,7 @@ def test_bad_specs_raise_model_spec_error_which_is_a_value_error():
         assert repr(spec) in str(info.value) and "\n" not in str(info.value)
 
 
+@needs_torchvision
 def test_unknown_layer_filter_and_demo_layer_exit_2_with_close_names(capsys):
     assert main(["layers", "torchvision:resnet18", "--filter", "layr1"]) == 2
     err = capsys.readouterr().err
@@ -246,6 +252,7 @@ def test_usage_errors_exit_2_without_a_traceback(capsys):
 
 
 # -- hookkit demo --------------------------------------------------------------------------------------------------
+@needs_torchvision
 def test_demo_shows_every_layer_and_that_hooks_were_removed():
     code, out = invoke(["demo"])
     assert code == 0
@@ -257,20 +264,23 @@ def test_demo_shows_every_layer_and_that_hooks_were_removed():
     assert "top-5 logit indices: " in out
 
 
+@needs_torchvision
 def test_demo_output_is_reproducible():
     assert invoke(["demo", "--layers", "layer4"])[1] == invoke(["demo", "--layers", "layer4"])[1]
     assert invoke(["demo", "--layers", "layer4"])[1] != invoke(["demo", "--layers", "layer4", "--seed", "1"])[1]
 
 
+@needs_torchvision
 def test_run_demo_removes_exactly_its_own_hooks_and_reports_torch_values():
     model = torchvision.models.resnet18().eval()
     seen = []
     mine = model.layer2.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # a user's hook stays
-    before = full_hook_census(model)
+    before = hookkit.hook_census(model)
     x = torch.randn(1, 3, 96, 96)
     result = run_demo(model, ["layer1", "layer2", "layer*.0.relu", "fc"], console=Console(file=io.StringIO()), x=x)
-    assert full_hook_census(model) == before
-    assert result["hooks_before"] == result["hooks_after"] == hook_census(model) == 1
+    assert hookkit.hook_census(model) == before
+    assert result["hooks_unchanged"] is True
+    assert result["hooks_before"] == result["hooks_after"] == hook_count(model) == 1
     assert result["hooks_during"] == 1 + 7
     assert len(seen) == 1
     mine.remove()
@@ -286,6 +296,28 @@ def test_run_demo_removes_exactly_its_own_hooks_and_reports_torch_values():
     assert stats["zeros"] == pytest.approx((layer1 == 0).float().mean().item())
     assert result["layers"]["layer1.0.relu"]["calls"] == 2  # BasicBlock calls its ReLU twice
     assert [i for i, _ in result["top5"]] == logits[0].topk(5).indices.tolist()
+
+
+def test_run_demo_sees_a_hook_swapped_during_the_forward_that_counting_would_miss():
+    class Swaps(nn.Module):
+        """Its forward removes a hook and registers another: the number of hooks stays the same."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.handle = self.fc.register_forward_hook(lambda m, i, o: None)
+
+        def forward(self, x):
+            self.handle.remove()
+            self.handle = self.fc.register_forward_hook(lambda m, i, o: None)
+            return self.fc(x)
+
+    out = Console(file=io.StringIO(), width=200)
+    result = run_demo(Swaps(), ["fc"], console=out, x=torch.randn(1, 4))
+    assert result["hooks_before"] == result["hooks_after"] == 1
+    assert result["hooks_unchanged"] is False
+    assert "✗ hooks left behind: 1 before the capture, 1 after it closed" in out.file.getvalue()
+    assert "fc._forward_hooks" in out.file.getvalue()
 
 
 def test_run_demo_lists_a_selected_layer_that_never_ran():
@@ -309,9 +341,10 @@ def test_run_demo_lists_a_selected_layer_that_never_ran():
 def test_run_demo_on_a_model_that_rejects_the_image_is_a_value_error():
     model = nn.Linear(4, 4)
     model.inner = nn.Identity()
+    before = hookkit.hook_census(model)
     with pytest.raises(ValueError, match=r"Linear failed on the demo input, a tensor of shape \(1, 3, 224, 224\)"):
         run_demo(model, ["inner"], console=Console(file=io.StringIO()))
-    assert hook_census(model) == 0
+    assert hookkit.hook_census(model) == before
 
 
 def test_demo_image_is_deterministic_and_in_range():
@@ -319,7 +352,7 @@ def test_demo_image_is_deterministic_and_in_range():
     assert img.shape == (3, 224, 224)
     assert torch.equal(img, demo_image())
     assert not torch.equal(img, demo_image(seed=1))
-    assert 0 <= img.min() and img.max() <= 1 and img.std() > 0.1
+    assert img.min() >= 0 and img.max() <= 1 and img.std() > 0.1
 
 
 # -- the real commands ---------------------------------------------------------------------------------------------
@@ -327,6 +360,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}
 
 
+@needs_torchvision
 def test_python_m_hookkit_layers_runs_as_a_process():
     proc = subprocess.run([sys.executable, "-m", "hookkit", "layers", "torchvision:resnet18"], capture_output=True,
                           text=True, env=_env(), timeout=120)
@@ -345,6 +379,7 @@ def _console_script() -> str:
     return which
 
 
+@needs_torchvision
 def test_console_script_runs_the_demo():
     proc = subprocess.run([_console_script(), "demo"], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr

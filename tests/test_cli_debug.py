@@ -8,7 +8,11 @@ import sys
 
 from rich.console import Console
 
+from _optional import importorskip_torchvision
 from hookkit.cli import run
+
+# Every test here runs a torchvision model (pip install 'hookkit[torchvision]'): the whole file needs it.
+importorskip_torchvision()
 
 
 def invoke(argv: list[str], width: int = 120) -> tuple[int, str]:

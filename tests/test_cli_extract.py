@@ -7,13 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-import hookkit
-from hookkit._images import ImageFiles
-from hookkit.cli import run
+from _optional import importorskip_torchvision
+
+# Image folders are a torchvision feature (pip install 'hookkit[torchvision]'): the whole file needs it.
+importorskip_torchvision()
+
+from PIL import Image  # noqa: E402  (comes with torchvision)
+
+import hookkit  # noqa: E402
+from hookkit._images import ImageFiles  # noqa: E402
+from hookkit.cli import run  # noqa: E402
 
 
 def make_images(root: Path, n: int = 7) -> None:

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from rich.console import Console
 
 import hookkit._images
 import hookkit.cli
+from _optional import needs_torchvision
 from hookkit.cli import main, run
 
 LEAF_MODULE = """
@@ -41,7 +41,7 @@ def no_model_built(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise RuntimeError("the model was built before the bad input was refused")
 
-    monkeypatch.setattr(hookkit.cli, "load_model", refuse)
+    monkeypatch.setattr(hookkit.cli._inputs, "load_model", refuse)
 
 
 def invoke(argv: list[str]) -> tuple[int, str]:
@@ -60,6 +60,8 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def make_images(root: Path, n: int = 3) -> Path:
+    from PIL import Image  # with torchvision: the tests that read images are marked needs_torchvision
+
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         Image.new("RGB", (40, 30), (40 * i, 0, 0)).save(root / f"{i}.png")
@@ -72,6 +74,7 @@ def extract_args(data: Path, out: Path | str, *extra: str) -> list[str]:
 
 
 # -- --out ---------------------------------------------------------------------------------------------------------
+@needs_torchvision
 def test_out_that_is_an_existing_file_is_refused_before_the_model_is_built(tmp_path, capsys, no_model_built):
     data = make_images(tmp_path / "imgs")
     target = tmp_path / "notes.txt"
@@ -83,6 +86,7 @@ def test_out_that_is_an_existing_file_is_refused_before_the_model_is_built(tmp_p
     assert target.read_text() == "keep me"
 
 
+@needs_torchvision
 def test_out_below_a_file_is_refused_naming_the_file(tmp_path, capsys, no_model_built):
     data = make_images(tmp_path / "imgs")
     blocker = tmp_path / "notes.txt"
@@ -112,6 +116,7 @@ def read_only_dir(tmp_path: Path):
 
 
 @pytest.mark.parametrize("below", [False, True], ids=["the-mount-itself", "a-new-folder-on-it"])
+@needs_torchvision
 def test_out_on_a_read_only_mount_is_refused_before_the_model_is_built(tmp_path, read_only_dir, below, capsys,
                                                                       no_model_built):
     data = make_images(tmp_path / "imgs")
@@ -141,7 +146,8 @@ def test_a_size_no_tensor_can_have_is_refused_without_cpp_frames(shape, capsys, 
 
 
 def test_the_input_limit_is_half_the_physical_memory(monkeypatch, leaf_models, capsys):
-    monkeypatch.setattr(hookkit.cli, "_physical_memory_bytes", lambda: 48)  # half: 24 bytes, six float32 numbers
+    # half: 24 bytes, six float32 numbers
+    monkeypatch.setattr(hookkit.cli._inputs, "physical_memory_bytes", lambda: 48)
     code, out = invoke(["summary", leaf_models, "--input-shape", "2,3"])
     assert code == 0, capsys.readouterr().err
     code, out = invoke(["summary", leaf_models, "--input-shape", "7,1"])
@@ -151,6 +157,7 @@ def test_the_input_limit_is_half_the_physical_memory(monkeypatch, leaf_models, c
 
 
 # -- extract --image-size / --batch-size ---------------------------------------------------------------------------
+@needs_torchvision
 def test_an_image_size_too_large_for_memory_is_refused_before_any_image_is_decoded(tmp_path, capsys, monkeypatch,
                                                                                  no_model_built):
     data = make_images(tmp_path / "imgs")
@@ -163,13 +170,14 @@ def test_an_image_size_too_large_for_memory_is_refused_before_any_image_is_decod
     assert not out.exists()
 
 
+@needs_torchvision
 def test_the_batch_counts_only_the_images_there_are(tmp_path, capsys, monkeypatch, no_model_built):
     data = make_images(tmp_path / "imgs", n=3)
     one_image = 3 * 64 * 64 * 4
-    monkeypatch.setattr(hookkit.cli, "_physical_memory_bytes", lambda: 2 * 3 * one_image)
+    monkeypatch.setattr(hookkit.cli._inputs, "physical_memory_bytes", lambda: 2 * 3 * one_image)
     # --batch-size 64 over 3 images is a batch of 3, which fits: it gets as far as building the model.
-    with pytest.raises(RuntimeError, match="the model was built"):
-        main(extract_args(data, tmp_path / "out", "--image-size", "64", "--batch-size", "64"))
+    with pytest.raises(RuntimeError, match="the model was built"):  # run() lets what is not a user error through
+        run(extract_args(data, tmp_path / "out", "--image-size", "64", "--batch-size", "64"))
     make_images(data, n=4)
     assert main(extract_args(data, tmp_path / "out", "--image-size", "64", "--batch-size", "64")) == 2
     assert "makes a batch of 4 images of 3×64×64 (49,152 float32 numbers, 192.0 KiB)" in one_error_line(capsys)
