@@ -18,8 +18,6 @@ else:
 _MODULES_THAT_NEED_TORCHVISION = ("hookkit._grid",)
 
 
-# Modules that cannot even be imported without torchvision / Pillow: their doctests are not collected then.
-collect_ignore = ["hookkit/_images.py"] if _TORCHVISION_MISSING else []
 
 
 def _needs_torchvision(item: pytest.DoctestItem) -> bool:
@@ -28,7 +26,7 @@ def _needs_torchvision(item: pytest.DoctestItem) -> bool:
         return False
     if any(test.name.startswith(m + ".") for m in _MODULES_THAT_NEED_TORCHVISION):
         return True
-    return any("torchvision" in example.source for example in test.examples)
+    return any("torchvision" in example.source or "PIL" in example.source for example in test.examples)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

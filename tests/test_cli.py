@@ -201,8 +201,9 @@ def test_torchvision_models_are_built_without_downloading(monkeypatch: pytest.Mo
         (["layers", "math:sqrt"], "the factory must take no arguments and return an nn.Module"),
         (["layers", "tinymodels:not_a_model"], "returned int, not a torch.nn.Module"),
         (["layers", "tinymodels:mkae"], "has no attribute 'mkae'. Did you mean 'make'?"),
-        pytest.param(*(["layers", "torchvision:resnet18", "--weights", "no/such/file.pt"], "does not exist"), marks=needs_torchvision),
-        pytest.param(*(["demo", "--model", "resnet18"], "did you mean 'torchvision:resnet18'"), marks=needs_torchvision),
+        pytest.param(["layers", "torchvision:resnet18", "--weights", "no/such/file.pt"], "does not exist",
+                     marks=needs_torchvision),
+        pytest.param(["demo", "--model", "resnet18"], "did you mean 'torchvision:resnet18'", marks=needs_torchvision),
     ],
 )
 def test_bad_model_specs_exit_2_with_one_line_naming_the_spec(argv, expected, tiny_module, capsys):

@@ -8,8 +8,9 @@ import sys
 
 from rich.console import Console
 
-from _optional import importorskip_torchvision
 from hookkit.cli import run
+
+from _optional import importorskip_torchvision
 
 # Every test here runs a torchvision model (pip install 'hookkit[torchvision]'): the whole file needs it.
 importorskip_torchvision()

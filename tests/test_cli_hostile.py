@@ -14,8 +14,9 @@ from rich.console import Console
 
 import hookkit._images
 import hookkit.cli
-from _optional import needs_torchvision
 from hookkit.cli import main, run
+
+from _optional import needs_torchvision
 
 LEAF_MODULE = """
 import torch.nn as nn

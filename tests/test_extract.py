@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 
 import hookkit
 
+from _optional import needs_torchvision, torchvision
 from conftest import hook_census
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ class Counting:
     def __iter__(self):
         for b in self.batches:
             if self.fail_after is not None and self.taken == self.fail_after:
-                raise IOError("disk went away")
+                raise OSError("disk went away")
             self.taken += 1
             yield b
 
@@ -91,6 +91,7 @@ def test_equals_one_big_forward_for_every_batch_kind(kind, use_out, tmp_path):
             np.testing.assert_array_equal(np.load(tmp_path / "f" / f"{n}.npy"), feats[n])
 
 
+@needs_torchvision
 @pytest.mark.parametrize("pool", ["avg", "max", "flatten", None, "custom"])
 def test_pooling_of_conv_activations(pool, tmp_path):
     model = torchvision.models.resnet18().eval()
@@ -103,6 +104,7 @@ def test_pooling_of_conv_activations(pool, tmp_path):
     np.testing.assert_allclose(feats["layer2"], expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@needs_torchvision
 def test_inplace_relu_after_the_layer_does_not_leak_into_its_rows():
     """bn1 is followed by ReLU(inplace=True): rows are taken at hook time, before the ReLU overwrites them."""
     model = torchvision.models.resnet18().eval()
@@ -317,6 +319,7 @@ def test_progress_bar_only_on_a_terminal_with_rate_and_bytes():
     assert "2/4" in text and "images/s" in text and "3.0 MiB written" in text
 
 
+@needs_torchvision
 def test_each_modules_own_mode_is_restored_not_just_the_roots():
     """A DataParallel wrapper is in train mode around an eval model: restoring model.train() would flip the
     wrapped model into train mode (and its BatchNorms would use batch statistics from then on)."""

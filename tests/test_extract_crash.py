@@ -8,6 +8,7 @@ is not allowed (not root, no CAP_SYS_ADMIN, not Linux).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -40,7 +41,7 @@ EXIT = re.compile(r"(?:^|\D)exit (\d+) (-?\d+)$")
 SEEDS = [int(s) for s in os.environ.get("HOOKKIT_CRASH_SEEDS", "1,3,4").split(",")]
 
 
-# -- helpers ------------------------------------------------------------------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------------------------------
 
 def npy_data_offset(head: bytes) -> int | None:
     """Where the rows of a .npy file start (from its own header), or None if the header is not (yet) whole."""
@@ -77,7 +78,7 @@ def first_difference(got: bytes, want: bytes) -> str | None:
         return None
     if len(got) != len(want):
         return f"{len(got)} bytes, the uninterrupted run's: {len(want)}"
-    at = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    at = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
     return f"differs from the uninterrupted run's from byte {at} on"
 
 
@@ -97,7 +98,7 @@ def assert_same_as_reference(out: Path, ref_dir: Path) -> None:
         assert got_m.get(key) == want_m.get(key), key
 
 
-# -- kill -9 ------------------------------------------------------------------------------------------------------------
+# -- kill -9 -----------------------------------------------------------------------------------------------------------
 
 class Server:
     """tests/_crash_worker.py: runs one extract() per job in a forked child, and reports its lines and exit code."""
@@ -150,10 +151,8 @@ class Server:
             if kill_on is not None and (word, counts[word]) == kill_on:
                 if delay:
                     time.sleep(delay)
-                try:
+                with contextlib.suppress(ProcessLookupError):  # already gone: its exit code tells
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:  # pragma: no cover - already gone: its exit code tells
-                    pass
 
     def close(self) -> None:
         try:
@@ -233,7 +232,7 @@ def test_several_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_fi
     assert_same_as_reference(out, ref_dir)
 
 
-# -- disk full ----------------------------------------------------------------------------------------------------------
+# -- disk full ---------------------------------------------------------------------------------------------------------
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["mount", *args], capture_output=True, text=True)

@@ -59,7 +59,7 @@ class Failing:
     def __iter__(self):
         for i, b in enumerate(self.batches):
             if i == self.fail_after:
-                raise IOError("the data went away")
+                raise OSError("the data went away")
             yield b
 
 
@@ -142,7 +142,7 @@ def test_cli_resume_with_another_batch_size(tmp_path, monkeypatch):
 
     def flaky(self, index):
         if index >= 4:
-            raise IOError("the disk with the images went away")
+            raise OSError("the disk with the images went away")
         return real(self, index)
 
     monkeypatch.setattr(ImageFiles, "__getitem__", flaky)
@@ -228,7 +228,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
         np.testing.assert_allclose(feats[n], ref[n], rtol=1e-6, atol=1e-6)
 
 
-# -- 5. a changed dataset -----------------------------------------------------------------------------------------------
+# -- 5. a changed dataset ----------------------------------------------------------------------------------------------
 
 def test_a_shrunken_dataset_is_refused_and_leaves_no_rows_past_the_end(tmp_path):
     model, x, batches = model_and_data(40, 4)
@@ -248,7 +248,7 @@ class Flaky(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self.fail_at is not None and i >= self.fail_at:
-            raise IOError("the data went away")
+            raise OSError("the data went away")
         return self.x[i]
 
 

@@ -5,6 +5,7 @@ and inputs paired with their own outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import random
@@ -22,6 +23,7 @@ from rich.console import Console
 
 import hookkit
 
+from _optional import needs_torchvision
 from conftest import SharedReLU, hook_census
 
 
@@ -86,6 +88,7 @@ def test_trace_console_must_be_a_rich_console():
 
 # -- item 11: the torch.compile warning only when compiled code can be involved ------------------------------------
 
+@needs_torchvision
 def test_importing_torchvision_alone_does_not_make_an_empty_capture_warn():
     code = (
         "import warnings, torch, torch.nn as nn, torchvision, hookkit, sys\n"
@@ -373,10 +376,8 @@ class Retry(nn.Module):
     def forward(self, x, inner: bool = False):
         if inner:
             raise ValueError("inner attempt fails")
-        try:
+        with contextlib.suppress(ValueError):
             self(x * 100, inner=True)
-        except ValueError:
-            pass
         return self.lin(x)
 
 
