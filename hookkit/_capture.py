@@ -129,6 +129,8 @@ class Store:
         where = f"{name!r}" + (f" (call {i})" if len(calls) > 1 else "")
         kind = self._kind
         if kind == "outputs":
+            if call.version is not None:
+                check_guards(((call.output, call.version),), f"the output of {where}")
             check_guards(call.guards, f"the output of {where}")
             refuse_unstored(call.output, f"the output of {where}")
             return call.output

@@ -57,24 +57,43 @@ class _Alias(NamedTuple):
 
 
 class Call:
-    """Everything recorded about one forward call of one module: the one record type the stores read."""
+    """Everything recorded about one forward call of one module: the one record type the stores read.
 
-    __slots__ = ("output", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in", "grad_in_skel",
-                 "grad_in_error", "grad_out_error", "aliases", "where")
+    A field that was never set reads as its default (``_CALL_DEFAULTS``): the default capture's hook, which runs on
+    every call of every hooked module, sets two fields and allocates nothing else."""
 
-    def __init__(self, output: Any = None, guards: Any = ()) -> None:
+    __slots__ = ("output", "version", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in",
+                 "grad_in_skel", "grad_in_error", "grad_out_error", "aliases", "where")
+
+    output: Any
+    version: int | None  # the version of ``output`` (a tensor stored without a copy) when it was recorded
+    guards: Any  # (tensor, version) for each other stored tensor that was not copied
+    args: Any
+    kwargs: Any
+    in_guards: Any
+    grad_out: list[Any] | None  # one slot per output tensor, once a gradient arrived
+    grad_in: list[Any] | None  # one slot per positional input tensor
+    grad_in_skel: Any
+    grad_in_error: str | None
+    grad_out_error: str | None  # why a gradient w.r.t. the output could not be stored
+    aliases: list[_Alias] | None
+    where: Where  # (name, module, call index), for a listener
+
+    def __init__(self, output: Any = None, version: int | None = None) -> None:
         self.output = output
-        self.guards = guards  # (tensor, version) for each stored tensor that was not copied
-        self.args: Any = None
-        self.kwargs: Any = None
-        self.in_guards: Any = ()
-        self.grad_out: list[Any] | None = None  # one slot per output tensor, once a gradient arrived
-        self.grad_in: list[Any] | None = None  # one slot per positional input tensor
-        self.grad_in_skel: Any = None
-        self.grad_in_error: str | None = None
-        self.grad_out_error: str | None = None  # why a gradient w.r.t. the output could not be stored
-        self.aliases: list[_Alias] | None = None
-        self.where: Where = ()  # (name, module, call index), for a listener
+        self.version = version
+
+    def __getattr__(self, name: str) -> Any:  # only reached for a slot never set
+        try:
+            return _CALL_DEFAULTS[name]
+        except KeyError:
+            raise AttributeError(f"'Call' record has no field {name!r}") from None
+
+
+_CALL_DEFAULTS: dict[str, Any] = {
+    "guards": (), "args": None, "kwargs": None, "in_guards": (), "grad_out": None, "grad_in": None,
+    "grad_in_skel": None, "grad_in_error": None, "grad_out_error": None, "aliases": None, "where": (),
+}
 
 
 class Recording:
@@ -375,7 +394,7 @@ class Engine:
                 if t.is_inference():
                     calls.append(Call(t.clone()))  # keeps no version counter: copy
                 else:
-                    calls.append(Call(t, ((t, t._version),)))
+                    calls.append(Call(t, t._version))
             else:
                 call = Call()
                 call.output, call.guards = snap(output)
