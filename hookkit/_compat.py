@@ -9,6 +9,7 @@ through these functions, so that a torch release that moves one of them breaks o
 | ``torch._dynamo.config.skip_nnmodule_hook_guards``  | engine (compile)         | 2.1   | nothing to switch     |
 | ``torch._dynamo.utils.counters``                    | engine (compile warning) | 2.0   | "nothing compiled"    |
 | ``Module._is_full_backward_hook``                   | handles                  | 1.8   | required              |
+| ``Module._backward_hooks``                          | handles                  | 1.0   | required              |
 | ``Module._compiled_call_impl``                      | select (``.compile()``)  | 2.2   | "not compiled"        |
 | ``Module._buffers``                                 | summary (BN restore)     | 1.0   | required              |
 | ``torch._C._functorch.is_functorch_wrapped_tensor`` | snapshots                | 2.0   | "not wrapped"         |
@@ -28,6 +29,7 @@ __all__ = [
     "dynamo_has_compiled",
     "full_backward_flag",
     "set_full_backward_flag",
+    "has_full_backward_hooks",
     "is_compiled_in_place",
     "buffers_of",
     "is_functorch_wrapped",
@@ -65,6 +67,11 @@ def full_backward_flag(module: nn.Module) -> bool | None:
 
 def set_full_backward_flag(module: nn.Module, value: bool | None) -> None:
     module._is_full_backward_hook = value
+
+
+def has_full_backward_hooks(module: nn.Module) -> bool:
+    """Whether ``module._backward_hooks`` (the dict ``register_full_backward_hook`` fills) holds any hook."""
+    return bool(module._backward_hooks)
 
 
 def is_compiled_in_place(module: nn.Module) -> bool:

@@ -152,7 +152,6 @@ class _HookGuards:
 _hook_guards = _HookGuards()
 
 
-_hook_guards = _HookGuards()
 
 
 class StopForward(Exception):
@@ -196,14 +195,14 @@ class Engine:
             raise RuntimeError("a hookkit block can be entered once; call hookkit.capture(...) (or trace, ...) again "
                                "for a new block.")
         self._entered = True
+        self._dynamo_guard = _hook_guards.acquire()
         try:
             for module, names in self._selected.items():
                 self._attach_module(module, names)
         except BaseException:
-            self._handles.remove()
+            self.remove()
             raise
         self._active = True
-        self._dynamo_guard = _hook_guards.acquire()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:

@@ -27,6 +27,7 @@ from ._fingerprint import call_settings
 from ._rowstore import Features, MemoryRows, NpyFolder, RowStore
 from ._select import resolve
 from ._shards import Batch, RoundRobin, ranks, sample_count
+from ._snapshot import shares_memory
 from ._stats import fmt_bytes
 
 __all__ = ["extract", "Features"]
@@ -306,13 +307,6 @@ def _first_tensor(value: Any, layer: str) -> torch.Tensor:
     return found[0]
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    try:
-        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor without plain storage: copy to be safe
-        return True
-
-
 class _Rows:
     """The listener: turns each selected layer's output into this batch's rows, at hook time (before any later
     in-place op can change it)."""
@@ -347,7 +341,7 @@ class _Rows:
             rows = rows.float()  # numpy has no bfloat16
         if self.dtype is not None:
             rows = rows.to(self.dtype)
-        if _shares_memory(rows, t):
+        if shares_memory(rows, t):
             rows = rows.clone()  # a view of the live activation (at any offset): copy before an in-place op
         self.batch[name] = rows
 

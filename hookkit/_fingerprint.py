@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import _tree
+from ._errors import ExtractError
 
 __all__ = ["call_settings", "model_fingerprint", "code_digest", "describe_option", "sample0_digest", "hash_tensor"]
 
@@ -73,6 +74,14 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
         except Exception:  # a custom extra_repr that fails: its class still counts
             extra = "?"
         h.update(f"{name}:{kind}({extra})\n".encode())
+    lazy = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+            if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        shown = ", ".join(lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+        raise ExtractError(
+            f"the model has lazy parameters not yet initialised ({shown}), so what identifies it for resuming would "
+            "change after its first forward: run one forward pass (any input of the right shape) before "
+            "extract(..., out=...).")
     n_tensors = 0
     with torch.no_grad():
         for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
 
-from ._compat import full_backward_flag, set_full_backward_flag
+from ._compat import full_backward_flag, has_full_backward_hooks, set_full_backward_flag
 
 __all__ = ["HandleGroup"]
 
 # Modules whose ``_is_full_backward_hook`` flag hookkit turned on (it was None before). Shared by every group, so
 # that whichever of several open blocks is removed last puts the flag back, whatever order they exit in.
 _FLAG_SET_BY_HOOKKIT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_FLAG_LOCK = threading.Lock()  # check-then-act on the flag and the set, from any thread
 
 
 class HandleGroup:
@@ -32,16 +34,20 @@ class HandleGroup:
 
     def full_backward_hook(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
         """``register_full_backward_hook``, undoing the ``_is_full_backward_hook`` flag torch leaves behind."""
-        ours = full_backward_flag(module) is None or module in _FLAG_SET_BY_HOOKKIT
-        handle = self.add(module.register_full_backward_hook(hook, **kwargs))
+        with _FLAG_LOCK:
+            ours = full_backward_flag(module) is None or module in _FLAG_SET_BY_HOOKKIT
+            handle = self.add(module.register_full_backward_hook(hook, **kwargs))
+            if ours:
+                _FLAG_SET_BY_HOOKKIT.add(module)
         if ours:
-            _FLAG_SET_BY_HOOKKIT.add(module)
 
             def restore() -> None:
                 # Only full backward hooks depend on the flag (pre-hooks run either way).
-                if module in _FLAG_SET_BY_HOOKKIT and not module._backward_hooks:
-                    set_full_backward_flag(module, None)
-                    _FLAG_SET_BY_HOOKKIT.discard(module)
+                with _FLAG_LOCK:
+                    if module in _FLAG_SET_BY_HOOKKIT and not has_full_backward_hooks(module):
+                        set_full_backward_flag(module, None)
+                        _FLAG_SET_BY_HOOKKIT.discard(module)
+
             self._undo.append(restore)
         return handle
 

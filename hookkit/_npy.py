@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEADER_BYTES", "RowFile", "write_header", "header_bytes", "finish_file", "npy_bytes"]
+__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes"]
 
 HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
 _MAGIC = b"\x93NUMPY\x01\x00"
@@ -33,15 +33,6 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
         raise ValueError(f"shape {shape} is too long for a fixed .npy header")
     body = body + " " * (room - len(body) - 1) + "\n"
     return _MAGIC + struct.pack("<H", room) + body.encode("latin1")
-
-
-def write_header(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, header_bytes(dtype, shape), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -86,9 +77,6 @@ class RowFile:
         while view:
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
-
-    def flush(self) -> None:
-        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

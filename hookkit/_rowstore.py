@@ -230,7 +230,9 @@ class NpyFolder(RowStore):
                 self._row_files[name].write(first_row, arr)
         n = len(next(iter(rows.values())))
         self._mine[:] = _merge([*self._mine, [first_row, first_row + n]])
-        with _Writing(self._own):  # after the rows: progress never claims rows that are not in the files
+        # After the rows: a killed process never leaves progress claiming rows that are not in the files (a power
+        # loss may, as the rows are not fsynced; the size check on resume catches only a cut file).
+        with _Writing(self._own):
             _atomic_json(self._own, {"rows": self._mine, "shapes": self._shapes.recorded(), "dtypes": self._dtypes})
 
     def finish(self, batches: int, rows: int) -> Features:

@@ -15,7 +15,7 @@ from . import _tree
 from ._compat import is_functorch_wrapped
 from ._errors import ModifiedInPlaceError, NotRecordedError
 
-__all__ = ["To", "parse_to", "Snapshotter", "Untappable", "check_guards", "refuse_unstored"]
+__all__ = ["To", "parse_to", "Snapshotter", "Untappable", "check_guards", "refuse_unstored", "shares_memory"]
 
 To = None | str | torch.device | torch.dtype | tuple | list
 
@@ -95,17 +95,22 @@ class Snapshotter:
             g = g.to(device=self.device, dtype=self.dtype if g.is_floating_point() else None)
         if g.layout != torch.strided:  # sparse (e.g. nn.Embedding(sparse=True)) and others: no data pointer
             return g.clone()
-        try:
-            shared = g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # a tensor kind without a storage of its own: copy to be safe
-            shared = True
-        return g.clone() if shared else g
+        return g.clone() if shares_memory(g, t) else g
 
     def __call__(self, value: Any) -> tuple[Any, Any]:
         guards: list = []
         if isinstance(value, torch.Tensor):
             return self.tensor(value, guards), guards
         return _tree.map_leaves(lambda t: self.tensor(t, guards), value, opaque=_tree.NotStored), guards
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` use the same storage (a view at any offset counts); True when it cannot be told, so
+    that the caller copies to be safe."""
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor kind without a storage of its own
+        return True
 
 
 class Untappable(Exception):

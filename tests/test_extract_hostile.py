@@ -473,3 +473,12 @@ def test_a_run_interrupted_in_one_process_is_finished_by_two_torchrun_ranks(tmp_
     for n in ["1", "3"]:
         np.testing.assert_allclose(np.load(out / f"{n}.npy"), ref[n], rtol=1e-5, atol=1e-6)
     assert json.loads((out / "manifest.json").read_text())["rows"] == 37
+
+
+def test_a_model_with_uninitialised_lazy_parameters_gets_an_extract_error_not_a_raw_one(tmp_path):
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
+    with pytest.raises(hookkit.ExtractError, match=r"lazy parameters not yet initialised \(0.weight, 0.bias\).*run one"):
+        hookkit.extract(model, ["0"], [torch.randn(2, 4)], out=tmp_path / "f", progress=False)
+    model(torch.randn(1, 4))  # as the message says
+    feats = hookkit.extract(model, ["0"], [torch.randn(2, 4)], out=tmp_path / "f", progress=False)
+    assert feats["0"].shape == (2, 3)
