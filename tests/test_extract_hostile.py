@@ -477,7 +477,7 @@ def test_a_run_interrupted_in_one_process_is_finished_by_two_torchrun_ranks(tmp_
 
 def test_a_model_with_uninitialised_lazy_parameters_gets_an_extract_error_not_a_raw_one(tmp_path):
     model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
-    with pytest.raises(hookkit.ExtractError, match=r"lazy parameters not yet initialised \(0.weight, 0.bias\).*run one"):
+    with pytest.raises(hookkit.ExtractError, match=r"lazy parameters not yet initialised \(0.weight, 0.bias\)"):
         hookkit.extract(model, ["0"], [torch.randn(2, 4)], out=tmp_path / "f", progress=False)
     model(torch.randn(1, 4))  # as the message says
     feats = hookkit.extract(model, ["0"], [torch.randn(2, 4)], out=tmp_path / "f", progress=False)
