@@ -98,8 +98,10 @@ def test_the_command_names_the_real_file_of_a_layer_whose_name_is_no_file_name(t
     monkeypatch.syspath_prepend(str(tmp_path))
     make_images(tmp_path / "imgs", n=3)
     out = tmp_path / "out"
-    code, text = invoke(["extract", "slash_models:model", "--layers", "enc/0", "--data", str(tmp_path / "imgs"),
-                         "--out", str(out), "--image-size", "32"])
+    wide = Console(file=io.StringIO(), width=1000, color_system=None)  # tmp paths are long: nothing may be cut
+    code = run(["extract", "slash_models:model", "--layers", "enc/0", "--data", str(tmp_path / "imgs"),
+                "--out", str(out), "--image-size", "32"], console=wide)
+    text = wide.file.getvalue()
     assert code == 0, text
     (written,) = [p for p in out.iterdir() if p.suffix == ".npy"]
     assert np.load(written).shape == (3, 4, 1, 1)
