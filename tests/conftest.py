@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,20 @@ class InplaceAfter(nn.Module):
 
     def forward(self, x):
         return self.head(self.act(self.fc(x)))
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``user_module("mymodels", SOURCE)``: write a module into a fresh folder and make it importable (fresh, not a
+    cached copy), as a user's own model file would be for ``hookkit ... mymodels:factory``; returns the folder."""
+
+    def make(name: str, source: str) -> Path:
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        return tmp_path
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -72,12 +72,9 @@ Pass a name, or a glob like 'layer*.0.conv1', to hookkit.capture(model, ...).
 
 
 @pytest.fixture
-def tiny_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def tiny_module(user_module) -> Path:
     """`tinymodels` importable from a fresh folder, as a user's own model file would be."""
-    (tmp_path / "tinymodels.py").write_text(TINY_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tinymodels", raising=False)
-    return tmp_path
+    return user_module("tinymodels", TINY_MODULE)
 
 
 def invoke(argv: list[str], width: int = 120) -> tuple[int, str]:

@@ -33,10 +33,8 @@ def linear():
 
 
 @pytest.fixture
-def leaf_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    (tmp_path / "errors_leaf.py").write_text(LEAF_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "errors_leaf", raising=False)
+def leaf_model(user_module) -> str:
+    user_module("errors_leaf", LEAF_MODULE)
     return "errors_leaf:linear"
 
 

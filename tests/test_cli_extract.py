@@ -93,9 +93,8 @@ def model():
 """
 
 
-def test_the_command_names_the_real_file_of_a_layer_whose_name_is_no_file_name(tmp_path, monkeypatch):
-    (tmp_path / "slash_models.py").write_text(SLASH_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_the_command_names_the_real_file_of_a_layer_whose_name_is_no_file_name(tmp_path, user_module):
+    user_module("slash_models", SLASH_MODULE)
     make_images(tmp_path / "imgs", n=3)
     out = tmp_path / "out"
     wide = Console(file=io.StringIO(), width=1000, color_system=None)  # tmp paths are long: nothing may be cut

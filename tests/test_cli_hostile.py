@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,9 @@ def linear():
 
 
 @pytest.fixture
-def leaf_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def leaf_models(user_module) -> str:
     """`hostile_leaf:linear`, a factory of a model without submodules, importable as a user's file would be."""
-    (tmp_path / "hostile_leaf.py").write_text(LEAF_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "hostile_leaf", raising=False)
+    user_module("hostile_leaf", LEAF_MODULE)
     return "hostile_leaf:linear"
 
 
