@@ -200,6 +200,12 @@ class Capture(Store):
         return swallowed
 
     @property
+    def copies(self) -> int:
+        """How many stored tensors hookkit copied because an in-place op (``ReLU(inplace=True)``, ``+=``) was about
+        to overwrite them (copy-on-write; 0 with ``clone=True``, which copies everything at hook time)."""
+        return self._engine.copies
+
+    @property
     def selected(self) -> list[str]:
         """The layer names this capture hooks, as the specs resolved (a shared module under each of its names)."""
         return list(self._rec.selected_names)

@@ -13,6 +13,8 @@ through these functions, so that a torch release that moves one of them breaks o
 | ``Module._compiled_call_impl``                      | select (``.compile()``)  | 2.2   | "not compiled"        |
 | ``Module._buffers``                                 | summary (BN restore)     | 1.0   | required              |
 | ``torch._C._functorch.is_functorch_wrapped_tensor`` | snapshots                | 2.0   | "not wrapped"         |
+| ``torch._C._push_on_torch_function_stack`` / pop    | ops (the function mode   | 2.0   | required              |
+|   / ``_len_torch_function_stack`` / ``_get_...at``  |   pushed in a hook)      |       |                       |
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ __all__ = [
     "is_compiled_in_place",
     "buffers_of",
     "is_functorch_wrapped",
+    "push_function_mode",
+    "pop_function_mode",
+    "function_mode_stack",
 ]
 
 
@@ -91,3 +96,26 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
     not outlive its transform."""
     check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
     return bool(check(t)) if check is not None else False
+
+
+def push_function_mode(mode: Any) -> None:
+    """Push a ``TorchFunctionMode`` on this thread's stack from a module hook, where a ``with`` block cannot span
+    the pre-hook and the forward hook."""
+    torch._C._push_on_torch_function_stack(mode)
+
+
+def pop_function_mode(mode: Any) -> None:
+    """Take ``mode`` off this thread's function-mode stack; modes a user left above it are put back in order."""
+    above = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+
+
+def function_mode_stack() -> list[Any]:
+    """This thread's torch function modes, bottom first."""
+    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]

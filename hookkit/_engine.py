@@ -6,11 +6,12 @@ its listener; owns every handle it made and removes exactly those.
 and ask it to keep nothing. Values are snapshotted through ``_snapshot.Snapshotter``; torch internals come from
 ``_compat``.
 
-Taps: today one kind, module hooks (``_attach_module``: a pre-hook that opens a ``Call``, a forward hook that
-records it, an always-called hook that closes it, tensor hooks for gradients). The op-level issue adds a second
-kind (a torch function mode entered inside the modules whose ops were asked for); it records into the same
-``Recording`` with the same ``Call`` records, snapshotter and listener, and registers its undo in the same
-``HandleGroup``.
+Taps, two kinds: module hooks (``_attach_module``: a pre-hook that opens a ``Call``, a forward hook that records
+it, an always-called hook that closes it, tensor hooks for gradients), and op taps (``_ops.OpTaps``: a torch
+function mode entered inside the modules whose ops were asked for), which record through ``node_begin`` /
+``node_end`` into the same ``Recording`` with the same ``Call`` records, snapshotter and listener, and register their
+hooks in the same ``HandleGroup``. Stored tensors that were not copied are watched (``_snapshot.Watch``): the op
+taps copy one just before an in-place op writes into it (copy-on-write).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch.nn as nn
 from . import _tree
 from ._compat import current_graph_task_id, dynamo_config, dynamo_has_compiled
 from ._handles import HandleGroup
-from ._select import Layers, resolve, unwrap
-from ._snapshot import Snapshotter, To, Untappable
+from ._ops import OpTaps
+from ._select import Layers, resolve_nodes, unwrap
+from ._snapshot import Snapshotter, To, Untappable, Watch
 
 __all__ = ["Engine", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
 
@@ -89,6 +91,30 @@ class Call:
         except KeyError:
             raise AttributeError(f"'Call' record has no field {name!r}") from None
 
+    # -- copy-on-write (``_snapshot.Watch``) ------------------------------------------------------------------------
+    def uncopied(self, field: str) -> Any:
+        """The ``(tensor, version)`` pairs stored without a copy in ``field`` ("output" or "inputs")."""
+        if field == "output":
+            return ((self.output, self.version),) if self.version is not None else self.guards
+        return self.in_guards
+
+    def replace(self, field: str, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Store ``new`` (a copy) where ``old`` was, and stop guarding ``old``."""
+
+        def swap(t: torch.Tensor) -> torch.Tensor:
+            return new if t is old else t
+
+        if field == "output":
+            if self.version is not None and self.output is old:
+                self.output, self.version = new, None
+                return
+            self.output = _tree.map_leaves(swap, self.output)
+            self.guards = [(t, v) for t, v in self.guards if t is not old]
+        else:
+            self.args = _tree.map_leaves(swap, self.args)
+            self.kwargs = _tree.map_leaves(swap, self.kwargs)
+            self.in_guards = [(t, v) for t, v in self.in_guards if t is not old]
+
 
 _CALL_DEFAULTS: dict[str, Any] = {
     "guards": (), "args": None, "kwargs": None, "in_guards": (), "grad_out": None, "grad_in": None,
@@ -102,15 +128,17 @@ class Recording:
 
     __slots__ = ("records", "order", "selected_names", "want_inputs", "want_grads", "wrapped", "param_grads")
 
-    def __init__(self, selected: dict[nn.Module, list[str]], want_inputs: bool, want_grads: bool,
-                 wrapped: bool) -> None:
+    def __init__(self, selected: dict[nn.Module, list[str]], nodes: dict[str, str], want_inputs: bool,
+                 want_grads: bool, wrapped: bool) -> None:
         self.records: dict[str, list[Call]] = {}
         for names in selected.values():
             calls: list[Call] = []
             for n in names:
                 self.records[n] = calls  # aliases of a shared module share one list
+        for n in nodes:
+            self.records[n] = []
         self.order: list[str] = []
-        self.selected_names = [n for names in selected.values() for n in names]
+        self.selected_names = [n for names in selected.values() for n in names] + list(nodes)
         self.want_inputs = want_inputs
         self.want_grads = want_grads
         self.wrapped = wrapped
@@ -170,8 +198,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None, keep: bool = True,
                  inputs: bool = False, grads: bool = False, detach: bool = True, clone: bool = False, to: To = None,
-                 stop: bool = False, param_grads: bool = False) -> None:
-        self._selected = resolve(model, layers)  # checks the model; raises before anything is registered
+                 stop: bool = False, param_grads: bool = False, ops: bool = False) -> None:
+        # checks the model; raises before anything is registered
+        self._selected, nodes = resolve_nodes(model, layers)
         self._snap = Snapshotter(detach=detach, clone=clone, to=to)
         self._listener = listener
         self._keep = keep
@@ -179,12 +208,26 @@ class Engine:
         self._want_grads = bool(grads)
         self._want_param_grads = bool(param_grads)
         self._stop = bool(stop)
-        self.recording = Recording(self._selected, self._want_inputs, self._want_grads, unwrap(model)[1])
+        inner, wrapped = unwrap(model)
+        self.recording = Recording(self._selected, nodes, self._want_inputs, self._want_grads, wrapped)
         self._handles = HandleGroup()
         self._entered = False
         self._active = False
-        self._ran: set[int] = set()
+        self._ran: set[Any] = set()
+        self._n_selected = len(self._selected) + len(nodes)
+        self._node_started: dict[str, int] = {}
         self._dynamo_guard: Callable[[], None] | None = None
+        # Copy-on-write: stored tensors that were not copied are watched, and copied before an in-place write.
+        self._watch = Watch() if keep and not clone else None
+        self._ops: OpTaps | None = None
+        if nodes or ops or self._watch is not None:
+            self._ops = OpTaps(inner, handles=self._handles, wanted=nodes, name_all=ops, tap_all=ops,
+                               watch=self._watch, begin=self.node_begin, end=self.node_end)
+
+    @property
+    def copies(self) -> int:
+        """How many stored tensors were copied because an in-place op was about to write into them."""
+        return self._watch.copies if self._watch is not None else 0
 
     @property
     def active(self) -> bool:
@@ -199,6 +242,8 @@ class Engine:
         try:
             for module, names in self._selected.items():
                 self._attach_module(module, names)
+            if self._ops is not None:
+                self._ops.attach()
         except BaseException:
             self.remove()
             raise
@@ -214,6 +259,11 @@ class Engine:
         """Remove every hook this engine made; safe to call twice."""
         self._active = False
         self._handles.remove()
+        if self._ops is not None:
+            self._ops.close()
+            self._ops = None  # it holds the model
+        if self._watch is not None:
+            self._watch.clear()
         restore, self._dynamo_guard = self._dynamo_guard, None
         if restore is not None:
             restore()
@@ -238,7 +288,8 @@ class Engine:
         paired = bool(self._want_inputs or self._want_grads or self._listener)
         if paired:
             self._handles.add(module.register_forward_pre_hook(self._pre_hook(names[0], pending), with_kwargs=True))
-        fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
+        fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener
+                    or self._watch is None)
         hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
         self._handles.add(module.register_forward_hook(hook))
         if paired:
@@ -262,7 +313,6 @@ class Engine:
             self._handles.add(p.register_post_accumulate_grad_hook(hook))
 
     def _pre_hook(self, name: str, pending: list[Call]) -> Any:
-        snap = self._snap
         want_inputs = self._want_inputs
         want_grads = self._want_grads
         listener = self._listener
@@ -278,10 +328,7 @@ class Engine:
                 started[0] += 1
                 listener.forward_pre(call.where, args, kwargs)
             if want_inputs:
-                guards: list = []
-                call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args, opaque=_tree.NotStored)
-                call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs, opaque=_tree.NotStored)
-                call.in_guards = guards
+                self._store_inputs(call, args, kwargs)
             if want_grads and torch.is_grad_enabled():
                 new_args = self._alias_inputs(call, args)
                 if new_args is not None:
@@ -289,6 +336,15 @@ class Engine:
             return None
 
         return pre_hook
+
+    def _store_inputs(self, call: Call, args: tuple, kwargs: dict) -> None:
+        snap = self._snap
+        guards: list = []
+        call.args = _tree.map_leaves(lambda t: snap.tensor(t, guards), args, opaque=_tree.NotStored)
+        call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs, opaque=_tree.NotStored)
+        call.in_guards = guards
+        if guards and self._watch is not None:
+            self._watch.add(call, "inputs")
 
     def _alias_inputs(self, call: Call, args: tuple) -> tuple | None:
         """Give each positional input that needs grad a view of its own, hooked, so that the gradient this module
@@ -382,6 +438,8 @@ class Engine:
         order = self.recording.order
         snap = self._snap
         tensor = torch.Tensor
+        assert self._watch is not None  # the fast hook stores without copying: only with copy-on-write
+        watched = self._watch.pending
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() != -1:
@@ -393,49 +451,70 @@ class Engine:
                 if t.is_inference():
                     calls.append(Call(t.clone()))  # keeps no version counter: copy
                 else:
-                    calls.append(Call(t, t._version))
+                    call = Call(t, t._version)
+                    calls.append(call)
+                    watched.append((call, "output"))
             else:
                 call = Call()
                 call.output, call.guards = snap(output)
                 calls.append(call)
+                if call.guards:
+                    watched.append((call, "output"))
 
         return forward_hook
 
     def _forward_hook(self, names: list[str], calls: list[Call], pending: list[Call]) -> Any:
-        snap = self._snap
-        want_grads = self._want_grads
-        stop = self._stop
-        n_selected = len(self._selected)
-        order = self.recording.order
-        listener = self._listener
-        keep = self._keep
-
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() != -1:
                 return  # activation checkpointing recomputing a forward: not a new call
             call = pending[-1] if pending else Call()  # popped by _end_of_call, which runs next
-            if keep:
-                call.output, call.guards = snap(output)
-                if not calls:
-                    order.extend(names)
-                calls.append(call)
-            if listener is not None:
-                listener.forward(call.where, args, output)
-            if want_grads and torch.is_grad_enabled():
-                if call.aliases:
-                    self._fix_inplace_inputs(call)
-                outs = _tree.leaves(output)
-                n = len(outs)
-                for i, t in enumerate(outs):
-                    if t.requires_grad:
-                        self._handles.add(t.register_hook(self._grad_out_hook(call, i, n)))
-            if stop:
-                self._ran.add(id(module))
-                if len(self._ran) == n_selected:
-                    raise StopForward(self)
+            self._finish(call, names, calls, id(module), args, output)
 
         return forward_hook
 
+    def _finish(self, call: Call, names: list[str], calls: list[Call], key: Any, args: tuple, output: Any) -> None:
+        """Record a call's output, tell the listener, hook its gradients, and stop when everything selected ran."""
+        if self._keep:
+            call.output, call.guards = self._snap(output)
+            if not calls:
+                self.recording.order.extend(names)
+            calls.append(call)
+            if call.guards and self._watch is not None:
+                self._watch.add(call, "output")
+        if self._listener is not None:
+            self._listener.forward(call.where, args, output)
+        if self._want_grads and torch.is_grad_enabled():
+            if call.aliases:
+                self._fix_inplace_inputs(call)
+            outs = _tree.leaves(output)
+            n = len(outs)
+            for i, t in enumerate(outs):
+                if t.requires_grad:
+                    self._handles.add(t.register_hook(self._grad_out_hook(call, i, n)))
+        if self._stop:
+            self._ran.add(key)
+            if len(self._ran) == self._n_selected:
+                raise StopForward(self)
+
+    # -- op taps (``_ops``) ---------------------------------------------------------------------------------------
+    def node_begin(self, name: str, site: Any, args: tuple, kwargs: dict) -> tuple[Call, tuple | None]:
+        """An op (or a repeated call of a leaf module) named ``name`` is about to run: open its ``Call``; returns
+        arguments to run it with instead (views tapped for input gradients), or None."""
+        call = Call()
+        i = self._node_started.get(name, 0)
+        self._node_started[name] = i + 1
+        call.where = (name, site, i)
+        if self._listener is not None:
+            self._listener.forward_pre(call.where, args, kwargs)
+        if self._want_inputs:
+            self._store_inputs(call, args, kwargs)
+        if self._want_grads and torch.is_grad_enabled():
+            return call, self._alias_inputs(call, args)
+        return call, None
+
+    def node_end(self, call: Call, args: tuple, output: Any) -> None:
+        name = call.where[0]
+        self._finish(call, [name], self.recording.records[name], name, args, output)
 
 def _end_of_call(pending: list[Call]) -> Any:
     """A forward hook run after the recording one, and also when the forward raised (``always_call``): it ends the

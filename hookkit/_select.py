@@ -13,7 +13,7 @@ import torch.nn as nn
 from ._compat import is_compiled_in_place
 from ._errors import LayerNotFoundError, UnsupportedModelError
 
-__all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "check_model", "unwrap"]
+__all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "resolve_nodes", "check_model", "unwrap"]
 
 LayerSpec = str | type | nn.Module | Callable[[str, nn.Module], bool]
 Layers = LayerSpec | Iterable[LayerSpec]
@@ -21,21 +21,39 @@ Layers = LayerSpec | Iterable[LayerSpec]
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """Every name that ``capture`` and ``hooks`` accept for ``model``, in ``named_modules`` order.
+def layer_names(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> list[str]:
+    """Every name that ``capture``, ``trace``, ``check_finite`` and ``hooks`` accept for ``model``.
+
+    Without example inputs: the module names, in ``named_modules`` order. With them, the model runs once (under
+    ``no_grad``, its train / eval mode and the RNG state restored afterwards) and the list holds, in execution
+    order, the modules that ran, the op nodes (``"relu"``, ``"layer1.0.add"``, ``"flatten"``) and repeated calls of
+    leaf modules (``"layer1.0.relu_1"``), named as torchvision's ``get_graph_node_names`` names them.
 
     A module registered under several names (a shared submodule) is listed under each of them. For a model
     wrapped in DataParallel or DistributedDataParallel, the names are the wrapped model's (``"layer1"``; hookkit
     also accepts ``"module.layer1"``).
 
     Example:
-        >>> import torch.nn as nn, hookkit
+        >>> import torch, torch.nn as nn, torch.nn.functional as F, hookkit
         >>> hookkit.layer_names(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         ['0', '1']
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return F.relu(self.fc(x) + x).flatten(1)
+        >>> hookkit.layer_names(Net(), torch.randn(2, 4))
+        ['fc', 'add', 'relu', 'flatten']
     """
     _require_module(model)
     model, _ = unwrap(model)
-    return [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    if not example_args and not example_kwargs:
+        return [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    check_model(model)
+    from ._ops import discover  # the op machinery loads only when a forward is asked for
+
+    return discover(model, example_args, example_kwargs)
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -124,7 +142,8 @@ def _describe(spec: Any) -> str:
 
 def _not_found(model: nn.Module, spec: Any, names: list[str]) -> LayerNotFoundError:
     model_name = type(model).__name__
-    hint = "See hookkit.layer_names(model) (or `hookkit layers MODEL`) for every valid name."
+    hint = ("See hookkit.layer_names(model) (or `hookkit layers MODEL`) for every valid name, and "
+            "hookkit.layer_names(model, example_input) (`hookkit layers MODEL --input-shape ...`) for op nodes.")
     if isinstance(spec, str):
         kind = "pattern" if _GLOB_CHARS.search(spec) else "layer"
         close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
@@ -163,6 +182,20 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
 
     Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
     """
+    selected, nodes = resolve_nodes(model, layers)
+    if nodes:
+        name = next(iter(nodes))
+        raise LayerNotFoundError(f"{name!r} is an op or repeated-call node, which only capture(), trace(), "
+                                 "check_finite() and hooks() take; give a module name here.")
+    return selected
+
+
+def resolve_nodes(model: nn.Module, layers: Any) -> tuple[dict[nn.Module, list[str]], dict[str, str]]:
+    """``resolve``, plus the names that are op or repeated-call nodes (``"layer1.0.add"``, ``"layer1.0.relu_1"``):
+    ``{node name: the path of the module whose forward names it}``, checked as far as can be before a forward.
+
+    Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
+    """
     _require_module(model)
     model, wrapped = unwrap(model)
     named = list(model.named_modules(remove_duplicate=False))
@@ -172,6 +205,7 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
         specs = [s[len("module."):] if isinstance(s, str) and s.startswith("module.") else s for s in specs]
     names = [n for n, _ in named if n]
     chosen: set[str] = set()
+    nodes: dict[str, str] = {}
     for spec in specs:
         if isinstance(spec, str):
             if _GLOB_CHARS.search(spec):
@@ -179,6 +213,11 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
                 hits = [n for n in names if rx.match(n)]
             else:
                 hits = [n for n, _ in named if n == spec]
+                if not hits:
+                    scope = _node_scope(model, dict(named), spec)
+                    if scope is not None:
+                        nodes[spec] = scope
+                        continue
         elif isinstance(spec, type):
             hits = [n for n, m in named if n and isinstance(m, spec)]
         elif isinstance(spec, nn.Module):
@@ -197,4 +236,25 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
     for n, m in named:
         if n in chosen:
             selected.setdefault(m, []).append(n)
-    return selected
+    return selected, nodes
+
+
+def _node_scope(model: nn.Module, modules: dict[str, nn.Module], spec: str) -> str | None:
+    """The scope of an op or repeated-call node name, or None when ``spec`` cannot be one."""
+    from ._ops import is_leaf, known_op_names, split_node_name
+
+    scope, base, k = split_node_name(spec)
+    owner = modules.get(scope)
+    if owner is None:
+        return None
+    child = f"{scope}.{base}" if scope else base
+    repeated = k >= 1 and child in modules and is_leaf(modules[child])
+    if not repeated and base not in known_op_names():
+        return None
+    if is_leaf(owner):
+        where = f"{scope!r}" if scope else "the model"
+        raise LayerNotFoundError(
+            f"{spec!r} names an op inside {where}, a {type(owner).__name__}: ops inside torch's own modules (and "
+            "torchvision.ops') are not nodes, as in torchvision's FX extractor. Capture the module itself. See "
+            "hookkit.layer_names(model, example_input) for every node name.")
+    return scope

@@ -15,7 +15,7 @@ from . import _tree
 from ._compat import is_functorch_wrapped
 from ._errors import ModifiedInPlaceError, NotRecordedError
 
-__all__ = ["To", "parse_to", "Snapshotter", "Untappable", "check_guards", "refuse_unstored", "shares_memory"]
+__all__ = ["To", "parse_to", "Snapshotter", "Untappable", "Watch", "check_guards", "refuse_unstored", "shares_memory"]
 
 To = None | str | torch.device | torch.dtype | tuple | list
 
@@ -111,6 +111,66 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # a tensor kind without a storage of its own
         return True
+
+
+class Watch:
+    """Copy-on-write: the stored tensors that were not copied, and the copy made just before an in-place op that
+    hookkit sees (``_ops``) writes into storage one of them uses.
+
+    Holders are the engine's ``Call`` records: ``uncopied(field)`` gives ``(tensor, version)`` pairs and
+    ``replace(field, old, new)`` swaps a stored tensor for its copy. Adding is one list append (a hook runs on every
+    call); tensors are indexed by storage only when an in-place op comes, and each at most once.
+    """
+
+    __slots__ = ("pending", "by_storage", "copies")
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, str]] = []
+        self.by_storage: dict[int, list[tuple[torch.Tensor, int, Any, str]]] = {}
+        self.copies = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pending or self.by_storage)
+
+    def add(self, holder: Any, field: str) -> None:
+        self.pending.append((holder, field))
+
+    def before_write(self, targets: list[torch.Tensor]) -> None:
+        """``targets`` are about to be written in place: copy every stored tensor sharing storage with one."""
+        if self.pending:
+            for holder, field in self.pending:
+                for t, version in holder.uncopied(field):
+                    key = _storage_key(t)
+                    if key:
+                        self.by_storage.setdefault(key, []).append((t, version, holder, field))
+            self.pending.clear()
+        for w in targets:
+            entries = self.by_storage.pop(_storage_key(w), None)
+            if not entries:
+                continue
+            made: dict[int, torch.Tensor] = {}
+            for t, version, holder, field in entries:
+                if t._version != version:
+                    continue  # already changed by a write hookkit did not see: reading it will say so
+                copy = made.get(id(t))
+                if copy is None:
+                    copy = made[id(t)] = t.clone()  # of a view, only the part the view covers
+                    self.copies += 1
+                holder.replace(field, t, copy)
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.by_storage.clear()
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (0 when it has none, or no elements: nothing to overwrite). A stored tensor
+    keeps its storage alive, so no other storage can have the same address while it is watched."""
+    try:
+        return t.untyped_storage().data_ptr() if t.numel() else 0
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 class Untappable(Exception):

@@ -150,17 +150,20 @@ def test_bad_to_is_refused_before_hooking():
 # -- in-place ops after the hooked module ------------------------------------------------------------------------
 
 @needs_torchvision
-def test_inplace_relu_after_capture_is_detected_not_silent():
-    """ResNet's bn1 is followed by ReLU(inplace=True): the stored tensor would silently hold relu(bn1)."""
+def test_inplace_relu_after_capture_keeps_the_value_by_copy_on_write():
+    """ResNet's bn1 is followed by ReLU(inplace=True): without copy-on-write the stored tensor would hold
+    relu(bn1). The default capture copies it just before the ReLU writes, and only then."""
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)
     with hookkit.capture(model, ["bn1"]) as cap:
         ref, _ = raw_reference(model, ["bn1"], lambda: model(x))
-    with pytest.raises(hookkit.ModifiedInPlaceError, match=r"'bn1'.*clone=True"):
-        cap["bn1"]
-    with pytest.raises(hookkit.ModifiedInPlaceError):
-        cap.calls("bn1")
     assert ref["bn1"][0].min() < 0  # the true value has negatives that the in-place ReLU erased
+    assert_same(cap["bn1"], ref["bn1"][0])
+    assert_same(cap.calls("bn1")[0], ref["bn1"][0])
+    assert cap.copies == 1
+    with hookkit.capture(model, ["conv1"]) as untouched:  # conv1's output is never written in place
+        model(x)
+    assert untouched.copies == 0
 
 
 @needs_torchvision
@@ -183,12 +186,12 @@ def test_vgg11_features_3_is_the_conv_output_unlike_the_fx_extractor():
     truth = ref["features.3"][0]
     assert truth.min() < 0, "the test needs negative conv outputs for the in-place ReLU to matter"
     assert_same(cap["features.3"], truth)
-    with hookkit.capture(model, ["features.3"]) as lazy:
+    with hookkit.capture(model, ["features.3"]) as lazy:  # the default: copied before features.4 writes
         model(x)
-    with pytest.raises(hookkit.ModifiedInPlaceError, match="features.3"):
-        lazy["features.3"]
+    assert_same(lazy["features.3"], truth)
+    assert lazy.copies == 1
     # Asked for features.3 and the logits, the FX extractor hands back features.3 after the in-place ReLU
-    # features.4 ran over it (min 0); hookkit either has the right value or says why not.
+    # features.4 ran over it (min 0); hookkit has the value the conv produced.
     with hookkit.capture(model, ["features.3", "classifier.6"], clone=True) as both:
         model(x)
     assert_same(both["features.3"], truth)
@@ -233,9 +236,9 @@ def test_inputs_and_kwargs_are_recorded_before_the_module_runs():
     assert_same(ins[0], a)
     assert cap.kwargs["inner"]["scale"] == 2.0
     assert_same(cap.kwargs["inner"]["mask"], mask)
-    # relu modifies its input in place: the stored input is what it received, or reading raises.
-    with pytest.raises(hookkit.ModifiedInPlaceError, match="input of 'relu'"):
-        cap.inputs["relu"]
+    # relu modifies its input in place: the stored input was copied just before, so it is what relu received.
+    assert_same(cap.inputs["relu"], (a + b) * 2.0 * mask)
+    assert cap.copies >= 1
     with hookkit.capture(w, ["relu"], inputs=True, clone=True) as cap2:
         w(a, b, mask)
     assert_same(cap2.inputs["relu"], (a + b) * 2.0 * mask)

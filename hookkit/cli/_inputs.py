@@ -93,12 +93,15 @@ def shape(text: str) -> tuple[int, ...]:
 
 
 # -- models and inputs ---------------------------------------------------------------------------------------------
-def add_model_and_input_args(p: argparse.ArgumentParser) -> None:
-    """MODEL, --input-shape, --weights and --seed: the arguments of the commands that run a random input."""
+def add_model_and_input_args(p: argparse.ArgumentParser, *, input_required: bool = True,
+                             input_help: str = "shape of the random float input") -> None:
+    """MODEL, --input-shape, --weights and --seed: the arguments of the commands that run a random input.
+    ``input_required=False`` (``layers``): without --input-shape the command runs nothing; ``input_help`` then says
+    what the input is for."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--input-shape", required=True, type=shape, metavar="N,C,H,W",
-                   help="shape of the random float input, comma-separated, e.g. 1,3,224,224 (refused when "
-                   "it would take over half of the memory)")
+    p.add_argument("--input-shape", required=input_required, type=shape, metavar="N,C,H,W",
+                   help=f"{input_help}, comma-separated, e.g. 1,3,224,224 (refused when it would take over half "
+                   "of the memory)")
     p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
     p.add_argument("--seed", type=seed, default=0, help="seed of the weights and the input; default: %(default)s")
 

@@ -1,5 +1,8 @@
 """``hookkit layers MODEL``: every layer name hookkit accepts for a model, as a tree (or ``--table``) with class and
-parameter counts. The command to run first: the names it prints are what the other commands take.
+parameter counts. The command to run first: the names it prints are what the other commands take. With
+``--input-shape`` it runs the model once on a random input (``hookkit.layer_names(model, x)``) and lists, in
+execution order, the modules that ran, their repeated calls and the op nodes of their forwards, each op under the
+module whose forward ran it.
 
 ``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds; ``_parser`` hands the parsed
 arguments back to ``_cmd_layers`` through ``hookkit.cli.run``.
@@ -8,9 +11,11 @@ arguments back to ``_cmd_layers`` through ``hookkit.cli.run``.
 from __future__ import annotations
 
 import argparse
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 from rich import box
 from rich.console import Console
@@ -18,8 +23,16 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .._select import resolve
-from ._inputs import MODEL_HELP, build_model, positive_int, weights_note
+from .._errors import LayerNotFoundError
+from .._select import _GLOB_CHARS, _glob_regex, resolve
+from ._inputs import (
+    add_model_and_input_args,
+    build_model,
+    forward,
+    model_and_input,
+    positive_int,
+    weights_note,
+)
 
 __all__: list[str] = []  # run through `hookkit layers`
 
@@ -31,15 +44,19 @@ def register(sub: Any) -> None:
         help="list every layer name hookkit accepts for a model, with class and parameter counts",
         description="List every name that hookkit.capture() and hookkit.hooks() accept for MODEL (the names of "
         "named_modules(remove_duplicate=False) except the root), with its class and parameter counts, as a tree "
-        "nested by dotted name.",
+        "nested by dotted name. With --input-shape, run MODEL once on a random input and list, in execution order, "
+        "the modules that ran, the op nodes of their forwards (named as torchvision's get_graph_node_names names "
+        "them: 'layer1.0.add', 'flatten') and the repeated calls of a module ('layer1.0.relu_1').",
     )
-    layers.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    layers.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+    add_model_and_input_args(layers, input_required=False,
+                             input_help="also list op nodes and repeated calls: run MODEL once (under no_grad) on "
+                             "a random float input of this shape")
     layers.add_argument("--depth", type=positive_int, metavar="N",
                         help="show names with at most N dotted parts (1 = the model's direct children)")
     layers.add_argument("--filter", metavar="GLOB",
                         help="show only names that this name or glob selects, as capture() would: '*' stays "
-                        "inside one dotted part, '**' crosses parts (e.g. 'layer1.**', '**conv*')")
+                        "inside one dotted part, '**' crosses parts (e.g. 'layer1.**', '**conv*'); with "
+                        "--input-shape, op and repeated-call names match too")
     layers.add_argument("--table", action="store_true", help="a flat table with own and total parameters")
     layers.set_defaults(command=_cmd_layers)
 
@@ -47,10 +64,11 @@ def register(sub: Any) -> None:
 @dataclass
 class _Row:
     name: str
-    cls: str
+    cls: str  # the module's class; for a node that is not a module's first call, what it is (see ``kind``)
     own: int
     total: int
     alias_of: str | None  # first name of a module registered under several names
+    kind: str = "module"  # "module"; with --input-shape also "op" (an op node) or "call" (a module's repeated call)
 
 
 def _layer_rows(model: nn.Module) -> list[_Row]:
@@ -70,13 +88,78 @@ def _layer_rows(model: nn.Module) -> list[_Row]:
     return rows
 
 
+def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> list[_Row]:
+    """The nodes of one forward on ``x``, in execution order: each module row at its first call, then op and
+    repeated-call rows (``cls`` says "op", or "call 2 of NAME")."""
+    from .._select import layer_names
+
+    by_name = {r.name: r for r in module_rows}
+    calls: dict[str, int] = {}
+    rows = []
+    for name, call_of in _node_kinds(model, layer_names(model, x)):
+        if call_of is None:
+            rows.append(by_name[name] if name in by_name else _Row(name, "op", 0, 0, None, kind="op"))
+        else:
+            calls[call_of] = calls.get(call_of, 1) + 1
+            rows.append(_Row(name, f"call {calls[call_of]} of {call_of}", 0, 0, None, kind="call"))
+    return rows
+
+
+def _node_kinds(model: nn.Module, names: list[str]) -> list[tuple[str, str | None]]:
+    """Each of ``layer_names(model, x)``'s names with the module it is a repeated call of (None for a module's
+    first call and for an op node)."""
+    modules = {n for n, _ in model.named_modules(remove_duplicate=False) if n}
+    out: list[tuple[str, str | None]] = []
+    for name in names:
+        base, _, suffix = name.rpartition("_")
+        out.append((name, base if name not in modules and suffix.isdigit() and base in modules else None))
+    return out
+
+
+def _select_names(model: nn.Module, spec: str, rows: list[_Row], ran: bool) -> set[str]:
+    """The names of ``rows`` that ``--filter spec`` selects: a glob as capture() matches it, or one exact name.
+    Without a run, exactly what capture() would select; with one, the op and repeated-call names too."""
+    if not ran:
+        return {n for names in resolve(model, spec).values() for n in names}
+    names = [r.name for r in rows]
+    if _GLOB_CHARS.search(spec):
+        rx = _glob_regex(spec)
+        matched = {n for n in names if rx.match(n)}
+    else:
+        matched = {spec} & set(names)
+    if matched:
+        return matched
+    try:
+        known = {n for names in resolve(model, spec).values() for n in names}
+    except LayerNotFoundError:
+        known = set()
+    model_name = type(model).__name__
+    if known:
+        raise LayerNotFoundError(f"{spec!r} names modules of {model_name} that did not run on this input "
+                                 f"({', '.join(sorted(known)[:5])}{', ...' if len(known) > 5 else ''}); "
+                                 "leave out --input-shape to list every module.")
+    close = difflib.get_close_matches(_GLOB_CHARS.sub("", spec), names, n=5, cutoff=0.5)
+    did_you_mean = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    kind = "pattern" if _GLOB_CHARS.search(spec) else "layer or op node"
+    raise LayerNotFoundError(f"no {kind} {spec!r} ran in {model_name} on this input.{did_you_mean} Leave out "
+                             "--filter to see every name.")
+
+
 def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
-    model = build_model(args)
-    rows = _layer_rows(model)
+    ran = args.input_shape is not None
+    if ran:
+        model, x = model_and_input(args)
+        with torch.no_grad():
+            forward(model, x)  # a shape the model rejects: one line naming it, before hookkit runs the model
+        module_rows = _layer_rows(model)
+        rows = _run_rows(model, x, module_rows)
+    else:
+        model = build_model(args)
+        rows = module_rows = _layer_rows(model)
     shown = [r.name for r in rows]
     matched: set[str] = set(shown)
     if args.filter is not None:
-        matched = {n for names in resolve(model, args.filter).values() for n in names}
+        matched = _select_names(model, args.filter, rows, ran)
         # Keep the ancestors of every match, so the tree still nests; they are drawn dim.
         keep = set(matched)
         for n in matched:
@@ -95,10 +178,15 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         f" ({args.model}, {weights_note(args.model, args.weights)})",
         f" · {total:,} params",
         f" ({trainable:,} trainable)" if trainable != total else "",
-        f" · {len(rows)} names",
+        f" · {len(module_rows)} names",
     )
     if args.filter is not None:
         header.append(f" · {len(matched)} match {args.filter!r}")
+    if ran:
+        kinds = [r.kind for r in rows]
+        header.append(f"\nOne forward on a random {'×'.join(map(str, args.input_shape))} input, in execution order: "
+                      f"{_plural(kinds.count('module'), 'module')}, {_plural(kinds.count('op'), 'op node')}, "
+                      f"{_plural(kinds.count('call'), 'repeated call')}", style="dim")
     if args.table:
         body: Any = _layers_table(visible, matched)
         console.print(header)
@@ -108,16 +196,37 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
     if args.depth is not None and len(shown) < len(rows) and args.filter is None:
         console.print(Text(f"{len(rows) - len(shown)} deeper names hidden by --depth {args.depth}.", style="dim"))
     if not rows:
-        console.print(Text(f"{type(model).__name__} has no submodules: there is no layer name to capture.",
+        ops = " and its forward ran no op node outside torch's own modules" if ran else ""
+        console.print(Text(f"{type(model).__name__} has no submodules{ops}: there is no layer name to capture.",
                            style="yellow"))
         return 0
+    if ran:
+        listed = {r.name for r in rows}
+        idle = [r.name for r in module_rows if r.name not in listed]
+        if idle:
+            console.print(Text(f"{_plural(len(idle), 'module name')} did not run on this input and "
+                               f"{'is' if len(idle) == 1 else 'are'} not listed: {_first(idle)}.", style="dim"))
     if not args.table and any(r.own and r.own != r.total for r in visible):
         console.print(Text("Counts include children; (own N): parameters a parent holds itself.", style="dim"))
     console.print(Text("Pass a name, or a glob like 'layer*.0.conv1', to hookkit.capture(model, ...).", style="dim"))
+    if ran and any(r.kind != "module" for r in rows):
+        console.print(Text("Op and repeated-call names are passed exactly as listed (globs match module names only).",
+                           style="dim"))
     return 0
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def _row_label(row: _Row, *, dim: bool) -> Text:
+    if row.kind != "module":
+        return Text.assemble((row.name, "dim" if dim else "bold"), "  ",
+                             (row.cls, "dim" if dim else "magenta" if row.kind == "op" else "yellow"))
     label = Text.assemble(
         (row.name, "dim" if dim else "bold"), "  ", (row.cls, "dim cyan" if dim else "cyan"), "  ",
         (f"{row.total:,}", "dim" if dim or row.total == 0 else "green"),
@@ -130,10 +239,14 @@ def _row_label(row: _Row, *, dim: bool) -> Text:
 
 
 def _layers_tree(header: Text, rows: list[_Row], matched: set[str]) -> Tree:
+    """Each name under the nearest shown name its dotted name extends: a module under its parent, an op node under
+    the module whose forward ran it (its scope), a repeated call beside the module's first call."""
     root = Tree(header, guide_style="dim")
     nodes: dict[str, Tree] = {}
     for row in rows:
         parent_name = row.name.rpartition(".")[0]
+        while parent_name and parent_name not in nodes:
+            parent_name = parent_name.rpartition(".")[0]
         parent = nodes.get(parent_name, root)
         nodes[row.name] = parent.add(_row_label(row, dim=row.name not in matched))
     return root
@@ -147,6 +260,9 @@ def _layers_table(rows: list[_Row], matched: set[str]) -> Table:
     table.add_column("total params", justify="right", style="green")
     for row in rows:
         name = Text("  " * row.name.count(".") + row.name, style="" if row.name in matched else "dim")
+        if row.kind != "module":
+            table.add_row(name, Text(row.cls, style="magenta" if row.kind == "op" else "yellow"), "", "")
+            continue
         cls = row.cls + (f" (= {row.alias_of})" if row.alias_of else "")
         table.add_row(name, cls, f"{row.own:,}", f"{row.total:,}")
     return table

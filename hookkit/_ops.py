@@ -1,0 +1,495 @@
+"""Op taps: what happens between module boundaries, seen through a torch function mode.
+
+The engine (``_engine.py``) builds an ``OpTaps`` when a block needs it: op nodes were asked for (``"layer1.0.add"``,
+``"relu_1"``), a listener wants op events (``trace(ops=True)``, ``check_finite``, ``layer_names(model, x)``), or
+stored tensors must be copied before an in-place op overwrites them (copy-on-write, the default capture). It
+registers module hooks (into the engine's ``HandleGroup``) that keep a per-thread stack of frames (which module's
+``forward`` is running) and push ``_Mode`` only inside the modules that need it; the mode names each op the way
+torchvision's FX extractor does (``op_name``), hands the ops that were asked for to the engine
+(``Engine.node_begin`` / ``node_end``: the same ``Call`` records, snapshotter and listener as module calls), and tells
+the engine's ``_snapshot.Watch`` before an op writes in place (``written``).
+
+Naming (torchvision's ``get_graph_node_names``): an op is named after the innermost non-leaf module whose
+``forward`` runs it (its *scope*) plus the op (``"layer1.0.add"``; no prefix at the root), with ``_1``, ``_2`` ... for
+repeats counted per full name within one forward of the model; a leaf module's calls share the counter of its own
+name (the 2nd call of ``layer1.0.relu`` is ``"layer1.0.relu_1"``, and ``F.relu`` in ``layer1.0``'s forward counts
+there too). Leaf modules are FX's (classes of ``torch.nn``, except ``nn.Sequential``) and torchvision's defaults
+(every module class of ``torchvision.ops``); ops inside them are not nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import inspect
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from ._compat import current_graph_task_id, pop_function_mode, push_function_mode
+
+__all__ = ["OpTaps", "OpSite", "op_name", "is_leaf", "writes_in_place", "known_op_names", "written",
+           "split_node_name"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_HOOKKIT_DIR = os.path.dirname(__file__) + os.sep
+
+
+class OpSite(NamedTuple):
+    """Where an op ran, for a listener: the op's function, and the module whose ``forward`` called it."""
+
+    func: Any
+    scope: str
+    scope_cls: str
+
+    @property
+    def label(self) -> str:
+        """``torch.sqrt``, ``Tensor.add_``, ``F.relu``: the op as a user would write it."""
+        return op_label(self.func)
+
+
+# -- leaves and writers ----------------------------------------------------------------------------------------------
+def is_leaf(module: nn.Module) -> bool:
+    """FX's leaf rule (``torch.fx.Tracer.is_leaf_module``) plus torchvision's default leaf modules (every module class
+    in ``torchvision.ops``): ops inside a leaf are not nodes."""
+    if type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
+        return not isinstance(module, nn.Sequential)
+    return isinstance(module, _torchvision_leaves())
+
+
+def _torchvision_leaves() -> tuple[type, ...]:
+    """torchvision's ``_get_leaf_modules_for_ops()``: the nn.Module classes ``torchvision.ops`` exports (if loaded)."""
+    tv = sys.modules.get("torchvision.ops")
+    if tv is None:
+        return ()
+    return tuple(c for c in vars(tv).values() if isinstance(c, type) and issubclass(c, nn.Module))
+
+
+def writes_in_place(module: nn.Module) -> bool:
+    """Whether ``module``'s own ``forward`` may write into a tensor it did not make: any ``forward`` that is not
+    torch.nn's own (a user's or a library's code), and torch.nn modules built with ``inplace=True``."""
+    if getattr(module, "inplace", False) is True or "forward" in module.__dict__:
+        return True
+    forward = getattr(type(module), "forward", None)
+    return not getattr(forward, "__module__", "torch.nn").startswith(("torch.nn.", "torch.ao.nn."))
+
+
+def writer_roots(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules whose forward may write in place: copy-on-write watches inside these only."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(m: nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        if writes_in_place(m):
+            found.append(m)
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(model)
+    return found
+
+
+# -- what an op writes ---------------------------------------------------------------------------------------------
+_INPLACE_DUNDERS = frozenset(f"__i{n}__" for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and",
+                                                   "or", "xor", "lshift", "rshift", "matmul", "div"))
+_WRITES: dict[Any, int] = {}  # func -> 0 (writes nothing), 1 (writes its first argument), 2 + i (inplace= at i)
+
+
+def _classify(func: Any) -> int:
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__" or name in _INPLACE_DUNDERS:
+        kind = 1
+    elif name.endswith("_") and not name.endswith("__"):
+        kind = 1  # add_, relu_, copy_, zero_, index_put_, torch.nn.init.uniform_ ...
+    elif getattr(func, "__module__", None) == "torch.nn.functional":
+        try:
+            params = list(inspect.signature(func).parameters)
+        except (TypeError, ValueError):
+            params = []
+        kind = 2 + params.index("inplace") if "inplace" in params else 0
+    else:
+        kind = 0
+    with contextlib.suppress(TypeError):  # an unhashable callable: classified again next time
+        _WRITES[func] = kind
+    return kind
+
+
+def written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors that ``func(*args, **kwargs)`` will write into: its first argument for in-place ops (``add_``,
+    ``+=``, ``x[i] = v``, ``F.relu(x, inplace=True)``), and ``out=``."""
+    try:
+        kind = _WRITES.get(func)
+    except TypeError:
+        kind = None
+    if kind is None:
+        kind = _classify(func)
+    out: list[torch.Tensor] = []
+    if kind:
+        if kind >= 2:
+            i = kind - 2
+            on = kwargs["inplace"] if "inplace" in kwargs else (args[i] if len(args) > i else False)
+            kind = 1 if on is True else 0
+        if kind:
+            first = args[0] if args else kwargs.get("input", kwargs.get("self"))
+            if isinstance(first, torch.Tensor):
+                out.append(first)
+    if kwargs:
+        o = kwargs.get("out")
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, (tuple, list)):
+            out.extend(t for t in o if isinstance(t, torch.Tensor))
+    return out
+
+
+# -- names -----------------------------------------------------------------------------------------------------------
+# Python operators, named as FX names the ``operator`` function a Proxy records.
+_OPERATORS = {
+    "+": "add", "-": "sub", "*": "mul", "/": "truediv", "//": "floordiv", "%": "mod", "**": "pow", "@": "matmul",
+    "&": "and_", "|": "or_", "^": "xor", "<<": "lshift", ">>": "rshift",
+    "<": "lt", "<=": "le", "==": "eq", "!=": "ne", ">": "gt", ">=": "ge",
+}
+_UNARY = {"UNARY_NEGATIVE": "neg", "UNARY_INVERT": "invert", "UNARY_POSITIVE": "pos", "BINARY_SUBSCR": "getitem",
+          "STORE_SUBSCR": "setitem"}
+# Functions a Python operator can reach: only for these is the caller's bytecode read (``x / y`` -> "truediv",
+# ``x.div(y)`` -> "div"; ``x += y`` -> "add", ``x.add_(y)`` -> "add_").
+_OPERATOR_FUNCS = frozenset({
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "floor_divide", "remainder",
+    "remainder_", "pow", "pow_", "matmul", "bitwise_and", "bitwise_and_", "bitwise_or", "bitwise_or_",
+    "bitwise_xor", "bitwise_xor_", "bitwise_not", "bitwise_left_shift", "bitwise_right_shift", "neg", "positive",
+    "eq", "ne", "lt", "le", "gt", "ge", "__getitem__", "__setitem__", "__eq__", "__ne__", "__lt__", "__le__",
+    "__gt__", "__ge__", "__and__", "__or__", "__xor__", "__invert__", "__neg__", "__pos__", "__lshift__",
+    "__rshift__", "__floordiv__", "__rfloordiv__", "__rsub__", "__radd__", "__rmul__", "__rtruediv__", "__rdiv__",
+    "__rpow__", "__rmatmul__", "__rmod__", "__mod__", "__pow__", "__matmul__", "__truediv__", "__div__",
+    "__rand__", "__ror__", "__rxor__", "__rlshift__", "__rrshift__", "__ilshift__", "__irshift__", "__iand__",
+    "__ior__", "__ixor__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+    "__ipow__", "__imatmul__", "__abs__", "abs",
+}) - {"abs"}
+_DUNDER = {"__getitem__": "getitem", "__setitem__": "setitem", "__get__": "getattr", "__set__": "setattr",
+           "__rsub__": "sub", "__radd__": "add", "__rmul__": "mul", "__rtruediv__": "truediv",
+           "__rdiv__": "truediv", "__truediv__": "truediv", "__div__": "truediv", "__rfloordiv__": "floordiv",
+           "__rpow__": "pow", "__rmatmul__": "matmul", "__rmod__": "mod", "__and__": "and_", "__or__": "or_",
+           "__xor__": "xor", "__rand__": "and_", "__ror__": "or_", "__rxor__": "xor", "__rlshift__": "lshift",
+           "__rrshift__": "rshift", "__invert__": "invert"}
+_BYTECODE: dict[tuple[Any, int], str | None] = {}
+
+
+def _operator_at(frame: Any) -> str | None:
+    """The FX name of the Python operator that ``frame`` is executing (``+=`` -> "add"), or None for a call."""
+    key = (frame.f_code, frame.f_lasti)
+    try:
+        return _BYTECODE[key]
+    except KeyError:
+        pass
+    found: str | None = None
+    for ins in dis.get_instructions(frame.f_code):
+        if ins.offset == frame.f_lasti:
+            rep = ins.argrepr
+            if ins.opname == "COMPARE_OP":
+                found = _OPERATORS.get(rep.removeprefix("bool(").removesuffix(")"))
+            elif ins.opname == "BINARY_OP":  # "+", "+=" (in place: FX records the same operator), "[]" (3.14)
+                found = "getitem" if rep == "[]" else _OPERATORS.get(rep[:-1] if rep.endswith("=") else rep)
+            else:
+                found = _UNARY.get(ins.opname)
+            break
+    _BYTECODE[key] = found
+    return found
+
+
+def caller(depth: int = 1) -> Any:
+    """The first frame outside torch above the caller (the user's code that called the op)."""
+    f: Any = sys._getframe(depth + 1)
+    while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR):
+        f = f.f_back
+    return f
+
+
+def op_name(func: Any, frame: Any = None) -> str:
+    """The FX base name of an op (before the scope and the ``_1`` suffix): the Python operator that ran it, else the
+    function's name (``torch.flatten`` and ``x.flatten()`` -> "flatten", ``x.shape`` -> "getattr")."""
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if frame is not None and name in _OPERATOR_FUNCS:
+        found = _operator_at(frame)
+        if found is not None:
+            return found
+    if name.startswith("__") and name.endswith("__"):
+        return _DUNDER.get(name, name.strip("_"))
+    return name
+
+
+def op_label(func: Any) -> str:
+    """``torch.sqrt``, ``Tensor.add_``, ``F.relu``: how a user would write the op."""
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return "Tensor attribute"
+    qual = getattr(func, "__qualname__", name)
+    mod = getattr(func, "__module__", None) or ""
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + qual.split(".", 1)[1]
+    if qual.startswith("_VariableFunctionsClass."):
+        return "torch." + name
+    if mod == "torch.nn.functional":
+        return "F." + name
+    if mod.startswith("torch._C._nn"):
+        return "F." + name
+    return f"{mod}.{qual}" if mod else qual
+
+
+_KNOWN: set[str] | None = None
+
+
+def known_op_names() -> set[str]:
+    """Every base name an op can have (the functions torch's function mode can see, and Python's operators)."""
+    global _KNOWN
+    if _KNOWN is None:
+        names = set(_OPERATORS.values()) | set(_UNARY.values()) | set(_DUNDER.values())
+        for funcs in torch.overrides.get_overridable_functions().values():
+            for f in funcs:
+                names.add(op_name(f))
+        names.update(n for n in dir(torch.Tensor) if not n.startswith("_"))
+        _KNOWN = names
+    return _KNOWN
+
+
+def split_node_name(name: str) -> tuple[str, str, int]:
+    """``"layer1.0.relu_2"`` -> ("layer1.0", "relu", 2); ``"add_"`` -> ("", "add_", 0)."""
+    scope, _, leaf = name.rpartition(".")
+    base, sep, k = leaf.rpartition("_")
+    if sep and k.isdigit() and base and not k.startswith("0"):
+        return scope, base, int(k)
+    return scope, leaf, 0
+
+
+# -- the mode and the frames -----------------------------------------------------------------------------------------
+class _Frame:
+    __slots__ = ("path", "module", "counting", "node")
+
+    def __init__(self, path: str, module: nn.Module, counting: bool) -> None:
+        self.path = path
+        self.module = module
+        self.counting = counting  # a non-leaf module: ops in its own forward are named in its scope
+        self.node: Any = None  # a leaf call being recorded as a repeated-call node
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.frames: list[_Frame] = []
+        self.counts: dict[str, int] = {}
+        self.depth = 0  # how many calls of mode modules are open in this thread
+        self.pushed: Any = None  # the mode this thread pushed, while depth > 0
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, taps: OpTaps) -> None:
+        super().__init__()
+        self.taps = taps
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        taps = self.taps
+        if kwargs is None:
+            kwargs = {}
+        if taps.watch is not None and taps.watch.active:
+            targets = written(func, args, kwargs)
+            if targets:
+                taps.watch.before_write(targets)
+        frames = taps.state.frames
+        if frames and frames[-1].counting and taps.naming:
+            return taps.op(func, args, kwargs, frames[-1])
+        return func(*args, **kwargs)
+
+
+class OpTaps:
+    """Frames, names and the function mode for one engine; see the module docstring.
+
+    ``wanted``: ``{node name: scope path}`` to record through ``begin(name, site, args, kwargs) -> (call, new_args)``
+    and ``end(call, args, output)``; ``name_all``: frame every module and name every op (``trace(ops=True)``,
+    ``check_finite``, discovery); ``tap_all``: record every op too (a listener wants them all); ``watch``: the
+    engine's ``_snapshot.Watch`` for copy-on-write, or None; ``on_name``: told every name as it is given
+    (discovery). Hooks go into ``handles``.
+    """
+
+    def __init__(self, model: nn.Module, *, handles: Any, wanted: dict[str, str], name_all: bool, tap_all: bool,
+                 watch: Any, begin: Callable[..., Any] | None = None, end: Callable[..., Any] | None = None,
+                 on_name: Callable[[str], None] | None = None) -> None:
+        self.model = model
+        self.handles = handles
+        self.wanted = wanted  # node name -> scope path
+        self.all_ops = name_all
+        self.tap_all = tap_all
+        self.watch = watch
+        self.begin = begin
+        self.end = end
+        self.on_name = on_name
+        self.naming = bool(wanted) or name_all
+        self.state = _State()
+        self.mode = _Mode(self)
+        self._paths: dict[int, str] = {}
+        self._seen_modules: set[int] = set()
+
+    # -- registration ---------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        named = list(self.model.named_modules())
+        self._paths = {id(m): n for n, m in named}
+        modules = dict(named)
+        framed: dict[int, nn.Module] = {}
+        counting: set[int] = set()
+        mode_at: set[int] = set()
+        if self.all_ops:
+            framed = {id(m): m for _, m in named}
+            counting = {id(m) for _, m in named if not is_leaf(m)}
+            mode_at.add(id(self.model))
+        elif self.wanted:
+            framed[id(self.model)] = self.model  # its forward starts the counting again
+            for scope in set(self.wanted.values()):
+                s = modules[scope]
+                framed[id(s)] = s
+                counting.add(id(s))
+                mode_at.add(id(s))
+                for child in s.children():
+                    framed[id(child)] = child
+        if self.watch is not None:
+            for m in writer_roots(self.model):
+                mode_at.add(id(m))
+        hooked = dict(framed)
+        for m in writer_roots(self.model) if self.watch is not None else ():
+            hooked.setdefault(id(m), m)
+        for key, m in hooked.items():
+            self.handles.add(m.register_forward_pre_hook(
+                self._pre(m, key in framed, key in counting, key in mode_at), prepend=True, with_kwargs=True))
+            self.handles.add(m.register_forward_hook(
+                self._post(key in framed, key in mode_at), always_call=True))
+
+    def _pre(self, module: nn.Module, frame: bool, counting: bool, pushes: bool) -> Any:
+        state = self.state
+        path = self._paths.get(id(module), "")
+        leaf = is_leaf(module)
+
+        def pre(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if current_graph_task_id() != -1:
+                return None  # activation checkpointing recomputing a forward
+            if pushes:
+                if state.depth == 0:
+                    push_function_mode(self.mode)
+                    state.pushed = self.mode
+                state.depth += 1
+            if not frame:
+                return None
+            frames = state.frames
+            if not frames:
+                state.counts.clear()  # a new forward of the model: counting starts again
+            f = _Frame(path, m, counting)
+            frames.append(f)
+            if self.on_name is not None and id(m) not in self._seen_modules:
+                self._seen_modules.add(id(m))
+                if path:
+                    self.on_name(path)
+            if leaf and path:
+                n = state.counts.get(path, 0)
+                state.counts[path] = n + 1
+                if n:
+                    name = f"{path}_{n}"
+                    if self.on_name is not None:
+                        self.on_name(name)
+                    if name in self.wanted and self.begin is not None:
+                        call, new_args = self.begin(name, m, args, kwargs)
+                        f.node = call
+                        if new_args is not None:
+                            return new_args, kwargs
+            return None
+
+        return pre
+
+    def _post(self, frame: bool, pushes: bool) -> Any:
+        state = self.state
+
+        def post(m: nn.Module, args: tuple, output: Any) -> None:
+            if current_graph_task_id() != -1:
+                return
+            try:
+                if frame and state.frames:
+                    f = state.frames.pop()
+                    if f.node is not None and output is not None and self.end is not None:
+                        self.end(f.node, args, output)
+            finally:
+                if pushes and state.depth > 0:
+                    state.depth -= 1
+                    if state.depth == 0:
+                        pop_function_mode(state.pushed)
+                        state.pushed = None
+
+        return post
+
+    def close(self) -> None:
+        """After the block: a forward interrupted by a BaseException (KeyboardInterrupt) skips torch's always-called
+        hooks, so the mode may still be pushed in this thread: take it off."""
+        state = self.state
+        if state.pushed is not None:
+            pop_function_mode(state.pushed)
+            state.pushed = None
+        state.depth = 0
+        state.frames.clear()
+
+    # -- ops ------------------------------------------------------------------------------------------------------
+    def op(self, func: Any, args: tuple, kwargs: dict, frame: _Frame) -> Any:
+        f = caller(2)
+        if f is None or f.f_code.co_filename.startswith(_HOOKKIT_DIR):
+            return func(*args, **kwargs)  # hookkit's own work inside a hook (a snapshot's detach): not the model's
+        key = op_name(func, f)
+        if frame.path:
+            key = f"{frame.path}.{key}"
+        counts = self.state.counts
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        name = key if n == 0 else f"{key}_{n}"
+        if self.on_name is not None:
+            self.on_name(name)
+        if (name not in self.wanted and not self.tap_all) or self.begin is None or self.end is None:
+            return func(*args, **kwargs)
+        site = OpSite(func, frame.path, type(frame.module).__name__)
+        call, new_args = self.begin(name, site, args, kwargs)
+        if new_args is not None:
+            args = new_args
+        output = func(*args, **kwargs)
+        self.end(call, args, output)
+        return output
+
+
+def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """``layer_names(model, *args, **kwargs)``: run the model once and list every name given, in order."""
+    from ._handles import HandleGroup
+
+    names: list[str] = []
+    seen: set[str] = set()
+
+    def on_name(name: str) -> None:
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+
+    handles = HandleGroup()
+    taps = OpTaps(model, handles=handles, wanted={}, name_all=True, tap_all=False, watch=None, on_name=on_name)
+    training = model.training
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        taps.attach()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        handles.remove()
+        taps.close()
+        model.train(training)
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return names
