@@ -508,13 +508,13 @@ class Engine:
             self._listener.forward_pre(call.where, args, kwargs)
         if self._want_inputs:
             self._store_inputs(call, args, kwargs)
-        if self._want_grads and torch.is_grad_enabled():
-            return call, self._alias_inputs(call, args)
+        if self._want_grads and torch.is_grad_enabled() and name in self.recording.records:
+            return call, self._alias_inputs(call, args)  # (not for every op a listener sees: only those asked for)
         return call, None
 
     def node_end(self, call: Call, args: tuple, output: Any) -> None:
         name = call.where[0]
-        self._finish(call, [name], self.recording.records[name], name, args, output)
+        self._finish(call, [name], self.recording.records.get(name, []), name, args, output)
 
 def _end_of_call(pending: list[Call]) -> Any:
     """A forward hook run after the recording one, and also when the forward raised (``always_call``): it ends the

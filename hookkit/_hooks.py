@@ -1,4 +1,8 @@
-"""``hooks()``: the user's own hook functions on named layers, with torch's signatures, removed on exit."""
+"""``hooks()``: the user's own hook functions on named layers, with torch's signatures, removed on exit.
+
+Module names go to torch's own ``register_*_hook``; op and repeated-call nodes (``"layer1.0.add"``) to an
+``_ops.OpTaps`` whose ``begin`` / ``end`` call the user's forward-pre / forward functions around the op.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 import torch.nn as nn
 
 from ._handles import HandleGroup
-from ._select import LayerSpec, check_model, resolve
+from ._ops import OpTaps
+from ._select import LayerSpec, check_model, resolve_nodes, unwrap
 
 __all__ = ["hooks", "Hooks"]
 
@@ -25,9 +30,16 @@ class Hooks:
     """
 
     def __init__(self, model: nn.Module, plan: list[tuple[str, nn.Module, list[str], Callable[..., Any]]],
-                 *, with_kwargs: bool, always_call: bool, prepend: bool) -> None:
+                 *, with_kwargs: bool, always_call: bool, prepend: bool,
+                 node_plan: list[tuple[str, str, str, Callable[..., Any]]] | None = None) -> None:
         self._model_name = type(model).__name__
         self._plan = plan
+        self._node_plan = node_plan or []
+        self._taps: OpTaps | None = None
+        if self._node_plan:
+            self._taps = OpTaps(unwrap(model)[0], handles=None, wanted={n: s for _, n, s, _ in self._node_plan},
+                                name_all=False, tap_all=False, watch=None, begin=self._node_begin,
+                                end=self._node_end)
         self._with_kwargs = with_kwargs
         self._always_call = always_call
         self._prepend = prepend
@@ -44,10 +56,43 @@ class Hooks:
                 handle = self._register(kind, module, fn)
                 for n in names:
                     self.handles[kind].setdefault(n, []).append(handle)
+            if self._taps is not None:
+                self._taps.handles = self._group
+                self._taps.attach()
         except BaseException:
-            self._group.remove()
+            self.remove()
             raise
         return self
+
+    # -- op and repeated-call nodes: the user's functions around the op --------------------------------------------
+    def _fns(self, kind: str, name: str) -> list[Callable[..., Any]]:
+        fns = [fn for k, n, _, fn in self._node_plan if k == kind and n == name]
+        return fns[::-1] if self._prepend else fns
+
+    def _node_begin(self, name: str, site: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple | None]:
+        new_args = None
+        for fn in self._fns("forward_pre", name):
+            if self._with_kwargs:
+                result = fn(site, args, kwargs)
+                if result is not None:
+                    args, new_kw = result
+                    kwargs.clear()
+                    kwargs.update(new_kw)  # the op runs with this very dict
+                    new_args = args
+            else:
+                result = fn(site, args)
+                if result is not None:
+                    args = new_args = result if isinstance(result, tuple) else (result,)
+        return (name, site, kwargs), new_args
+
+    def _node_end(self, token: Any, args: tuple, output: Any) -> Any:
+        name, site, kwargs = token
+        replaced = None
+        for fn in self._fns("forward", name):
+            result = fn(site, args, kwargs, output) if self._with_kwargs else fn(site, args, output)
+            if result is not None:
+                output = replaced = result
+        return replaced
 
     def _register(self, kind: str, module: nn.Module, fn: Callable[..., Any]) -> Any:
         if kind == "forward":
@@ -66,6 +111,8 @@ class Hooks:
     def remove(self) -> None:
         """Remove every hook this object registered; safe to call twice."""
         self._group.remove()
+        if self._taps is not None:
+            self._taps.close()
 
     def __len__(self) -> int:
         return len(self._group)
@@ -102,6 +149,9 @@ def hooks(
     ``backward``: ``fn(module, grad_input, grad_output)`` (``register_full_backward_hook``);
     ``backward_pre``: ``fn(module, grad_output)`` (``register_full_backward_pre_hook``).
     A value that the function returns replaces the output / input / grad_input / grad_output, as in torch.
+    Op and repeated-call nodes (``"layer1.0.add"``, from ``hookkit.layer_names(model, x)``) take ``forward`` and
+    ``forward_pre`` functions; for an op, the first argument is an ``OpSite`` (``.func``, ``.scope``,
+    ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments.
 
     Args:
         model: the ``nn.Module`` whose layers to hook.
@@ -118,6 +168,7 @@ def hooks(
     check_model(model)  # also checked by resolve(); here so that a bad model fails even with no hooks given
     given = {"forward": forward, "forward_pre": forward_pre, "backward": backward, "backward_pre": backward_pre}
     plan: list[tuple[str, nn.Module, list[str], Callable[..., Any]]] = []
+    node_plan: list[tuple[str, str, str, Callable[..., Any]]] = []
     for kind, mapping in given.items():
         if mapping is None:
             continue
@@ -128,8 +179,16 @@ def hooks(
             for fn in fn_list:
                 if not callable(fn):
                     raise TypeError(f"{kind}[{spec!r}] is {type(fn).__name__} {fn!r}, not a function.")
-            for module, names in resolve(model, spec).items():
+            selected, nodes = resolve_nodes(model, spec)
+            if nodes and kind.startswith("backward"):
+                raise ValueError(
+                    f"{kind}[{next(iter(nodes))!r}]: an op node has no {kind} hook (torch has them for modules "
+                    "only). Use hookkit.capture(..., grads=True), or call register_hook on the output tensor "
+                    "inside a forward hook.")
+            for module, names in selected.items():
                 plan.extend((kind, module, names, fn) for fn in fn_list)
-    if not plan:
+            node_plan.extend((kind, n, scope, fn) for n, scope in nodes.items() for fn in fn_list)
+    if not plan and not node_plan:
         raise ValueError("hooks() got no hook functions: pass forward=, forward_pre=, backward= or backward_pre=.")
-    return Hooks(model, plan, with_kwargs=with_kwargs, always_call=always_call, prepend=prepend)
+    return Hooks(model, plan, with_kwargs=with_kwargs, always_call=always_call, prepend=prepend,
+                 node_plan=node_plan)

@@ -223,6 +223,8 @@ def op_name(func: Any, frame: Any = None) -> str:
         if found is not None:
             return found
     if name.startswith("__") and name.endswith("__"):
+        if name in _INPLACE_DUNDERS:  # x.__iadd__(y): FX records x + y
+            name = "__" + name[3:]
         return _DUNDER.get(name, name.strip("_"))
     return name
 
@@ -412,20 +414,21 @@ class OpTaps:
     def _post(self, frame: bool, pushes: bool) -> Any:
         state = self.state
 
-        def post(m: nn.Module, args: tuple, output: Any) -> None:
+        def post(m: nn.Module, args: tuple, output: Any) -> Any:
             if current_graph_task_id() != -1:
-                return
+                return None
             try:
                 if frame and state.frames:
                     f = state.frames.pop()
                     if f.node is not None and output is not None and self.end is not None:
-                        self.end(f.node, args, output)
+                        return self.end(f.node, args, output)  # a hooks() function may replace the output
             finally:
                 if pushes and state.depth > 0:
                     state.depth -= 1
                     if state.depth == 0:
                         pop_function_mode(state.pushed)
                         state.pushed = None
+            return None
 
         return post
 
@@ -460,8 +463,8 @@ class OpTaps:
         if new_args is not None:
             args = new_args
         output = func(*args, **kwargs)
-        self.end(call, args, output)
-        return output
+        replaced = self.end(call, args, output)
+        return output if replaced is None else replaced
 
 
 def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:

@@ -147,6 +147,8 @@ def _not_found(model: nn.Module, spec: Any, names: list[str]) -> LayerNotFoundEr
     if isinstance(spec, str):
         kind = "pattern" if _GLOB_CHARS.search(spec) else "layer"
         close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+        if not _GLOB_CHARS.search(spec):
+            close = _close_ops(model, names, spec) + close
         if not close and _GLOB_CHARS.search(spec):
             literal = _GLOB_CHARS.sub("", spec)
             close = difflib.get_close_matches(literal, names, n=5, cutoff=0.4)
@@ -160,6 +162,18 @@ def _not_found(model: nn.Module, spec: Any, names: list[str]) -> LayerNotFoundEr
             f"no module of {_describe(spec)} in {model_name}; its module classes are: {shown}. {hint}"
         )
     return LayerNotFoundError(f"{_describe(spec)} matched no module of {model_name}. {hint}")
+
+
+def _close_ops(model: nn.Module, names: list[str], spec: str) -> list[str]:
+    """Op node names close to ``spec`` in the same scope (``"layer1.0.ad"`` -> ``"layer1.0.add"``)."""
+    from ._ops import known_op_names, split_node_name
+
+    scope, base, k = split_node_name(spec)
+    if scope and scope not in names:
+        return []
+    close = difflib.get_close_matches(base, sorted(known_op_names()), n=3, cutoff=0.75)
+    suffix = f"_{k}" if k else ""
+    return [f"{scope}.{c}{suffix}" if scope else f"{c}{suffix}" for c in close]
 
 
 def _as_list(layers: Any) -> list[Any]:

@@ -19,6 +19,7 @@ from rich.text import Text
 from . import _tree
 from ._engine import Engine
 from ._errors import NonFiniteError
+from ._ops import OpSite
 from ._select import Layers
 from ._stats import TensorStats, describe, shorten_name, tensor_stats
 
@@ -82,11 +83,12 @@ class Trace:
     """What ``trace()`` yields: prints each event while open, and keeps them in ``.events``."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, console: Console | None, backward: bool,
-                 inputs: bool, stats: bool) -> None:
+                 inputs: bool, stats: bool, ops: bool = False) -> None:
         if console is not None and not isinstance(console, Console):
             raise TypeError(f"console= takes a rich.console.Console, got {type(console).__name__} {console!r}. For "
                             "standard output leave it out; for text, Console(file=io.StringIO(), color_system=None).")
-        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward)
+        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
+                              ops=ops)
         self._console = console
         self._inputs = inputs
         self._stats = stats
@@ -109,7 +111,8 @@ class Trace:
     def _emit(self, kind: EventKind, where: tuple[str, nn.Module, int], value: Any, depth: int,
               index: int | None = None) -> None:
         name, module, call = where
-        event = TraceEvent(kind, name, type(module).__name__, call, depth, describe(value, stats=self._stats),
+        cls = module.label if isinstance(module, OpSite) else type(module).__name__
+        event = TraceEvent(kind, name, cls, call, depth, describe(value, stats=self._stats),
                            _stats_of(value) if self._stats else (), index)
         self.events.append(event)
         assert self._console is not None
@@ -158,6 +161,7 @@ def trace(
     backward: bool = True,
     inputs: bool = True,
     stats: bool = True,
+    ops: bool = False,
 ) -> Trace:
     """Print one line per hook event (input, output, gradients) of the selected modules while the block is open.
 
@@ -183,6 +187,9 @@ def trace(
         backward: also show the gradients w.r.t. each module's output and inputs during ``backward()``.
         inputs: also show each module's inputs before it runs.
         stats: compute statistics (turn off for the cheapest trace: types and shapes only).
+        ops: also show each functional op and tensor method run in the traced modules' own ``forward`` code
+            (``F.relu``, ``out += identity``), named as ``hookkit.layer_names(model, x)`` names them, with the op
+            in place of the class (``'layer1.0.add' Tensor.add_``). Costs a few microseconds per op.
 
     Returns:
         A ``Trace`` whose ``events`` list holds every ``TraceEvent`` after the block.
@@ -191,7 +198,7 @@ def trace(
         LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered;
         ``TypeError`` also for a ``console`` that is not a rich ``Console``.
     """
-    return Trace(model, layers, console=console, backward=backward, inputs=inputs, stats=stats)
+    return Trace(model, layers, console=console, backward=backward, inputs=inputs, stats=stats, ops=ops)
 
 
 # -- check_finite ----------------------------------------------------------------------------------------------------
@@ -199,8 +206,9 @@ def trace(
 class CheckFinite:
     """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
 
-    def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool) -> None:
-        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward)
+    def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
+        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
+                              ops=ops)
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
 
     def __enter__(self) -> CheckFinite:
@@ -225,6 +233,16 @@ class CheckFinite:
                 name, module, call = where
                 came = describe(_unwrap(args))
                 upstream = any(not st.finite for st in _stats_of(args))
+                if isinstance(module, OpSite):
+                    scope = f"{module.scope!r}" if module.scope else "the model"
+                    scope += f" ({module.scope_cls})"
+                    said = ("its input was already non-finite: the problem is upstream (the data, or code outside "
+                            "the checked modules)" if upstream else "its inputs were finite")
+                    raise NonFiniteError(
+                        f"{name!r} ({module.label}) in {scope} produced {s.nonfinite_text()} in forward; {said}. "
+                        f"Output {describe(t)}; input {came}.",
+                        layer=name, phase="forward", call=call, stats=s,
+                    )
                 hint = (" Its input was already non-finite: the problem is upstream of every checked module "
                         "(the data, or an operation outside a module)." if upstream else
                         " Its input was finite, so this module made them.")
@@ -239,6 +257,7 @@ class CheckFinite:
             return
         s = tensor_stats(grad)
         name, module, call = where
+        cls = module.label if isinstance(module, OpSite) else type(module).__name__
         what = f"output {i}" if which == "output" and n > 1 else which
         if which == "output":
             detail = (f"the gradient arriving at its {what} is already non-finite ({describe(grad)}): it comes "
@@ -247,7 +266,7 @@ class CheckFinite:
             detail = (f"its backward produced a non-finite gradient w.r.t. its {what if n == 1 else f'input {i}'} "
                       f"({describe(grad)}) from a finite gradient at its output.")
         raise NonFiniteError(
-            f"{name!r} ({type(module).__name__}) has {s.nonfinite_text()} in backward, call {call + 1}: {detail}",
+            f"{name!r} ({cls}) has {s.nonfinite_text()} in backward, call {call + 1}: {detail}",
             layer=name, phase="backward", call=call, stats=s,
         )
 
@@ -264,7 +283,8 @@ def _nonfinite(t: torch.Tensor) -> bool:
         return not bool(torch.isfinite(t).all())
 
 
-def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bool = True) -> CheckFinite:
+def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bool = True,
+                 ops: bool = True) -> CheckFinite:
     """Raise ``NonFiniteError`` at the first module (in execution order) whose output has NaN or Inf, or, in
     backward, whose gradient w.r.t. its input is non-finite.
 
@@ -283,9 +303,12 @@ def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bo
         model: the ``nn.Module`` to watch.
         layers: anything ``capture`` accepts; ``None`` watches every submodule (the model itself if it has none).
         backward: also check gradients during ``backward()`` inside the block.
+        ops: also check every functional op and tensor method in the watched modules' own ``forward`` code, so
+            that the error names the op (``"'2.sqrt' (torch.sqrt) in '2' (Block) produced 243 NaN of 512 values
+            in forward; its inputs were finite"``); ``False`` checks module outputs only (cheaper).
 
     Raises:
         NonFiniteError: (while the block is open) at the first non-finite module.
         LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered.
     """
-    return CheckFinite(model, layers, backward=backward)
+    return CheckFinite(model, layers, backward=backward, ops=ops)
