@@ -10,6 +10,8 @@ from typing import Any
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
 
+from ._compat import function_mode_stack
+
 __all__ = ["hook_census"]
 
 _TENSOR_HOOK_DICTS = ("_backward_hooks", "_post_accumulate_grad_hooks")
@@ -38,7 +40,8 @@ def hook_census(model: nn.Module) -> dict[str, Any]:
       its ``_is_full_backward_hook`` flag and its ``training`` flag;
     - each parameter's and buffer's tensor hooks;
     - torch's global module hooks and flags (``torch.nn.modules.module._global_*``);
-    - dynamo's whole config (``skip_nnmodule_hook_guards`` among it), and grad, inference and anomaly mode.
+    - dynamo's whole config (``skip_nnmodule_hook_guards`` among it), grad, inference and anomaly mode, and this
+      thread's stack of torch function modes (op taps push one inside a forward).
 
     The first call imports ``torch._dynamo`` (as importing torchvision does) so that its config can be compared.
     """
@@ -68,4 +71,5 @@ def hook_census(model: nn.Module) -> dict[str, Any]:
     census["grad_enabled"] = torch.is_grad_enabled()
     census["inference_mode"] = torch.is_inference_mode_enabled()
     census["anomaly"] = torch.is_anomaly_enabled()
+    census["torch function modes"] = [id(m) for m in function_mode_stack()]  # this thread's, bottom first
     return census

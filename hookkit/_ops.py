@@ -206,10 +206,14 @@ def _operator_at(frame: Any) -> str | None:
     return found
 
 
+_PASS_THROUGH: set[Any] = set()  # code of the mode's own handler: a nested hookkit mode sees the op come from it
+
+
 def caller(depth: int = 1) -> Any:
-    """The first frame outside torch above the caller (the user's code that called the op)."""
+    """The first frame above the caller outside torch and outside another hookkit mode's handler: the code that
+    called the op (the model's, or hookkit's own when a hook of hookkit runs an op)."""
     f: Any = sys._getframe(depth + 1)
-    while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR):
+    while f is not None and (f.f_code.co_filename.startswith(_TORCH_DIR) or f.f_code in _PASS_THROUGH):
         f = f.f_back
     return f
 
@@ -465,6 +469,9 @@ class OpTaps:
         output = func(*args, **kwargs)
         replaced = self.end(call, args, output)
         return output if replaced is None else replaced
+
+
+_PASS_THROUGH.update({_Mode.__torch_function__.__code__, OpTaps.op.__code__})
 
 
 def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:

@@ -147,8 +147,8 @@ def _not_found(model: nn.Module, spec: Any, names: list[str]) -> LayerNotFoundEr
     if isinstance(spec, str):
         kind = "pattern" if _GLOB_CHARS.search(spec) else "layer"
         close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
-        if not _GLOB_CHARS.search(spec):
-            close = _close_ops(model, names, spec) + close
+        if not close and not _GLOB_CHARS.search(spec):
+            close = _close_ops(model, names, spec)
         if not close and _GLOB_CHARS.search(spec):
             literal = _GLOB_CHARS.sub("", spec)
             close = difflib.get_close_matches(literal, names, n=5, cutoff=0.4)
