@@ -287,6 +287,21 @@ def step_hookkit_grads(image: torch.Tensor) -> None:
     print("  cap.grads['conv1'] == grad_output[0]:", torch.equal(cap.grads["conv1"], grad_output[0]))
 
 
+def step_hookkit_ops(image: torch.Tensor) -> None:
+    heading("13. hookkit op nodes: the F.relu calls inside SimpleNet.forward, which no module hook reaches")
+    net = SimpleNet()
+    print("  names:", hookkit.layer_names(net, image))
+    with hookkit.capture(net, ["relu", "relu_2", "view"], grads=True) as cap:
+        lecture_loss(net(image)).backward()
+    conv1 = net.conv1(image)
+    first = F.relu(conv1)
+    hidden = F.relu(net.fc(net.pool2(F.relu(net.conv2(net.pool1(first)))).view(1, -1)))
+    (grad_first,) = torch.autograd.grad(lecture_loss(F.relu(net.out(hidden))), [first])
+    print("  cap['relu'] == F.relu(conv1(x)):            ", torch.equal(cap["relu"], first.detach()))
+    print("  cap.grads['relu'] == torch.autograd.grad:   ", torch.allclose(cap.grads["relu"], grad_first))
+    print("  cap['relu_2'] (the F.relu after fc):        ", tuple(cap["relu_2"].shape))
+
+
 def main() -> None:
     torch.manual_seed(0)
     step_tutorial()
@@ -299,6 +314,7 @@ def main() -> None:
     step_remove(image)
     step_toy_activation()
     step_hookkit_grads(image)
+    step_hookkit_ops(image)
 
 
 if __name__ == "__main__":

@@ -74,14 +74,25 @@ def _torchvision_leaves() -> tuple[type, ...]:
 def writes_in_place(module: nn.Module) -> bool:
     """Whether ``module``'s own ``forward`` may write into a tensor it did not make: any ``forward`` that is not
     torch.nn's own (a user's or a library's code), and torch.nn modules built with ``inplace=True``."""
-    if getattr(module, "inplace", False) is True or "forward" in module.__dict__:
+    d = module.__dict__
+    if d.get("inplace") is True or "forward" in d:
         return True
-    forward = getattr(type(module), "forward", None)
-    return not getattr(forward, "__module__", "torch.nn").startswith(("torch.nn.", "torch.ao.nn."))
+    cls = type(module)
+    own = _CLASS_WRITES.get(cls)
+    if own is None:
+        forward = getattr(cls, "forward", None)
+        own = _CLASS_WRITES[cls] = not getattr(forward, "__module__", "torch.nn").startswith(
+            ("torch.nn.", "torch.ao.nn."))
+    return own
+
+
+_CLASS_WRITES: dict[type, bool] = {}
 
 
 def writer_roots(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules whose forward may write in place: copy-on-write watches inside these only."""
+    """The outermost modules whose forward may write in place: copy-on-write watches inside these only. (Runs at
+    every block's entry, so it reads the module dicts directly: ``getattr`` of a missing attribute goes through
+    ``Module.__getattr__``, several times slower.)"""
     found: list[nn.Module] = []
     seen: set[int] = set()
 
@@ -92,8 +103,9 @@ def writer_roots(model: nn.Module) -> list[nn.Module]:
         if writes_in_place(m):
             found.append(m)
             return
-        for child in m.children():
-            visit(child)
+        for child in m.__dict__["_modules"].values():
+            if child is not None:
+                visit(child)
 
     visit(model)
     return found
@@ -344,31 +356,31 @@ class OpTaps:
 
     # -- registration ---------------------------------------------------------------------------------------------
     def attach(self) -> None:
-        named = list(self.model.named_modules())
-        self._paths = {id(m): n for n, m in named}
-        modules = dict(named)
         framed: dict[int, nn.Module] = {}
         counting: set[int] = set()
         mode_at: set[int] = set()
-        if self.all_ops:
-            framed = {id(m): m for _, m in named}
-            counting = {id(m) for _, m in named if not is_leaf(m)}
-            mode_at.add(id(self.model))
-        elif self.wanted:
-            framed[id(self.model)] = self.model  # its forward starts the counting again
-            for scope in set(self.wanted.values()):
-                s = modules[scope]
-                framed[id(s)] = s
-                counting.add(id(s))
-                mode_at.add(id(s))
-                for child in s.children():
-                    framed[id(child)] = child
+        if self.naming:
+            named = list(self.model.named_modules())
+            self._paths = {id(m): n for n, m in named}
+            modules = dict(named)
+            if self.all_ops:
+                framed = {id(m): m for _, m in named}
+                counting = {id(m) for _, m in named if not is_leaf(m)}
+                mode_at.add(id(self.model))
+            else:
+                framed[id(self.model)] = self.model  # its forward starts the counting again
+                for scope in set(self.wanted.values()):
+                    s = modules[scope]
+                    framed[id(s)] = s
+                    counting.add(id(s))
+                    mode_at.add(id(s))
+                    for child in s.children():
+                        framed[id(child)] = child
+        hooked = dict(framed)
         if self.watch is not None:
             for m in writer_roots(self.model):
                 mode_at.add(id(m))
-        hooked = dict(framed)
-        for m in writer_roots(self.model) if self.watch is not None else ():
-            hooked.setdefault(id(m), m)
+                hooked.setdefault(id(m), m)
         for key, m in hooked.items():
             self.handles.add(m.register_forward_pre_hook(
                 self._pre(m, key in framed, key in counting, key in mode_at), prepend=True, with_kwargs=True))
@@ -378,7 +390,7 @@ class OpTaps:
     def _pre(self, module: nn.Module, frame: bool, counting: bool, pushes: bool) -> Any:
         state = self.state
         path = self._paths.get(id(module), "")
-        leaf = is_leaf(module)
+        leaf = frame and is_leaf(module)
 
         def pre(m: nn.Module, args: tuple, kwargs: dict) -> Any:
             if current_graph_task_id() != -1:

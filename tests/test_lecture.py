@@ -473,3 +473,20 @@ def test_lecture_walkthrough_example_runs() -> None:
     assert "300" in result.stdout
     assert "600" in result.stdout
     assert "MulBackward0" in result.stdout
+
+
+def test_simplenets_functional_relus_are_op_nodes_with_autograds_gradients() -> None:
+    """The lecture's SimpleNet applies F.relu inside forward: no module hook reaches those values; op nodes do."""
+    net, image = make_net_and_input()
+    assert hookkit.layer_names(net, image) == [
+        "conv1", "relu", "pool1", "conv2", "relu_1", "pool2", "size", "view", "fc", "relu_2", "out", "relu_3"]
+    with hookkit.capture(net, ["relu", "relu_3"], grads=True) as cap:
+        out = net(image)
+        lecture_loss(out).backward()
+    first = torch.nn.functional.relu(net.conv1(image))
+    rest = net.fc(net.pool2(torch.nn.functional.relu(net.conv2(net.pool1(first)))).view(1, -1))
+    last = torch.nn.functional.relu(net.out(torch.nn.functional.relu(rest)))
+    (grad_first,) = torch.autograd.grad(lecture_loss(last), [first])
+    assert torch.equal(cap["relu"], first.detach())
+    assert torch.equal(cap["relu_3"], out.detach())
+    torch.testing.assert_close(cap.grads["relu"], grad_first)
