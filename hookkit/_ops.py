@@ -75,40 +75,38 @@ def writes_in_place(module: nn.Module) -> bool:
     """Whether ``module``'s own ``forward`` may write into a tensor it did not make: any ``forward`` that is not
     torch.nn's own (a user's or a library's code), and torch.nn modules built with ``inplace=True``."""
     d = module.__dict__
-    if d.get("inplace") is True or "forward" in d:
-        return True
-    cls = type(module)
-    own = _CLASS_WRITES.get(cls)
+    own = _CLASS_WRITES.get(type(module))
     if own is None:
-        forward = getattr(cls, "forward", None)
-        own = _CLASS_WRITES[cls] = not getattr(forward, "__module__", "torch.nn").startswith(
-            ("torch.nn.", "torch.ao.nn."))
-    return own
+        own = _class_writes(type(module))
+    return own or d.get("inplace") is True or "forward" in d
 
 
 _CLASS_WRITES: dict[type, bool] = {}
 
 
+def _class_writes(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    own = _CLASS_WRITES[cls] = not getattr(forward, "__module__", "torch.nn").startswith(("torch.nn.", "torch.ao.nn."))
+    return own
+
+
 def writer_roots(model: nn.Module) -> list[nn.Module]:
     """The outermost modules whose forward may write in place: copy-on-write watches inside these only. (Runs at
-    every block's entry, so it reads the module dicts directly: ``getattr`` of a missing attribute goes through
-    ``Module.__getattr__``, several times slower.)"""
-    found: list[nn.Module] = []
-    seen: set[int] = set()
-
-    def visit(m: nn.Module) -> None:
-        if id(m) in seen:
-            return
-        seen.add(id(m))
-        if writes_in_place(m):
-            found.append(m)
-            return
-        for child in m.__dict__["_modules"].values():
-            if child is not None:
-                visit(child)
-
-    visit(model)
-    return found
+    every block's entry: one pass over the module dicts, without ``Module.__getattr__``.)"""
+    found: dict[int, nn.Module] = {}
+    stack = [model]
+    classes = _CLASS_WRITES
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        own = classes.get(type(m))
+        if own is None:
+            own = _class_writes(type(m))
+        if own or d.get("inplace") is True or "forward" in d:
+            found[id(m)] = m
+        else:
+            stack.extend(c for c in d["_modules"].values() if c is not None)
+    return list(found.values())
 
 
 # -- what an op writes ---------------------------------------------------------------------------------------------

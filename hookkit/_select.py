@@ -218,6 +218,7 @@ def resolve_nodes(model: nn.Module, layers: Any) -> tuple[dict[nn.Module, list[s
     if wrapped:  # "module.layer1" and "layer1" both name the wrapped model's layer1
         specs = [s[len("module."):] if isinstance(s, str) and s.startswith("module.") else s for s in specs]
     names = [n for n, _ in named if n]
+    every_name = {n for n, _ in named}  # with the model's own "" (a bare Linear is traced by that name)
     chosen: set[str] = set()
     nodes: dict[str, str] = {}
     for spec in specs:
@@ -226,7 +227,7 @@ def resolve_nodes(model: nn.Module, layers: Any) -> tuple[dict[nn.Module, list[s
                 rx = _glob_regex(spec)
                 hits = [n for n in names if rx.match(n)]
             else:
-                hits = [n for n, _ in named if n == spec]
+                hits = [spec] if spec in every_name else []
                 if not hits:
                     scope = _node_scope(model, dict(named), spec)
                     if scope is not None:
