@@ -23,8 +23,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .._errors import LayerNotFoundError
-from .._select import _GLOB_CHARS, _glob_regex, resolve
+from .._errors import CommandLineError, LayerNotFoundError
+from .._select import _GLOB_CHARS, _glob_regex, resolve, resolve_nodes
 from ._inputs import (
     add_model_and_input_args,
     build_model,
@@ -89,38 +89,90 @@ def _layer_rows(model: nn.Module) -> list[_Row]:
 
 
 def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> list[_Row]:
-    """The nodes of one forward on ``x``, in execution order: each module row at its first call, then op and
-    repeated-call rows (``cls`` says "op", or "call 2 of NAME")."""
-    from .._select import layer_names
-
+    """The nodes of one forward on ``x``, in execution order: each module's row at its first call, then an op row
+    (``cls``: "op") or a repeated-call row ("call 2 of layer1.0.relu") for every other name."""
     by_name = {r.name: r for r in module_rows}
-    calls: dict[str, int] = {}
     rows = []
-    for name, call_of in _node_kinds(model, layer_names(model, x)):
-        if call_of is None:
-            rows.append(by_name[name] if name in by_name else _Row(name, "op", 0, 0, None, kind="op"))
+    for name, call_of, call in _discover(model, x):
+        if call_of is None and name in by_name and call == 1:
+            rows.append(by_name[name])
+        elif call_of is None:
+            # An op that FX names like a module (F.relu before the first call of module S.relu is "S.relu"):
+            # capture() takes that name as the module.
+            rows.append(_Row(name, "op (capture() takes this name as the module)" if name in by_name else "op",
+                             0, 0, None, kind="op"))
         else:
-            calls[call_of] = calls.get(call_of, 1) + 1
-            rows.append(_Row(name, f"call {calls[call_of]} of {call_of}", 0, 0, None, kind="call"))
+            rows.append(_Row(name, f"call {call} of {call_of}", 0, 0, None, kind="call"))
     return rows
 
 
-def _node_kinds(model: nn.Module, names: list[str]) -> list[tuple[str, str | None]]:
-    """Each of ``layer_names(model, x)``'s names with the module it is a repeated call of (None for a module's
-    first call and for an op node)."""
-    modules = {n for n, _ in model.named_modules(remove_duplicate=False) if n}
-    out: list[tuple[str, str | None]] = []
-    for name in names:
-        base, _, suffix = name.rpartition("_")
-        out.append((name, base if name not in modules and suffix.isdigit() and base in modules else None))
-    return out
+def _discover(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str | None, int]]:
+    """``hookkit.layer_names(model, x)``'s names, each with what it is: ``(name, None, 1)`` for a module's first
+    call, ``(name, path, k)`` for the k-th call of the leaf module ``path``, ``(name, None, 0)`` for an op node.
+
+    The same run as ``layer_names`` (``_ops.discover``: the same ``OpTaps``, under ``no_grad``, train / eval mode
+    and RNG state restored), plus what the names alone lose: a name given while a module's pre-hooks run (between
+    two hooks of ours around ``OpTaps``' own) comes from the module call, any other from an op. The name cannot
+    tell: an op shares a leaf module's counter (FX names ``F.relu`` after a call of module ``S.relu`` in ``S``'s
+    forward ``"S.relu_1"``, as it would the module's second call)."""
+    from .._handles import HandleGroup
+    from .._ops import OpTaps  # the op machinery loads only when a forward is asked for
+
+    paths = {id(m): n for n, m in model.named_modules() if n}
+    calls: dict[str, int] = {}
+    calling: list[str | None] = [None]  # the module whose pre-hooks are running
+    found: list[tuple[str, str | None, int]] = []
+    seen: set[str] = set()
+
+    def on_name(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        path = calling[0]
+        if path is None:
+            found.append((name, None, 0))
+        elif name == path:
+            found.append((name, None, 1))
+        else:
+            found.append((name, path, calls[path]))
+
+    def enter(m: nn.Module, args: Any) -> None:
+        path = paths.get(id(m))
+        if path is not None:
+            calls[path] = calls.get(path, 0) + 1
+        calling[0] = path
+
+    def entered(m: nn.Module, args: Any) -> None:
+        calling[0] = None
+
+    handles = HandleGroup()
+    taps = OpTaps(model, handles=handles, wanted={}, name_all=True, tap_all=False, watch=None, on_name=on_name)
+    training = model.training
+    rng = torch.random.get_rng_state()
+    try:
+        taps.attach()  # OpTaps' pre-hooks go first (prepend=True); ours go around them
+        for m in model.modules():
+            handles.add(m.register_forward_pre_hook(enter, prepend=True))
+            handles.add(m.register_forward_pre_hook(entered))
+        with torch.no_grad():
+            model(x)
+    finally:
+        handles.remove()
+        taps.close()
+        model.train(training)
+        torch.random.set_rng_state(rng)
+    return found
 
 
-def _select_names(model: nn.Module, spec: str, rows: list[_Row], ran: bool) -> set[str]:
+def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: list[_Row], ran: bool) -> set[str]:
     """The names of ``rows`` that ``--filter spec`` selects: a glob as capture() matches it, or one exact name.
     Without a run, exactly what capture() would select; with one, the op and repeated-call names too."""
     if not ran:
-        return {n for names in resolve(model, spec).values() for n in names}
+        selected, nodes = resolve_nodes(model, spec)
+        if nodes:
+            raise CommandLineError(f"{spec!r} is an op or repeated-call node name: pass --input-shape (e.g. "
+                                   "1,3,224,224) to run the model once and list its op nodes.")
+        return {n for names in selected.values() for n in names}
     names = [r.name for r in rows]
     if _GLOB_CHARS.search(spec):
         rx = _glob_regex(spec)
@@ -134,6 +186,11 @@ def _select_names(model: nn.Module, spec: str, rows: list[_Row], ran: bool) -> s
     except LayerNotFoundError:
         known = set()
     model_name = type(model).__name__
+    first_names = {r.name: r.alias_of for r in module_rows if r.alias_of in set(names)}
+    if known and known <= set(first_names):
+        raise LayerNotFoundError(f"{spec!r} names a module that ran under its first name: "
+                                 f"{', '.join(sorted({first_names[n] or n for n in known}))} (a module registered "
+                                 "under several names is listed once when the model runs).")
     if known:
         raise LayerNotFoundError(f"{spec!r} names modules of {model_name} that did not run on this input "
                                  f"({', '.join(sorted(known)[:5])}{', ...' if len(known) > 5 else ''}); "
@@ -159,7 +216,7 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
     shown = [r.name for r in rows]
     matched: set[str] = set(shown)
     if args.filter is not None:
-        matched = _select_names(model, args.filter, rows, ran)
+        matched = _select_names(model, args.filter, rows, module_rows, ran)
         # Keep the ancestors of every match, so the tree still nests; they are drawn dim.
         keep = set(matched)
         for n in matched:
@@ -202,7 +259,7 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         return 0
     if ran:
         listed = {r.name for r in rows}
-        idle = [r.name for r in module_rows if r.name not in listed]
+        idle = [r.name for r in module_rows if r.name not in listed and r.alias_of not in listed]
         if idle:
             console.print(Text(f"{_plural(len(idle), 'module name')} did not run on this input and "
                                f"{'is' if len(idle) == 1 else 'are'} not listed: {_first(idle)}.", style="dim"))
@@ -210,8 +267,8 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         console.print(Text("Counts include children; (own N): parameters a parent holds itself.", style="dim"))
     console.print(Text("Pass a name, or a glob like 'layer*.0.conv1', to hookkit.capture(model, ...).", style="dim"))
     if ran and any(r.kind != "module" for r in rows):
-        console.print(Text("Op and repeated-call names are passed exactly as listed (globs match module names only).",
-                           style="dim"))
+        console.print(Text("Pass op and repeated-call names to capture() exactly as listed: its globs match module "
+                           "names only.", style="dim"))
     return 0
 
 
