@@ -34,7 +34,8 @@ from torch.overrides import TorchFunctionMode
 
 from ._compat import current_graph_task_id, pop_function_mode, push_function_mode
 
-__all__ = ["OpTaps", "OpSite", "op_name", "is_leaf", "writes_in_place", "known_op_names", "written",
+__all__ = ["OpTaps", "OpSite", "Node", "discover", "discover_nodes", "op_name", "is_leaf", "writes_in_place",
+           "known_op_names", "written",
            "split_node_name"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -300,7 +301,8 @@ class _Frame:
 class _State(threading.local):
     def __init__(self) -> None:
         self.frames: list[_Frame] = []
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # per full base name, shared by ops and leaf calls (FX's counter)
+        self.calls: dict[str, int] = {}  # per leaf module: its own calls in this forward
         self.depth = 0  # how many calls of mode modules are open in this thread
         self.pushed: Any = None  # the mode this thread pushed, while depth > 0
 
@@ -330,13 +332,13 @@ class OpTaps:
     ``wanted``: ``{node name: scope path}`` to record through ``begin(name, site, args, kwargs) -> (call, new_args)``
     and ``end(call, args, output)``; ``name_all``: frame every module and name every op (``trace(ops=True)``,
     ``check_finite``, discovery); ``tap_all``: record every op too (a listener wants them all); ``watch``: the
-    engine's ``_snapshot.Watch`` for copy-on-write, or None; ``on_name``: told every name as it is given
-    (discovery). Hooks go into ``handles``.
+    engine's ``_snapshot.Watch`` for copy-on-write, or None; ``on_name(name, node)``: told every name as it is
+    given, with a ``Node`` saying what it names (discovery). Hooks go into ``handles``.
     """
 
     def __init__(self, model: nn.Module, *, handles: Any, wanted: dict[str, str], name_all: bool, tap_all: bool,
                  watch: Any, begin: Callable[..., Any] | None = None, end: Callable[..., Any] | None = None,
-                 on_name: Callable[[str], None] | None = None) -> None:
+                 on_name: Callable[[str, Node], None] | None = None) -> None:
         self.model = model
         self.handles = handles
         self.wanted = wanted  # node name -> scope path
@@ -403,19 +405,21 @@ class OpTaps:
             frames = state.frames
             if not frames:
                 state.counts.clear()  # a new forward of the model: counting starts again
+                state.calls.clear()
             f = _Frame(path, m, counting)
             frames.append(f)
             if self.on_name is not None and id(m) not in self._seen_modules:
                 self._seen_modules.add(id(m))
                 if path:
-                    self.on_name(path)
+                    self.on_name(path, Node("module", m, path, 1))
             if leaf and path:
                 n = state.counts.get(path, 0)
                 state.counts[path] = n + 1
+                k = state.calls[path] = state.calls.get(path, 0) + 1  # this module's own k-th call
                 if n:
                     name = f"{path}_{n}"
                     if self.on_name is not None:
-                        self.on_name(name)
+                        self.on_name(name, Node("call", m, path, k))
                     if name in self.wanted and self.begin is not None:
                         call, new_args = self.begin(name, m, args, kwargs)
                         f.node = call
@@ -469,7 +473,7 @@ class OpTaps:
         counts[key] = n + 1
         name = key if n == 0 else f"{key}_{n}"
         if self.on_name is not None:
-            self.on_name(name)
+            self.on_name(name, Node("op", OpSite(func, frame.path, type(frame.module).__name__), frame.path, 0))
         if (name not in self.wanted and not self.tap_all) or self.begin is None or self.end is None:
             return func(*args, **kwargs)
         site = OpSite(func, frame.path, type(frame.module).__name__)
@@ -484,17 +488,33 @@ class OpTaps:
 _PASS_THROUGH.update({_Mode.__torch_function__.__code__, OpTaps.op.__code__})
 
 
+class Node(NamedTuple):
+    """What a discovered name names: a module's first call (``what`` the module), the ``call``-th call of the leaf
+    module at ``path`` (``what`` the module), or an op (``what`` its ``OpSite``, ``path`` its scope)."""
+
+    kind: str  # "module", "call" or "op"
+    what: Any
+    path: str
+    call: int
+
+
 def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """``layer_names(model, *args, **kwargs)``: run the model once and list every name given, in order."""
+    return [name for name, _ in discover_nodes(model, args, kwargs)]
+
+
+def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Node]]:
+    """Run the model once (under ``no_grad``; train / eval mode and the RNG states restored) and return every name
+    given, in order, with what it names (the first time a name is given)."""
     from ._handles import HandleGroup
 
-    names: list[str] = []
+    found: list[tuple[str, Node]] = []
     seen: set[str] = set()
 
-    def on_name(name: str) -> None:
+    def on_name(name: str, node: Node) -> None:
         if name not in seen:
             seen.add(name)
-            names.append(name)
+            found.append((name, node))
 
     handles = HandleGroup()
     taps = OpTaps(model, handles=handles, wanted={}, name_all=True, tap_all=False, watch=None, on_name=on_name)
@@ -512,4 +532,4 @@ def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    return names
+    return found

@@ -109,59 +109,12 @@ def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> lis
 def _discover(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str | None, int]]:
     """``hookkit.layer_names(model, x)``'s names, each with what it is: ``(name, None, 1)`` for a module's first
     call, ``(name, path, k)`` for the k-th call of the leaf module ``path``, ``(name, None, 0)`` for an op node.
+    (The name alone cannot tell: an op shares a leaf module's counter, so FX names ``F.relu`` after a call of module
+    ``S.relu`` in ``S``'s forward ``"S.relu_1"``, as it would the module's second call.)"""
+    from .._ops import discover_nodes  # the op machinery loads only when a forward is asked for
 
-    The same run as ``layer_names`` (``_ops.discover``: the same ``OpTaps``, under ``no_grad``, train / eval mode
-    and RNG state restored), plus what the names alone lose: a name given while a module's pre-hooks run (between
-    two hooks of ours around ``OpTaps``' own) comes from the module call, any other from an op. The name cannot
-    tell: an op shares a leaf module's counter (FX names ``F.relu`` after a call of module ``S.relu`` in ``S``'s
-    forward ``"S.relu_1"``, as it would the module's second call)."""
-    from .._handles import HandleGroup
-    from .._ops import OpTaps  # the op machinery loads only when a forward is asked for
-
-    paths = {id(m): n for n, m in model.named_modules() if n}
-    calls: dict[str, int] = {}
-    calling: list[str | None] = [None]  # the module whose pre-hooks are running
-    found: list[tuple[str, str | None, int]] = []
-    seen: set[str] = set()
-
-    def on_name(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        path = calling[0]
-        if path is None:
-            found.append((name, None, 0))
-        elif name == path:
-            found.append((name, None, 1))
-        else:
-            found.append((name, path, calls[path]))
-
-    def enter(m: nn.Module, args: Any) -> None:
-        path = paths.get(id(m))
-        if path is not None:
-            calls[path] = calls.get(path, 0) + 1
-        calling[0] = path
-
-    def entered(m: nn.Module, args: Any) -> None:
-        calling[0] = None
-
-    handles = HandleGroup()
-    taps = OpTaps(model, handles=handles, wanted={}, name_all=True, tap_all=False, watch=None, on_name=on_name)
-    training = model.training
-    rng = torch.random.get_rng_state()
-    try:
-        taps.attach()  # OpTaps' pre-hooks go first (prepend=True); ours go around them
-        for m in model.modules():
-            handles.add(m.register_forward_pre_hook(enter, prepend=True))
-            handles.add(m.register_forward_pre_hook(entered))
-        with torch.no_grad():
-            model(x)
-    finally:
-        handles.remove()
-        taps.close()
-        model.train(training)
-        torch.random.set_rng_state(rng)
-    return found
+    kinds = {"module": lambda n: (None, 1), "call": lambda n: (n.path, n.call), "op": lambda n: (None, 0)}
+    return [(name, *kinds[node.kind](node)) for name, node in discover_nodes(model, (x,), {})]
 
 
 def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: list[_Row], ran: bool) -> set[str]:
