@@ -1,4 +1,5 @@
-"""A model that goes NaN deep inside, found in one call with hookkit.check_finite.
+"""A model that goes NaN deep inside, found in one call with hookkit.check_finite, which names the op
+(``torch.sqrt``) and the module whose forward ran it.
 
 Compare with torch.autograd.detect_anomaly, which only looks at backward and names the first autograd op whose
 gradient is NaN: here the head's matmul, far from the module that made the NaN.

@@ -268,6 +268,7 @@ class Engine:
         if restore is not None:
             restore()
         self._selected = {}  # what was recorded outlives the block; the model's modules must not
+        self._listener = None  # trace / check_finite hold this engine: no cycle for the garbage collector
 
     def warn_if_compiled_code_skipped_hooks(self, what: str) -> None:
         """A block that recorded nothing while torch.compile has compiled code in this process: say why that may

@@ -310,12 +310,14 @@ class _State(threading.local):
 class _Mode(TorchFunctionMode):
     def __init__(self, taps: OpTaps) -> None:
         super().__init__()
-        self.taps = taps
+        self.taps: OpTaps | None = taps
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         taps = self.taps
         if kwargs is None:
             kwargs = {}
+        if taps is None:  # closed (left on another thread's stack by an interrupted forward): step aside
+            return func(*args, **kwargs)
         if taps.watch is not None and taps.watch.active:
             targets = written(func, args, kwargs)
             if targets:
@@ -459,6 +461,10 @@ class OpTaps:
             state.pushed = None
         state.depth = 0
         state.frames.clear()
+        # No reference cycles: a finished block is freed by reference counting, not by the garbage collector.
+        self.mode.taps = None
+        self.begin = self.end = self.on_name = None
+        self.watch = None
 
     # -- ops ------------------------------------------------------------------------------------------------------
     def op(self, func: Any, args: tuple, kwargs: dict, frame: _Frame) -> Any:

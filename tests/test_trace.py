@@ -184,6 +184,13 @@ def test_check_finite_names_the_first_module_with_nan_in_forward():
     before = hook_census(model)
     with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model):
         model(torch.randn(16, 4))
+    # the op inside the module's forward that made them, and the module it is in
+    assert (info.value.layer, info.value.phase) == ("body.1.log", "forward")
+    assert str(info.value).startswith("'body.1.log' (torch.log) in 'body.1' (LogOfNegative) produced ")
+    assert "its inputs were finite" in str(info.value)
+    assert hook_census(model) == before
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=False):
+        model(torch.randn(16, 4))
     err = info.value
     assert (err.layer, err.phase, err.call) == ("body.1", "forward", 0)
     msg = str(err)
@@ -281,7 +288,8 @@ def test_example_trace_simplenet_shows_conv1_grad_input_none():
 
 def test_example_find_nan_finds_the_block_and_shows_what_anomaly_mode_says():
     out = run_example("find_nan.py")
-    assert "NonFiniteError" in out and "layer='2' phase='forward'" in out
+    assert "NonFiniteError" in out and "layer='2.sqrt' phase='forward'" in out
+    assert "'2.sqrt' (torch.sqrt) in '2' (Block) produced" in out and "its inputs were finite" in out
     assert "LogsumexpBackward0" in out
 
 
