@@ -377,3 +377,24 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_finished_blocks_leave_no_reference_cycles():
+    """A finished block is freed by reference counting: the op taps' mode and the listeners are let go on exit."""
+    import gc
+
+    m, x = Net(), torch.randn(3, 4)
+    makers = [lambda: hookkit.capture(m, ["fc", "mul", "act_1"], grads=True), lambda: hookkit.capture(m, ["fc"]),
+              lambda: hookkit.trace(m, console=Console(file=io.StringIO()), ops=True),
+              lambda: hookkit.check_finite(m), lambda: hookkit.hooks(m, forward={"mul": lambda s, a, o: o})]
+    gc.collect()
+    gc.disable()
+    try:
+        for make in makers:
+            with make() as block:
+                m(x).sum().backward()
+            del block
+            hookkit.layer_names(m, x)
+            assert gc.collect() == 0
+    finally:
+        gc.enable()
