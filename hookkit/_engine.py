@@ -498,9 +498,11 @@ class Engine:
                 raise StopForward(self)
 
     # -- op taps (``_ops``) ---------------------------------------------------------------------------------------
-    def node_begin(self, name: str, site: Any, args: tuple, kwargs: dict) -> tuple[Call, tuple | None]:
+    def node_begin(self, name: str, site: Any, args: tuple, kwargs: dict,
+                   writes: tuple = ()) -> tuple[Call, tuple | None]:
         """An op (or a repeated call of a leaf module) named ``name`` is about to run: open its ``Call``; returns
-        arguments to run it with instead (views tapped for input gradients), or None."""
+        arguments to run it with instead (views tapped for input gradients), or None. ``writes``: the tensors an
+        in-place op writes into (``out += identity``)."""
         call = Call()
         i = self._node_started.get(name, 0)
         self._node_started[name] = i + 1
@@ -510,6 +512,14 @@ class Engine:
         if self._want_inputs:
             self._store_inputs(call, args, kwargs)
         if self._want_grads and torch.is_grad_enabled() and name in self.recording.records:
+            if writes:
+                # Writing through a tapped view would leave the output's gradient hook on a view that the next
+                # in-place op (the block's ReLU(inplace=True)) rebases, and the gradient would never arrive.
+                call.grad_in_error = (
+                    f"{name!r} writes into its input in place, so the gradient w.r.t. the value it received is not "
+                    "recorded (its output's gradient is: read grads[...]). For input gradients, capture an "
+                    "out-of-place copy of the model.")
+                return call, None
             return call, self._alias_inputs(call, args)  # (not for every op a listener sees: only those asked for)
         return call, None
 

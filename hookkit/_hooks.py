@@ -69,7 +69,8 @@ class Hooks:
         fns = [fn for k, n, _, fn in self._node_plan if k == kind and n == name]
         return fns[::-1] if self._prepend else fns
 
-    def _node_begin(self, name: str, site: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple | None]:
+    def _node_begin(self, name: str, site: Any, args: tuple, kwargs: dict,
+                    writes: tuple = ()) -> tuple[Any, tuple | None]:
         new_args = None
         for fn in self._fns("forward_pre", name):
             if self._with_kwargs:

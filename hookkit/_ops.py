@@ -289,12 +289,13 @@ def split_node_name(name: str) -> tuple[str, str, int]:
 
 # -- the mode and the frames -----------------------------------------------------------------------------------------
 class _Frame:
-    __slots__ = ("path", "module", "counting", "node")
+    __slots__ = ("path", "module", "counting", "opaque", "node")
 
-    def __init__(self, path: str, module: nn.Module, counting: bool) -> None:
+    def __init__(self, path: str, module: nn.Module, counting: bool, opaque: bool) -> None:
         self.path = path
         self.module = module
         self.counting = counting  # a non-leaf module: ops in its own forward are named in its scope
+        self.opaque = opaque  # a leaf, or inside one: nothing within is a node (FX does not trace into leaves)
         self.node: Any = None  # a leaf call being recorded as a repeated-call node
 
 
@@ -408,13 +409,14 @@ class OpTaps:
             if not frames:
                 state.counts.clear()  # a new forward of the model: counting starts again
                 state.calls.clear()
-            f = _Frame(path, m, counting)
+            inside = bool(frames) and frames[-1].opaque
+            f = _Frame(path, m, counting and not inside, leaf or inside)
             frames.append(f)
             if self.on_name is not None and id(m) not in self._seen_modules:
                 self._seen_modules.add(id(m))
                 if path:
                     self.on_name(path, Node("module", m, path, 1))
-            if leaf and path:
+            if leaf and path and not inside:
                 n = state.counts.get(path, 0)
                 state.counts[path] = n + 1
                 k = state.calls[path] = state.calls.get(path, 0) + 1  # this module's own k-th call
@@ -468,6 +470,9 @@ class OpTaps:
 
     # -- ops ------------------------------------------------------------------------------------------------------
     def op(self, func: Any, args: tuple, kwargs: dict, frame: _Frame) -> Any:
+        if not _has_tensor(args) and not _has_tensor(kwargs.values()):
+            # torch._assert(<a Python bool>), torch.zeros(3): FX runs these while tracing; they are not nodes
+            return func(*args, **kwargs)
         f = caller(2)
         if f is None or f.f_code.co_filename.startswith(_HOOKKIT_DIR):
             return func(*args, **kwargs)  # hookkit's own work inside a hook (a snapshot's detach): not the model's
@@ -483,12 +488,22 @@ class OpTaps:
         if (name not in self.wanted and not self.tap_all) or self.begin is None or self.end is None:
             return func(*args, **kwargs)
         site = OpSite(func, frame.path, type(frame.module).__name__)
-        call, new_args = self.begin(name, site, args, kwargs)
+        call, new_args = self.begin(name, site, args, kwargs, tuple(written(func, args, kwargs)))
         if new_args is not None:
             args = new_args
         output = func(*args, **kwargs)
         replaced = self.end(call, args, output)
         return output if replaced is None else replaced
+
+
+def _has_tensor(values: Any) -> bool:
+    """A tensor among ``values`` or one list / tuple deep (``torch.cat([x, y])``)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return True
+        if isinstance(v, (list, tuple)) and any(isinstance(w, torch.Tensor) for w in v):
+            return True
+    return False
 
 
 _PASS_THROUGH.update({_Mode.__torch_function__.__code__, OpTaps.op.__code__})
