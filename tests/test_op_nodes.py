@@ -398,3 +398,39 @@ def test_finished_blocks_leave_no_reference_cycles():
             assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+class Residual(nn.Module):
+    """ResNet's pattern: `out += identity`, then ReLU(inplace=True) over the sum; and an assert on a Python bool."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.relu = nn.ReLU(inplace=inplace)
+
+    def forward(self, x):
+        torch._assert(x.dim() == 2, "expected a batch of vectors")
+        out = self.fc(x)
+        out += x
+        return self.relu(out) * 2
+
+
+def test_an_in_place_op_node_overwritten_next_keeps_its_output_gradient():
+    torch.manual_seed(0)
+    m = Residual()
+    x = torch.randn(4, 6, requires_grad=True)
+    with hookkit.capture(m, ["add", "mul"], grads=True) as cap:
+        m(x).sum().backward()
+    h = m.fc(x)
+    s = h + x  # the out-of-place form of `out += x`
+    (g_s,) = torch.autograd.grad((torch.relu(s) * 2).sum(), [s])
+    torch.testing.assert_close(cap["add"], s.detach())
+    torch.testing.assert_close(cap.grads["add"], g_s)
+    with pytest.raises(hookkit.GradientUnavailableError, match="'add' writes into its input in place"):
+        cap.grad_inputs["add"]
+
+
+def test_an_op_without_tensor_arguments_is_not_a_node():
+    """torch._assert(<a Python bool>) runs through the function mode but, as in FX (which runs it while tracing),
+    names nothing; x.dim() is an op on a tensor and is named."""
+    assert hookkit.layer_names(Residual(), torch.randn(4, 6)) == ["dim", "fc", "add", "relu", "mul"]
