@@ -7,6 +7,7 @@ Run by hand (not part of the test suite):
     python benchmarks/bench_ops.py --quick                   # ~2-3 min: fewer rounds, small ResNet input (noisier)
     python benchmarks/bench_ops.py --torchlens /tmp/tl       # also time torchlens on the same 10 op nodes
     python benchmarks/bench_ops.py --profile                 # also cProfile the hookkit variants
+    python benchmarks/bench_ops.py --only tiny,memory        # some sections only
 
 Sections:
   1. ResNet-50 (torchvision, random init, eval, no_grad): capture of 10 op nodes (the ``out += identity`` of the
@@ -615,10 +616,13 @@ def main() -> None:
     ap.add_argument("--input", help="ResNet-50 input as BATCH,PIXELS (default: bench_capture.py's rule)")
     ap.add_argument("--torchlens", nargs="?", const="", default=None, metavar="PATH",
                     help="also time torchlens, importing it from PATH (a pip --target folder) or the environment")
+    ap.add_argument("--only", help="comma-separated sections to run, of: resnet, tiny, memory, torchlens")
     ap.add_argument("--profile", action="store_true", help="cProfile the hookkit variants")
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8),
                     help="torch.set_num_threads (default: the CPU count, at most 8)")
     args = ap.parse_args()
+    if args.only and not set(args.only.split(",")) <= {"resnet", "tiny", "memory", "torchlens"}:
+        ap.error(f"--only: unknown section in {args.only!r}")
 
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -640,13 +644,15 @@ def main() -> None:
     )
     results: dict[str, Any] = {}
     t0 = perf()
-    bench_resnet(cfg, results)
-    say()
-    bench_tiny(cfg, results)
-    say()
-    bench_memory(cfg, results)
-    say()
-    bench_torchlens(cfg, results, args.torchlens)
+    sections: dict[str, Callable[[], None]] = {
+        "resnet": lambda: bench_resnet(cfg, results),
+        "tiny": lambda: bench_tiny(cfg, results),
+        "memory": lambda: bench_memory(cfg, results),
+        "torchlens": lambda: bench_torchlens(cfg, results, args.torchlens),
+    }
+    for name in args.only.split(",") if args.only else sections:
+        sections[name]()
+        say()
     if args.profile:
         profile(cfg)
     say(f"\ntotal {perf() - t0:.0f} s | load avg {_loadavg()}")
