@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import _tree
 from ._compat import current_graph_task_id, dynamo_config, dynamo_has_compiled
 from ._handles import HandleGroup
-from ._ops import OpTaps
+from ._ops import OpTaps, writer_roots
 from ._select import Layers, resolve_nodes, unwrap
 from ._snapshot import Snapshotter, To, Untappable, Watch
 
@@ -217,12 +217,15 @@ class Engine:
         self._n_selected = len(self._selected) + len(nodes)
         self._node_started: dict[str, int] = {}
         self._dynamo_guard: Callable[[], None] | None = None
-        # Copy-on-write: stored tensors that were not copied are watched, and copied before an in-place write.
-        self._watch = Watch() if keep and not clone else None
+        # Copy-on-write: stored tensors that were not copied are watched, and copied before an in-place write
+        # inside the modules whose forward may write (none in a stack of torch.nn layers: then nothing is watched,
+        # and a write from elsewhere is still caught on read by the version counter).
+        writers = writer_roots(inner) if keep and not clone else []
+        self._watch = Watch() if writers else None
         self._ops: OpTaps | None = None
-        if nodes or ops or self._watch is not None:
+        if nodes or ops or writers:
             self._ops = OpTaps(inner, handles=self._handles, wanted=nodes, name_all=ops, tap_all=ops,
-                               watch=self._watch, begin=self.node_begin, end=self.node_end)
+                               watch=self._watch, writers=writers, begin=self.node_begin, end=self.node_end)
 
     @property
     def copies(self) -> int:
@@ -289,8 +292,7 @@ class Engine:
         paired = bool(self._want_inputs or self._want_grads or self._listener)
         if paired:
             self._handles.add(module.register_forward_pre_hook(self._pre_hook(names[0], pending), with_kwargs=True))
-        fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener
-                    or self._watch is None)
+        fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
         hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
         self._handles.add(module.register_forward_hook(hook))
         if paired:
@@ -345,7 +347,7 @@ class Engine:
         call.kwargs = _tree.map_leaves(lambda t: snap.tensor(t, guards), kwargs, opaque=_tree.NotStored)
         call.in_guards = guards
         if guards and self._watch is not None:
-            self._watch.add(call, "inputs")
+            self._watch.inputs.append(call)
 
     def _alias_inputs(self, call: Call, args: tuple) -> tuple | None:
         """Give each positional input that needs grad a view of its own, hooked, so that the gradient this module
@@ -439,8 +441,7 @@ class Engine:
         order = self.recording.order
         snap = self._snap
         tensor = torch.Tensor
-        assert self._watch is not None  # the fast hook stores without copying: only with copy-on-write
-        watched = self._watch.pending
+        watched = self._watch.outputs if self._watch is not None else _NotWatched()
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() != -1:
@@ -454,13 +455,13 @@ class Engine:
                 else:
                     call = Call(t, t._version)
                     calls.append(call)
-                    watched.append((call, "output"))
+                    watched.append(call)
             else:
                 call = Call()
                 call.output, call.guards = snap(output)
                 calls.append(call)
                 if call.guards:
-                    watched.append((call, "output"))
+                    watched.append(call)
 
         return forward_hook
 
@@ -481,7 +482,7 @@ class Engine:
                 self.recording.order.extend(names)
             calls.append(call)
             if call.guards and self._watch is not None:
-                self._watch.add(call, "output")
+                self._watch.outputs.append(call)
         if self._listener is not None:
             self._listener.forward(call.where, args, output)
         if self._want_grads and torch.is_grad_enabled():
@@ -526,6 +527,15 @@ class Engine:
     def node_end(self, call: Call, args: tuple, output: Any) -> None:
         name = call.where[0]
         self._finish(call, [name], self.recording.records.get(name, []), name, args, output)
+
+class _NotWatched:
+    """Stands for ``Watch.outputs`` where nothing is watched: the fast hook appends without a test."""
+
+    __slots__ = ()
+
+    def append(self, call: Call) -> None:
+        pass
+
 
 def _end_of_call(pending: list[Call]) -> Any:
     """A forward hook run after the recording one, and also when the forward raised (``always_call``): it ends the

@@ -25,7 +25,7 @@ import inspect
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -335,12 +335,14 @@ class OpTaps:
     ``wanted``: ``{node name: scope path}`` to record through ``begin(name, site, args, kwargs) -> (call, new_args)``
     and ``end(call, args, output)``; ``name_all``: frame every module and name every op (``trace(ops=True)``,
     ``check_finite``, discovery); ``tap_all``: record every op too (a listener wants them all); ``watch``: the
-    engine's ``_snapshot.Watch`` for copy-on-write, or None; ``on_name(name, node)``: told every name as it is
+    engine's ``_snapshot.Watch`` for copy-on-write, or None, and ``writers`` the modules it watches inside
+    (``writer_roots``); ``on_name(name, node)``: told every name as it is
     given, with a ``Node`` saying what it names (discovery). Hooks go into ``handles``.
     """
 
     def __init__(self, model: nn.Module, *, handles: Any, wanted: dict[str, str], name_all: bool, tap_all: bool,
-                 watch: Any, begin: Callable[..., Any] | None = None, end: Callable[..., Any] | None = None,
+                 watch: Any, writers: Sequence[nn.Module] = (),
+                 begin: Callable[..., Any] | None = None, end: Callable[..., Any] | None = None,
                  on_name: Callable[[str, Node], None] | None = None) -> None:
         self.model = model
         self.handles = handles
@@ -348,6 +350,7 @@ class OpTaps:
         self.all_ops = name_all
         self.tap_all = tap_all
         self.watch = watch
+        self.writers = list(writers)  # writer_roots(model), where copy-on-write watches
         self.begin = begin
         self.end = end
         self.on_name = on_name
@@ -381,7 +384,7 @@ class OpTaps:
                         framed[id(child)] = child
         hooked = dict(framed)
         if self.watch is not None:
-            for m in writer_roots(self.model):
+            for m in self.writers:
                 mode_at.add(id(m))
                 hooked.setdefault(id(m), m)
         for key, m in hooked.items():
@@ -467,6 +470,7 @@ class OpTaps:
         self.mode.taps = None
         self.begin = self.end = self.on_name = None
         self.watch = None
+        self.writers = []
 
     # -- ops ------------------------------------------------------------------------------------------------------
     def op(self, func: Any, args: tuple, kwargs: dict, frame: _Frame) -> Any:

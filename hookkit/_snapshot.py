@@ -117,34 +117,33 @@ class Watch:
     """Copy-on-write: the stored tensors that were not copied, and the copy made just before an in-place op that
     hookkit sees (``_ops``) writes into storage one of them uses.
 
-    Holders are the engine's ``Call`` records: ``uncopied(field)`` gives ``(tensor, version)`` pairs and
-    ``replace(field, old, new)`` swaps a stored tensor for its copy. Adding is one list append (a hook runs on every
-    call); tensors are indexed by storage only when an in-place op comes, and each at most once.
+    Holders are the engine's ``Call`` records, appended to ``outputs`` / ``inputs``: ``uncopied(field)`` gives
+    ``(tensor, version)`` pairs and ``replace(field, old, new)`` swaps a stored tensor for its copy. Adding is one
+    list append (a hook runs on every call); tensors are indexed by storage only when an in-place op comes, and each
+    at most once.
     """
 
-    __slots__ = ("pending", "by_storage", "copies")
+    __slots__ = ("outputs", "inputs", "by_storage", "copies")
 
     def __init__(self) -> None:
-        self.pending: list[tuple[Any, str]] = []
+        self.outputs: list[Any] = []  # holders whose "output" field stores tensors without a copy, not yet indexed
+        self.inputs: list[Any] = []  # the same for "inputs"
         self.by_storage: dict[int, list[tuple[torch.Tensor, int, Any, str]]] = {}
         self.copies = 0
 
     @property
     def active(self) -> bool:
-        return bool(self.pending or self.by_storage)
-
-    def add(self, holder: Any, field: str) -> None:
-        self.pending.append((holder, field))
+        return bool(self.outputs or self.inputs or self.by_storage)
 
     def before_write(self, targets: list[torch.Tensor]) -> None:
         """``targets`` are about to be written in place: copy every stored tensor sharing storage with one."""
-        if self.pending:
-            for holder, field in self.pending:
+        for field, pending in (("output", self.outputs), ("inputs", self.inputs)):
+            for holder in pending:
                 for t, version in holder.uncopied(field):
                     key = _storage_key(t)
                     if key:
                         self.by_storage.setdefault(key, []).append((t, version, holder, field))
-            self.pending.clear()
+            pending.clear()
         for w in targets:
             entries = self.by_storage.pop(_storage_key(w), None)
             if not entries:
@@ -160,7 +159,8 @@ class Watch:
                 holder.replace(field, t, copy)
 
     def clear(self) -> None:
-        self.pending.clear()
+        self.outputs.clear()
+        self.inputs.clear()
         self.by_storage.clear()
 
 
