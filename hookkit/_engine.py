@@ -200,7 +200,8 @@ class Engine:
                  inputs: bool = False, grads: bool = False, detach: bool = True, clone: bool = False, to: To = None,
                  stop: bool = False, param_grads: bool = False, ops: bool = False) -> None:
         # checks the model; raises before anything is registered
-        self._selected, nodes = resolve_nodes(model, layers)
+        walked: list[tuple[str, nn.Module]] = []
+        self._selected, nodes = resolve_nodes(model, layers, walked)
         self._snap = Snapshotter(detach=detach, clone=clone, to=to)
         self._listener = listener
         self._keep = keep
@@ -220,7 +221,7 @@ class Engine:
         # Copy-on-write: stored tensors that were not copied are watched, and copied before an in-place write
         # inside the modules whose forward may write (none in a stack of torch.nn layers: then nothing is watched,
         # and a write from elsewhere is still caught on read by the version counter).
-        writers = writer_roots(inner) if keep and not clone else []
+        writers = writer_roots(walked) if keep and not clone else []
         self._watch = Watch() if writers else None
         self._ops: OpTaps | None = None
         if nodes or ops or writers:
@@ -441,7 +442,7 @@ class Engine:
         order = self.recording.order
         snap = self._snap
         tensor = torch.Tensor
-        watched = self._watch.outputs if self._watch is not None else _NotWatched()
+        watched = self._watch.outputs if self._watch is not None else _NOT_WATCHED
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() != -1:
@@ -535,6 +536,9 @@ class _NotWatched:
 
     def append(self, call: Call) -> None:
         pass
+
+
+_NOT_WATCHED = _NotWatched()
 
 
 def _end_of_call(pending: list[Call]) -> Any:

@@ -91,22 +91,25 @@ def _class_writes(cls: type) -> bool:
     return own
 
 
-def writer_roots(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules whose forward may write in place: copy-on-write watches inside these only. (Runs at
-    every block's entry: one pass over the module dicts, without ``Module.__getattr__``.)"""
+def writer_roots(named: list[tuple[str, nn.Module]]) -> list[nn.Module]:
+    """The outermost modules whose forward may write in place, from ``named_modules(remove_duplicate=False)`` (in
+    its pre-order, a module's descendants follow it and share its name as prefix): copy-on-write watches inside
+    these only. Runs at every block's entry, on the walk the layer lookup already made."""
     found: dict[int, nn.Module] = {}
-    stack = [model]
+    inside = None  # the name prefix of the last root found
     classes = _CLASS_WRITES
-    while stack:
-        m = stack.pop()
-        d = m.__dict__
+    for name, m in named:
+        if inside is not None and name.startswith(inside):
+            continue
         own = classes.get(type(m))
         if own is None:
             own = _class_writes(type(m))
+        d = m.__dict__
         if own or d.get("inplace") is True or "forward" in d:
             found[id(m)] = m
-        else:
-            stack.extend(c for c in d["_modules"].values() if c is not None)
+            inside = name + "." if name else ""
+            if not name:
+                break  # the model itself: nothing else to look at
     return list(found.values())
 
 
@@ -350,7 +353,7 @@ class OpTaps:
         self.all_ops = name_all
         self.tap_all = tap_all
         self.watch = watch
-        self.writers = list(writers)  # writer_roots(model), where copy-on-write watches
+        self.writers = list(writers)  # writer_roots(...) of the model: where copy-on-write watches
         self.begin = begin
         self.end = end
         self.on_name = on_name

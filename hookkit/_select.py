@@ -204,15 +204,19 @@ def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
     return selected
 
 
-def resolve_nodes(model: nn.Module, layers: Any) -> tuple[dict[nn.Module, list[str]], dict[str, str]]:
+def resolve_nodes(model: nn.Module, layers: Any, walked: list[tuple[str, nn.Module]] | None = None,
+                  ) -> tuple[dict[nn.Module, list[str]], dict[str, str]]:
     """``resolve``, plus the names that are op or repeated-call nodes (``"layer1.0.add"``, ``"layer1.0.relu_1"``):
     ``{node name: the path of the module whose forward names it}``, checked as far as can be before a forward.
+    ``walked``, if given, receives the (unwrapped) model's ``named_modules(remove_duplicate=False)``.
 
     Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
     """
     _require_module(model)
     model, wrapped = unwrap(model)
     named = list(model.named_modules(remove_duplicate=False))
+    if walked is not None:
+        walked.extend(named)
     check_model(model, named)
     specs = _as_list(layers)
     if wrapped:  # "module.layer1" and "layer1" both name the wrapped model's layer1
