@@ -309,6 +309,7 @@ class _State(threading.local):
         self.calls: dict[str, int] = {}  # per leaf module: its own calls in this forward
         self.depth = 0  # how many calls of mode modules are open in this thread
         self.pushed: Any = None  # the mode this thread pushed, while depth > 0
+        self.suspended: list[bool] = []  # per open fast-path module call: whether the mode was taken off for it
 
 
 class _Mode(TorchFunctionMode):
@@ -395,6 +396,25 @@ class OpTaps:
                 self._pre(m, key in framed, key in counting, key in mode_at), prepend=True, with_kwargs=True))
             self.handles.add(m.register_forward_hook(
                 self._post(key in framed, key in mode_at), always_call=True))
+        if mode_at:
+            for m in _fast_path_modules(self.model):
+                self.handles.add(m.register_forward_pre_hook(self._suspend, prepend=True))
+                self.handles.add(m.register_forward_hook(self._resume, always_call=True))
+
+    def _suspend(self, module: nn.Module, args: tuple) -> None:
+        """Before a torch.nn module that picks its fast path only when no function mode is active
+        (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``): take the mode off, so that it computes exactly
+        what it computes without hookkit (nothing inside a torch.nn leaf is a node or writes a stored tensor)."""
+        state = self.state
+        off = state.pushed is not None and current_graph_task_id() == -1
+        if off:
+            pop_function_mode(state.pushed)
+        state.suspended.append(off)
+
+    def _resume(self, module: nn.Module, args: tuple, output: Any) -> None:
+        state = self.state
+        if state.suspended and state.suspended.pop() and state.pushed is not None:
+            push_function_mode(state.pushed)
 
     def _pre(self, module: nn.Module, frame: bool, counting: bool, pushes: bool) -> Any:
         state = self.state
@@ -469,6 +489,7 @@ class OpTaps:
             state.pushed = None
         state.depth = 0
         state.frames.clear()
+        state.suspended.clear()
         # No reference cycles: a finished block is freed by reference counting, not by the garbage collector.
         self.mode.taps = None
         self.begin = self.end = self.on_name = None
@@ -501,6 +522,25 @@ class OpTaps:
         output = func(*args, **kwargs)
         replaced = self.end(call, args, output)
         return output if replaced is None else replaced
+
+
+_FAST_PATH: dict[type, bool] = {}
+
+
+def _fast_path_modules(model: nn.Module) -> list[nn.Module]:
+    """torch.nn modules whose ``forward`` checks ``torch.overrides.has_torch_function`` to pick a fast path (an
+    active function mode turns it off and changes the last bits of the result)."""
+    found = []
+    for m in model.modules():
+        cls = type(m)
+        fast = _FAST_PATH.get(cls)
+        if fast is None:
+            code = getattr(getattr(cls, "forward", None), "__code__", None)
+            fast = _FAST_PATH[cls] = (cls.__module__.startswith("torch.nn.") and code is not None
+                                      and "has_torch_function" in code.co_names)
+        if fast:
+            found.append(m)
+    return found
 
 
 def _has_tensor(values: Any) -> bool:

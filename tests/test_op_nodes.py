@@ -434,3 +434,30 @@ def test_an_op_without_tensor_arguments_is_not_a_node():
     """torch._assert(<a Python bool>) runs through the function mode but, as in FX (which runs it while tracing),
     names nothing; x.dim() is an op on a tensor and is named."""
     assert hookkit.layer_names(Residual(), torch.randn(4, 6)) == ["dim", "fc", "add", "relu", "mul"]
+
+
+class WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.ln(x)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        return y + x
+
+
+def test_a_capture_leaves_multihead_attentions_fast_path_and_its_exact_values():
+    """nn.MultiheadAttention takes its fast path (eval, no grad) only when no torch function mode is active: the
+    mode is taken off around it, so the model computes bit for bit what it computes without hookkit."""
+    torch.manual_seed(0)
+    m, x = WithAttention().eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = m(x)
+        for layers in (["ln", "attn"], ["add"]):
+            with hookkit.capture(m, layers) as cap:
+                got = m(x)
+            assert torch.equal(got, expected), layers
+            assert modes() == 0
+    assert torch.equal(cap["add"], expected)
