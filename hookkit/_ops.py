@@ -406,7 +406,8 @@ class OpTaps:
         (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``): take the mode off, so that it computes exactly
         what it computes without hookkit (nothing inside a torch.nn leaf is a node or writes a stored tensor)."""
         state = self.state
-        off = state.pushed is not None and current_graph_task_id() == -1
+        # (not again inside one already taken off for: nn.TransformerEncoderLayer holds a MultiheadAttention)
+        off = state.pushed is not None and current_graph_task_id() == -1 and not any(state.suspended)
         if off:
             pop_function_mode(state.pushed)
         state.suspended.append(off)

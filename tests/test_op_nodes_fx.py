@@ -493,11 +493,6 @@ class Encoder(nn.Module):
         return self.enc(self.fc(x).relu()).mean(1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hookkit bug since a21ed7c (mode taken off around fast-path torch.nn modules): around nn.TransformerEncoderLayer "
-    "(a fast-path module holding another, its MultiheadAttention) one function mode too many is pushed back, in "
-    "train and eval: the stack grows by one per layer_names / capture, and the op after the layer is counted twice "
-    "('mean', 'mean_1')"))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_a_transformer_encoder_layer_is_one_node_and_leaves_the_function_mode_stack_as_it_was(train):
     expected = ["fc", "relu", "enc", "mean"]
