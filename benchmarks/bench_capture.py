@@ -213,24 +213,38 @@ def raw_hook_factory(store: dict[str, torch.Tensor]) -> Callable[[str], Callable
     return make
 
 
-def bench_tiny(cfg: dict[str, Any], results: dict[str, Any]) -> None:
+TINY_DEPTH = 150
+TINY_LABELS = {
+    "a": "(a) bare model",
+    "b": "(b) raw forward hooks, registered once",
+    "b2": "(b') raw hooks, register+remove per forward",
+    "c": "(c) hookkit.capture, `with` per forward",
+    "d": "(d) hookkit.capture held open",
+}
+
+
+def tiny_stack() -> tuple[nn.Module, torch.Tensor, list, Callable, Any]:
+    """The tiny stack (150 x Linear(16, 16) in an nn.Sequential, input 1 x 16), checked once: hookkit and raw hooks
+    record the same thing. Returns the model, the input, its (name, Linear) pairs, the raw-hook factory, and the
+    checked capture (for a caller that reads more of it)."""
     torch.manual_seed(0)
-    depth = 150
-    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(depth)]).eval()
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(TINY_DEPTH)]).eval()
     x = torch.randn(1, 16)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     store: dict[str, torch.Tensor] = {}
     make = raw_hook_factory(store)
-
-    # Sanity: hookkit and the raw hooks record the same thing.
     with torch.no_grad():
         hs = [m.register_forward_hook(make(n)) for n, m in linears]
         with hookkit.capture(model, nn.Linear) as cap:
             model(x)
         for h in hs:
             h.remove()
-    assert len(cap) == depth and all(torch.equal(cap[n], store[n]) for n, _ in linears)
-    del cap
+    assert len(cap) == TINY_DEPTH and all(torch.equal(cap[n], store[n]) for n, _ in linears)
+    return model, x, linears, make, cap
+
+
+def tiny_variants(model: nn.Module, x: torch.Tensor, linears: list, make: Callable) -> dict[str, Callable]:
+    """The tiny stack's five variants (labels in ``TINY_LABELS``), each timing ``inner`` forwards."""
 
     def bare(inner: int) -> Sample:
         with Clock() as c:
@@ -270,14 +284,15 @@ def bench_tiny(cfg: dict[str, Any], results: dict[str, Any]) -> None:
                     model(x)
         return c.dt / inner, c.gc / inner
 
-    variants = {"a": bare, "b": raw, "b2": raw_per_fwd, "c": hk_per_fwd, "d": hk_open}
-    labels = {
-        "a": "(a) bare model",
-        "b": "(b) raw forward hooks, registered once",
-        "b2": "(b') raw hooks, register+remove per forward",
-        "c": "(c) hookkit.capture, `with` per forward",
-        "d": "(d) hookkit.capture held open",
-    }
+    return {"a": bare, "b": raw, "b2": raw_per_fwd, "c": hk_per_fwd, "d": hk_open}
+
+
+def bench_tiny(cfg: dict[str, Any], results: dict[str, Any]) -> None:
+    depth = TINY_DEPTH
+    model, x, linears, make, cap = tiny_stack()
+    del cap
+    variants = tiny_variants(model, x, linears, make)
+    labels = TINY_LABELS
     t0 = perf()
     with torch.no_grad():
         samples, gcs = interleave(variants, rounds=cfg["tiny_rounds"], warmup=cfg["tiny_warmup"],
@@ -667,8 +682,8 @@ def bench_memory(cfg: dict[str, Any], results: dict[str, Any]) -> None:
          "stored (readable, numel*size)", "saved-for-backward alive after `del out`", "their bytes (excl. weights)"],
         rows,
     )
-    say("   clone=False: outputs later overwritten by ReLU(inplace) or `out += identity` raise ModifiedInPlaceError "
-        "when read (by design); the rest alias the activations.")
+    say("   clone=False: outputs later overwritten by ReLU(inplace) or `out += identity` are copied just before the "
+        "write (copy-on-write); the rest alias the activations.")
     results["memory"] = {"input": [cfg["mem_batch"], 3, 224, 224], "activations_bytes": act_bytes, **out_json}
 
 

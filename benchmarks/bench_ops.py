@@ -64,6 +64,8 @@ import hookkit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capture import (  # noqa: E402  (the shared timing method and output helpers)
+    TINY_DEPTH,
+    TINY_LABELS,
     VARIANT_HEADER,
     Clock,
     Sample,
@@ -75,10 +77,11 @@ from bench_capture import (  # noqa: E402  (the shared timing method and output 
     interleave,
     micro,
     ratio,
-    raw_hook_factory,
     say,
     summary,
     table,
+    tiny_stack,
+    tiny_variants,
     variant_rows,
 )
 
@@ -301,70 +304,12 @@ def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def bench_tiny(cfg: dict[str, Any], results: dict[str, Any]) -> None:
-    torch.manual_seed(0)
-    depth = 150
-    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(depth)]).eval()
-    x = torch.randn(1, 16)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    store: dict[str, torch.Tensor] = {}
-    make = raw_hook_factory(store)
-
-    with torch.no_grad():
-        hs = [m.register_forward_hook(make(n)) for n, m in linears]
-        with hookkit.capture(model, nn.Linear) as cap:
-            model(x)
-        for h in hs:
-            h.remove()
-    assert len(cap) == depth and all(torch.equal(cap[n], store[n]) for n, _ in linears)
+    depth = TINY_DEPTH
+    model, x, linears, make, cap = tiny_stack()
     copies = getattr(cap, "copies", -1)
     del cap
-
-    def bare(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                model(x)
-        return c.dt / inner, c.gc / inner
-
-    def raw(inner: int) -> Sample:
-        hs = [m.register_forward_hook(make(n)) for n, m in linears]  # registered outside the timed region
-        with Clock() as c:
-            for _ in range(inner):
-                model(x)
-        for h in hs:
-            h.remove()
-        return c.dt / inner, c.gc / inner
-
-    def raw_per_fwd(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                hs = [m.register_forward_hook(make(n)) for n, m in linears]
-                model(x)
-                for h in hs:
-                    h.remove()
-        return c.dt / inner, c.gc / inner
-
-    def hk_per_fwd(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                with hookkit.capture(model, nn.Linear):
-                    model(x)
-        return c.dt / inner, c.gc / inner
-
-    def hk_open(inner: int) -> Sample:
-        with hookkit.capture(model, nn.Linear):  # opened / closed outside the timed region
-            with Clock() as c:
-                for _ in range(inner):
-                    model(x)
-        return c.dt / inner, c.gc / inner
-
-    variants = {"a": bare, "b": raw, "b2": raw_per_fwd, "c": hk_per_fwd, "d": hk_open}
-    labels = {
-        "a": "(a) bare model",
-        "b": "(b) raw forward hooks, registered once",
-        "b2": "(b') raw hooks, register+remove per forward",
-        "c": "(c) hookkit.capture, `with` per forward",
-        "d": "(d) hookkit.capture held open",
-    }
+    variants = tiny_variants(model, x, linears, make)
+    labels = TINY_LABELS
     t0 = perf()
     with torch.no_grad():
         samples, gcs = interleave(variants, rounds=cfg["tiny_rounds"], warmup=cfg["tiny_warmup"],
