@@ -34,16 +34,22 @@ class Hooks:
                  node_plan: list[tuple[str, str, str, Callable[..., Any]]] | None = None) -> None:
         self._model_name = type(model).__name__
         self._plan = plan
-        self._node_plan = node_plan or []
-        self._taps: OpTaps | None = None
-        if self._node_plan:
-            self._taps = OpTaps(unwrap(model)[0], handles=None, wanted={n: s for _, n, s, _ in self._node_plan},
-                                name_all=False, tap_all=False, watch=None, begin=self._node_begin,
-                                end=self._node_end)
+        node_plan = node_plan or []
+        # per (kind, op name): the functions, in the order they run (reversed by prepend)
+        self._node_fns: dict[tuple[str, str], list[Callable[..., Any]]] = {}
+        for kind, name, _, fn in node_plan:
+            self._node_fns.setdefault((kind, name), []).append(fn)
+        if prepend:
+            self._node_fns = {k: v[::-1] for k, v in self._node_fns.items()}
+        scopes = {name: scope for _, name, scope, _ in node_plan}
         self._with_kwargs = with_kwargs
         self._always_call = always_call
         self._prepend = prepend
         self._group = HandleGroup()
+        self._taps: OpTaps | None = None
+        if scopes:
+            self._taps = OpTaps(unwrap(model)[0], handles=self._group, wanted=scopes, name_all=False,
+                                tap_all=False, watch=None, begin=self._node_begin, end=self._node_end)
         self.handles: dict[str, dict[str, list[Any]]] = {k: {} for k in _KINDS}
         self._entered = False
 
@@ -57,7 +63,6 @@ class Hooks:
                 for n in names:
                     self.handles[kind].setdefault(n, []).append(handle)
             if self._taps is not None:
-                self._taps.handles = self._group
                 self._taps.attach()
         except BaseException:
             self.remove()
@@ -65,14 +70,10 @@ class Hooks:
         return self
 
     # -- op and repeated-call nodes: the user's functions around the op --------------------------------------------
-    def _fns(self, kind: str, name: str) -> list[Callable[..., Any]]:
-        fns = [fn for k, n, _, fn in self._node_plan if k == kind and n == name]
-        return fns[::-1] if self._prepend else fns
-
     def _node_begin(self, name: str, site: Any, args: tuple, kwargs: dict,
                     writes: tuple = ()) -> tuple[Any, tuple | None]:
         new_args = None
-        for fn in self._fns("forward_pre", name):
+        for fn in self._node_fns.get(("forward_pre", name), ()):
             if self._with_kwargs:
                 result = fn(site, args, kwargs)
                 if result is not None:
@@ -89,7 +90,7 @@ class Hooks:
     def _node_end(self, token: Any, args: tuple, output: Any) -> Any:
         name, site, kwargs = token
         replaced = None
-        for fn in self._fns("forward", name):
+        for fn in self._node_fns.get(("forward", name), ()):
             result = fn(site, args, kwargs, output) if self._with_kwargs else fn(site, args, output)
             if result is not None:
                 output = replaced = result

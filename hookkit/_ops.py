@@ -74,21 +74,19 @@ def _torchvision_leaves() -> tuple[type, ...]:
 
 def writes_in_place(module: nn.Module) -> bool:
     """Whether ``module``'s own ``forward`` may write into a tensor it did not make: any ``forward`` that is not
-    torch.nn's own (a user's or a library's code), and torch.nn modules built with ``inplace=True``."""
-    d = module.__dict__
-    own = _CLASS_WRITES.get(type(module))
+    torch.nn's own (a user's or a library's code), and torch.nn modules built with ``inplace=True``. (Reads the
+    module's dict: ``getattr`` of a missing attribute goes through ``Module.__getattr__``, several times slower.)"""
+    cls = type(module)
+    own = _CLASS_WRITES.get(cls)
     if own is None:
-        own = _class_writes(type(module))
+        forward = getattr(cls, "forward", None)
+        own = _CLASS_WRITES[cls] = not getattr(forward, "__module__", "torch.nn").startswith(
+            ("torch.nn.", "torch.ao.nn."))
+    d = module.__dict__
     return own or d.get("inplace") is True or "forward" in d
 
 
 _CLASS_WRITES: dict[type, bool] = {}
-
-
-def _class_writes(cls: type) -> bool:
-    forward = getattr(cls, "forward", None)
-    own = _CLASS_WRITES[cls] = not getattr(forward, "__module__", "torch.nn").startswith(("torch.nn.", "torch.ao.nn."))
-    return own
 
 
 def writer_roots(named: list[tuple[str, nn.Module]]) -> list[nn.Module]:
@@ -97,19 +95,14 @@ def writer_roots(named: list[tuple[str, nn.Module]]) -> list[nn.Module]:
     these only. Runs at every block's entry, on the walk the layer lookup already made."""
     found: dict[int, nn.Module] = {}
     inside = None  # the name prefix of the last root found
-    classes = _CLASS_WRITES
     for name, m in named:
         if inside is not None and name.startswith(inside):
             continue
-        own = classes.get(type(m))
-        if own is None:
-            own = _class_writes(type(m))
-        d = m.__dict__
-        if own or d.get("inplace") is True or "forward" in d:
-            found[id(m)] = m
-            inside = name + "." if name else ""
+        if writes_in_place(m):
             if not name:
-                break  # the model itself: nothing else to look at
+                return [m]  # the model itself
+            found[id(m)] = m
+            inside = name + "."
     return list(found.values())
 
 
