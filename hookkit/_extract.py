@@ -2,7 +2,7 @@
 
 ``extract()`` reads as its steps: check the options (``_checked_layers``), fingerprint the call (``_fingerprint``),
 open a store (``_rowstore``: ``MemoryRows``, or the ``.npy`` folder ``NpyFolder`` with its manifest, progress
-files and lock), take this rank's share of the batches (``_shards.RoundRobin``), run the loop (``_run``), finish
+files and lock), take this rank's share of the batches (``_shards.share``), run the loop (``_run``), finish
 the store. This module owns what turns a layer's output into rows: the listener ``_Rows`` (select, pool, dtype, at
 hook time) and ``_forward_rows``, the one place that builds and enters the hook engine for a forward.
 """
@@ -26,7 +26,7 @@ from ._errors import ExtractError, HookkitError
 from ._fingerprint import call_settings
 from ._rowstore import Features, MemoryRows, NpyFolder, RowStore
 from ._select import resolve
-from ._shards import Batch, RoundRobin, ranks, sample_count
+from ._shards import Batch, RoundRobin, ranks, sample_count, share
 from ._snapshot import shares_memory
 from ._stats import fmt_bytes
 
@@ -98,7 +98,7 @@ def extract(
         LayerNotFoundError, TypeError, ValueError: bad layers or options, before anything runs or is written.
     """
     torch_dtype = _checked_options(pool, dtype, dataset_id)
-    rank, world, dist = ranks()
+    rank, world, dist = ranks(_device(model))
     names = _checked_layers(model, layers, select, out=out, world=world)
     listener = _Rows(select, pool, torch_dtype)
     store: RowStore
@@ -112,9 +112,9 @@ def extract(
         finished = store.resume()
         if finished is not None:
             return finished
-        share = RoundRobin(data, rank=rank, world=world, done=store.done_rows())
-        _run(model, names, share, listener, store, stop=stop, progress=progress and rank == 0)
-        return store.finish(*share.totals())
+        batches = share(data, rank=rank, world=world, done=store.done_rows())
+        _run(model, names, batches, listener, store, stop=stop, progress=progress and rank == 0)
+        return store.finish(*batches.totals())
 
 
 # -- options ----------------------------------------------------------------------------------------------------------
@@ -186,22 +186,21 @@ def _check_choice(choice: Any, where: str) -> None:
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
 
-def _run(model: nn.Module, names: list[str], share: RoundRobin, listener: _Rows, store: RowStore, *, stop: bool,
+def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Rows, store: RowStore, *, stop: bool,
          progress: bool) -> None:
     """Every batch of ``share`` is read; its first sample goes to ``store.first_sample``; the batches this rank
     computes go through the model (eval mode, inference mode; each module's mode restored after, also on error),
     and their rows to ``store.write``."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = _device(model)
     images = written = 0
-    first_sample_seen = whole_forward_done = False
-    bar = _progress(progress, share.total)
+    whole_forward_done = False
+    bar = _progress(progress, batches.total)
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode: a wrapper may differ from its model
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in share:
-                if not first_sample_seen:
-                    first_sample_seen = True
+            for batch in batches:
+                if batch.first:
                     store.first_sample(batch.args, batch.kwargs, batch.n)
                 if not batch.mine:
                     if bar is not None:
@@ -344,6 +343,10 @@ class _Rows:
         if shares_memory(rows, t):
             rows = rows.clone()  # a view of the live activation (at any offset): copy before an in-place op
         self.batch[name] = rows
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

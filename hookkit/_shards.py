@@ -23,11 +23,12 @@ import torch
 from . import _tree
 from ._errors import ExtractError
 
-__all__ = ["Batch", "RoundRobin", "ranks", "model_input", "sample_count"]
+__all__ = ["Batch", "RoundRobin", "share", "ranks", "model_input", "sample_count"]
 
 
-def ranks() -> tuple[int, int, Any]:
-    """(rank, world size, ``torch.distributed``) under torchrun; (0, 1, None) in a plain process."""
+def ranks(device: torch.device | None = None) -> tuple[int, int, Any]:
+    """(rank, world size, ``torch.distributed``) under torchrun; (0, 1, None) in a plain process. ``device``: where
+    the model runs (the backend a process group joined here would use)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed
     return 0, 1, None
@@ -74,6 +75,8 @@ class Batch:
     kwargs: dict
     n: int
     mine: bool
+    first: bool = False  # the data's first non-empty batch: its first sample is checked against the manifest
+    raw: Any = None  # the batch as the data gave it (for a mask= callable)
 
     @property
     def stop_row(self) -> int:
@@ -101,6 +104,7 @@ class RoundRobin:
         self.rows = 0
 
     def __iter__(self) -> Iterator[Batch]:
+        first = True
         for index, batch in enumerate(self.data):
             self.batches += 1
             args, kwargs, n = model_input(batch, index)
@@ -109,7 +113,8 @@ class RoundRobin:
             if n == 0:
                 continue  # an empty batch: no rows
             mine = index % self.world == self.rank and not _covers(self.done, first_row, self.rows)
-            yield Batch(index, first_row, args, kwargs, n, mine)
+            yield Batch(index, first_row, args, kwargs, n, mine, first, batch)
+            first = False
 
     def totals(self) -> tuple[int, int]:
         """(batches, rows) of the whole data, once iterated; empty data is refused."""
@@ -118,3 +123,8 @@ class RoundRobin:
         if self.rows == 0:
             raise ExtractError(f"all {self.batches} batches of data were empty: nothing to extract.")
         return self.batches, self.rows
+
+
+def share(data: Iterable[Any], *, rank: int, world: int, done: list[list[int]]) -> RoundRobin:
+    """This rank's share of ``data``: the batches it computes, and the data's first batch where it checks it."""
+    return RoundRobin(data, rank=rank, world=world, done=done)
