@@ -9,12 +9,14 @@ hook time) and ``_forward_rows``, the one place that builds and enters the hook 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,16 +26,18 @@ from . import _tree
 from ._engine import Engine
 from ._errors import ExtractError, HookkitError
 from ._fingerprint import call_settings
-from ._rowstore import Features, MemoryRows, NpyFolder, RowStore
+from ._rowstore import Features, MemoryRows, NpyFolder, Rows, RowStore, TokenRows
 from ._select import resolve
 from ._shards import Batch, RoundRobin, ranks, sample_count, share
 from ._snapshot import shares_memory
 from ._stats import fmt_bytes
+from ._writer import Background
 
 __all__ = ["extract", "Features"]
 
 Pool = None | str | Callable[[torch.Tensor], torch.Tensor]
 Select = None | int | str | Callable[[Any], torch.Tensor] | Mapping[str, Any]
+Mask = None | bool | str | Callable[[Any], torch.Tensor]
 _POOLS = (None, "avg", "max", "flatten", "cls")
 
 
@@ -46,6 +50,7 @@ def extract(
     pool: Pool = None,
     select: Select = None,
     dtype: torch.dtype | str | None = None,
+    mask: Mask = None,
     dataset_id: str | None = None,
     progress: bool = True,
     stop: bool = True,
@@ -73,11 +78,21 @@ def extract(
             (length, first sample, ``dataset_id``) are refused. One process per rank may write into ``out`` at a
             time.
         pool: per sample, keep the whole activation (``None``), ``"avg"`` / ``"max"`` over spatial dims
-            ([N, C, H, W]) or tokens ([N, T, D]), ``"flatten"``, ``"cls"`` (first token), or a callable.
+            ([N, C, H, W]) or tokens ([N, T, D]), ``"flatten"``, ``"cls"`` (first token), or a callable. With a
+            mask (see ``mask``), ``"avg"`` and ``"max"`` over tokens use only the valid tokens (``"avg"`` is
+            sentence-transformers' mean pooling: the sum of the valid token states over their number), so a
+            sample's features do not depend on what it was batched with; ``"cls"``, ``"flatten"`` and callables
+            are unchanged; and ``None`` stores only the valid tokens, flat (a ragged layer: ``feats[layer]`` is
+            [total valid tokens, ...], ``feats.offsets(layer)`` the N + 1 offsets, ``feats.tokens(layer, i)``
+            sample i's tokens; on disk ``<layer>.npy`` and ``<layer>.offsets.npy``, plain numpy).
         select: which tensor of a structured output (tuple, dict, ModelOutput): an index, a key, a callable, or a
             ``{layer: choice}`` dict. Default: the first tensor.
         dtype: storage dtype, e.g. ``torch.float16`` (halves the disk). numpy has no bfloat16: a bfloat16 layer
             is stored as float32 unless ``dtype`` says otherwise, and ``dtype=torch.bfloat16`` is refused.
+        mask: which tokens of a batch are valid, [N, T] (nonzero = valid). Default (``None``): a dict batch's
+            ``"attention_mask"`` (Hugging Face style), if it has one. A key of dict batches, or a callable that
+            gets the batch as the data yielded it and returns the mask; ``False``: no mask (pool over padding
+            too). A mask applies to outputs whose first two dims are the mask's [N, T].
         dataset_id: your name for the data (e.g. ``"imagenet-val@2024-05"``), kept in the manifest; a resumed
             run with another ``dataset_id`` is refused. hookkit checks the data's length and first sample only.
         progress: a rich progress bar on a terminal (never in CI or a pipe).
@@ -97,16 +112,16 @@ def extract(
             arguments or data, or another process writing into ``out``. Rows already written stay.
         LayerNotFoundError, TypeError, ValueError: bad layers or options, before anything runs or is written.
     """
-    torch_dtype = _checked_options(pool, dtype, dataset_id)
+    torch_dtype = _checked_options(pool, dtype, dataset_id, mask)
     rank, world, dist = ranks(_device(model))
     names = _checked_layers(model, layers, select, out=out, world=world)
-    listener = _Rows(select, pool, torch_dtype)
+    listener = _Rows(select, pool, torch_dtype, mask)
     store: RowStore
     if out is None:
         store = MemoryRows(names)
     else:
         settings = call_settings(model, names, pool=pool, select=select, dtype=torch_dtype, stop=stop,
-                                 dataset_id=dataset_id)
+                                 dataset_id=dataset_id, mask=mask)
         store = NpyFolder(Path(out), names, settings, sample_count(data), rank=rank, world=world, dist=dist)
     with store:
         finished = store.resume()
@@ -119,8 +134,11 @@ def extract(
 
 # -- options ----------------------------------------------------------------------------------------------------------
 
-def _checked_options(pool: Pool, dtype: Any, dataset_id: Any) -> torch.dtype | None:
-    """The options that need no model: ``pool``, ``dtype`` (returned as a torch dtype), ``dataset_id``."""
+def _checked_options(pool: Pool, dtype: Any, dataset_id: Any, mask: Any) -> torch.dtype | None:
+    """The options that need no model: ``pool``, ``dtype`` (returned as a torch dtype), ``dataset_id``, ``mask``."""
+    if not (mask is None or mask is False or isinstance(mask, str) or (callable(mask) and mask is not True)):
+        raise TypeError(f"mask={mask!r}: use None (a dict batch's 'attention_mask', if any), a key of dict batches, a "
+                        "callable that returns the batch's [N, T] mask, or False for no mask.")
     if not callable(pool) and not any(pool is p or pool == p for p in _POOLS):
         raise ValueError(f"pool={pool!r}: use None, 'avg', 'max', 'flatten', 'cls' or a callable.")
     torch_dtype = _torch_dtype(dtype)
@@ -188,14 +206,17 @@ def _check_choice(choice: Any, where: str) -> None:
 
 def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Rows, store: RowStore, *, stop: bool,
          progress: bool) -> None:
-    """Every batch of ``share`` is read; its first sample goes to ``store.first_sample``; the batches this rank
-    computes go through the model (eval mode, inference mode; each module's mode restored after, also on error),
-    and their rows to ``store.write``."""
+    """Every batch of ``batches`` goes through the model if this rank computes it (eval mode, inference mode;
+    each module's mode restored after, also on error) and its rows to ``store.write``, in a background writer for a
+    store on disk (``_writer``) while the next batch runs; the data's first batch also goes to
+    ``store.first_sample``."""
     device = _device(model)
     images = written = 0
     whole_forward_done = False
     bar = _progress(progress, batches.total)
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode: a wrapper may differ from its model
+    host = _HostCopies(device)
+    writer = Background() if store.background else None
     model.eval()
     try:
         with torch.inference_mode():
@@ -211,24 +232,87 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
                 rows = _batch_rows(model, names, listener, batch, device, stop=stop,
                                    stop_now=stop and whole_forward_done)
                 whole_forward_done = True
-                store.write(batch.first_row, rows, batch=batch.index)
+                job = functools.partial(_write, store, batch.first_row, host.start(rows), batch.index)
+                if writer is None:
+                    job()
+                else:
+                    writer.submit(job)
                 images += batch.n
-                written += sum(arr.nbytes for arr in rows.values())
+                written += sum(_nbytes(v) for v in rows.values())
                 if bar is not None:
                     bar.update(batch.index + 1, images, written)
+        if writer is not None:
+            closing: Background = writer
+            writer = None
+            closing.close()  # every queued batch written; a writer's error is raised here
     finally:
+        if writer is not None:  # an error in the loop: still write the batches computed before it, then raise it
+            with contextlib.suppress(Exception):
+                writer.close()
         for m, mode in modes:
             m.training = mode
         if bar is not None:
             bar.stop()
 
 
+def _write(store: RowStore, first_row: int, rows: Callable[[], dict[str, Rows]], index: int) -> None:
+    store.write(first_row, rows(), batch=index)
+
+
+def _nbytes(value: torch.Tensor | _Tokens) -> int:
+    if isinstance(value, _Tokens):
+        return value.flat.nbytes + value.counts.nbytes
+    return value.nbytes
+
+
+class _HostCopies:
+    """Each batch's rows to the host. On CPU there is nothing to copy. On a GPU the copies go into pinned buffers on
+    a side stream (after the work that made the rows), so that batch k's copy and write overlap batch k + 1's
+    forward; ``start`` returns a function the writer calls, which waits for the copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, rows: dict[str, torch.Tensor | _Tokens]) -> Callable[[], dict[str, Rows]]:
+        if self.stream is None:
+            return functools.partial(_numpy, {k: _tree.map_leaves(lambda t: t.cpu(), v) for k, v in rows.items()})
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        host: dict[str, torch.Tensor | _Tokens] = {}
+        with torch.cuda.stream(stream):
+            for name, value in rows.items():
+                host[name] = _tree.map_leaves(lambda t: _pinned_copy(t, stream), value)
+        event = torch.cuda.Event()
+        event.record(stream)
+
+        def ready() -> dict[str, Rows]:
+            event.synchronize()
+            return _numpy(host)
+        return ready
+
+
+def _pinned_copy(t: torch.Tensor, stream: Any) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # the caching allocator must not hand t's memory out before the copy ran
+    return out
+
+
+def _numpy(rows: dict[str, torch.Tensor | _Tokens]) -> dict[str, Rows]:
+    return {name: TokenRows(v.flat.numpy(), v.counts.numpy()) if isinstance(v, _Tokens) else v.numpy()
+            for name, v in rows.items()}
+
+
 def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batch, device: torch.device, *,
-                stop: bool, stop_now: bool) -> dict[str, np.ndarray]:
-    """One batch's rows of every layer, on the host; a failing model or a layer that did not run is an
-    ExtractError naming the batch."""
+                stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _Tokens]:
+    """One batch's rows of every layer, where the model made them; a failing model or a layer that did not run is
+    an ExtractError naming the batch."""
     listener.batch = {}
     listener.n = batch.n
+    listener.mask = _batch_mask(listener.mask_option, batch, device)
     try:
         _forward_rows(model, names, listener, stop_now, _to_device(batch.args, device),
                       _to_device(batch.kwargs, device))
@@ -243,10 +327,7 @@ def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batc
     if missing:
         raise ExtractError(f"{', '.join(map(repr, missing))} did not run on batch {batch.index}: nothing was "
                            "written for it. Check that the layer is on the forward path for this input.")
-    host = {k: v.to("cpu", non_blocking=True) for k, v in listener.batch.items()}
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    return {name: t.numpy() for name, t in host.items()}
+    return dict(listener.batch)
 
 
 def _forward_rows(model: nn.Module, names: list[str], listener: _Rows, stop: bool, args: tuple, kwargs: dict) -> None:
@@ -258,6 +339,63 @@ def _forward_rows(model: nn.Module, names: list[str], listener: _Rows, stop: boo
 
 
 # -- from a layer's output to rows ------------------------------------------------------------------------------------
+
+class _Tokens(NamedTuple):
+    """A ragged layer's rows of one batch, where the model made them: the valid tokens, flat, and how many each
+    sample has."""
+
+    flat: torch.Tensor
+    counts: torch.Tensor
+
+
+def _batch_mask(option: Mask, batch: Batch, device: torch.device) -> torch.Tensor | None:
+    """The batch's [N, T] mask of valid tokens (bool, on ``device``), as ``mask=`` says; None for no mask."""
+    if option is False:
+        return None
+    where = f"mask={option!r}"
+    if option is None:
+        mask = batch.kwargs.get("attention_mask")
+        if mask is None:
+            return None
+        where = "its 'attention_mask'"
+    elif isinstance(option, str):
+        if not isinstance(batch.raw, Mapping):
+            raise ExtractError(f"mask={option!r} is a key of dict batches, but batch {batch.index} is a "
+                               f"{type(batch.raw).__name__}: pass a callable that returns its [N, T] mask.")
+        if option not in batch.kwargs:
+            raise ExtractError(f"mask={option!r}: batch {batch.index} has no such key (it has "
+                               f"{', '.join(map(repr, batch.kwargs))}); name the key of its [N, T] mask.")
+        mask = batch.kwargs[option]
+    else:
+        mask = option(batch.raw)  # type: ignore[operator]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch.n:
+        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ExtractError(f"the mask of batch {batch.index} ({where}) is {found}; expected [N, T] with N = "
+                           f"{batch.n} samples (nonzero = a valid token). Pass mask= a key or a callable that gives "
+                           "one, or mask=False to use every token.")
+    return (mask != 0).to(device, non_blocking=True)
+
+
+def _masked(t: torch.Tensor, pool: Pool, mask: torch.Tensor | None, layer: str) -> torch.Tensor | _Tokens | None:
+    """``pool`` over the valid tokens of ``t`` when the mask applies (``t`` is [N, T, ...] with the mask's [N, T]),
+    else None (pooled as if there were no mask)."""
+    if mask is None or not (pool is None or pool == "avg" or pool == "max"):
+        return None
+    if t.dim() < 2 or t.shape[:2] != mask.shape:
+        if t.dim() == 3 and pool is not None:
+            raise ExtractError(
+                f"{layer!r} gives tokens {tuple(t.shape)}, but the batch's mask is {tuple(mask.shape)}: pool={pool!r} "
+                "cannot tell its padding. Pass mask= a callable that gives this layer's [N, T] mask, or mask=False "
+                "to pool over every token.")
+        return None
+    if pool is None:
+        return _Tokens(t[mask], mask.sum(dim=1))
+    if pool == "avg":  # sentence-transformers' mean pooling, op for op
+        expanded = mask.view(*mask.shape, *(1,) * (t.dim() - 2)).expand(t.shape).to(t.dtype)
+        return torch.sum(t * expanded, 1) / torch.clamp(expanded.sum(1), min=1e-9)
+    lowest = torch.finfo(t.dtype).min if t.is_floating_point() else torch.iinfo(t.dtype).min
+    return t.masked_fill(~mask.view(*mask.shape, *(1,) * (t.dim() - 2)), lowest).amax(dim=1)
+
 
 def _pool(t: torch.Tensor, pool: Pool, layer: str) -> torch.Tensor:
     if pool is None:
@@ -310,13 +448,15 @@ class _Rows:
     """The listener: turns each selected layer's output into this batch's rows, at hook time (before any later
     in-place op can change it)."""
 
-    def __init__(self, select: Select, pool: Pool, dtype: torch.dtype | None) -> None:
+    def __init__(self, select: Select, pool: Pool, dtype: torch.dtype | None, mask: Mask) -> None:
         self.select = select
         self.pool = pool
         self.dtype = dtype
+        self.mask_option = mask
         self.selectors: dict[str, Callable[[Any], Any]] = {}
-        self.batch: dict[str, torch.Tensor] = {}
+        self.batch: dict[str, torch.Tensor | _Tokens] = {}
         self.n = 0
+        self.mask: torch.Tensor | None = None  # this batch's
 
     def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
         pass
@@ -332,7 +472,12 @@ class _Rows:
                 "layer that runs once (hookkit.trace shows the calls), or use hookkit.capture for every call.")
         pick = self.selectors.get(name) or self.selectors.setdefault(name, _selector(self.select, name))
         t = _first_tensor(pick(output), name)
-        rows = _pool(t, self.pool, name)
+        masked = _masked(t, self.pool, self.mask, name)
+        if isinstance(masked, _Tokens):
+            flat = masked.flat.float() if masked.flat.dtype == torch.bfloat16 and self.dtype is None else masked.flat
+            self.batch[name] = _Tokens(flat if self.dtype is None else flat.to(self.dtype), masked.counts)
+            return  # t[mask] is a copy: no later in-place op reaches it
+        rows = _pool(t, self.pool, name) if masked is None else masked
         if not isinstance(rows, torch.Tensor) or rows.dim() == 0 or rows.shape[0] != self.n:
             raise ExtractError(f"{name!r}: expected a tensor with one row per sample ({self.n}), got "
                                f"{getattr(rows, 'shape', type(rows).__name__)}; check pool= / select=.")

@@ -27,7 +27,7 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def call_settings(model: nn.Module, names: list[str], *, pool: Any, select: Any, dtype: torch.dtype | None,
-                  stop: bool, dataset_id: str | None) -> dict[str, Any]:
+                  stop: bool, dataset_id: str | None, mask: Any = None) -> dict[str, Any]:
     """The manifest's ``settings``: everything that decides what the rows are, in the order a refusal lists them."""
     return {
         "model": model_fingerprint(model),
@@ -37,6 +37,7 @@ def call_settings(model: nn.Module, names: list[str], *, pool: Any, select: Any,
         "dtype": None if dtype is None else str(dtype),
         "stop": stop,
         "dataset_id": dataset_id,
+        "mask": describe_option(mask),  # None (the default) as before this option existed: such folders resume
     }
 
 

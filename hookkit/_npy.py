@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes"]
+__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes", "sync"]
 
 HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
 _MAGIC = b"\x93NUMPY\x01\x00"
@@ -33,6 +33,12 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
         raise ValueError(f"shape {shape} is too long for a fixed .npy header")
     body = body + " " * (room - len(body) - 1) + "\n"
     return _MAGIC + struct.pack("<H", room) + body.encode("latin1")
+
+
+def sync(fd: int) -> None:
+    """Make the bytes written to ``fd`` durable: ``fdatasync`` where the OS has it (the data and the size, not the
+    times), else ``fsync``."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -65,6 +71,36 @@ class RowFile:
         except BaseException:  # e.g. a full disk: do not leak the descriptor
             self.close()
             raise
+
+    def held(self) -> int:
+        """How many whole rows the file holds now (a cut file holds fewer than were written)."""
+        size = os.fstat(self._fd).st_size - HEADER_BYTES
+        return max(size, 0) // self.row_bytes if self.row_bytes else 0
+
+    def read(self, first_row: int, count: int) -> np.ndarray:
+        """Rows ``[first_row, first_row + count)`` as they are in the file (zeros where nothing was written)."""
+        want = count * self.row_bytes
+        data = os.pread(self._fd, want, HEADER_BYTES + first_row * self.row_bytes)
+        data += bytes(want - len(data))
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.row_shape)
+
+    def sync(self) -> None:
+        sync(self._fd)
+
+    def copy_rows(self, source: RowFile, source_row: int, first_row: int, count: int) -> None:
+        """Rows ``[source_row, source_row + count)`` of ``source`` (same dtype and row shape) to ``first_row`` on,
+        in blocks of at most 16 MiB."""
+        at, to, left = HEADER_BYTES + source_row * self.row_bytes, HEADER_BYTES + first_row * self.row_bytes, \
+            count * self.row_bytes
+        while left:
+            block = os.pread(source._fd, min(left, 1 << 24), at)
+            if not block:
+                raise OSError(f"{source.path} ends before its row {source_row + count}")  # a bug, or cut by hand
+            at, left = at + len(block), left - len(block)
+            view = memoryview(block)
+            while view:
+                n = os.pwrite(self._fd, view, to)
+                view, to = view[n:], to + n
 
     def write(self, first_row: int, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows, dtype=self.dtype)

@@ -35,24 +35,31 @@ import torch
 from . import __version__ as _version
 from ._errors import ExtractError
 from ._fingerprint import sample0_digest
-from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes
+from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync
+from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, leftovers, lost_from, offsets_name
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks, a second writer is not noticed
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Features", "RowStore", "MemoryRows", "NpyFolder"]
+__all__ = ["Features", "RowStore", "MemoryRows", "NpyFolder", "TokenRows"]
+
+Rows = np.ndarray | TokenRows  # a batch's rows of one layer: one per sample, or ragged tokens
 
 _MANIFEST = "manifest.json"
 
 
 class Features(Mapping[str, np.ndarray]):
     """What ``extract()`` returns: ``feats[layer]`` is an N-row array in dataset order (a read-only memmap of
-    the layer's file when ``out`` was given; ``feats.path(layer)`` names it)."""
+    the layer's file when ``out`` was given; ``feats.path(layer)`` names it). A ragged layer (token outputs of
+    masked batches, ``pool=None``) holds every sample's valid tokens, flat: ``feats[layer]`` is [total tokens, ...],
+    ``feats.offsets(layer)`` the N + 1 offsets, ``feats.tokens(layer, i)`` sample i's tokens."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], out: Path | None, manifest: dict[str, Any] | None) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], out: Path | None, manifest: dict[str, Any] | None,
+                 offsets: dict[str, np.ndarray] | None = None) -> None:
         self._arrays = arrays
+        self._offsets = offsets or {}
         self.out = out
         self.manifest = manifest
 
@@ -68,6 +75,24 @@ class Features(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._arrays)
 
+    def offsets(self, layer: str) -> np.ndarray:
+        """A ragged layer's N + 1 offsets (int64): sample i's tokens are ``feats[layer][offsets[i]:offsets[i + 1]]``
+        (on disk: ``<layer>.offsets.npy`` beside ``<layer>.npy``)."""
+        self[layer]  # a clear KeyError for a layer that was not extracted
+        if layer not in self._offsets:
+            raise ValueError(f"{layer!r} has one row per sample, not ragged tokens: feats[{layer!r}][i] is sample "
+                             "i's row.")
+        return self._offsets[layer]
+
+    def tokens(self, layer: str, i: int) -> np.ndarray:
+        """Sample ``i``'s valid tokens of a ragged layer, [T_i, ...]."""
+        offsets = self.offsets(layer)
+        n = len(offsets) - 1
+        if not isinstance(i, (int, np.integer)) or not -n <= i < n:
+            raise IndexError(f"sample {i!r} of {layer!r}: there are {n} samples (0 to {n - 1}).")
+        i = int(i) % n
+        return self._arrays[layer][int(offsets[i]):int(offsets[i + 1])]
+
     def path(self, layer: str) -> Path:
         """The ``.npy`` file of ``layer`` (its name, or a cleaned name with a hash when the layer name is not a
         plain file name, e.g. holds ``/``)."""
@@ -77,35 +102,64 @@ class Features(Mapping[str, np.ndarray]):
         return self.out / self.manifest["files"][layer]
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" for k, v in self._arrays.items())
+        shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" + (f" tokens of {len(self._offsets[k]) - 1} samples"
+                                                          if k in self._offsets else "")
+                           for k, v in self._arrays.items())
         return f"<hookkit.Features {shapes}{f' in {self.out}' if self.out else ''}>"
 
 
 # -- the interface ----------------------------------------------------------------------------------------------------
 
-class _RowShapes:
-    """Each layer's row shape, as first seen (and where): rows of another shape are refused before any is written."""
+def row_layout(rows: Rows) -> tuple[list[int], bool]:
+    """(the shape of one row, or of one token of a ragged layer; whether it is ragged)."""
+    if isinstance(rows, TokenRows):
+        return list(rows.flat.shape[1:]), True
+    return list(rows.shape[1:]), False
 
-    def __init__(self, known: dict[str, tuple[list[int], str]]) -> None:
+
+def layout_mismatch(name: str, batch: int, got: tuple[list[int], bool], where: str,
+                    before: tuple[list[int], bool]) -> ExtractError:
+    """The error for rows that cannot go into the file ``where`` started with ``before``'s layout."""
+    (shape, ragged), (shape0, ragged0) = got, before
+    if ragged != ragged0:
+        kinds = ("the valid tokens of each sample (a mask applied)", "one row per sample (no mask)")
+        return ExtractError(
+            f"{name!r}: batch {batch} gave {kinds[not ragged]}, but {where} gave {kinds[not ragged0]}. Give every "
+            "batch the same mask (an attention_mask in each dict batch, or mask=), or pass mask=False.")
+    what = "tokens" if ragged else "rows"
+    return ExtractError(
+        f"{name!r}: batch {batch} gave {what} of shape {tuple(shape)}, but {where} gave {tuple(shape0)}, and a .npy "
+        "file holds rows of one shape. Reduce them to a fixed size with pool= (e.g. pool='avg'); for the token "
+        "outputs of padded batches, give each batch an attention_mask (or pass mask=) to store only the valid "
+        "tokens; or feed inputs of one size.")
+
+
+class _RowShapes:
+    """Each layer's row shape and kind (ragged or not), as first seen (and where): rows of another layout are
+    refused before any is written."""
+
+    def __init__(self, known: dict[str, tuple[tuple[list[int], bool], str]]) -> None:
         self.known = known
 
-    def check(self, rows: dict[str, np.ndarray], batch: int) -> None:
+    def check(self, rows: dict[str, Rows], batch: int) -> None:
         for name, arr in rows.items():
-            shape = list(arr.shape[1:])
-            before, where = self.known.setdefault(name, (shape, f"batch {batch}"))
-            if shape != before:
-                raise ExtractError(
-                    f"{name!r}: batch {batch} gave rows of shape {tuple(shape)}, but {where} gave "
-                    f"{tuple(before)}, and a .npy file holds rows of one shape. Reduce them to a fixed size "
-                    "with pool= (e.g. pool='avg'), or feed inputs of one size.")
+            got = row_layout(arr)
+            before, where = self.known.setdefault(name, (got, f"batch {batch}"))
+            if got != before:
+                raise layout_mismatch(name, batch, got, where, before)
 
     def recorded(self) -> dict[str, list[int]]:
-        return {k: s for k, (s, _) in self.known.items()}
+        return {k: s for k, ((s, _), _) in self.known.items()}
+
+    def ragged(self) -> list[str]:
+        return [k for k, ((_, r), _) in self.known.items() if r]
 
 
 class RowStore:
     """Rows of every layer by their place in the dataset. Used as ``with store:``; ``close()`` (also on error)
     keeps what was written."""
+
+    background = False  # whether extract() should write from a background thread (worth it for disk writes)
 
     def resume(self) -> Features | None:
         """Check what the store already holds against this call: the ``Features`` of a finished run, else None."""
@@ -118,8 +172,9 @@ class RowStore:
     def first_sample(self, args: tuple, kwargs: dict, n: int) -> None:
         """The data's first batch (as model input, ``n`` samples), seen before any row is written."""
 
-    def write(self, first_row: int, rows: dict[str, np.ndarray], *, batch: int) -> None:
-        """Rows ``[first_row, first_row + len)`` of each layer, computed from batch number ``batch``."""
+    def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
+        """Rows ``[first_row, first_row + len)`` of each layer, computed from batch number ``batch``. Called from
+        one thread at a time (``_writer.Background``'s), after ``first_sample``."""
         raise NotImplementedError
 
     def finish(self, batches: int, rows: int) -> Features:
@@ -140,21 +195,32 @@ class MemoryRows(RowStore):
     """In memory, one process: each layer's rows as a list of arrays (in data order), concatenated at the end."""
 
     def __init__(self, names: list[str]) -> None:
-        self.arrays: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.arrays: dict[str, list[Rows]] = {n: [] for n in names}
         self.shapes = _RowShapes({})
 
-    def write(self, first_row: int, rows: dict[str, np.ndarray], *, batch: int) -> None:
+    def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
         self.shapes.check(rows, batch)
         for name, arr in rows.items():
             self.arrays[name].append(arr)
 
     def finish(self, batches: int, rows: int) -> Features:
-        return Features({n: np.concatenate(parts) for n, parts in self.arrays.items()}, None, None)
+        arrays, offsets = {}, {}
+        for name, parts in self.arrays.items():
+            if parts and isinstance(parts[0], TokenRows):
+                tokens = [p for p in parts if isinstance(p, TokenRows)]
+                arrays[name] = np.concatenate([p.flat for p in tokens])
+                offsets[name] = np.concatenate([[0], np.cumsum(np.concatenate([p.counts for p in tokens]))])
+                offsets[name] = offsets[name].astype(np.int64)
+            else:
+                arrays[name] = np.concatenate([p for p in parts if isinstance(p, np.ndarray)])
+        return Features(arrays, None, None, offsets)
 
 
 class NpyFolder(RowStore):
     """The ``.npy`` folder ``out`` (see the module docstring), written as ``rank`` of ``world``: makes the folder
     and takes this rank's lock when built (errors say which folder and why)."""
+
+    background = True
 
     def __init__(self, out: Path, names: list[str], settings: dict[str, Any], samples: int | None, *, rank: int,
                  world: int, dist: Any) -> None:
@@ -179,7 +245,9 @@ class NpyFolder(RowStore):
         self._mine: list[list[int]] = []
         self._shapes = _RowShapes({})
         self._dtypes: dict[str, str] = {}
-        self._row_files: dict[str, RowFile] = {}
+        self._row_files: dict[str, RowFile | TokenFiles] = {}
+        self._token_ends: dict[str, int] = {}  # where this rank's chunk of each ragged layer goes on
+        self._agreed: set[str] = set()  # layers whose layout this process checked against the other ranks'
 
     def resume(self) -> Features | None:
         out, names = self.out, self.names
@@ -193,13 +261,14 @@ class NpyFolder(RowStore):
             _start_fresh(out, self.rank, self.world)
         if self.dist is not None:
             self.dist.barrier()  # every rank has checked the files before any rank writes
-        done, known_shapes, dtypes = _all_progress(out)
+        done, known_shapes, dtypes, ragged = _all_progress(out)
         self.manifest = manifest
         self._done = done
         self._mine = _read_progress(self._own)["rows"]
-        self._shapes = _RowShapes({n: (s, f"the rows already in {out}") for n, s in known_shapes.items()
-                                   if n in names})
+        self._shapes = _RowShapes({n: ((s, n in ragged), f"the rows already in {out}")
+                                   for n, s in known_shapes.items() if n in names})
         self._dtypes = {n: d for n, d in dtypes.items() if n in names}
+        self._token_ends = {n: chunk_end(out, self.files[n], self.rank, done) for n in ragged if n in names}
         return None
 
     def done_rows(self) -> list[list[int]]:
@@ -214,26 +283,42 @@ class NpyFolder(RowStore):
                 "(other content or order; random transforms or shuffle=True do this too), so its rows would not "
                 "match. Use another out= folder, or delete this one to start over.")
 
-    def write(self, first_row: int, rows: dict[str, np.ndarray], *, batch: int) -> None:
+    def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
         self._shapes.check(rows, batch)
         out = self.out
+        for name, arr in rows.items():
+            if name not in self._agreed:
+                _agree(out, self.files[name], name, row_layout(arr), batch, self.rank)
+                self._agreed.add(name)
         if self.manifest is None and self.rank == 0:  # only once a batch gave good rows: bad options leave no trace
             self.manifest = _manifest(self.settings, self.samples, self.sample0, self.files)
             with _Writing(out / _MANIFEST):
                 _atomic_json(out / _MANIFEST, self.manifest)
         for name, arr in rows.items():
-            path = out / f"{self.files[name]}.partial"
-            with _Writing(path):
-                if name not in self._row_files:
-                    self._dtypes.setdefault(name, arr.dtype.str)
-                    self._row_files[name] = RowFile(path, np.dtype(self._dtypes[name]), arr.shape[1:])
-                self._row_files[name].write(first_row, arr)
+            with _Writing(out / f"{self.files[name]}.partial"):
+                self._open_file(name, arr).write(first_row, arr)  # type: ignore[arg-type]
+        for name in rows:
+            with _Writing(out / f"{self.files[name]}.partial"):
+                self._row_files[name].sync()
         n = len(next(iter(rows.values())))
         self._mine[:] = _merge([*self._mine, [first_row, first_row + n]])
-        # After the rows: a killed process never leaves progress claiming rows that are not in the files (a power
-        # loss may, as the rows are not fsynced; the size check on resume catches only a cut file).
+        # Only after the rows are on disk (synced above): neither a killed process nor a power cut leaves progress
+        # claiming rows that are not in the files.
         with _Writing(self._own):
-            _atomic_json(self._own, {"rows": self._mine, "shapes": self._shapes.recorded(), "dtypes": self._dtypes})
+            _atomic_json(self._own, {"rows": self._mine, "shapes": self._shapes.recorded(), "dtypes": self._dtypes,
+                                     "ragged": self._shapes.ragged()})
+
+    def _open_file(self, name: str, arr: Rows) -> RowFile | TokenFiles:
+        if name not in self._row_files:
+            shape, ragged = row_layout(arr)
+            self._dtypes.setdefault(name, (arr.flat if isinstance(arr, TokenRows) else arr).dtype.str)
+            dtype = np.dtype(self._dtypes[name])
+            if ragged:
+                self._row_files[name] = TokenFiles(self.out, self.files[name], self.rank, dtype, tuple(shape),
+                                                   self._token_ends.get(name, 0))
+            else:
+                self._row_files[name] = RowFile(self.out / f"{self.files[name]}.partial", dtype, tuple(shape))
+        return self._row_files[name]
 
     def finish(self, batches: int, rows: int) -> Features:
         """Rank 0 finishes the files once every rank is done (the ranks wait for each other); every rank returns
@@ -270,6 +355,31 @@ class NpyFolder(RowStore):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _agree(out: Path, file: str, name: str, layout: tuple[list[int], bool], batch: int, rank: int) -> None:
+    """The ranks agree on a layer's row layout before any writes it: the first to write ``progress/<file>.layout``
+    (created whole with ``os.link``, so exactly one wins) sets it, and a rank whose rows differ is refused before
+    its rows reach the shared file."""
+    path = out / "progress" / f"{file}.layout"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with _Writing(path):
+        tmp.write_text(json.dumps({"shape": layout[0], "ragged": layout[1], "where": f"rank {rank}'s batch {batch}"}))
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        first = json.loads(path.read_text())
+        before = (list(first["shape"]), bool(first["ragged"]))
+        where = str(first["where"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable (cut by a crash): the progress files' shapes still guard a resumed run
+    if before != layout:
+        raise layout_mismatch(name, batch, layout, where, before)
 
 
 # -- row ranges -------------------------------------------------------------------------------------------------------
@@ -314,7 +424,8 @@ def _file_names(names: list[str]) -> dict[str, str]:
     taken: set[str] = set()
     for name in names:
         stem = name
-        if not _SAFE_NAME.fullmatch(name) or name.lower() in taken:
+        # "x.offsets" would be the offsets file of a ragged layer "x": such a name gets a hash too
+        if not _SAFE_NAME.fullmatch(name) or name.lower() in taken or name.lower().endswith(".offsets"):
             clean = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:100]
             stem = f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         taken.add(stem.lower())
@@ -323,13 +434,38 @@ def _file_names(names: list[str]) -> dict[str, str]:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
+    """Replace ``path`` whole with ``data``, durably: the new file is synced before the rename and the folder after
+    it, so that after a power cut ``path`` holds the old or the new content, and the new one once this returns."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data_bytes = json.dumps(data, indent=1).encode()
+            view = memoryview(data_bytes)
+            while view:
+                view = view[os.write(fd, view):]
+            sync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the OS lets a folder be opened and synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 class _Writing:
@@ -437,15 +573,18 @@ def _read_progress(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         return {"rows": _merge(data["rows"]), "shapes": dict(data.get("shapes", {})),
-                "dtypes": dict(data.get("dtypes", {}))}
+                "dtypes": dict(data.get("dtypes", {})), "ragged": list(data.get("ragged", []))}
     except (OSError, ValueError, KeyError, TypeError):
-        return {"rows": [], "shapes": {}, "dtypes": {}}
+        return {"rows": [], "shapes": {}, "dtypes": {}, "ragged": []}
 
 
-def _all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dict[str, str]]:
+def _all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dict[str, str], set[str]]:
+    """What every rank's progress file says: the rows written, each layer's row (or token) shape and dtype, and
+    which layers are ragged."""
     rows: list[list[int]] = []
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, str] = {}
+    ragged: set[str] = set()
     for path in sorted((out / "progress").glob("rank-*.json")):
         p = _read_progress(path)
         rows += p["rows"]
@@ -455,7 +594,8 @@ def _all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dic
                                    f"{shape}); delete the folder and run again with pool= or inputs of one size.")
         for name, dt in p["dtypes"].items():
             dtypes.setdefault(name, dt)
-    return _merge(rows), shapes, dtypes
+        ragged.update(p["ragged"])
+    return _merge(rows), shapes, dtypes, ragged
 
 
 def _clip_progress(path: Path, limit: int) -> None:
@@ -489,7 +629,7 @@ def _check_partials(out: Path, names: list[str], files: dict[str, str], rank: in
     """Each ``.partial`` must hold every row the progress files claim; rows a deleted or cut file lost are
     forgotten (and computed again), never returned as zeros. Called by ``NpyFolder.resume``, itself called by
     ``extract()``: the warning's ``stacklevel`` points at the user's call."""
-    rows, shapes, dtypes = _all_progress(out)
+    rows, shapes, dtypes, ragged = _all_progress(out)
     if not rows:
         return
     end = rows[-1][1]
@@ -500,6 +640,12 @@ def _check_partials(out: Path, names: list[str], files: dict[str, str], rank: in
         if name not in shapes or name not in dtypes:
             problems.append(f"no row shape of {name!r} is recorded")
             limit = 0
+            continue
+        if name in ragged:
+            lost = lost_from(out, files[name], np.dtype(dtypes[name]), shapes[name], rows)
+            if lost is not None:
+                limit = min(limit, lost)
+                problems.append(f"the token files of {name!r} lost rows from {lost} on")
             continue
         row_bytes = int(np.prod(shapes[name], dtype=np.int64)) * np.dtype(dtypes[name]).itemsize
         try:
@@ -518,8 +664,12 @@ def _check_partials(out: Path, names: list[str], files: dict[str, str], rank: in
 
 
 def _start_fresh(out: Path, rank: int, world: int) -> None:
-    """No manifest: nothing in the folder is known to belong to this call, so no earlier progress counts."""
+    """No manifest: nothing in the folder is known to belong to this call, so no earlier progress (nor the layouts
+    its ranks agreed on) counts."""
     _forget_rows(out, rank, world, 0)
+    if rank == 0:
+        for path in (out / "progress").glob("*.layout"):
+            path.unlink(missing_ok=True)
 
 
 def _check_same(out: Path, manifest: dict[str, Any], settings: dict[str, Any], samples: int | None) -> None:
@@ -538,24 +688,41 @@ def _check_same(out: Path, manifest: dict[str, Any], settings: dict[str, Any], s
 
 def _open_finished(out: Path, manifest: dict[str, Any], names: list[str]) -> Features:
     """A finished folder as it is; renames left undone by an interrupted finish are completed."""
-    files = manifest["files"]
-    for name in names:
-        path = out / files[name]
-        if not path.exists():
-            try:
-                os.replace(out / f"{files[name]}.partial", path)
-            except FileNotFoundError:
-                if not path.exists():  # not renamed by a process beside us either
-                    raise ExtractError(
-                        f"{path} is missing, but {out / _MANIFEST} says the extraction finished. To compute it "
-                        "again, delete the folder (or use another out=) and run the same call.") from None
-        expected = npy_bytes(manifest["dtypes"][name], manifest["shapes"][name])
-        if path.stat().st_size != expected:
-            raise ExtractError(f"{path} has {path.stat().st_size} bytes where the finished extraction wrote "
-                               f"{expected}: it was changed. Delete the folder (or use another out=) and run the "
-                               "same call to compute it again.")
+    _put_in_place(out, manifest, names)
+    files, ragged = manifest["files"], manifest.get("ragged", {})
     arrays = {n: np.load(out / files[n], mmap_mode="r") for n in names}
-    return Features(arrays, out, manifest)
+    offsets_arrays = {n: np.load(out / offsets_name(files[n]), mmap_mode="r") for n in names if n in ragged}
+    return Features(arrays, out, manifest, offsets_arrays)
+
+
+def _put_in_place(out: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """After the commit point (the manifest says complete): rename each file to its final name (those not renamed
+    yet), check its size, and delete the working files of ragged layers."""
+    files = manifest["files"]
+    ragged = manifest.get("ragged", {})
+    for name in names:
+        finals = [(files[name], ragged[name]["source"] if name in ragged else f"{files[name]}.partial",
+                   npy_bytes(manifest["dtypes"][name], manifest["shapes"][name]))]
+        if name in ragged:
+            offsets = offsets_name(files[name])
+            finals.append((offsets, f"{offsets}.partial", npy_bytes(np.dtype(np.int64), [manifest["rows"] + 1])))
+        for final, source, expected in finals:
+            path = out / final
+            if not path.exists():
+                try:
+                    os.replace(out / source, path)
+                except FileNotFoundError:
+                    if not path.exists():  # not renamed by a process beside us either
+                        raise ExtractError(
+                            f"{path} is missing, but {out / _MANIFEST} says the extraction finished. To compute it "
+                            "again, delete the folder (or use another out=) and run the same call.") from None
+            if path.stat().st_size != expected:
+                raise ExtractError(f"{path} has {path.stat().st_size} bytes where the finished extraction wrote "
+                                   f"{expected}: it was changed. Delete the folder (or use another out=) and run "
+                                   "the same call to compute it again.")
+        if name in ragged:
+            for path in leftovers(out, files[name]):  # the chunks and index, once the layer is in place
+                path.unlink(missing_ok=True)
 
 
 def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches: int, rows: int) -> None:
@@ -564,7 +731,7 @@ def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches:
     current = _read_manifest(out)
     if current is not None and current.get("complete"):
         return  # finished by another process: never replace finished files
-    written, shapes, dtypes = _all_progress(out)
+    written, shapes, dtypes, ragged = _all_progress(out)
     if written and written[-1][1] > rows:
         raise ExtractError(
             f"{out} holds {written[-1][1]} rows written earlier, but data now gives only {rows}: the dataset "
@@ -576,9 +743,15 @@ def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches:
         raise ExtractError(f"rows {listed} of {rows} were not written by any rank; run the same call again to "
                            "complete them.")
     files = manifest["files"]
+    finished: dict[str, dict[str, Any]] = {}
     for name in names:
         partial = out / f"{files[name]}.partial"
         dt = np.dtype(dtypes[name])
+        if name in ragged:
+            with _Writing(partial):
+                source, tokens = assemble(out, files[name], rows, dt, shapes[name])
+            finished[name] = {"source": source, "tokens": tokens}
+            continue
         need = npy_bytes(dt, (rows, *shapes[name]))
         size = partial.stat().st_size if partial.exists() else None
         if size is None or size < need:
@@ -587,9 +760,9 @@ def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches:
                                "computed again.")
         with _Writing(partial):
             finish_file(partial, dt, (rows, *shapes[name]))
-    manifest.update(complete=True, batches=batches, rows=rows, shapes={n: [rows, *shapes[n]] for n in names},
-                    dtypes={n: dtypes[n] for n in names})
+    manifest.update(complete=True, batches=batches, rows=rows, dtypes={n: dtypes[n] for n in names},
+                    shapes={n: [finished[n]["tokens"] if n in finished else rows, *shapes[n]] for n in names},
+                    ragged=finished)
     with _Writing(out / _MANIFEST):
         _atomic_json(out / _MANIFEST, manifest)
-    for name in names:
-        os.replace(out / f"{files[name]}.partial", out / files[name])
+    _put_in_place(out, manifest, names)
