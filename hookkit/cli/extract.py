@@ -1,14 +1,20 @@
-"""``hookkit extract MODEL --layers ... --data IMAGE_FOLDER --out DIR``: features of every image in a folder,
-streamed to ``DIR/<layer>.npy`` by ``hookkit.extract`` (resumable), with ``DIR/files.txt`` naming row ``i``.
+"""``hookkit extract MODEL --layers ... --data IMAGE_FOLDER --out DIR``: features of every image in a folder, and
+``hookkit extract MODEL_FOLDER --layers ... --text FILE --out DIR``: of every document of a text file, streamed to
+``DIR/<layer>.npy`` by ``hookkit.extract`` (resumable), with an index naming row ``i`` (``DIR/files.txt``: its
+image; ``DIR/lines.txt``: its input line).
 
-``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds. The images come from
-``hookkit._images.ImageFiles`` (which needs torchvision and Pillow, imported when used); ``--out`` and the batch
-size are checked by ``hookkit.cli._inputs`` before the model is built or a file is written.
+``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds. Images come from
+``hookkit._images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit._texts``
+(``read_documents``, the Hugging Face model folder's tokenizer and model, ``TokenizedTexts`` with its padding
+collate; transformers imported when used). Every option is checked, the input read and the index compared with the
+one in ``--out`` before a file is written; ``_run`` then hands a DataLoader to ``extract`` and prints what it wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -22,45 +28,83 @@ from ._inputs import MODEL_HELP, build_model, check_fits, count, positive_int, s
 
 __all__: list[str] = []  # run through `hookkit extract`
 
+_IMAGE_SIZE = 224
+_TEXT_POOLS = (None, "avg", "max", "cls")
+_IMAGE_ONLY = (("image_size", "--image-size"), ("weights", "--weights"))
+_TEXT_ONLY = (("field", "--field"), ("max_length", "--max-length"), ("no_truncation", "--no-truncation"))
+
 
 def register(sub: Any) -> None:
     """Add ``hookkit extract`` to the subparsers ``sub``."""
     extract_cmd = sub.add_parser(
         "extract",
-        help="features of every image in a folder, streamed to DIR/<layer>.npy (resumable)",
+        help="features of every image in a folder or document of a text file, streamed to DIR/<layer>.npy "
+        "(resumable)",
         description="Run MODEL over every image under --data (sorted by relative path, so row i is always the same "
-        "image; standard ImageNet preprocessing) and write DIR/<layer>.npy, DIR/manifest.json and DIR/files.txt "
-        "(the image of each row). Run the same command again to resume an interrupted extraction.",
+        "image; standard ImageNet preprocessing) or every document of --text (a local Hugging Face model folder "
+        "with its tokenizer; row i is the i-th document) and write DIR/<layer>.npy, DIR/manifest.json and "
+        "DIR/files.txt (the image of each row) or DIR/lines.txt (the input line of each row). Run the same command "
+        "again to resume an interrupted extraction.",
     )
-    extract_cmd.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    extract_cmd.add_argument("model", metavar="MODEL",
+                             help=f"{MODEL_HELP}; with --text, a local Hugging Face model folder (config.json, "
+                             "weights, tokenizer files)")
     extract_cmd.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
                              help="layer names or globs (see `hookkit layers MODEL`)")
-    extract_cmd.add_argument("--data", required=True, metavar="IMAGE_FOLDER",
-                             help="a folder of images (ImageFolder-style class subfolders or flat)")
+    data = extract_cmd.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", metavar="IMAGE_FOLDER",
+                      help="a folder of images (ImageFolder-style class subfolders or flat)")
+    data.add_argument("--text", metavar="FILE",
+                      help="a UTF-8 text file, one document per line (blank lines skipped), or JSON Lines with "
+                      "--field")
     extract_cmd.add_argument("--out", required=True, metavar="DIR", help="where the .npy files go")
     extract_cmd.add_argument("--pool", choices=["avg", "max", "flatten", "cls"],
-                             help="per image: global average / max over space or tokens, flatten, or first token")
+                             help="per sample: average / max over space or tokens (text: over the real tokens, "
+                             "not the padding), flatten (images only), or the first token; text without --pool "
+                             "keeps every real token (DIR/<layer>.npy [tokens, ...] and DIR/<layer>.offsets.npy)")
     extract_cmd.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
-    extract_cmd.add_argument("--image-size", type=positive_int, default=224, metavar="PX",
-                             help="side of the square crop; default: %(default)s (a batch over half of the memory "
-                             "is refused)")
     extract_cmd.add_argument("--dtype", choices=["float32", "float16"], default=None,
                              help="storage dtype (default: the layer's own)")
-    extract_cmd.add_argument("--workers", type=count, default=0, metavar="N", help="DataLoader worker processes")
-    extract_cmd.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
-    extract_cmd.add_argument("--seed", type=seed, default=0, help="seed of random weights; default: %(default)s")
+    extract_cmd.add_argument("--workers", type=count, default=0, metavar="N",
+                             help="DataLoader worker processes (decoding images, tokenizing text)")
+    images = extract_cmd.add_argument_group("images (--data)")
+    images.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
+                        help=f"side of the square crop; default: {_IMAGE_SIZE} (a batch over half of the memory "
+                        "is refused)")
+    images.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+    images.add_argument("--seed", type=seed, default=0, help="seed of random weights; default: %(default)s")
+    text = extract_cmd.add_argument_group("text (--text)")
+    text.add_argument("--field", metavar="NAME",
+                      help="read --text as JSON Lines: each line an object whose field NAME holds the document")
+    text.add_argument("--max-length", type=positive_int, default=None, metavar="TOKENS",
+                      help="cut documents to this many tokens, special tokens included; default: the most the "
+                      "model takes")
+    text.add_argument("--no-truncation", action="store_true",
+                      help="never cut a document: refuse (before anything is written) one over the limit")
     extract_cmd.set_defaults(command=_cmd_extract)
 
 
 def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
+    text = args.text is not None
+    for attr, option in _IMAGE_ONLY if text else _TEXT_ONLY:
+        if getattr(args, attr) not in (None, False):
+            raise CommandLineError(f"{option} applies to {'--data (images)' if text else '--text'}, not to "
+                                   f"{'--text' if text else '--data'}; leave it out.")
+    if "" in args.layers:
+        raise CommandLineError("--layers '': name the model's layers (see `hookkit layers MODEL`), not the model "
+                               "itself.")
+    out = writable_folder(args.out)  # this and the checks below fail before anything is written
+    return _text(args, out, console) if text else _images(args, out, console)
+
+
+def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
     from torch.utils.data import DataLoader
 
-    from .._extract import extract
     from .._images import ImageFiles, write_file_list
 
-    out = writable_folder(args.out)  # these fail before the model is built or anything is written
-    images = ImageFiles(args.data, image_size=args.image_size)
-    batch, side = min(args.batch_size, len(images)), args.image_size
+    side = args.image_size or _IMAGE_SIZE
+    images = ImageFiles(args.data, image_size=side)
+    batch = min(args.batch_size, len(images))
     check_fits(f"--image-size {side} with --batch-size {args.batch_size} makes a batch of {batch} "
                f"image{'s' if batch > 1 else ''} of 3×{side}×{side}", batch * 3 * side * side,
                "pass a smaller --image-size or --batch-size")
@@ -69,23 +113,84 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     if listing.exists() and listing.read_text().splitlines() != images.files:
         raise CommandLineError(f"{listing} lists other images than {args.data} holds now, so resuming would mix "
                                "rows. Use another --out, or delete it to start over.")
-    if "" in args.layers:
-        raise CommandLineError("--layers '': name the model's layers (see `hookkit layers MODEL`), not the model "
-                               "itself.")
     resolve(model, args.layers)  # a bad layer name fails before anything is written
+    _write_index(args, lambda: write_file_list(images.files, listing))
+    loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    feats = _extract(args, model, loader, out, pool=args.pool)
+    _show(feats, console, f"{len(images)} images; row i is the image on line i of {listing}.")
+    return 0
+
+
+def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
+    from torch.utils.data import DataLoader
+
+    from .. import _texts
+
+    if args.pool not in _TEXT_POOLS:
+        raise CommandLineError(f"--pool {args.pool} with --text: a document's tokens do not flatten into rows of "
+                               "one width; use --pool avg, max or cls, or leave --pool out to keep every token.")
+    docs = _texts.read_documents(args.text, field=args.field)
+    tokenizer = _texts.load_tokenizer(args.model)
+    limit = _texts.model_max_length(tokenizer, config=_texts.load_config(args.model))
+    if args.max_length is not None:
+        if limit is not None and args.max_length > limit:
+            raise CommandLineError(f"--max-length {args.max_length} is over the {limit} tokens the model takes "
+                                   f"(its position embeddings end there); pass --max-length {limit} or less.")
+        limit = args.max_length
+    if args.no_truncation and limit is not None:
+        whose = "the model's limit of" if args.max_length is None else "--max-length"
+        _texts.check_lengths(docs, tokenizer, limit, limit_from=whose)
+    listing = out / "lines.txt"
+    _texts.check_line_index(docs, listing)
+    model = _texts.load_text_model(args.model)
+    resolve(model, args.layers)  # a bad layer name fails before anything is written
+    if args.workers:
+        # Workers fork after the tokenizer ran here (--no-truncation): tokenizers would warn and go serial anyway.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    texts = _texts.TokenizedTexts(docs.texts, tokenizer, max_length=limit, truncation=not args.no_truncation)
+    dataset_id = _texts.corpus_id(docs, tokenizer, max_length=limit, truncation=not args.no_truncation)
+    _write_index(args, lambda: _texts.write_line_index(docs, listing))
+    loader = DataLoader(texts, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        collate_fn=texts.collate)
+    feats = _extract(args, model, loader, out, pool=args.pool, dataset_id=dataset_id)
+    _show(feats, console, f"{len(docs)} documents; row i is the document whose input line is the first number "
+          f"on line i of {listing}.")
+    return 0
+
+
+def _write_index(args: argparse.Namespace, write: Any) -> None:
+    """Make ``--out`` and write the row index, first, so that a resumed run can tell if the input changed."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_file_list(images.files, listing)  # first, so that a resumed run can tell if the folder changed
-    except OSError as exc:  # the checks above passed, but the file system still said no (quota, a race, ...)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write()
+    except OSError as exc:  # the checks passed, but the file system still said no (quota, a race, ...)
         raise CommandLineError(f"cannot write to --out {args.out!r} ({exc.strerror or exc}); choose a writable "
                                "folder.") from exc
-    loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    feats = extract(model, args.layers, loader, out=out, pool=args.pool, dtype=args.dtype, progress=True)
+
+
+def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, **options: Any) -> Any:
+    from .._extract import extract
+
+    return extract(model, args.layers, loader, out=out, dtype=args.dtype, progress=True, **options)
+
+
+def _show(feats: Any, console: Console, note: str) -> None:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for column in ("layer", "file", "shape", "dtype"):
         table.add_column(column)
+    ragged = False
     for name, array in feats.items():
-        table.add_row(name, str(feats.path(name)), " × ".join(map(str, array.shape)), str(array.dtype))
+        path = feats.path(name)
+        try:
+            offsets = feats.offsets(name)
+        except ValueError:  # one row per sample
+            table.add_row(name, str(path), " × ".join(map(str, array.shape)), str(array.dtype))
+            continue
+        ragged = True
+        table.add_row(name, str(path), " × ".join(map(str, array.shape)) + " (tokens)", str(array.dtype))
+        table.add_row("", str(path.with_name(path.name.removesuffix(".npy") + ".offsets.npy")),
+                      f"{len(offsets)} (offsets)", str(offsets.dtype))
     console.print(table)
-    console.print(Text(f"{len(images)} images; row i is the image on line i of {listing}.", style="dim"))
-    return 0
+    if ragged:
+        note += " Without --pool, sample i's tokens are rows offsets[i]:offsets[i + 1] of <layer>.npy."
+    console.print(Text(note, style="dim"))
