@@ -218,8 +218,9 @@ class Sampled(RoundRobin):
     """The same assignment as ``RoundRobin``, for a DataLoader over a map-style dataset with a ``batch_sampler``:
     the index lists say where every batch's rows go, so this rank loads only the batches it computes, and the
     data's first non-empty batch (``first=True``, ``mine=False`` unless it computes it) so that every rank checks
-    sample 0 before it writes. Built before anything runs; a sampler with another order on each pass is refused
-    then."""
+    sample 0 before it writes. Built before anything runs (a sampler with another order on each pass is refused
+    then), so ``total`` and ``totals()`` are known before any batch is loaded. A ``RoundRobin`` for the loop
+    (``_extract._run`` takes one): the same ``__iter__`` / ``total`` / ``totals()``, another way to load."""
 
     def __init__(self, loader: DataLoader, *, rank: int, world: int, done: list[list[int]]) -> None:
         super().__init__(loader, rank=rank, world=world, done=done)
@@ -257,10 +258,6 @@ class Sampled(RoundRobin):
                     "per index (filter bad samples in the Dataset instead), or pass the batches as a plain iterable "
                     "(e.g. `(b for b in loader)`) to have every batch read on every rank.")
             yield Batch(planned.index, planned.first_row, args, kwargs, n, planned.mine, planned.first, batch)
-
-    def totals(self) -> tuple[int, int]:
-        """(batches, rows) of the whole data, known from the index lists before anything is loaded."""
-        return super().totals()
 
 
 def _one_order(sampler: Iterable[Any], loader: DataLoader) -> Iterator[Any]:
