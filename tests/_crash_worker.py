@@ -2,7 +2,9 @@
 that the test can kill -9 many runs without paying torch's import (seconds) for each.
 
 Protocol: the test writes one JSON object per line on stdin (``{"out": DIR, "n": N, "batch": B, "sleep": S,
-"inject": null | "tear:K" | "rename"}``); the server forks a child, which prints ``started <pid>``,
+"inject": null | "tear:K" | "rename", "ragged": false}``; ``ragged``: tests/test_extract_tokens.py's token model on
+padded, masked batches, whose layers ``RAGGED_LAYERS`` are stored as ragged tokens); the server forks a child,
+which prints ``started <pid>``,
 ``begin`` just before it calls ``hookkit.extract``, ``next <i>`` before its data yields batch i, ``batch`` each time
 the model runs, ``finished`` and ``error <text>`` at the end; the server reaps the child and prints
 ``exit <pid> <code>`` (``-9`` for kill -9). EOF on stdin ends the server.
@@ -27,6 +29,7 @@ import torch.nn as nn
 import hookkit
 
 LAYERS = ["1", "3"]
+RAGGED_LAYERS = ["net.1", "net.3"]
 
 
 def model_and_batches(n: int, batch: int):
@@ -83,7 +86,15 @@ def _inject(inject: str | None) -> None:
 
 def child(job: dict) -> None:
     torch.set_num_threads(1)  # the same kernels in every run: rows are bit-identical whichever run computed them
-    model, batches = model_and_batches(job["n"], job["batch"])
+    if job.get("ragged"):
+        from test_extract_tokens import TokenNet, padded, sequences
+
+        torch.manual_seed(0)
+        model, batches, layers = TokenNet().eval(), padded(sequences(job["n"]), job["batch"]), RAGGED_LAYERS
+        first = model.net[0]
+    else:
+        model, batches = model_and_batches(job["n"], job["batch"])
+        layers, first = LAYERS, model[0]
     sleep = job.get("sleep", 0.0)
 
     def data():
@@ -93,10 +104,10 @@ def child(job: dict) -> None:
             if sleep:
                 time.sleep(sleep)
 
-    model[0].register_forward_hook(lambda m, a, o: say("batch"))
+    first.register_forward_hook(lambda m, a, o: say("batch"))
     _inject(job.get("inject"))
     say("begin")
-    hookkit.extract(model, LAYERS, data(), out=job["out"], progress=False)
+    hookkit.extract(model, layers, data(), out=job["out"], progress=False)
     say("finished")
 
 

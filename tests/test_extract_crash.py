@@ -31,7 +31,7 @@ import hookkit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _crash_worker import LAYERS, model_and_batches  # noqa: E402
+from _crash_worker import LAYERS, RAGGED_LAYERS, model_and_batches  # noqa: E402
 
 N, BATCH, SLEEP = 300, 8, 0.03  # 38 batches, ~1.2 s for a whole run
 N_BATCHES = -(-N // BATCH)
@@ -115,10 +115,11 @@ class Server:
         self.lines.put(None)
 
     def run(self, out: Path, *, sleep: float = SLEEP, inject: str | None = None,
-            kill_on: tuple[str, int] | None = None, delay: float = 0.0, timeout: float = 90) -> tuple[int, list]:
+            kill_on: tuple[str, int] | None = None, delay: float = 0.0, timeout: float = 90,
+            ragged: bool = False) -> tuple[int, list]:
         """One run; with ``kill_on=(word, k)``, kill -9 the child ``delay`` s after its k-th line starting with
         ``word``. Returns (exit code, the child's lines)."""
-        job = {"out": str(out), "n": N, "batch": BATCH, "sleep": sleep, "inject": inject}
+        job = {"out": str(out), "n": N, "batch": BATCH, "sleep": sleep, "inject": inject, "ragged": ragged}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         events: list[str] = []
@@ -230,6 +231,52 @@ def test_several_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_fi
     code, events = server.run(out)  # a finished run returns at once, files untouched
     assert code == 0 and events.count("batch") == 0, events
     assert_same_as_reference(out, ref_dir)
+
+
+RAGGED_FILES = [f"{n}{suffix}" for n in RAGGED_LAYERS for suffix in (".npy", ".offsets.npy")]
+
+
+def recorded_rows(out: Path) -> int:
+    """Rows the progress files record as written."""
+    total = 0
+    for path in (out / "progress").glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            total += sum(b - a for a, b in json.loads(path.read_text())["rows"])
+    return total
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kill_9_at_random_moments_on_ragged_token_layers_then_resume_gives_the_uninterrupted_files(server, seed,
+                                                                                                   tmp_path):
+    """The same kills on ragged layers (per-rank token chunks and a shared index, assembled at the finish): the
+    rows recorded as done never go backwards, and the last run ends with byte-identical files."""
+    ref_dir, out = tmp_path / "ref", tmp_path / "feats"
+    code, events = server.run(ref_dir, sleep=0, ragged=True)
+    assert code == 0 and "finished" in events, events
+    recorded = progress_seen = 0
+    for step in kill_plan(seed):
+        what = step.pop("what")
+        code, events = server.run(out, ragged=True, **step)
+        assert code == -signal.SIGKILL, f"seed {seed}, kill {what!r} {step}: not killed (exit {code}): {events[-8:]}"
+        assert not any(e.startswith("error") for e in events), events
+        now = recorded_rows(out)
+        assert now >= recorded or step.get("inject") == "rename", f"seed {seed}, after {what!r}: recorded rows fell"
+        progress_seen += now > recorded
+        recorded = now
+        for name in RAGGED_FILES:  # never an incomplete file under a final name
+            if (out / name).exists():
+                assert (out / name).read_bytes() == (ref_dir / name).read_bytes(), (seed, what, name)
+    assert progress_seen >= 1, "no kill came after a row was recorded: the test tested too little"
+    code, events = server.run(out, ragged=True)
+    assert code == 0 and "finished" in events and not any(e.startswith("error") for e in events), events
+    assert events.count("batch") < N_BATCHES // 2, "the last run recomputed what was already written"
+    for name in RAGGED_FILES:
+        diff = first_difference((out / name).read_bytes(), (ref_dir / name).read_bytes())
+        assert diff is None, f"seed {seed}: {name} {diff}"
+    assert not list(out.rglob("*.partial")), sorted(map(str, out.rglob("*")))
+    got_m, want_m = (json.loads((d / "manifest.json").read_text()) for d in (out, ref_dir))
+    for key in ("rows", "shapes", "dtypes", "settings", "ragged"):
+        assert got_m.get(key) == want_m.get(key), key
 
 
 # -- disk full ---------------------------------------------------------------------------------------------------------
