@@ -76,7 +76,9 @@ def extract(
             an interrupted run, called again the same way (any batch size, any number of ranks), computes only
             the rows still missing; a finished run returns at once; another model, other options or other data
             (length, first sample, ``dataset_id``) are refused. One process per rank may write into ``out`` at a
-            time.
+            time. A background thread writes batch k while batch k + 1 runs (at most 2 batches wait); a batch is
+            recorded as done only once its rows are synced to disk, so a crash or a power cut loses at most the
+            batches not yet recorded, and those are computed again.
         pool: per sample, keep the whole activation (``None``), ``"avg"`` / ``"max"`` over spatial dims
             ([N, C, H, W]) or tokens ([N, T, D]), ``"flatten"``, ``"cls"`` (first token), or a callable. With a
             mask (see ``mask``), ``"avg"`` and ``"max"`` over tokens use only the valid tokens (``"avg"`` is
@@ -99,9 +101,12 @@ def extract(
         stop: end each forward once every selected layer has run (early layers cost only what they cost). The
             first batch a call computes runs the whole forward, to refuse a layer that runs twice.
 
-    Under ``torchrun`` (``torch.distributed`` initialised), rank r computes batches r, r + W, r + 2W, ... and writes
-    only its rows; the files are identical to a one-process run. Every rank reads every batch to know where its
-    rows go, so data loading is repeated on each rank while the model runs each batch once.
+    Under ``torchrun``, rank r computes batches r, r + W, r + 2W, ... and writes only its rows; the files are
+    identical to a one-process run. If torchrun started the processes (``WORLD_SIZE`` > 1) and the default process
+    group is not initialised, ``extract`` joins it (gloo on CPU, NCCL on a GPU) and leaves it joined. With a
+    DataLoader over a map-style dataset each rank loads only the batches it computes (and the first batch, to check
+    sample 0), with the loader's own batches, collate_fn and workers; a resumed run loads only what is missing.
+    Other data is read by every rank, which skips what it does not compute (a warning says so).
 
     Returns:
         ``Features``: ``feats[layer]`` -> numpy array (memmap with ``out``), ``feats.manifest``.

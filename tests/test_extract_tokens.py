@@ -348,3 +348,16 @@ def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_p
         assert synced >= {"net.1.npy.rank-0.partial", "net.1.npy.index.partial", "net.3.npy.rank-0.partial",
                           "net.3.npy.index.partial"}, before
         assert events[at - 1] == "sync json"  # the new progress file itself is synced before it replaces the old
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_pinned_copies_on_a_side_stream_give_the_rows_of_the_cpu_run(model, tmp_path):
+    seqs = sequences(60)
+    cpu = hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "cpu", progress=False)
+    gpu = hookkit.extract(model.cuda(), LAYERS, padded(seqs, 8), out=tmp_path / "gpu", progress=False)
+    pooled = hookkit.extract(model, ["net.3"], padded(seqs, 8), pool="avg", out=tmp_path / "avg", progress=False)
+    for layer in LAYERS:
+        np.testing.assert_array_equal(gpu.offsets(layer), cpu.offsets(layer))
+        np.testing.assert_allclose(gpu[layer], cpu[layer], rtol=1e-4, atol=1e-5)
+    want = torch.stack([own(model.cpu(), s, "net.3").mean(0) for s in seqs]).numpy()
+    np.testing.assert_allclose(pooled["net.3"], want, rtol=1e-4, atol=1e-5)
