@@ -9,11 +9,14 @@ from ``_fingerprint``.
 
 The ``.npy`` folder on disk (``out=DIR``): ``manifest.json`` says what the rows are (model fingerprint, layers,
 options, data checks, the file of each layer); ``<file>.npy.partial`` receive rows at their final place;
-``progress/rank-R.json`` lists the row ranges rank R has written, rewritten atomically after each batch's rows are
-in the files; ``progress/rank-R.lock`` is held (``flock``) by the process writing as rank R. Finished work is
-tracked by rows, not batches, so a resumed run may use another batch size or another number of ranks. Rank 0
-finishes the files (checks that every row is written, writes the final headers, marks the manifest complete,
-renames) once every rank is done.
+``progress/rank-R.json`` lists the row ranges rank R has written, rewritten atomically (and synced) after each
+batch's rows are synced to the files; ``progress/rank-R.lock`` is held (``flock``) by the process writing as rank R;
+``progress/<file>.layout`` is the row shape the first rank to write a layer set, which every other rank checks
+before it writes (rows of another shape never reach the shared file). A ragged layer (token outputs of masked
+batches) is written through ``_tokens.TokenFiles`` (per-rank chunks and a shared index) and assembled at the finish
+into ``<layer>.npy`` and ``<layer>.offsets.npy``. Finished work is tracked by rows, not batches, so a resumed run
+may use another batch size or another number of ranks. Rank 0 finishes the files (checks that every row is written,
+writes the final headers, marks the manifest complete, renames) once every rank is done.
 """
 
 from __future__ import annotations
