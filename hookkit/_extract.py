@@ -227,7 +227,8 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
         with torch.inference_mode():
             for batch in batches:
                 if batch.first:
-                    store.first_sample(batch.args, batch.kwargs, batch.n)
+                    valid = _batch_mask(listener.mask_option, batch, torch.device("cpu"))
+                    store.first_sample(batch.args, batch.kwargs, batch.n, valid)
                 if not batch.mine:
                     if bar is not None:
                         bar.update(batch.index + 1, images, written)

@@ -54,11 +54,15 @@ def hash_tensor(h: Any, t: torch.Tensor) -> None:
     h.update(flat.view(torch.uint8).numpy().data)
 
 
-def sample0_digest(args: tuple, kwargs: dict, n: int) -> str:
-    """A hash of the first sample of every input tensor: the cheap check that a resumed run reads the same data."""
+def sample0_digest(args: tuple, kwargs: dict, n: int, valid: torch.Tensor | None = None) -> str:
+    """A hash of the first sample of every input tensor: the cheap check that a resumed run reads the same data.
+    With the batch's [N, T] mask of ``valid`` tokens, only sample 0's valid tokens count in tensors of that [N, T]:
+    its padding depends on what it was batched with, so a run resumed with another batch size still matches."""
     h = hashlib.sha256()
     for t in _tree.leaves((args, kwargs)):
         first = t[:1] if t.dim() and t.shape[0] == n else t
+        if valid is not None and t.dim() >= 2 and t.shape[:2] == valid.shape:
+            first = first[:, valid[0].to(t.device)]
         h.update(f"{first.dtype} {tuple(first.shape)};".encode())
         hash_tensor(h, first)
     return h.hexdigest()[:32]

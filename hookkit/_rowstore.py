@@ -172,8 +172,9 @@ class RowStore:
         """Row ranges ``[start, stop)`` (sorted, disjoint) already written by any rank: not computed again."""
         return []
 
-    def first_sample(self, args: tuple, kwargs: dict, n: int) -> None:
-        """The data's first batch (as model input, ``n`` samples), seen before any row is written."""
+    def first_sample(self, args: tuple, kwargs: dict, n: int, valid: Any = None) -> None:
+        """The data's first batch (as model input, ``n`` samples; ``valid``: its [N, T] mask of valid tokens, if
+        any), seen before any row is written."""
 
     def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
         """Rows ``[first_row, first_row + len)`` of each layer, computed from batch number ``batch``. Called from
@@ -277,8 +278,8 @@ class NpyFolder(RowStore):
     def done_rows(self) -> list[list[int]]:
         return self._done
 
-    def first_sample(self, args: tuple, kwargs: dict, n: int) -> None:
-        self.sample0 = digest = sample0_digest(args, kwargs, n)
+    def first_sample(self, args: tuple, kwargs: dict, n: int, valid: Any = None) -> None:
+        self.sample0 = digest = sample0_digest(args, kwargs, n, valid)
         before = (self.manifest or {}).get("data", {}).get("sample0")
         if before is not None and before != digest:
             raise ExtractError(

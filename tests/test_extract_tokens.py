@@ -229,7 +229,8 @@ def test_a_ragged_run_resumed_with_another_batch_size_keeps_its_rows_in_order(mo
         hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "f", progress=False)
     torch.manual_seed(0)
     model = TokenNet().eval()
-    feats = hookkit.extract(model, LAYERS, padded(seqs, 5), out=tmp_path / "f", progress=False)
+    assert padded(seqs, 8)[0]["x"].shape[1] != padded(seqs, 2)[0]["x"].shape[1]  # sample 0 padded otherwise
+    feats = hookkit.extract(model, LAYERS, padded(seqs, 2), out=tmp_path / "f", progress=False)
     for i, s in enumerate(seqs):
         torch.testing.assert_close(torch.from_numpy(np.array(feats.tokens("net.3", i))), own(model, s, "net.3"),
                                    rtol=1e-5, atol=1e-6)
