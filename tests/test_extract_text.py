@@ -224,6 +224,15 @@ def test_a_document_over_the_models_length_is_cut_to_its_first_512_tokens(model,
     np.testing.assert_allclose(np.load(tmp_path / "cut" / "encoder.npy")[4:], expected, atol=1e-5)
 
 
+def test_text_command_tokenizes_in_worker_processes_with_the_same_rows(tmp_path):
+    data = write_lines(tmp_path / "docs.txt", SENTENCES)
+    for workers in ("0", "2"):
+        code, text = invoke(text_args(data, tmp_path / f"w{workers}", "--workers", workers, "--batch-size", "3"))
+        assert code == 0, text
+    for name in ("encoder.npy", "encoder.offsets.npy", "lines.txt"):
+        assert (tmp_path / "w0" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
 def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_path, monkeypatch):
     data = write_lines(tmp_path / "docs.txt", SENTENCES)
     args = text_args(data, tmp_path / "out", "--batch-size", "2", "--pool", "avg")
