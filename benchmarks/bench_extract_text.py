@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 import hookkit  # noqa: E402
 from hookkit._texts import TokenizedTexts, load_text_model, load_tokenizer  # noqa: E402
 
-_WORD_LIST = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-              "they you were her she there one all we their been has when who will more no if out so said what up its "
-              "about into than them can only other new some could time these two may then do first any my now such "
-              "like our over man me even most made after also did many before must through back years where much your way "
-              "well down should because each just those people how too little state good very make world still own see "
-              "men work long get here between both life being under never day same another know while last might us "
-              "great old year off come since against go came right used take three network layer feature token batch "
-              "tensor gradient model extraction corpus sentence embedding attention")
+_WORD_LIST = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+              "an they you were her she there one all we their been has when who will more no if out so said what "
+              "up its about into than them can only other new some could time these two may then do first any my "
+              "now such like our over man me even most made after also did many before must through back years "
+              "where much your way well down should because each just those people how too little state good very "
+              "make world still own see men work long get here between both life being under never day same another "
+              "know while last might us great old year off come since against go came right used take three network "
+              "layer feature token batch tensor gradient model extraction corpus sentence embedding attention")
 WORDS = _WORD_LIST.split(" ")
 
 
