@@ -24,7 +24,8 @@ __all__ = ["load_model"]
 
 _TORCHVISION = "torchvision"
 _INSTALL_TORCHVISION = "pip install 'hookkit[torchvision]' (or pip install torchvision)"
-_SPEC_HELP = "use 'torchvision:NAME' (e.g. 'torchvision:resnet18') or 'package.module:factory' for your own model"
+_SPEC_HELP = ("use 'torchvision:NAME' (e.g. 'torchvision:resnet18'), 'package.module:factory' for your own model, "
+              "or the path of a local Hugging Face model folder")
 
 
 def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> nn.Module:
@@ -37,8 +38,9 @@ def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> n
 
     Args:
         spec: ``"torchvision:NAME"`` (any name of ``torchvision.models.list_models()``, built with random weights:
-            nothing is ever downloaded) or ``"package.module:factory"``, where ``factory`` (dotted attributes
-            allowed) is an ``nn.Module`` or a callable taking no arguments that returns one.
+            nothing is ever downloaded), ``"package.module:factory"``, where ``factory`` (dotted attributes
+            allowed) is an ``nn.Module`` or a callable taking no arguments that returns one, or the path of a local
+            Hugging Face model folder (``AutoModel``, local files only; needs transformers).
         weights: a local file written by ``torch.save(model.state_dict(), path)``; loaded with
             ``weights_only=True`` on the CPU, and strictly (every key must match). Default ``None``: keep the
             weights the factory made.
@@ -53,6 +55,13 @@ def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> n
     """
     if not isinstance(spec, str):
         raise ModelSpecError(f"a model spec is a string, got {type(spec).__name__} {spec!r}; {_SPEC_HELP}.")
+    if os.sep in spec or "/" in spec or os.path.isdir(spec):  # a path: a local Hugging Face model folder
+        if weights is not None:
+            raise ModelSpecError(f"--weights with the model folder {spec!r}: the folder holds its weights; drop "
+                                 "--weights.")
+        from ._texts import load_text_model
+
+        return load_text_model(spec)
     source, sep, name = spec.partition(":")
     source, name = source.strip(), name.strip()
     if not sep:

@@ -177,7 +177,7 @@ def _check_folder(folder: str | os.PathLike[str]) -> Path:
     p = Path(folder)
     if not p.is_dir():
         what = "does not exist" if not p.exists() else "is not a folder"
-        raise ModelSpecError(f"model {str(p)!r} {what}: with --text, MODEL is a local Hugging Face model folder "
+        raise ModelSpecError(f"model {str(p)!r} {what}: it must be a local Hugging Face model folder "
                              "(config.json, the weights and the tokenizer files, as save_pretrained writes them).")
     if not (p / "config.json").is_file():
         raise ModelSpecError(f"model folder {str(p)!r} has no config.json: it is not a Hugging Face model folder; "

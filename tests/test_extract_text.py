@@ -374,8 +374,8 @@ def folder_without_tokenizer(root: Path) -> Path:
 
 
 @pytest.mark.parametrize(("case", "expected"), [
-    ("missing folder", "does not exist: with --text, MODEL is a local Hugging Face model folder"),
-    ("torchvision spec", "does not exist: with --text, MODEL is a local Hugging Face model folder"),
+    ("missing folder", "does not exist: it must be a local Hugging Face model folder"),
+    ("torchvision spec", "does not exist: it must be a local Hugging Face model folder"),
     ("no config", "has no config.json"),
     ("no tokenizer", "has no tokenizer (none of tokenizer.json"),
     ("max length over the model's", "--max-length 513 is over the 512 tokens the model takes"),
@@ -430,3 +430,15 @@ def test_a_folder_without_tokenizer_would_load_an_empty_one(tmp_path):
     assert len(empty) < 10
     with pytest.raises(hookkit.HookkitError, match="has no tokenizer"):
         load_tokenizer(folder)
+
+
+def test_layers_command_lists_a_model_folders_names_to_pick_from(capsys):
+    """Discover, then act: `hookkit layers FOLDER` shows the names `hookkit extract FOLDER --layers` takes."""
+    from hookkit.cli import run
+
+    code = run(["layers", str(MODEL_DIR)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "BertModel" in out and "encoder.layer.5" in out and "the folder's weights" in out
+    assert run(["layers", str(MODEL_DIR), "--weights", "w.pt"]) == 2
+    assert "drop --weights" in capsys.readouterr().err

@@ -129,6 +129,8 @@ def weights_note(spec: str, weights: str | None) -> str:
         return f"weights from {weights}"
     if spec.startswith("torchvision:"):
         return "random weights"
+    if os.sep in spec or "/" in spec or os.path.isdir(spec):
+        return "the folder's weights"
     return "weights as the factory made them"
 
 
