@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +42,22 @@ class Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor]:
         return (torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i)),)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each variant per round, after one warm-up call each (allocator, thread pools, page cache); each
+    round starts one variant later than the one before, so that no variant always runs first."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for f in variants.values():
+        f()
+    for r in range(rounds):
+        order = list(variants.items())
+        order = order[r % len(order):] + order[: r % len(order)]
+        for k, f in order:
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def loader(n: int) -> DataLoader:
@@ -77,16 +94,7 @@ def throughput(rounds: int, n: int) -> None:
         "  the same without fsync (durability's cost)": lambda: extract_to(["layer4"], None, durable=False),
         "extract layer1 only (stops after it) -> disk": lambda: extract_to(["layer1"], "avg"),
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for f in variants.values():
-        f()
-    for r in range(rounds):
-        order = list(variants.items())
-        order = order[r % len(order):] + order[: r % len(order)]
-        for k, f in order:
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved(variants, rounds)
     base = statistics.median(times["bare loop (whole model)"])
     print(f"throughput: ResNet-18, {n} images 3x64x64, batch 64, {torch.get_num_threads()} threads, "
           f"{rounds} rounds (median)")

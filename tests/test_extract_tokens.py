@@ -204,16 +204,21 @@ def fail_on(model: TokenNet, k: int) -> list[int]:
     return calls
 
 
+def interrupted(model: TokenNet, k: int, batches: list[dict], out: Path) -> TokenNet:
+    """Extract into ``out`` until ``model`` raises on its k-th forward; returns the same model, rebuilt (no hook)."""
+    fail_on(model, k)
+    with pytest.raises(hookkit.ExtractError, match=f"batch {k - 1}"):
+        hookkit.extract(model, LAYERS, batches, out=out, progress=False)
+    torch.manual_seed(0)
+    return TokenNet().eval()
+
+
 def test_ragged_resume_after_an_interruption_gives_the_uninterrupted_files(model, tmp_path):
     torch.set_num_threads(1)  # the same kernels in every run
     seqs = sequences(60)
     hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "ref", progress=False)
-    fail_on(model, 5)
-    with pytest.raises(hookkit.ExtractError, match="batch 4"):
-        hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "f", progress=False)
+    model = interrupted(model, 5, padded(seqs, 8), tmp_path / "f")
     assert (tmp_path / "f" / "net.3.npy.rank-0.partial").exists()
-    torch.manual_seed(0)
-    model = TokenNet().eval()
     calls = fail_on(model, 0)
     hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "f", progress=False)
     assert len(calls) == 8 - 4  # only the batches not written before
@@ -224,11 +229,7 @@ def test_ragged_resume_after_an_interruption_gives_the_uninterrupted_files(model
 
 def test_a_ragged_run_resumed_with_another_batch_size_keeps_its_rows_in_order(model, tmp_path):
     seqs = sequences(60)
-    fail_on(model, 4)
-    with pytest.raises(hookkit.ExtractError):
-        hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "f", progress=False)
-    torch.manual_seed(0)
-    model = TokenNet().eval()
+    model = interrupted(model, 4, padded(seqs, 8), tmp_path / "f")
     assert padded(seqs, 8)[0]["x"].shape[1] != padded(seqs, 2)[0]["x"].shape[1]  # sample 0 padded otherwise
     feats = hookkit.extract(model, LAYERS, padded(seqs, 2), out=tmp_path / "f", progress=False)
     for i, s in enumerate(seqs):
@@ -238,11 +239,7 @@ def test_a_ragged_run_resumed_with_another_batch_size_keeps_its_rows_in_order(mo
 
 def test_a_cut_chunk_is_noticed_and_its_rows_computed_again(model, tmp_path):
     seqs = sequences(60)
-    fail_on(model, 6)
-    with pytest.raises(hookkit.ExtractError):
-        hookkit.extract(model, LAYERS, padded(seqs, 8), out=tmp_path / "f", progress=False)
-    torch.manual_seed(0)
-    model = TokenNet().eval()
+    model = interrupted(model, 6, padded(seqs, 8), tmp_path / "f")
     chunk = tmp_path / "f" / "net.3.npy.rank-0.partial"
     os.truncate(chunk, chunk.stat().st_size - 32 * 4 * 3)  # the last three tokens gone
     with pytest.warns(UserWarning, match="token files of 'net.3' lost rows"):
