@@ -27,6 +27,7 @@ from ._extract import Features, extract
 from ._graph import AutogradGraph, GraphNode, graph
 from ._grid import feature_grid, save_feature_grid
 from ._hooks import Hooks, hooks
+from ._monitor import Monitor, monitor
 from ._select import layer_names
 from ._summary import Summary, SummaryRow, summary
 from ._trace import CheckFinite, Trace, TraceEvent, check_finite, trace
@@ -41,6 +42,7 @@ __all__ = [
     "check_finite",
     "graph",
     "extract",
+    "monitor",
     "feature_grid",
     "save_feature_grid",
     "summary",
@@ -53,6 +55,7 @@ __all__ = [
     "AutogradGraph",
     "GraphNode",
     "Features",
+    "Monitor",
     "Summary",
     "SummaryRow",
     "HookkitError",

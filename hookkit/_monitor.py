@@ -1,0 +1,411 @@
+"""``monitor()``: watch a training run layer by layer: statistics of activations, gradients and parameter updates on
+recorded steps, an alert at the first non-finite activation on any step, records handed to sinks.
+
+How it connects: ``Monitor`` owns two views on the hook engine (``_engine.Engine``, as ``trace`` and ``extract``):
+a light one, entered for the whole block, whose listener (``_Finite``) takes one sum per selected layer's output
+on every step, so that the first NaN or Inf is found at its step and layer without a sync per layer; and a full one
+(``_Collect``), entered only for recorded steps (``every``), which takes the activation statistics and the gradient
+w.r.t. each layer's output. Parameter gradients come from ``register_post_accumulate_grad_hook`` and update ratios
+from a copy of the weights taken when a recorded step begins; all of these exist only during recorded steps. Each
+recorded step (and each step with an alert) becomes one record, a plain dict (schema in ``_sinks``), reduced over
+ranks under ``torch.distributed`` and handed by rank 0 to the sinks (``_sinks.make_sinks``: JSONL, TensorBoard,
+W&B, callables). ``_plot.summary_table`` renders the run at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from . import _tree
+from ._engine import Engine
+from ._errors import NonFiniteError
+from ._select import Layers, resolve, unwrap
+
+__all__ = ["monitor", "Monitor", "LAYER_STATS", "PARAM_STATS"]
+
+OnNonFinite = Literal["warn", "raise", "stop"]
+LAYER_STATS = ("act_mean", "act_std", "act_absmax", "zero_frac", "nan", "inf", "grad_norm")
+PARAM_STATS = ("grad_norm", "weight_norm", "update_ratio")
+_HIST_VALUES = 1 << 16  # at most this many values of a tensor go into a histogram (an even stride through it)
+
+
+def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100, log: Any = None,
+            sinks: Iterable[Any] | None = None, params: bool = True, histograms: bool = False,
+            on_nonfinite: OnNonFinite = "warn", summary: bool = True, console: Any = None) -> Monitor:
+    """Watch a training run layer by layer; call ``mon.step()`` once per training step.
+
+    Example:
+        >>> import torch, torch.nn as nn, hookkit
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with hookkit.monitor(model, ["0", "1"], every=2, summary=False) as mon:
+        ...     for _ in range(4):
+        ...         model(torch.randn(16, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+        ...         mon.step()
+        >>> [r["step"] for r in mon.records], sorted(mon.records[0]["layers"]["1"])
+        ([0, 2], ['act_absmax', 'act_mean', 'act_std', 'grad_norm', 'inf', 'nan', 'zero_frac'])
+
+    Steps are counted by ``mon.step()`` calls: step 0 runs until the first call. Steps 0, ``every``, 2 ``every``...
+    are recorded; on the others only the non-finite check runs (one sum per selected layer's output, and one sync
+    per step). Call ``step()`` after the optimizer step: the update ratio of a recorded step is the change that step
+    made to the weights.
+
+    Per selected layer (all of its calls in the step together; float64 sums): ``act_mean``, ``act_std`` (unbiased,
+    as ``torch.std``), ``act_absmax``, ``zero_frac`` (exact zeros: dead ReLU units), ``nan`` and ``inf`` counts of
+    the output's first tensor, and ``grad_norm``, the norm of the gradient w.r.t. that output (``None`` when no
+    backward ran). Per parameter of the selected layers (``params=True``): ``grad_norm``, ``weight_norm`` (after the
+    step) and ``update_ratio`` = ||w_after - w_before|| / ||w_after||, the learning-rate sanity check (about 1e-3 is
+    healthy). ``histograms=True`` adds histograms of activations, parameter gradients and weights.
+
+    Args:
+        model: the ``nn.Module`` being trained (a DDP wrapper is seen through).
+        layers: anything ``capture`` accepts; ``None``: the model's direct children.
+        every: record every ``every``-th step.
+        log: a folder: records go to ``<log>/monitor.jsonl`` (one JSON line per recorded step, flushed and synced,
+            so a crash leaves it complete up to the last recorded step), and ``hookkit plot <log>`` draws them.
+        sinks: more places for the records: ``"jsonl"``, ``"tensorboard"``, ``"wandb"``, a sink object or a
+            callable taking each record (see ``hookkit._sinks``). Neither ``log`` nor ``sinks``: records are kept
+            in ``mon.records`` only (they always are).
+        params: also watch the parameters of the selected layers.
+        histograms: also hand histograms to the sinks (TensorBoard, W&B; the JSONL file keeps bin counts).
+        on_nonfinite: at the first NaN or Inf in a selected layer's output, on any step: ``"warn"`` (a warning
+            naming the step and layer), ``"raise"`` (``NonFiniteError``; the hooks come off), or ``"stop"`` (stop
+            watching and set ``mon.should_stop``, for the loop to ``break``). The alert is also a record.
+        summary: print a table of the run (rich, to ``console``, default stderr) when the block ends.
+
+    Under ``torch.distributed`` each rank computes its statistics and rank 0 hands the reduced record to the sinks:
+    the mean over ranks, the max for ``act_absmax``, ``nan`` and ``inf``.
+
+    Raises:
+        LayerNotFoundError, TypeError, ValueError: bad layers or options, before any hook is registered.
+        NonFiniteError: with ``on_nonfinite="raise"``, at the ``step()`` that ends the step with the first
+            non-finite output.
+    """
+    return Monitor(model, layers, every=every, log=log, sinks=sinks, params=params, histograms=histograms,
+                   on_nonfinite=on_nonfinite, summary=summary, console=console)
+
+
+class Monitor:
+    """What ``monitor()`` returns; a context manager. ``step()`` ends a step; ``records`` holds every record (without
+    histograms); ``should_stop`` is set by ``on_nonfinite="stop"``."""
+
+    def __init__(self, model: nn.Module, layers: Layers | None, *, every: int, log: Any, sinks: Iterable[Any] | None,
+                 params: bool, histograms: bool, on_nonfinite: OnNonFinite, summary: bool, console: Any) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: record every N-th step, N a whole number >= 1 (e.g. every=100).")
+        if on_nonfinite not in ("warn", "raise", "stop"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'warn', 'raise' or 'stop'.")
+        found = resolve(model, _default_layers(model) if layers is None else layers)
+        self.names = [n for ns in found.values() for n in ns]
+        self._modules = {n: m for m, ns in found.items() for n in ns}
+        self.params: dict[str, nn.Parameter] = {}
+        if params:
+            for name in self.names:
+                prefix = name.removeprefix("module.")
+                for pname, p in self._modules[name].named_parameters():
+                    if p.requires_grad:
+                        self.params.setdefault(f"{prefix}.{pname}" if prefix else pname, p)
+        from ._sinks import make_sinks  # checks the sinks before any hook is registered
+
+        self._sinks = make_sinks(log, sinks) if _rank() == 0 else []  # rank 0 writes the reduced records
+        self.model = model
+        self.every = every
+        self.histograms = histograms
+        self.on_nonfinite = on_nonfinite
+        self.summary = summary
+        self.console = console
+        self.records: list[dict[str, Any]] = []
+        self.alerts: list[dict[str, Any]] = []
+        self.should_stop = False
+        self.steps = 0  # mon.step() calls so far: the current step's number
+        self._finite = _Finite()
+        self._light: Engine | None = None
+        self._collect: _Collect | None = None
+        self._full: Engine | None = None
+        self._param_hooks: list[Any] = []
+        self._before: dict[str, torch.Tensor] = {}
+        self._grad_sq: dict[str, float] = {}
+        self._entered = self._closed = False
+
+    # -- the block ---------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Monitor:
+        if self._entered:
+            raise RuntimeError("a hookkit block can be entered once; call hookkit.monitor(...) again for a new run.")
+        self._entered = True
+        try:
+            self._light = Engine(self.model, self.names, listener=self._finite, keep=False)
+            self._light.__enter__()
+            self._arm()
+        except BaseException:
+            self._close_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Take every hook off, close the sinks, print the summary; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close_hooks()
+        finally:
+            for sink in self._sinks:
+                sink.close()
+        if self.summary and self.records and _rank() == 0:
+            from rich.console import Console
+
+            from ._plot import summary_table
+
+            (self.console or Console(stderr=True)).print(summary_table(self.records))
+
+    def _close_hooks(self) -> None:
+        self._disarm()
+        if self._light is not None:
+            light, self._light = self._light, None
+            light.__exit__(None, None, None)
+
+    # -- steps -------------------------------------------------------------------------------------------------------
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is recorded."""
+        return self._full is not None
+
+    def step(self) -> None:
+        """End the current step: check it for non-finite outputs, finish its record if it is recorded, hand the
+        record to the sinks, and begin the next step."""
+        if not self._entered or self._closed:
+            raise RuntimeError("mon.step() is called inside `with hookkit.monitor(...) as mon:`.")
+        step = self.steps
+        alert = self._finite.end_step(step)
+        record = self._finish_record(step) if self.recording else None
+        if alert is not None and not self.alerts:  # the first non-finite output of the run
+            self.alerts.append(alert)
+            if record is None:
+                record = self._empty_record(step)
+            record["alerts"].append(alert)
+        if record is not None:
+            record = _reduced(record)
+            if record is not None:  # rank 0
+                self.records.append({k: v for k, v in record.items() if k != "histograms"})
+                for sink in self._sinks:
+                    sink.write(record)
+        self.steps += 1
+        if alert is not None and alert is self.alerts[0]:
+            if self.on_nonfinite == "raise":
+                self.close()
+                raise NonFiniteError(alert["message"], layer=alert["where"], phase="forward", call=0, stats=None)
+            if self.on_nonfinite == "stop":
+                self.should_stop = True
+                self.close()
+                return
+            warnings.warn(alert["message"], stacklevel=2)
+        if self.steps % self.every == 0:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Begin a recorded step: the full engine, parameter gradient hooks, the weights before the step."""
+        self._collect = _Collect(self.histograms)
+        self._full = Engine(self.model, self.names, listener=self._collect, keep=False, grads=True)
+        self._full.__enter__()
+        self._grad_sq = {}
+        for name, p in self.params.items():
+            self._before[name] = p.detach().clone()
+            self._param_hooks.append(p.register_post_accumulate_grad_hook(self._param_grad(name)))
+
+    def _param_grad(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                self._grad_sq[name] = float(p.grad.detach().double().pow(2).sum())  # the last accumulation wins
+        return hook
+
+    def _disarm(self) -> None:
+        for handle in self._param_hooks:
+            handle.remove()
+        self._param_hooks = []
+        if self._full is not None:
+            full, self._full = self._full, None
+            full.__exit__(None, None, None)
+
+    def _empty_record(self, step: int) -> dict[str, Any]:
+        return {"step": step, "time": time.time(), "layers": {}, "params": {}, "histograms": {}, "alerts": []}
+
+    def _finish_record(self, step: int) -> dict[str, Any]:
+        collect = self._collect
+        self._disarm()
+        record = self._empty_record(step)
+        assert collect is not None  # noqa: S101 - armed implies collected
+        for name in self.names:
+            record["layers"][name.removeprefix("module.")] = collect.stats(name)
+        record["histograms"].update(collect.hists)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                w = p.detach().double()
+                norm = float(w.norm())
+                before = self._before.pop(name, None)
+                ratio = None if before is None else float((w - before.double()).norm()) / norm if norm else None
+                grad_sq = self._grad_sq.get(name)
+                record["params"][name] = {"grad_norm": None if grad_sq is None else math.sqrt(grad_sq),
+                                          "weight_norm": norm, "update_ratio": ratio}
+                if self.histograms:
+                    record["histograms"][f"{name}/weight"] = _sample(p.detach())
+                    if p.grad is not None:
+                        record["histograms"][f"{name}/grad"] = _sample(p.grad.detach())
+        self._before = {}
+        self._collect = None
+        return record
+
+
+# -- listeners ---------------------------------------------------------------------------------------------------------
+
+class _Finite:
+    """Every step: one sum per selected layer's output (float64, so that only NaN or Inf, never an overflow, makes
+    it non-finite), checked together once at the end of the step."""
+
+    def __init__(self) -> None:
+        self.sums: list[tuple[str, int, torch.Tensor]] = []
+        self.calls: dict[str, int] = {}
+
+    def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
+        pass
+
+    def grad(self, *args: Any) -> None:  # pragma: no cover - the light engine records no gradients
+        pass
+
+    def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
+        name = where[0]
+        call = self.calls[name] = self.calls.get(name, -1) + 1  # the engine counts calls over the block
+        for t in _tree.leaves(output):
+            if (t.is_floating_point() or t.is_complex()) and t.numel() and t.device.type != "meta":
+                with torch.no_grad():
+                    self.sums.append((name, call, t.detach().sum(dtype=torch.complex128 if t.is_complex()
+                                                                 else torch.float64)))
+                return
+
+    def end_step(self, step: int) -> dict[str, Any] | None:
+        """The alert for the first non-finite output of this step (in execution order), else None."""
+        sums, self.sums, self.calls = self.sums, [], {}
+        if not sums or bool(torch.isfinite(torch.stack([s for _, _, s in sums]).cpu()).all()):
+            return None
+        name, call, _ = next(item for item in sums if not bool(torch.isfinite(item[2])))
+        where = name.removeprefix("module.")
+        return {"kind": "nonfinite", "step": step, "where": where, "op": None, "what": "activation",
+                "message": f"step {step}: {where!r} produced NaN or Inf in forward (call {call + 1}), the first "
+                           "of the watched layers to do so in this step. hookkit.check_finite(model) on this "
+                           "step's batch names the op."}
+
+
+class _Collect:
+    """Recorded steps: the statistics of each layer's output and of the gradient w.r.t. it, summed over calls."""
+
+    def __init__(self, histograms: bool) -> None:
+        self.sums: dict[str, list[float]] = {}  # n, sum, sum of squares, absmax, zeros, nan, inf
+        self.grad_sq: dict[str, float] = {}
+        self.histograms = histograms
+        self.hists: dict[str, Any] = {}
+
+    def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
+        pass
+
+    def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
+        name = where[0]
+        t = next((t for t in _tree.leaves(output) if t.is_floating_point()), None)
+        if t is None or t.numel() == 0:
+            return
+        with torch.no_grad():
+            x = t.detach().double()
+            nan = torch.isnan(x)
+            inf = torch.isinf(x)
+            vals = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
+                                x.pow(2).sum(), x.abs().max(), (x == 0).sum().double(), nan.sum().double(),
+                                inf.sum().double()]).tolist()
+        acc = self.sums.get(name)
+        if acc is None:
+            self.sums[name] = vals
+        else:
+            for i in (0, 1, 2, 4, 5, 6):
+                acc[i] += vals[i]
+            acc[3] = max(acc[3], vals[3]) if not math.isnan(vals[3]) else vals[3]
+        if self.histograms:
+            self.hists.setdefault(f"{name.removeprefix('module.')}/activation", _sample(t.detach()))
+
+    def grad(self, where: tuple[str, Any, int], which: str, i: int, n: int, grad: torch.Tensor) -> None:
+        if which != "output":
+            return
+        with torch.no_grad():
+            sq = float(grad.detach().double().pow(2).sum())
+        self.grad_sq[where[0]] = self.grad_sq.get(where[0], 0.0) + sq
+
+    def stats(self, name: str) -> dict[str, Any]:
+        acc = self.sums.get(name)
+        grad = self.grad_sq.get(name)
+        out: dict[str, Any] = dict.fromkeys(LAYER_STATS)
+        out["grad_norm"] = None if grad is None else math.sqrt(grad)
+        if acc is None:
+            return out
+        n, total, sq, absmax, zeros, nan, inf = acc
+        mean = total / n
+        var = (sq - total * total / n) / (n - 1) if n > 1 else math.nan
+        out.update(act_mean=mean, act_std=math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan,
+                   act_absmax=absmax, zero_frac=zeros / n, nan=int(nan), inf=int(inf))
+        return out
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------------
+
+def _default_layers(model: nn.Module) -> list[str]:
+    names = [n for n, _ in unwrap(model)[0].named_children()]
+    return names or [""]
+
+
+def _sample(t: torch.Tensor) -> Any:
+    flat = t.reshape(-1)
+    if flat.numel() > _HIST_VALUES:
+        flat = flat[:: -(-flat.numel() // _HIST_VALUES)]
+    return flat.float().cpu().numpy()
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _reduced(record: dict[str, Any]) -> dict[str, Any] | None:
+    """Under torch.distributed: the record with its statistics reduced over ranks (mean; max for ``act_absmax``,
+    ``nan``, ``inf``), on rank 0, and None on the others; else the record itself."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return record
+    slots: list[tuple[dict[str, Any], str]] = [(stats, key) for group in ("layers", "params")
+                                               for _, stats in sorted(record[group].items())
+                                               for key in sorted(stats)]
+    is_max = [key in ("act_absmax", "nan", "inf") for _, key in slots]
+    present = torch.tensor([stats[key] is not None for stats, key in slots], dtype=torch.float64)
+    values = torch.tensor([0.0 if stats[key] is None else float(stats[key]) for stats, key in slots],
+                          dtype=torch.float64)
+    summed = values.clone()
+    maxed = torch.where(present.bool(), values, torch.full_like(values, -math.inf))
+    for t, op in ((summed, dist.ReduceOp.SUM), (present, dist.ReduceOp.SUM), (maxed, dist.ReduceOp.MAX)):
+        dist.all_reduce(t, op=op)
+    if dist.get_rank() != 0:
+        return None
+    for (stats, key), s, k, m, mx in zip(slots, summed.tolist(), present.tolist(), maxed.tolist(), is_max,
+                                        strict=True):
+        if k == 0:
+            stats[key] = None
+        elif mx:
+            stats[key] = int(m) if key in ("nan", "inf") else m
+        else:
+            stats[key] = s / k
+    return record

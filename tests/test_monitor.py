@@ -1,0 +1,258 @@
+"""hookkit.monitor(): statistics against the same formulas computed by hand from raw hooks, the first non-finite
+output at its exact step and layer, hooks that come off on every exit path, and what unrecorded steps leave hooked."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hookkit
+from hookkit import hook_census
+
+LAYERS = ["0", "1", "2", "3"]
+
+
+def small_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(12, 6, generator=g) for _ in range(n)]
+
+
+def by_hand(model: nn.Sequential, xs: list[torch.Tensor], lr: float = 0.1) -> dict[int, dict]:
+    """Train with plain SGD, computing every statistic of every step with raw hooks and float64 formulas."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out: dict[int, dict] = {}
+    for step, x in enumerate(xs):
+        acts: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+        handles = []
+        for name in LAYERS:
+            def fwd(module, args, output, name=name, acts=acts, grads=grads):
+                acts[name] = output.detach().double().clone()
+                output.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().double().clone()))
+            handles.append(model[int(name)].register_forward_hook(fwd))
+        before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+        model(x).pow(2).mean().backward()
+        grad_norms = {n: float(p.grad.double().norm()) for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        for h in handles:
+            h.remove()
+        layers = {}
+        for name, a in acts.items():
+            layers[name] = {"act_mean": float(a.mean()), "act_std": float(a.std()), "act_absmax": float(a.abs().max()),
+                            "zero_frac": float((a == 0).double().mean()), "nan": 0, "inf": 0,
+                            "grad_norm": float(grads[name].norm())}
+        params = {}
+        for n, p in model.named_parameters():
+            w = p.detach().double()
+            params[n] = {"grad_norm": grad_norms[n], "weight_norm": float(w.norm()),
+                         "update_ratio": float((w - before[n]).norm() / w.norm())}
+        out[step] = {"layers": layers, "params": params}
+    return out
+
+
+def train(model: nn.Module, xs: list[torch.Tensor], mon: hookkit.Monitor, lr: float = 0.1) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for x in xs:
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step()
+        if mon.should_stop:
+            break
+
+
+def test_statistics_equal_the_formulas_by_hand_across_optimizer_steps():
+    xs = batches(7)
+    want = by_hand(small_model(), xs)
+    model = small_model()
+    with hookkit.monitor(model, LAYERS, every=3, summary=False) as mon:
+        train(model, xs, mon)
+    assert [r["step"] for r in mon.records] == [0, 3, 6]
+    for record in mon.records:
+        expected = want[record["step"]]
+        assert set(record["layers"]) == set(LAYERS)
+        assert set(record["params"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # those of the layers
+        for group in ("layers", "params"):
+            for name, stats in expected[group].items():
+                if name not in record[group]:
+                    continue
+                for key, value in stats.items():
+                    got = record[group][name][key]
+                    assert got == pytest.approx(value, rel=1e-6, abs=1e-9), (record["step"], group, name, key)
+    # the ReLU's dead units are counted, and its update-free parameters are not listed
+    assert 0.2 < mon.records[0]["layers"]["1"]["zero_frac"] < 0.8
+    assert set(mon.records[0]["params"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_a_layer_called_twice_per_step_pools_both_calls():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(5, 4)
+    with hookkit.monitor(model, ["0"], every=1, params=False, summary=False) as mon:
+        model(x).sum().backward()
+        mon.step()
+    with torch.no_grad():
+        first = shared(x)
+        both = torch.cat([first, shared(torch.relu(first))]).double()
+    stats = mon.records[0]["layers"]["0"]
+    assert stats["act_mean"] == pytest.approx(float(both.mean()))
+    assert stats["act_std"] == pytest.approx(float(both.std()))
+
+
+@pytest.mark.parametrize("at_step, layer", [(7, "2"), (5, "0"), (11, "3")])
+def test_a_nan_injected_at_a_step_and_layer_is_reported_at_exactly_that_step_and_layer(at_step, layer):
+    model = small_model()
+    steps = [0]
+
+    def inject(module, args, output):
+        if steps[0] == at_step:
+            output = output.clone()
+            output[0, 0] = float("nan")
+            return output
+        return None
+
+    model[int(layer)].register_forward_hook(inject)
+    with pytest.warns(UserWarning, match=rf"step {at_step}: '{layer}' produced NaN"):
+        with hookkit.monitor(model, LAYERS, every=5, summary=False) as mon:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for x in batches(14):
+                model(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                mon.step()
+                steps[0] += 1
+    assert [(a["step"], a["where"]) for a in mon.alerts] == [(at_step, layer)]
+    record = next(r for r in mon.records if r["alerts"])
+    assert record["step"] == at_step and record["alerts"][0]["where"] == layer
+
+
+def test_raise_and_stop_end_the_run_at_the_first_nonfinite_output_with_every_hook_off():
+    for mode in ("raise", "stop"):
+        model = small_model()
+        before = hook_census(model)
+        xs = batches(6)
+        xs[4] = xs[4].clone()
+        xs[4][0, 0] = float("inf")
+        if mode == "raise":
+            with pytest.raises(hookkit.NonFiniteError, match="step 4: '0' produced NaN or Inf"):
+                with hookkit.monitor(model, LAYERS, every=100, on_nonfinite=mode, summary=False) as mon:
+                    train(model, xs, mon)
+        else:
+            with hookkit.monitor(model, LAYERS, every=100, on_nonfinite=mode, summary=False) as mon:
+                train(model, xs, mon)
+            assert mon.should_stop and mon.steps == 5
+        assert hook_census(model) == before
+
+
+def test_hooks_come_off_when_training_raises_mid_run_on_a_recorded_step():
+    model = small_model()
+    before = hook_census(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hookkit.monitor(model, LAYERS, every=2, summary=False) as mon:
+            for i, x in enumerate(batches(5)):
+                out = model(x)
+                if i == 2:  # a recorded step, its hooks in place
+                    raise RuntimeError("boom")
+                out.sum().backward()
+                mon.step()
+    assert hook_census(model) == before
+    assert [r["step"] for r in mon.records] == [0]
+
+
+def test_unrecorded_steps_keep_only_the_light_forward_hooks():
+    model = small_model()
+    before = hook_census(model)
+    with hookkit.monitor(model, LAYERS, every=4, summary=False) as mon:
+        x = batches(1)[0]
+        recorded = hook_census(model)
+        assert mon.recording
+        model(x).sum().backward()
+        mon.step()  # step 1 is not recorded
+        during = hook_census(model)
+        assert not mon.recording
+        for name in LAYERS:  # fewer forward hooks than on a recorded step, and no parameter hooks
+            assert 0 < len(during[f"{name}._forward_hooks"]) < len(recorded[f"{name}._forward_hooks"])
+        assert any(v for k, v in recorded.items() if k.startswith("param "))
+        assert all(not v for k, v in during.items() if k.startswith("param "))
+    assert hook_census(model) == before
+
+
+def test_default_layers_are_the_models_children_and_bad_options_are_refused_before_any_hook():
+    model = small_model()
+    with hookkit.monitor(model, every=1, summary=False) as mon:
+        model(batches(1)[0]).sum().backward()
+        mon.step()
+    assert set(mon.records[0]["layers"]) == {"0", "1", "2", "3", "4"}
+    before = hook_census(model)
+    for kwargs, error, match in [({"every": 0}, ValueError, "every=0"), ({"on_nonfinite": "ignore"}, ValueError,
+                                 "on_nonfinite"), ({"layers": ["nope"]}, hookkit.LayerNotFoundError, "nope")]:
+        with pytest.raises(error, match=match):
+            hookkit.monitor(model, **kwargs)
+        assert hook_census(model) == before
+
+
+def test_step_outside_the_block_is_an_error():
+    mon = hookkit.monitor(small_model(), every=1, summary=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        mon.step()
+
+
+def test_no_nonfinite_no_warning_and_the_summary_is_printed_at_the_end():
+    import io
+
+    from rich.console import Console
+
+    model = small_model()
+    buf = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hookkit.monitor(model, LAYERS, every=2, console=Console(file=buf, width=160)) as mon:
+            train(model, batches(4), mon)
+    assert "2" in buf.getvalue() and mon.alerts == []
+    assert all(math.isfinite(r["layers"]["0"]["act_mean"]) for r in mon.records)
+
+
+def test_under_ddp_rank_0_logs_the_mean_over_ranks_and_the_max_of_absmax_and_counts(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(here / "_monitor_worker.py"), str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[1]["sunk"] == []  # only rank 0 writes
+    sunk = ranks[0]["sunk"]
+    assert [r["step"] for r in sunk] == [0, 2]
+    for i, record in enumerate(sunk):
+        own = [ranks[r]["own"][i] for r in range(2)]
+        assert own[0]["layers"]["0"]["act_absmax"] != own[1]["layers"]["0"]["act_absmax"]  # the ranks differ
+        for layer, stats in record["layers"].items():
+            for key, value in stats.items():
+                values = [o["layers"][layer][key] for o in own]
+                want = max(values) if key in ("act_absmax", "nan", "inf") else sum(values) / 2
+                assert value == pytest.approx(want), (layer, key)
+        for name, stats in record["params"].items():
+            for key, value in stats.items():
+                assert value == pytest.approx(sum(o["params"][name][key] for o in own) / 2), (name, key)
