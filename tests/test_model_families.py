@@ -222,3 +222,27 @@ def test_timm_forward_features_equals_the_captured_final_norm():
         intermediates = model.forward_intermediates(x, indices=[11], norm=False, output_fmt="NLC",
                                                     intermediates_only=True)
     torch.testing.assert_close(cap["blocks.11"][:, model.num_prefix_tokens:], intermediates[0])
+
+
+def test_monitor(family):
+    """monitor() on each family: the recorded activation statistics are the layer's own output's, its gradient norm
+    is torch.autograd.grad's, and every hook comes off."""
+    fam, model = family
+    batch = fam.batch()
+    before = hook_census(model)
+    ref = copy.deepcopy(model)
+    with hookkit.monitor(model, [fam.layer], every=1, summary=False) as mon:
+        first(call(model, batch)).float().pow(2).mean().backward()
+        mon.step()
+    assert hook_census(model) == before
+    seen, out = _raw(ref, fam.layer, batch, grad=True)
+    act = first(seen["out"])
+    (grad,) = torch.autograd.grad(first(out).float().pow(2).mean(), act)
+    stats = mon.records[0]["layers"][fam.layer.removeprefix("module.")]
+    act = act.detach().double()
+    assert stats["act_mean"] == pytest.approx(float(act.mean()), rel=1e-4, abs=1e-6)
+    assert stats["act_absmax"] == pytest.approx(float(act.abs().max()), rel=1e-4)
+    assert stats["grad_norm"] == pytest.approx(float(grad.double().norm()), rel=1e-3)
+    params = mon.records[0]["params"].values()
+    assert params and any(p["weight_norm"] > 0 for p in params)
+    assert all(p["update_ratio"] in (0.0, None) for p in params)  # no optimizer step: nothing moved
