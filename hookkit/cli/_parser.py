@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from . import demo, extract, layers, summary, trace
+from . import demo, extract, layers, plot, summary, trace
 
 __all__ = ["build_parser"]
 
-_COMMANDS = (layers, demo, trace, summary, extract)  # in the order `hookkit --help` lists them
+_COMMANDS = (layers, demo, trace, summary, extract, plot)  # in the order `hookkit --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

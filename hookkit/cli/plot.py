@@ -1,0 +1,74 @@
+"""``hookkit plot RUN [--out PNG] [--stats STAT ...] [--heatmap]``: the summary table of a ``hookkit.monitor`` run,
+printed, and its statistics drawn as a PNG (default ``RUN/monitor.png``).
+
+``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds. Reading, the table and the figure are
+``hookkit._plot``'s (``read_run``, ``summary_table``, ``plot_run``); this module checks every option and that
+matplotlib imports before anything is printed or written, and turns each problem into a ``CommandLineError`` (one
+``hookkit: error:`` line, exit code 2) that says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from .._errors import CommandLineError
+from .._plot import STATS, PlotError, _check_stats, _matplotlib, plot_run, read_run, summary_table
+
+__all__: list[str] = []  # run through `hookkit plot`
+
+_DEFAULT_STATS = ("grad_norm", "update_ratio", "zero_frac")
+
+
+def register(sub: Any) -> None:
+    """Add ``hookkit plot`` to the subparsers ``sub``."""
+    plot_cmd = sub.add_parser(
+        "plot",
+        help="a hookkit.monitor run: its summary table, and its statistics per step drawn as a PNG",
+        description="Read RUN (the folder given to hookkit.monitor(log=...), or its monitor.jsonl), print one row "
+        "per layer (last value and range of its statistics, first non-finite step) and draw one panel per "
+        "statistic against the step: lines for up to 12 layers or parameters, a heatmap for more. Needs "
+        "matplotlib (pip install 'hookkit[plot]').",
+    )
+    plot_cmd.add_argument("run", metavar="RUN", help="a monitor run folder, or its .jsonl file")
+    plot_cmd.add_argument("--out", metavar="PNG", help="the PNG to write (default: RUN/monitor.png)")
+    plot_cmd.add_argument("--stats", nargs="+", metavar="STAT", default=list(_DEFAULT_STATS),
+                          help=f"statistics to draw, one panel each (default: {' '.join(_DEFAULT_STATS)}); any of "
+                          f"{', '.join(STATS)}")
+    plot_cmd.add_argument("--heatmap", action="store_true",
+                          help="draw every panel as a heatmap (name x step), however few the names")
+    plot_cmd.set_defaults(command=_cmd_plot)
+
+
+def _cmd_plot(args: argparse.Namespace, console: Console) -> int:
+    try:
+        stats = _check_stats(args.stats)
+    except PlotError as exc:
+        raise CommandLineError(f"--stats: {exc}") from None
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        if out.is_dir():
+            raise CommandLineError(f"--out {args.out!r} is a folder; pass the PNG file to write, e.g. "
+                                   f"{str(out / 'monitor.png')!r}.")
+        if out.suffix.lower() != ".png":
+            raise CommandLineError(f"--out {args.out!r} does not end in .png; hookkit plot writes a PNG: pass a "
+                                   "name ending in .png.")
+    try:
+        records = read_run(args.run)
+    except PlotError as exc:
+        raise CommandLineError(str(exc)) from None
+    try:
+        _matplotlib()
+    except ImportError as exc:
+        raise CommandLineError(str(exc)) from None
+    console.print(summary_table(records))
+    try:
+        png = plot_run(args.run, out, stats=stats, heatmap=True if args.heatmap else None)
+    except OSError as exc:
+        raise CommandLineError(f"cannot write the PNG ({exc}); pass a writable --out.") from None
+    console.print(Text(f"wrote {png}", style="green"))
+    return 0
