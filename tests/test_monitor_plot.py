@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+import hookkit
 import hookkit.cli.plot
 from hookkit import HookkitError
 from hookkit._plot import MAX_LINES, PlotError, _draw, plot_run, read_run, summary_table
@@ -356,3 +357,43 @@ def test_the_monitor_training_example_runs_and_its_bad_head_stands_out(tmp_path)
     head = last["head.weight"]["update_ratio"]
     body = max(v["update_ratio"] for k, v in last.items() if not k.startswith("head."))
     assert head > 30 * body, (head, body)
+
+
+# -- with the real writer and monitor ------------------------------------------------------------------------------
+def test_what_the_jsonl_sink_writes_is_read_back_with_its_non_finite_values(tmp_path):
+    from hookkit._sinks import JsonlSink
+
+    sink = JsonlSink(tmp_path / "monitor.jsonl")
+    for step, value in ((0, 1.0), (5, math.nan), (10, math.inf)):
+        sink.write({"step": step, "time": 0.0, "layers": {"fc": {"act_std": value, "nan": int(step == 5), "inf": 0}},
+                    "params": {"fc.weight": {"grad_norm": value, "weight_norm": 1.0, "update_ratio": None}},
+                    "histograms": {}, "alerts": []})
+    sink.close()
+    records = read_run(tmp_path)
+    std = [r["layers"]["fc"]["act_std"] for r in records]
+    assert std[0] == 1.0 and math.isnan(float(std[1])) and float(std[2]) == math.inf
+    row = next(line for line in render(summary_table(records)).splitlines() if line.startswith("│ fc "))
+    assert "│ inf " in row and "step 5 (nan, act_std)" in row
+
+
+@needs_matplotlib
+def test_a_monitored_training_run_is_drawn_with_a_line_per_parameter(tmp_path):
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with hookkit.monitor(model, ["0", "2"], every=2, log=tmp_path, summary=False) as mon:
+        for _ in range(6):
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step()
+    records = read_run(tmp_path)
+    assert [r["step"] for r in records] == [0, 2, 4]
+    ratio, zero = panels(_draw(records, stats=["update_ratio", "zero_frac"], heatmap=None))
+    assert line_labels(ratio) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert line_labels(zero) == ["0", "2"]
+    drawn = ratio.get_lines()[0].get_ydata()
+    assert list(drawn[1:]) == pytest.approx([r["params"]["0.weight"]["update_ratio"] for r in records[1:]])
