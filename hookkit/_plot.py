@@ -44,9 +44,9 @@ _PNG_FILE = "monitor.png"
 
 LAYER_STATS = ("act_mean", "act_std", "act_absmax", "zero_frac", "nan", "inf", "grad_norm")
 PARAM_STATS = ("grad_norm", "weight_norm", "update_ratio")
-# Every name --stats / stats= takes: a bare statistic, or "layer:" / "param:" and one, where a name is both.
-STATS = tuple(dict.fromkeys(
-    [*LAYER_STATS, *PARAM_STATS, *(f"layer:{s}" for s in LAYER_STATS), *(f"param:{s}" for s in PARAM_STATS)]))
+# Every name --stats / stats= takes; grad_norm is both a layer's (its output gradient) and a parameter's, and
+# "layer:grad_norm" / "param:grad_norm" choose.
+STATS = (*dict.fromkeys([*LAYER_STATS, *PARAM_STATS]), "layer:grad_norm", "param:grad_norm")
 _LOG_SCALE = {"grad_norm", "weight_norm", "update_ratio", "act_absmax"}  # norms and ratios span decades
 MAX_LINES = 12  # above this many names a panel is a heatmap (name x step) unless heatmap=False
 
