@@ -20,11 +20,6 @@ import torch.nn as nn
 
 import hookkit
 
-try:
-    from hookkit import plot_run
-except ImportError:  # hookkit/__init__.py does not export it yet
-    from hookkit._plot import plot_run
-
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
@@ -63,7 +58,7 @@ def main(run: Path) -> Path:
                 opt.step()
                 opt.zero_grad()
                 mon.step()
-    png = plot_run(run, stats=("update_ratio", "grad_norm", "zero_frac"))
+    png = hookkit.plot_run(run, stats=("update_ratio", "grad_norm", "zero_frac"))
     last = mon.records[-1]["params"]
     head = last["head.weight"]["update_ratio"]
     body = max(v["update_ratio"] for k, v in last.items() if k.startswith("body."))

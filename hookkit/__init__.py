@@ -20,6 +20,7 @@ from ._errors import (
     ModifiedInPlaceError,
     NonFiniteError,
     NotRecordedError,
+    PlotError,
     SummaryError,
     UnsupportedModelError,
 )
@@ -28,6 +29,7 @@ from ._graph import AutogradGraph, GraphNode, graph
 from ._grid import feature_grid, save_feature_grid
 from ._hooks import Hooks, hooks
 from ._monitor import Monitor, monitor
+from ._plot import plot_run
 from ._select import layer_names
 from ._summary import Summary, SummaryRow, summary
 from ._trace import CheckFinite, Trace, TraceEvent, check_finite, trace
@@ -43,6 +45,7 @@ __all__ = [
     "graph",
     "extract",
     "monitor",
+    "plot_run",
     "feature_grid",
     "save_feature_grid",
     "summary",
@@ -70,5 +73,6 @@ __all__ = [
     "ModelSpecError",
     "ImageFolderError",
     "CommandLineError",
+    "PlotError",
     "__version__",
 ]

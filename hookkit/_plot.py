@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import HookkitError
+from ._errors import PlotError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_run", "summary_table", "read_run", "PlotError", "STATS"]
+__all__ = ["plot_run", "summary_table", "read_run", "STATS"]
 
 _INSTALL = "pip install 'hookkit[plot]'"
 _LOG_FILE = "monitor.jsonl"
@@ -49,11 +49,6 @@ PARAM_STATS = ("grad_norm", "weight_norm", "update_ratio")
 STATS = (*dict.fromkeys([*LAYER_STATS, *PARAM_STATS]), "layer:grad_norm", "param:grad_norm")
 _LOG_SCALE = {"grad_norm", "weight_norm", "update_ratio", "act_absmax"}  # norms and ratios span decades
 MAX_LINES = 12  # above this many names a panel is a heatmap (name x step) unless heatmap=False
-
-
-class PlotError(HookkitError, ValueError):
-    """A monitor run that cannot be read (no such run, an empty or unreadable file) or a statistic it does not
-    hold; the message names what was found and the fix."""
 
 
 # -- reading -------------------------------------------------------------------------------------------------------

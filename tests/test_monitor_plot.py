@@ -24,8 +24,8 @@ from rich.console import Console
 
 import hookkit
 import hookkit.cli.plot
-from hookkit import HookkitError
-from hookkit._plot import MAX_LINES, PlotError, _draw, plot_run, read_run, summary_table
+from hookkit import HookkitError, PlotError
+from hookkit._plot import MAX_LINES, _draw, plot_run, read_run, summary_table
 from hookkit.cli import run
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

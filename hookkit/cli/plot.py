@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .._errors import CommandLineError
-from .._plot import STATS, PlotError, _check_stats, _matplotlib, plot_run, read_run, summary_table
+from .._errors import CommandLineError, PlotError
+from .._plot import STATS, _check_stats, _matplotlib, plot_run, read_run, summary_table
 
 __all__: list[str] = []  # run through `hookkit plot`
 
