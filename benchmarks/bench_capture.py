@@ -455,6 +455,26 @@ def _tiny_profile(model: nn.Module, x: torch.Tensor, cfg: dict) -> None:
 # 2. ResNet-50
 # ----------------------------------------------------------------------------------------------------------------
 
+def resnet_variants(model: nn.Module, x: torch.Tensor, specs: dict[str, Any]) -> dict[str, Callable[[int], Sample]]:
+    """'a': the bare forward; one more per spec: a `with hookkit.capture(model, spec)` block per forward."""
+    def bare(inner: int) -> Sample:
+        with Clock() as c:
+            for _ in range(inner):
+                model(x)
+        return c.dt / inner, c.gc / inner
+
+    def hk(spec: Any) -> Callable[[int], Sample]:
+        def run(inner: int) -> Sample:
+            with Clock() as c:
+                for _ in range(inner):
+                    with hookkit.capture(model, spec):
+                        model(x)
+            return c.dt / inner, c.gc / inner
+        return run
+
+    return {"a": bare} | {k: hk(spec) for k, spec in specs.items()}
+
+
 def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
     import torchvision
 
@@ -483,21 +503,6 @@ def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
             note += f"; still {t:.2f} s at {batch}x{px}px, the smallest size tried"
     x = torch.randn(batch, 3, px, px)
 
-    def bare(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                model(x)
-        return c.dt / inner, c.gc / inner
-
-    def hk(spec: Any) -> Callable[[int], Sample]:
-        def run(inner: int) -> Sample:
-            with Clock() as c:
-                for _ in range(inner):
-                    with hookkit.capture(model, spec):
-                        model(x)
-            return c.dt / inner, c.gc / inner
-        return run
-
     store: dict[str, torch.Tensor] = {}
     make = raw_hook_factory(store)
 
@@ -515,7 +520,7 @@ def bench_resnet(cfg: dict[str, Any], results: dict[str, Any]) -> None:
             h.remove()
         return c.dt / inner, c.gc / inner
 
-    variants = {"a": bare, "b": hk(coarse), "c": hk(nn.Conv2d), "d": raw_convs}
+    variants = resnet_variants(model, x, {"b": coarse, "c": nn.Conv2d}) | {"d": raw_convs}
     labels = {
         "a": "(a) bare forward",
         "b": "(b) hookkit.capture 5 blocks (layer1-4, avgpool)",

@@ -77,6 +77,7 @@ from bench_capture import (  # noqa: E402  (the shared timing method and output 
     interleave,
     micro,
     ratio,
+    resnet_variants,
     say,
     summary,
     table,
@@ -196,25 +197,6 @@ def check_values(model: nn.Module, has_ops: bool) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # 1. ResNet-50: op nodes and 5 blocks vs bare
 # ----------------------------------------------------------------------------------------------------------------
-
-def resnet_variants(model: nn.Module, x: torch.Tensor, specs: dict[str, Any]) -> dict[str, Callable[[int], Sample]]:
-    """'a': the bare forward; one more per spec: a `with hookkit.capture(model, spec)` block per forward."""
-    def bare(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                model(x)
-        return c.dt / inner, c.gc / inner
-
-    def hk(spec: Any) -> Callable[[int], Sample]:
-        def run(inner: int) -> Sample:
-            with Clock() as c:
-                for _ in range(inner):
-                    with hookkit.capture(model, spec):
-                        model(x)
-            return c.dt / inner, c.gc / inner
-        return run
-
-    return {"a": bare} | {k: hk(spec) for k, spec in specs.items()}
 
 
 def paired_diff(samples: dict[str, list[float]], num: str, den: str) -> float:
@@ -458,18 +440,7 @@ def bench_torchlens(cfg: dict[str, Any], results: dict[str, Any], path: str | No
     batch, px, note = pick_input(model, cfg)
     x = torch.randn(batch, 3, px, px)
 
-    def bare(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                model(x)
-        return c.dt / inner, c.gc / inner
-
-    def hk(inner: int) -> Sample:
-        with Clock() as c:
-            for _ in range(inner):
-                with hookkit.capture(model, OPS10):
-                    model(x)
-        return c.dt / inner, c.gc / inner
+    variants = resnet_variants(model, x, {"b": OPS10} if missing is None else {})
 
     def tlens(inner: int) -> Sample:
         with Clock() as c:
@@ -477,11 +448,9 @@ def bench_torchlens(cfg: dict[str, Any], results: dict[str, Any], path: str | No
                 tl_run(x)
         return c.dt / inner, c.gc / inner
 
-    variants: dict[str, Callable[[int], Sample]] = {"a": bare, "t": tlens}
+    variants["t"] = tlens
     labels = {"a": "(a) bare forward", "b": "(b) hookkit.capture 10 op nodes",
               "t": f"(t) torchlens {tl.__version__} trace, save {TL_LABELS[0]}..{TL_LABELS[-1]}"}
-    if missing is None:
-        variants["b"] = hk
     t0 = perf()
     with torch.no_grad():
         samples, gcs = interleave(variants, rounds=cfg["tl_rounds"], warmup=cfg["tl_warmup"], inner=1)
