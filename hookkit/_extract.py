@@ -226,16 +226,17 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
     try:
         with torch.inference_mode():
             for batch in batches:
+                # once per batch it needs (a mask= callable runs once), not for batches only read to be skipped
+                mask = _batch_mask(listener.mask_option, batch, device) if batch.first or batch.mine else None
                 if batch.first:
-                    valid = _batch_mask(listener.mask_option, batch, torch.device("cpu"))
-                    store.first_sample(batch.args, batch.kwargs, batch.n, valid)
+                    store.first_sample(batch.args, batch.kwargs, batch.n, mask)
                 if not batch.mine:
                     if bar is not None:
                         bar.update(batch.index + 1, images, written)
                     continue
                 # The first batch runs the whole forward even with stop=True: a layer that runs again later in
                 # the forward is refused instead of having its first call extracted silently.
-                rows = _batch_rows(model, names, listener, batch, device, stop=stop,
+                rows = _batch_rows(model, names, listener, batch, device, mask, stop=stop,
                                    stop_now=stop and whole_forward_done)
                 whole_forward_done = True
                 job = functools.partial(_write, store, batch.first_row, host.start(rows), batch.index)
@@ -312,13 +313,13 @@ def _numpy(rows: dict[str, torch.Tensor | _Tokens]) -> dict[str, Rows]:
             for name, v in rows.items()}
 
 
-def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batch, device: torch.device, *,
-                stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _Tokens]:
-    """One batch's rows of every layer, where the model made them; a failing model or a layer that did not run is
-    an ExtractError naming the batch."""
+def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batch, device: torch.device,
+                mask: torch.Tensor | None, *, stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _Tokens]:
+    """One batch's rows of every layer (``mask``: its valid tokens), where the model made them; a failing model or
+    a layer that did not run is an ExtractError naming the batch."""
     listener.batch = {}
     listener.n = batch.n
-    listener.mask = _batch_mask(listener.mask_option, batch, device)
+    listener.mask = mask
     try:
         _forward_rows(model, names, listener, stop_now, _to_device(batch.args, device),
                       _to_device(batch.kwargs, device))

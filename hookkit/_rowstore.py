@@ -39,7 +39,7 @@ from . import __version__ as _version
 from ._errors import ExtractError
 from ._fingerprint import sample0_digest
 from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync
-from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, leftovers, lost_from, offsets_name
+from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, chunk_name, leftovers, lost_from, offsets_name
 
 try:
     import fcntl
@@ -299,11 +299,12 @@ class NpyFolder(RowStore):
             with _Writing(out / _MANIFEST):
                 _atomic_json(out / _MANIFEST, self.manifest)
         for name, arr in rows.items():
-            with _Writing(out / f"{self.files[name]}.partial"):
-                self._open_file(name, arr).write(first_row, arr)  # type: ignore[arg-type]
-        for name in rows:
-            with _Writing(out / f"{self.files[name]}.partial"):
-                self._row_files[name].sync()
+            path = out / (chunk_name(self.files[name], self.rank) if isinstance(arr, TokenRows)
+                          else f"{self.files[name]}.partial")
+            with _Writing(path):  # errors name the file this rank writes
+                f = self._open_file(name, arr)
+                f.write(first_row, arr)  # type: ignore[arg-type]
+                f.sync()
         n = len(next(iter(rows.values())))
         self._mine[:] = _merge([*self._mine, [first_row, first_row + n]])
         # Only after the rows are on disk (synced above): neither a killed process nor a power cut leaves progress
