@@ -79,12 +79,12 @@ def throughput(rounds: int, n: int) -> None:
             if durable:
                 hookkit.extract(model, layers, data, out=d, pool=pool, progress=False)
                 return
-            real = _npy.sync, _rowstore.sync, _rowstore._sync_folder
-            _npy.sync = _rowstore.sync = _rowstore._sync_folder = lambda fd: None  # durability's cost: no syncs
+            real = _npy.sync, _rowstore.sync, _rowstore.sync_folder
+            _npy.sync = _rowstore.sync = _rowstore.sync_folder = lambda fd: None  # durability's cost: no syncs
             try:
                 hookkit.extract(model, layers, data, out=d, pool=pool, progress=False)
             finally:
-                _npy.sync, _rowstore.sync, _rowstore._sync_folder = real
+                _npy.sync, _rowstore.sync, _rowstore.sync_folder = real
 
     variants = {
         "bare loop (whole model)": bare,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes", "sync"]
+__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes", "sync", "sync_folder"]
 
 HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
 _MAGIC = b"\x93NUMPY\x01\x00"
@@ -39,6 +39,20 @@ def sync(fd: int) -> None:
     """Make the bytes written to ``fd`` durable: ``fdatasync`` where the OS has it (the data and the size, not the
     times), else ``fsync``."""
     (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the OS lets a folder be opened and synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:

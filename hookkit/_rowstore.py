@@ -38,7 +38,7 @@ import torch
 from . import __version__ as _version
 from ._errors import ExtractError
 from ._fingerprint import sample0_digest
-from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync
+from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync, sync_folder
 from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, chunk_name, leftovers, lost_from, offsets_name
 
 try:
@@ -456,21 +456,7 @@ def _atomic_json(path: Path, data: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _sync_folder(path.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (where the OS lets a folder be opened and synced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
+    sync_folder(path.parent)
 
 
 class _Writing:

@@ -51,6 +51,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._npy import sync_folder
+
 __all__ = [
     "Sink",
     "JsonlSink",
@@ -180,7 +182,7 @@ class JsonlSink:
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         self._cut_partial_last_line()
         if not existed:  # the new name itself must survive a power loss
-            _fsync_dir(self.path.parent)
+            sync_folder(self.path.parent)
 
     def _cut_partial_last_line(self) -> None:
         fd = self._fd
@@ -214,19 +216,6 @@ class JsonlSink:
 
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _missing_extra(extra: str, module: str) -> ImportError:
