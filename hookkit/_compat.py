@@ -8,6 +8,8 @@ through these functions, so that a torch release that moves one of them breaks o
 | ``torch._C._current_graph_task_id``                 | engine (checkpointing)   | 2.1   | -1: "not in backward" |
 | ``torch._dynamo.config.skip_nnmodule_hook_guards``  | engine (compile)         | 2.1   | nothing to switch     |
 | ``torch._dynamo.utils.counters``                    | engine (compile warning) | 2.0   | "nothing compiled"    |
+| ``torch._dynamo.trace_rules.add``                   | engine, ops (hooks run   | 2.1   | required              |
+| ``torch.compiler.is_compiling`` / ``.disable``      |   eagerly under compile) | 2.3   | required              |
 | ``Module._is_full_backward_hook``                   | handles                  | 1.8   | required              |
 | ``Module._backward_hooks``                          | handles                  | 1.0   | required              |
 | ``Module._compiled_call_impl``                      | select (``.compile()``)  | 2.2   | "not compiled"        |
@@ -20,6 +22,7 @@ through these functions, so that a torch release that moves one of them breaks o
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +32,8 @@ __all__ = [
     "current_graph_task_id",
     "dynamo_config",
     "dynamo_has_compiled",
+    "eager",
+    "keep_dynamo_out",
     "full_backward_flag",
     "set_full_backward_flag",
     "has_full_backward_hooks",
@@ -62,6 +67,53 @@ def dynamo_has_compiled() -> bool:
     if not counters:
         return False
     return counters.get("frames", {}).get("ok", 0) > 0
+
+
+_SKIPPED: list[bool] = []
+
+
+def keep_dynamo_out() -> bool:
+    """If dynamo is imported, make it skip hookkit's own code (``torch._dynamo.trace_rules.add``) and say True;
+    else False, without importing it (that takes a second that a process that never compiles should not pay).
+
+    Traced, hookkit's hooks and its function mode would be turned into graph code: their side effects (records in
+    Python lists, tensor hooks registered on outputs, copies made before an in-place write) are not what dynamo is
+    built for, and some of it it cannot trace at all. Skipped, they run eagerly on real tensors, at the cost of a
+    graph break at each hooked module (and at each op while an op tap is on) while a block is open; the compiled
+    code is guarded on hooks then, and runs without breaks again after the block."""
+    if _SKIPPED:
+        return True
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return False
+    dynamo.trace_rules.add(__name__.partition(".")[0])
+    _SKIPPED.append(True)
+    return True
+
+
+def _call(fn: Callable[..., Any], args: tuple) -> Any:
+    return fn(*args)
+
+
+_DISABLED: list[Callable[..., Any]] = []  # ``_call`` wrapped by torch.compiler.disable, made when first needed
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a module hook), kept out of torch.compile's graphs (``keep_dynamo_out``) also when dynamo is first
+    imported while the block is open: then a wrapper checks ``torch.compiler.is_compiling()`` (one flag read per
+    call) and, traced, calls ``fn`` through ``torch.compiler.disable``."""
+    if keep_dynamo_out():
+        return fn
+
+    def hook(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            if not _DISABLED:  # once: from now on dynamo skips hookkit's code, the function mode's included
+                keep_dynamo_out()
+                _DISABLED.append(torch.compiler.disable(_call))
+            return _DISABLED[0](fn, args)
+        return fn(*args)
+
+    return hook
 
 
 def full_backward_flag(module: nn.Module) -> bool | None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import _tree
-from ._compat import current_graph_task_id, dynamo_config, dynamo_has_compiled
+from ._compat import current_graph_task_id, dynamo_config, dynamo_has_compiled, eager
 from ._handles import HandleGroup
 from ._ops import OpTaps, writer_roots
 from ._select import Layers, resolve_nodes, unwrap
@@ -292,12 +292,13 @@ class Engine:
         pending: list[Call] = []
         paired = bool(self._want_inputs or self._want_grads or self._listener)
         if paired:
-            self._handles.add(module.register_forward_pre_hook(self._pre_hook(names[0], pending), with_kwargs=True))
+            self._handles.add(module.register_forward_pre_hook(eager(self._pre_hook(names[0], pending)),
+                                                               with_kwargs=True))
         fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
         hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
-        self._handles.add(module.register_forward_hook(hook))
+        self._handles.add(module.register_forward_hook(eager(hook)))
         if paired:
-            self._handles.add(module.register_forward_hook(_end_of_call(pending), always_call=True))
+            self._handles.add(module.register_forward_hook(eager(_end_of_call(pending)), always_call=True))
         if self._want_param_grads:
             self._hook_params(module, names)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from ._compat import current_graph_task_id, pop_function_mode, push_function_mode
+from ._compat import current_graph_task_id, eager, pop_function_mode, push_function_mode
 
 __all__ = ["OpTaps", "OpSite", "Node", "discover", "discover_nodes", "op_name", "is_leaf", "writes_in_place",
            "known_op_names", "written",
@@ -386,13 +386,13 @@ class OpTaps:
                 hooked.setdefault(id(m), m)
         for key, m in hooked.items():
             self.handles.add(m.register_forward_pre_hook(
-                self._pre(m, key in framed, key in counting, key in mode_at), prepend=True, with_kwargs=True))
+                eager(self._pre(m, key in framed, key in counting, key in mode_at)), prepend=True, with_kwargs=True))
             self.handles.add(m.register_forward_hook(
-                self._post(key in framed, key in mode_at), always_call=True))
+                eager(self._post(key in framed, key in mode_at)), always_call=True))
         if mode_at:
             for m in _fast_path_modules(self.model):
-                self.handles.add(m.register_forward_pre_hook(self._suspend, prepend=True))
-                self.handles.add(m.register_forward_hook(self._resume, always_call=True))
+                self.handles.add(m.register_forward_pre_hook(eager(self._suspend), prepend=True))
+                self.handles.add(m.register_forward_hook(eager(self._resume), always_call=True))
 
     def _suspend(self, module: nn.Module, args: tuple) -> None:
         """Before a torch.nn module that picks its fast path only when no function mode is active

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import itertools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -114,7 +115,7 @@ class _Slot:
 
 def skeleton(obj: Any) -> Any:
     """``obj`` with its tensors replaced by numbered slots, holding no tensor (and so no autograd graph)."""
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
     return map_leaves(lambda _t: _Slot(next(counter)), obj)
 
 
