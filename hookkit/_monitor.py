@@ -26,6 +26,7 @@ import torch.nn as nn
 from . import _tree
 from ._engine import Engine
 from ._errors import NonFiniteError
+from ._ops import OpSite
 from ._select import Layers, resolve, unwrap
 
 __all__ = ["monitor", "Monitor", "LAYER_STATS", "PARAM_STATS"]
@@ -38,7 +39,8 @@ _HIST_VALUES = 1 << 16  # at most this many values of a tensor go into a histogr
 
 def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100, log: Any = None,
             sinks: Iterable[Any] | None = None, params: bool = True, histograms: bool = False,
-            on_nonfinite: OnNonFinite = "warn", summary: bool = True, console: Any = None) -> Monitor:
+            on_nonfinite: OnNonFinite = "warn", ops: bool = False, summary: bool = True,
+            console: Any = None) -> Monitor:
     """Watch a training run layer by layer; call ``mon.step()`` once per training step.
 
     Example:
@@ -78,6 +80,9 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
         on_nonfinite: at the first NaN or Inf in a selected layer's output, on any step: ``"warn"`` (a warning
             naming the step and layer), ``"raise"`` (``NonFiniteError``; the hooks come off), or ``"stop"`` (stop
             watching and set ``mon.should_stop``, for the loop to ``break``). The alert is also a record.
+        ops: also check, on every step, each functional op and tensor method in the selected layers' own
+            ``forward`` code (as ``check_finite(ops=True)``), so that the alert names the op that made the first
+            non-finite value (``'2.sqrt' (torch.sqrt)``) as well as its layer. Costs one sum per op per step.
         summary: print a table of the run (rich, to ``console``, default stderr) when the block ends.
 
     Under ``torch.distributed`` each rank computes its statistics and rank 0 hands the reduced record to the sinks:
@@ -89,7 +94,7 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
             non-finite output.
     """
     return Monitor(model, layers, every=every, log=log, sinks=sinks, params=params, histograms=histograms,
-                   on_nonfinite=on_nonfinite, summary=summary, console=console)
+                   on_nonfinite=on_nonfinite, ops=ops, summary=summary, console=console)
 
 
 class Monitor:
@@ -97,7 +102,8 @@ class Monitor:
     histograms); ``should_stop`` is set by ``on_nonfinite="stop"``."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, every: int, log: Any, sinks: Iterable[Any] | None,
-                 params: bool, histograms: bool, on_nonfinite: OnNonFinite, summary: bool, console: Any) -> None:
+                 params: bool, histograms: bool, on_nonfinite: OnNonFinite, ops: bool, summary: bool,
+                 console: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}: record every N-th step, N a whole number >= 1 (e.g. every=100).")
         if on_nonfinite not in ("warn", "raise", "stop"):
@@ -119,6 +125,7 @@ class Monitor:
         self.every = every
         self.histograms = histograms
         self.on_nonfinite = on_nonfinite
+        self.ops = bool(ops)
         self.summary = summary
         self.console = console
         self.records: list[dict[str, Any]] = []
@@ -141,7 +148,7 @@ class Monitor:
             raise RuntimeError("a hookkit block can be entered once; call hookkit.monitor(...) again for a new run.")
         self._entered = True
         try:
-            self._light = Engine(self.model, self.names, listener=self._finite, keep=False)
+            self._light = Engine(self.model, self.names, listener=self._finite, keep=False, ops=self.ops)
             self._light.__enter__()
             self._arm()
         except BaseException:
@@ -270,11 +277,11 @@ class Monitor:
 # -- listeners ---------------------------------------------------------------------------------------------------------
 
 class _Finite:
-    """Every step: one sum per selected layer's output (float64, so that only NaN or Inf, never an overflow, makes
-    it non-finite), checked together once at the end of the step."""
+    """Every step: one sum per selected layer's output (and per op in their own code, with ``ops=True``; float64,
+    so that only NaN or Inf, never an overflow, makes it non-finite), checked together once at the end of the step."""
 
     def __init__(self) -> None:
-        self.sums: list[tuple[str, int, torch.Tensor]] = []
+        self.sums: list[tuple[str, OpSite | None, int, torch.Tensor]] = []  # (name, op site, call, sum)
         self.calls: dict[str, int] = {}
 
     def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
@@ -284,26 +291,35 @@ class _Finite:
         pass
 
     def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
-        name = where[0]
+        name, site, _ = where
         call = self.calls[name] = self.calls.get(name, -1) + 1  # the engine counts calls over the block
         for t in _tree.leaves(output):
             if (t.is_floating_point() or t.is_complex()) and t.numel() and t.device.type != "meta":
                 with torch.no_grad():
-                    self.sums.append((name, call, t.detach().sum(dtype=torch.complex128 if t.is_complex()
-                                                                 else torch.float64)))
+                    total = t.detach().sum(dtype=torch.complex128 if t.is_complex() else torch.float64)
+                self.sums.append((name, site if isinstance(site, OpSite) else None, call, total))
                 return
 
     def end_step(self, step: int) -> dict[str, Any] | None:
-        """The alert for the first non-finite output of this step (in execution order), else None."""
+        """The alert for the first non-finite output of this step (in execution order: an op inside a layer comes
+        before the layer's own output), else None."""
         sums, self.sums, self.calls = self.sums, [], {}
-        if not sums or bool(torch.isfinite(torch.stack([s for _, _, s in sums]).cpu()).all()):
+        if not sums or bool(torch.isfinite(torch.stack([s[-1] for s in sums]).cpu()).all()):
             return None
-        name, call, _ = next(item for item in sums if not bool(torch.isfinite(item[2])))
-        where = name.removeprefix("module.")
-        return {"kind": "nonfinite", "step": step, "where": where, "op": None, "what": "activation",
-                "message": f"step {step}: {where!r} produced NaN or Inf in forward (call {call + 1}), the first "
-                           "of the watched layers to do so in this step. hookkit.check_finite(model) on this "
-                           "step's batch names the op."}
+        name, site, call, _ = next(item for item in sums if not bool(torch.isfinite(item[-1])))
+        name = name.removeprefix("module.")
+        if site is None:
+            return {"kind": "nonfinite", "step": step, "where": name, "op": None, "what": "activation",
+                    "message": f"step {step}: {name!r} produced NaN or Inf in forward (call {call + 1}), the first "
+                               "of the watched layers to do so in this step. monitor(..., ops=True) names the op "
+                               "too, or hookkit.check_finite(model) on this step's batch."}
+        where = site.scope.removeprefix("module.")
+        scope = f"{where!r} ({site.scope_cls})" if where else f"the model's own forward ({site.scope_cls})"
+        return {"kind": "nonfinite", "step": step, "where": where, "op": f"{name} ({site.label})",
+                "what": "activation",
+                "message": f"step {step}: {name!r} ({site.label}) in {scope} produced NaN or "
+                           f"Inf in forward (call {call + 1}), the first of the watched layers and their ops to do "
+                           "so in this step."}
 
 
 class _Collect:

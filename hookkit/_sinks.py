@@ -17,6 +17,9 @@ The record (a plain dict; built by ``_monitor``)::
      "alerts": [{"kind": "nonfinite", "step": 100, "where": "layer1", "op": None, "what": "activation",
                  "message": str}]}
 
+``alerts[i]["where"]`` is the layer; ``"op"`` is None, or with ``monitor(..., ops=True)`` the op inside that layer's
+``forward`` that made the first non-finite value, as its node name and label: ``"layer1.0.add (Tensor.add_)"``.
+
 The JSON Lines schema (``monitor.jsonl``, read back by ``read_jsonl``) is the record itself, one per line, with:
 
 - **Non-finite floats as strings**: NaN, +Inf and -Inf are written ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has no

@@ -256,3 +256,38 @@ def test_under_ddp_rank_0_logs_the_mean_over_ranks_and_the_max_of_absmax_and_cou
         for name, stats in record["params"].items():
             for key, value in stats.items():
                 assert value == pytest.approx(sum(o["params"][name][key] for o in own) / 2), (name, key)
+
+
+class SqrtBlock(nn.Module):
+    """A block whose own forward has ops: the sqrt makes NaN once its input goes negative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.shift = 0.0
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.sqrt(h.abs() - self.shift) * 2
+
+
+@pytest.mark.parametrize("ops", [True, False])
+def test_with_ops_the_alert_names_the_op_inside_the_layer_at_its_step(ops):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), SqrtBlock(), nn.Linear(4, 1))
+    before = hook_census(model)
+    with pytest.warns(UserWarning, match=r"step 3: "), hookkit.monitor(
+            model, ["0", "1", "2"], every=2, ops=ops, summary=False) as mon:
+        for step in range(5):
+            model[1].shift = 1e6 if step == 3 else 0.0  # only step 3 takes the sqrt of negative numbers
+            model(torch.randn(8, 4)).sum().backward()
+            model.zero_grad()
+            mon.step()
+    assert hook_census(model) == before
+    [alert] = mon.alerts
+    assert (alert["step"], alert["where"]) == (3, "1")
+    if ops:
+        assert alert["op"] == "1.sqrt (torch.sqrt)"
+        assert "'1.sqrt' (torch.sqrt) in '1' (SqrtBlock)" in alert["message"]
+    else:
+        assert alert["op"] is None and "ops=True" in alert["message"]
