@@ -9,8 +9,10 @@ __version__ = "0.1.0"
 
 from ._capture import Capture, Store, capture, concat_calls
 from ._census import hook_census
+from ._edits import Edits, ablate, add, edits, patch
 from ._errors import (
     CommandLineError,
+    EditError,
     ExtractError,
     GradientUnavailableError,
     HookkitError,
@@ -32,11 +34,16 @@ from ._monitor import Monitor, monitor
 from ._plot import plot_run
 from ._select import layer_names
 from ._summary import Summary, SummaryRow, summary
+from ._sweep import Sweep, patching_sweep
 from ._trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 
 __all__ = [
     "capture",
     "hooks",
+    "edits",
+    "patch",
+    "add",
+    "ablate",
     "layer_names",
     "hook_census",
     "concat_calls",
@@ -46,12 +53,14 @@ __all__ = [
     "extract",
     "monitor",
     "plot_run",
+    "patching_sweep",
     "feature_grid",
     "save_feature_grid",
     "summary",
     "Capture",
     "Store",
     "Hooks",
+    "Edits",
     "Trace",
     "TraceEvent",
     "CheckFinite",
@@ -59,6 +68,7 @@ __all__ = [
     "GraphNode",
     "Features",
     "Monitor",
+    "Sweep",
     "Summary",
     "SummaryRow",
     "HookkitError",
@@ -74,5 +84,6 @@ __all__ = [
     "ImageFolderError",
     "CommandLineError",
     "PlotError",
+    "EditError",
     "__version__",
 ]

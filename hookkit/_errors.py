@@ -17,6 +17,7 @@ __all__ = [
     "ModelSpecError",
     "ImageFolderError",
     "CommandLineError",
+    "EditError",
 ]
 
 
@@ -80,7 +81,13 @@ class PlotError(HookkitError, ValueError):
     hold; the message names what was found and the fix."""
 
 
+class EditError(HookkitError, RuntimeError):
+    """An edit (``hookkit.patch`` / ``add`` / ``ablate``) that cannot apply: a value whose shape does not fit the
+    layer's output, or an edit whose layer (or call) never ran inside its block; the message names the layer, the
+    shapes or the calls seen, and the fix."""
+
+
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError):
+             CommandLineError, PlotError, EditError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

@@ -31,8 +31,10 @@ class Hooks:
 
     def __init__(self, model: nn.Module, plan: list[tuple[str, nn.Module, list[str], Callable[..., Any]]],
                  *, with_kwargs: bool, always_call: bool, prepend: bool,
-                 node_plan: list[tuple[str, str, str, Callable[..., Any]]] | None = None) -> None:
+                 node_plan: list[tuple[str, str, str, Callable[..., Any]]] | None = None,
+                 checks: list[Callable[[], None]] | None = None) -> None:
         self._model_name = type(model).__name__
+        self._checks = checks or []  # bound functions' check(), called after removal on a clean exit
         self._plan = plan
         node_plan = node_plan or []
         # per (kind, op name): the functions, in the order they run (reversed by prepend)
@@ -107,8 +109,11 @@ class Hooks:
             return self._group.full_backward_hook(module, fn, prepend=self._prepend)
         return self._group.add(module.register_full_backward_pre_hook(fn, prepend=self._prepend))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.remove()
+        if exc_type is None:
+            for check in self._checks:
+                check()
 
     def remove(self) -> None:
         """Remove every hook this object registered; safe to call twice."""
@@ -154,6 +159,9 @@ def hooks(
     Op and repeated-call nodes (``"layer1.0.add"``, from ``hookkit.layer_names(model, x)``) take ``forward`` and
     ``forward_pre`` functions; for an op, the first argument is an ``OpSite`` (``.func``, ``.scope``,
     ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments.
+    A function with a ``bind(name)`` method (``hookkit.patch`` / ``add`` / ``ablate``) is registered as what
+    ``bind`` returns for each layer name, so one object can go to several layers; if that has a ``check()``
+    method, it is called after the hooks are removed on a clean exit (an edit that never applied raises there).
 
     Args:
         model: the ``nn.Module`` whose layers to hook.
@@ -171,6 +179,7 @@ def hooks(
     given = {"forward": forward, "forward_pre": forward_pre, "backward": backward, "backward_pre": backward_pre}
     plan: list[tuple[str, nn.Module, list[str], Callable[..., Any]]] = []
     node_plan: list[tuple[str, str, str, Callable[..., Any]]] = []
+    checks: list[Callable[[], None]] = []
     for kind, mapping in given.items():
         if mapping is None:
             continue
@@ -188,9 +197,24 @@ def hooks(
                     "only). Use hookkit.capture(..., grads=True), or call register_hook on the output tensor "
                     "inside a forward hook.")
             for module, names in selected.items():
-                plan.extend((kind, module, names, fn) for fn in fn_list)
-            node_plan.extend((kind, n, scope, fn) for n, scope in nodes.items() for fn in fn_list)
+                plan.extend((kind, module, names, _bind(fn, names[0], checks)) for fn in fn_list)
+            node_plan.extend((kind, n, scope, _bind(fn, n, checks)) for n, scope in nodes.items() for fn in fn_list)
     if not plan and not node_plan:
         raise ValueError("hooks() got no hook functions: pass forward=, forward_pre=, backward= or backward_pre=.")
     return Hooks(model, plan, with_kwargs=with_kwargs, always_call=always_call, prepend=prepend,
-                 node_plan=node_plan)
+                 node_plan=node_plan, checks=checks)
+
+
+def _bind(fn: Callable[..., Any], name: str, checks: list[Callable[[], None]]) -> Callable[..., Any]:
+    """The function to register on layer ``name``: ``fn.bind(name)`` where ``fn`` has a ``bind`` method (hookkit's
+    edits), else ``fn``; a bound function's ``check()``, if it has one, joins ``checks``."""
+    bind = getattr(fn, "bind", None)
+    if not callable(bind):
+        return fn
+    bound = bind(name)
+    if not callable(bound):
+        raise TypeError(f"{fn!r}.bind({name!r}) returned {type(bound).__name__}, not a function.")
+    check = getattr(bound, "check", None)
+    if callable(check):
+        checks.append(check)
+    return bound
