@@ -23,6 +23,7 @@ from ._errors import (
     NonFiniteError,
     NotRecordedError,
     PlotError,
+    SavedCaptureError,
     SummaryError,
     UnsupportedModelError,
 )
@@ -32,6 +33,7 @@ from ._grid import feature_grid, save_feature_grid
 from ._hooks import Hooks, hooks
 from ._monitor import Monitor, monitor
 from ._plot import plot_run
+from ._saved import ReadOnlyCapture, load, merge
 from ._select import layer_names
 from ._summary import Summary, SummaryRow, summary
 from ._sweep import Sweep, patching_sweep
@@ -53,12 +55,15 @@ __all__ = [
     "extract",
     "monitor",
     "plot_run",
+    "load",
+    "merge",
     "patching_sweep",
     "feature_grid",
     "save_feature_grid",
     "summary",
     "Capture",
     "Store",
+    "ReadOnlyCapture",
     "Hooks",
     "Edits",
     "Trace",
@@ -85,5 +90,6 @@ __all__ = [
     "CommandLineError",
     "PlotError",
     "EditError",
+    "SavedCaptureError",
     "__version__",
 ]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,6 +83,11 @@ class Store:
     def __init__(self, recording: Recording, kind: str) -> None:
         self._rec = recording
         self._kind = kind
+
+    @property
+    def recording(self) -> Recording:
+        """The calls this store reads (``hookkit.merge`` and ``Capture.save`` walk them); not for changing."""
+        return self._rec
 
     # -- Mapping-like surface ------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
@@ -213,6 +219,33 @@ class Capture(Store):
     def remove(self) -> None:
         """Remove every hook this capture made (``__exit__`` does this for you); safe to call twice."""
         self._engine.remove()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write what this capture recorded to one ``.safetensors`` file, atomically; ``hookkit.load`` reads it back.
+
+        Example:
+            >>> import os, tempfile, torch, torch.nn as nn, hookkit
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            >>> with hookkit.capture(model, ["1"]) as cap:
+            ...     _ = model(torch.randn(2, 4))
+            >>> path = os.path.join(tempfile.mkdtemp(), "run.safetensors")
+            >>> cap.save(path)
+            >>> torch.equal(hookkit.load(path)["1"], cap["1"])
+            True
+
+        Works inside the block too (what was recorded so far). Needs safetensors: ``pip install 'hookkit[save]'``.
+        The file format, and what is kept (nested structures, inputs, gradients, ``param_grads``), are described
+        in ``hookkit._saved``.
+
+        Raises:
+            SavedCaptureError: the folder does not exist, a tensor cannot be saved (sparse, meta; the message names
+                the layer), or the write failed (a file already at ``path`` is left as it was).
+            ModifiedInPlaceError: a stored tensor was changed in place after capture.
+            ImportError: safetensors is not installed.
+        """
+        from ._saved import save  # _saved builds on this module
+
+        save(self, path)
 
     def __repr__(self) -> str:
         state = "open" if self._engine.active else "closed"

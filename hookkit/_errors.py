@@ -18,6 +18,7 @@ __all__ = [
     "ImageFolderError",
     "CommandLineError",
     "EditError",
+    "SavedCaptureError",
 ]
 
 
@@ -86,8 +87,13 @@ class EditError(HookkitError, RuntimeError):
     layer's output, or an edit whose layer (or call) never ran inside its block; the message names the layer, the
     shapes or the calls seen, and the fix."""
 
+class SavedCaptureError(HookkitError, ValueError):
+    """A capture file that cannot be written or read (no such file or folder, truncated or corrupted, not written by
+    hookkit, of a newer format) or a tensor that a capture file cannot hold; the message names the path or layer."""
+
 
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError, EditError):
+             CommandLineError, PlotError, EditError,
+             SavedCaptureError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import
