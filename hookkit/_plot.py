@@ -36,7 +36,7 @@ from ._errors import PlotError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_run", "summary_table", "read_run", "STATS"]
+__all__ = ["plot_run", "summary_table", "read_run", "matplotlib_figure", "STATS"]
 
 _INSTALL = "pip install 'hookkit[plot]'"
 _LOG_FILE = "monitor.jsonl"
@@ -182,14 +182,14 @@ def _has_values(records: Sequence[dict[str, Any]], kind: str, stat: str) -> bool
 
 
 # -- drawing -------------------------------------------------------------------------------------------------------
-def _matplotlib() -> Any:
-    """matplotlib's ``Figure`` and Agg canvas, imported now: matplotlib is an optional dependency."""
+def matplotlib_figure(what: str = "drawing a monitor run") -> Any:
+    """matplotlib's ``Figure`` and Agg canvas, imported now: matplotlib is an optional dependency, and ``what``
+    says in the error what needed it (also for ``_sweep``'s heatmap)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(f"drawing a monitor run needs matplotlib, which cannot be imported ({exc}); "
-                          f"{_INSTALL}.") from exc
+        raise ImportError(f"{what} needs matplotlib, which cannot be imported ({exc}); {_INSTALL}.") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -204,7 +204,7 @@ def _draw(records: Sequence[dict[str, Any]], *, stats: Sequence[str], heatmap: b
     """
     import numpy as np
 
-    Figure, FigureCanvasAgg = _matplotlib()
+    Figure, FigureCanvasAgg = matplotlib_figure()
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .._errors import CommandLineError, PlotError
-from .._plot import STATS, _check_stats, _matplotlib, plot_run, read_run, summary_table
+from .._plot import STATS, _check_stats, matplotlib_figure, plot_run, read_run, summary_table
 
 __all__: list[str] = []  # run through `hookkit plot`
 
@@ -62,7 +62,7 @@ def _cmd_plot(args: argparse.Namespace, console: Console) -> int:
     except PlotError as exc:
         raise CommandLineError(str(exc)) from None
     try:
-        _matplotlib()
+        matplotlib_figure()
     except ImportError as exc:
         raise CommandLineError(str(exc)) from None
     console.print(summary_table(records))

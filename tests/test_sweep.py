@@ -1,0 +1,189 @@
+"""patching_sweep: activation patching from a clean run into a corrupted one, layer x position, against raw hooks."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hookkit
+from hookkit import hook_census
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+class OneCell(nn.Module):
+    """The answer depends on exactly one (layer, position): `b` at position 2. `a` runs beside it, unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):  # x: [batch, 5, 3]
+        self.a(x)  # runs, and the answer does not depend on it
+        return self.head(torch.tanh(self.b(x))[:, 2]).squeeze(-1)
+
+
+def metric(out):
+    return out.sum()
+
+
+def one_cell():
+    torch.manual_seed(0)
+    return OneCell().eval()
+
+
+def test_only_the_one_cell_the_answer_depends_on_lights_up():
+    model = one_cell()
+    clean, corrupt = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
+    before = hook_census(model)
+    sweep = hookkit.patching_sweep(model, clean, corrupt, ["a", "b"], metric, positions=True)
+    assert hook_census(model) == before
+    assert sweep.layers == ["a", "b"] and sweep.positions == [0, 1, 2, 3, 4]
+    assert sweep.clean != pytest.approx(sweep.corrupt)
+    lit = (sweep.values - sweep.corrupt).abs() > 1e-9
+    assert lit.nonzero().tolist() == [[1, 2]]
+    assert sweep.values[1, 2] == pytest.approx(sweep.clean, abs=1e-6)  # patching that cell restores the answer
+    torch.testing.assert_close(sweep.restored[1, 2], torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_clean_equal_to_corrupt_gives_the_clean_metric_everywhere():
+    model = one_cell()
+    x = torch.randn(2, 5, 3)
+    sweep = hookkit.patching_sweep(model, x, x.clone(), ["a", "b"], metric, positions=[0, -1])
+    torch.testing.assert_close(sweep.values, torch.full((2, 2), sweep.clean, dtype=torch.float64))
+    assert sweep.positions == [0, 4]
+    whole = hookkit.patching_sweep(model, x, x.clone(), ["a", "b", "head"], metric)
+    torch.testing.assert_close(whole.values, torch.full((3, 1), whole.clean, dtype=torch.float64))
+
+
+def test_each_cell_equals_the_patch_written_as_a_raw_hook_and_batching_changes_nothing():
+    model = one_cell()
+    clean, corrupt = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    with torch.no_grad():
+        store = {}
+        handle = model.b.register_forward_hook(lambda m, a, o: store.__setitem__("b", o.clone()))
+        model(clean)
+        handle.remove()
+        want = torch.empty(5, dtype=torch.float64)
+        for p in range(5):
+            def patch(m, a, o, p=p):
+                o = o.clone()
+                o[:, p] = store["b"][:, p]
+                return o
+            handle = model.b.register_forward_hook(patch)
+            want[p] = float(metric(model(corrupt)))
+            handle.remove()
+    one_by_one = hookkit.patching_sweep(model, clean, corrupt, ["b"], metric, positions=True, batch=1)
+    batched = hookkit.patching_sweep(model, clean, corrupt, ["a", "b"], metric, positions=True, batch=7)
+    torch.testing.assert_close(one_by_one.values[0], want)
+    torch.testing.assert_close(batched.values[1], want)
+    assert (one_by_one.forwards, batched.forwards) == (5, 2)  # 10 cells, 7 per forward
+
+
+def test_whole_outputs_and_op_nodes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    clean, corrupt = torch.randn(3, 4), torch.randn(3, 4)
+    sweep = hookkit.patching_sweep(model, clean, corrupt, ["0", "1", "2"], lambda o: o[:, 0].mean())
+    assert sweep.positions == [None]
+    torch.testing.assert_close(sweep.values[:, 0], torch.full((3,), sweep.clean, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers: pip install 'hookkit[hf]'")
+def test_gpt2_blocks_with_tuple_outputs_equal_the_raw_hook_patch():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                                 bos_token_id=0, eos_token_id=0)).eval()
+    clean = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    corrupt = torch.tensor([[1, 2, 9, 4, 5, 6]])
+
+    def logit_diff(out):
+        return out.logits[0, -1, 7] - out.logits[0, -1, 8]
+
+    before = hook_census(model)
+    sweep = hookkit.patching_sweep(model, clean, corrupt, "transformer.h.*", logit_diff, positions=True, batch=8)
+    assert hook_census(model) == before
+    assert sweep.layers == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    with torch.no_grad():
+        block = model.transformer.h[1]
+        saved = {}
+        first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731 - a tuple in older transformers
+        handle = block.register_forward_hook(lambda m, a, o: saved.__setitem__("h", first(o).clone()))
+        model(clean)
+        handle.remove()
+
+        def patch(m, a, o):
+            h = first(o).clone()
+            h[:, 2] = saved["h"][:, 2]
+            return (h, *o[1:]) if isinstance(o, tuple) else h
+
+        handle = block.register_forward_hook(patch)
+        want = float(logit_diff(model(corrupt)))
+        handle.remove()
+    assert sweep.values[1, 2] == pytest.approx(want, abs=1e-5)
+    # positions before the corrupted token see the same values in both runs: patching them changes nothing
+    torch.testing.assert_close(sweep.values[:, :2], torch.full((3, 2), sweep.corrupt, dtype=torch.float64))
+    # the last block at the last position carries everything the logits read
+    assert sweep.values[2, 5] == pytest.approx(sweep.clean, abs=1e-5)
+
+
+def test_bad_input_is_refused_before_anything_runs():
+    model = one_cell()
+    before = hook_census(model)
+    x = torch.randn(1, 5, 3)
+    with pytest.raises(hookkit.LayerNotFoundError):
+        hookkit.patching_sweep(model, x, x, ["nope"], metric)
+    with pytest.raises(ValueError, match="same shape|differ in shape"):
+        hookkit.patching_sweep(model, x, torch.randn(1, 4, 3), ["b"], metric)
+    with pytest.raises(ValueError, match="position 9 is outside the layers"):
+        hookkit.patching_sweep(model, x, x, ["b"], metric, positions=[9])
+    with pytest.raises(ValueError, match="batch=0"):
+        hookkit.patching_sweep(model, x, x, ["b"], metric, batch=0)
+    with pytest.raises(TypeError, match="one number"):
+        hookkit.patching_sweep(model, x, x, ["b"], lambda out: out.expand(2))  # a [1] tensor is fine; [2] is not
+    with pytest.raises(ValueError, match="'head' has 1 position"):
+        hookkit.patching_sweep(model, x, x, ["b", "head"], metric, positions=True)
+    assert hook_census(model) == before
+
+
+def test_a_metric_that_raises_mid_sweep_leaves_no_hook():
+    model = one_cell()
+    calls = [0]
+
+    def flaky(out):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("metric failed")
+        return out.sum()
+
+    before = hook_census(model)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        hookkit.patching_sweep(model, torch.randn(2, 5, 3), torch.randn(2, 5, 3), ["a", "b"], flaky, positions=True)
+    assert hook_census(model) == before
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
+def test_the_heatmap_png_and_the_rich_table(tmp_path):
+    from rich.console import Console
+
+    model = one_cell()
+    sweep = hookkit.patching_sweep(model, torch.randn(1, 5, 3), torch.randn(1, 5, 3), ["a", "b"], metric,
+                                   positions=True)
+    png = sweep.save_png(tmp_path / "sweep.png", labels=list("abcde"))
+    with pytest.raises(ValueError, match="too few"):
+        sweep.save_png(tmp_path / "no.png", labels=["a"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(record=True, width=120)
+    console.print(sweep)
+    text = console.export_text()
+    assert "layer" in text and f"{float(sweep.values[1, 2]):.3g}" in text and "patched forward" in text
+    assert not math.isnan(float(sweep.restored[1, 2]))
