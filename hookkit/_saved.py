@@ -631,8 +631,8 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
             manifest = _read_manifest(metadata, shown, len(keys))
             tensors = {key: f.get_tensor(key) for key in keys}
     except (st.SafetensorError, OSError, UnicodeDecodeError) as exc:
-        raise SavedCaptureError(f"cannot load a capture from {shown}: it is not a readable safetensors file "
-                                f"({exc}): truncated, corrupted, or of another format.") from exc
+        raise SavedCaptureError(f"cannot load a capture from {shown}: it is not a readable safetensors file; it is "
+                                f"truncated, corrupted, or of another format (safetensors says: {exc}).") from exc
     dec = _Decoder(tensors)
     try:
         rec = _rebuild(manifest, dec)
@@ -666,7 +666,7 @@ def _read_manifest(metadata: dict[str, str], shown: str, n_tensors: int) -> dict
             f"cannot load a capture from {shown}: it was written by a newer hookkit ({manifest.get('hookkit')}, "
             f"capture format {version}); this hookkit ({__version__}) reads format {_FORMAT} and older. Upgrade "
             "hookkit: pip install -U hookkit.")
-    if hashlib.sha256(text.encode()).hexdigest() != metadata.get("hookkit.sha256"):
+    if hashlib.sha256(text.encode()).hexdigest() != metadata.get("hookkit.sha256") or metadata.get("format") != "pt":
         raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest does not match its "
                                 "checksum; the file is corrupted.")
     return manifest
