@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._capture import Store
-from ._errors import EditError, HookkitError
+from ._errors import EditError, NotRecordedError
 from ._hooks import Hooks, hooks
 from ._select import LayerSpec
 
@@ -28,7 +28,7 @@ __all__ = ["patch", "add", "ablate", "edits", "Edit", "Edits", "BoundEdit"]
 
 Index = Any  # anything torch's tensor indexing takes: int, slice, Ellipsis, None, a tensor, a tuple of these
 Out = int | str
-_INDEX_ATOMS = (int, slice, type(Ellipsis), type(None), torch.Tensor)
+_INDEX_ATOMS = (numbers.Integral, slice, type(Ellipsis), type(None), torch.Tensor)
 
 
 # -- argument checks (all before any hook exists) -------------------------------------------------------------------
@@ -45,7 +45,7 @@ def _check_index(index: Index, what: str) -> None:
 
 def _check_common(what: str, index: Index, call: int | None, out: Out) -> None:
     _check_index(index, what)
-    if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
+    if call is not None and (isinstance(call, bool) or not isinstance(call, numbers.Integral)):
         raise TypeError(f"{what}: call= takes None (every call) or an int (the k-th call, from 0), "
                         f"got {type(call).__name__} {call!r}.")
     if call is not None and call < 0:
@@ -187,7 +187,7 @@ class Edit:
     def __init__(self, *, index: Index, call: int | None, out: Out) -> None:
         _check_common(f"hookkit.{self._kind}", index, call, out)
         self.index = index
-        self.call = call
+        self.call = None if call is None else int(call)
         self.out = out
 
     def bind(self, name: str) -> BoundEdit:
@@ -242,7 +242,7 @@ class _Patch(Edit):
             return _fit(self.value, region, target, self.index, where, "the value")
         try:
             calls = self.value.calls(name)
-        except HookkitError as e:  # not one of the captured layers, or it never ran there
+        except NotRecordedError as e:  # not one of the captured layers, or it never ran there
             raise EditError(f"{where}: the capture to patch from holds no value of {name!r}: {e} Capture this "
                             f"layer in the clean run: hookkit.capture(model, [{name!r}]).") from None
         if call >= len(calls):
