@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -141,7 +142,7 @@ class _Encoder:
         self.not_saved: list[str] = []  # where a value was replaced by a NotSaved placeholder
 
     def encode(self, value: Any, key: str, where: str) -> Any:
-        counter = iter(range(1 << 62))
+        counter = itertools.count()
         return self._node(value, lambda: f"{key}/{next(counter)}", where)
 
     def _node(self, v: Any, key: Callable[[], str], where: str) -> Any:
@@ -155,8 +156,9 @@ class _Encoder:
             return self._unsaved(v, where)
         if isinstance(v, np.generic):  # numpy scalars: as the Python number they hold
             item = v.item()
-            return self._node(item, key, where) if isinstance(item, (int, float, complex, str, bytes)) \
-                else self._unsaved(v, where)
+            if isinstance(item, (int, float, complex, str, bytes)):
+                return self._node(item, key, where)
+            return self._unsaved(v, where)
         if isinstance(v, int):
             return int(v)
         if isinstance(v, float):
@@ -668,7 +670,7 @@ def _read_manifest(metadata: dict[str, str], shown: str, n_tensors: int) -> dict
             "hookkit: pip install -U hookkit.")
     if hashlib.sha256(text.encode()).hexdigest() != metadata.get("hookkit.sha256") or metadata.get("format") != "pt":
         raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest does not match its "
-                                "checksum; the file is corrupted.")
+                                "checksum (or its metadata was changed); the file is corrupted.")
     return manifest
 
 

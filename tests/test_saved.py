@@ -8,6 +8,7 @@ not need it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -422,6 +423,25 @@ def test_an_edited_manifest_is_caught_by_its_checksum(saved, tmp_path):
     path = tmp_path / "edited.safetensors"
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(hookkit.SavedCaptureError, match="checksum; the file is corrupted"):
+        hookkit.load(path)
+
+
+@needs_safetensors
+@pytest.mark.parametrize(("old", "new", "error"), [
+    ('"shape":[2,4]', '"shape":[4,2]', r"is float32 \[2, 4\] in the file but float32 \[4, 2\] in the manifest"),
+    ('"key":"lin/outputs/0/0"', '"key":"lin/outputs/9/9"', "names a tensor 'lin/outputs/9/9' that the file does not"),
+])
+def test_a_manifest_that_does_not_fit_the_tensors_is_a_clear_error(saved, tmp_path, old, new, error):
+    with safetensors.safe_open(str(saved), framework="pt") as f:
+        metadata = f.metadata()
+        keys = f.keys()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    assert old in metadata["hookkit"]
+    metadata["hookkit"] = metadata["hookkit"].replace(old, new, 1)
+    metadata["hookkit.sha256"] = hashlib.sha256(metadata["hookkit"].encode()).hexdigest()  # a consistent lie
+    path = tmp_path / "misfit.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(hookkit.SavedCaptureError, match=r"misfit\.safetensors'.*does not fit the file.*" + error):
         hookkit.load(path)
 
 
