@@ -11,9 +11,10 @@ monitor adds ``mon.step()`` and writes its JSONL into a temporary folder (defaul
 every parameter); wandb adds ``wandb.watch`` and, every ``log_freq`` steps, the ``run.log`` that commits its
 histograms (offline, in a temporary folder, WANDB_SILENT). On CUDA each round ends with a synchronize.
 
-Measured 2026-11-26 (CPU, 2 threads shared with other jobs, so noisy: one round of each variant took 3-17x its
-median; --steps 100 --rounds 3, wandb 0.31.0): medians per step bare 78 ms, monitor(every=100) 73 ms (0.94x: not
-distinguishable from bare), monitor(every=1) 221 ms (2.8x), wandb.watch(log="all", log_freq=100) 74 ms (0.95x).
+Measured 2026-11-26 (CPU, 2 threads, --steps 200 --rounds 5, wandb 0.31.0; single rounds moved +-15% around their
+median): medians per step bare 69.5 ms, monitor(every=100) 71.0 ms (1.022x; the run before the float64 statistics
+stopped copying tensors to float64: 1.034x), monitor(every=1) 142 ms (2.04x; before: 2.55x),
+wandb.watch(log="all", log_freq=100) 70.1 ms (1.009x).
 """
 
 from __future__ import annotations

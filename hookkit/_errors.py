@@ -87,6 +87,7 @@ class EditError(HookkitError, RuntimeError):
     layer's output, or an edit whose layer (or call) never ran inside its block; the message names the layer, the
     shapes or the calls seen, and the fix."""
 
+
 class SavedCaptureError(HookkitError, ValueError):
     """A capture file that cannot be written or read (no such file or folder, truncated or corrupted, not written by
     hookkit, of a newer format) or a tensor that a capture file cannot hold; the message names the path or layer."""
@@ -94,6 +95,5 @@ class SavedCaptureError(HookkitError, ValueError):
 
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError, EditError,
-             SavedCaptureError):
+             CommandLineError, PlotError, EditError, SavedCaptureError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

@@ -234,7 +234,7 @@ class Monitor:
     def _param_grad(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             if p.grad is not None:
-                self._grad_sq[name] = float(p.grad.detach().double().pow(2).sum())  # the last accumulation wins
+                self._grad_sq[name] = _sq_norm(p.grad)  # the last accumulation wins
         return hook
 
     def _disarm(self) -> None:
@@ -258,10 +258,12 @@ class Monitor:
         record["histograms"].update(collect.hists)
         with torch.no_grad():
             for name, p in self.params.items():
-                w = p.detach().double()
-                norm = float(w.norm())
+                w = p.detach()
+                norm = math.sqrt(_sq_norm(w))
                 before = self._before.pop(name, None)
-                ratio = None if before is None else float((w - before.double()).norm()) / norm if norm else None
+                # w - before in w's dtype: rounds each difference once (2**-24 relative in float32), far below what
+                # an update ratio is read for; the norm is accumulated in float64 without a float64 copy of w
+                ratio = None if before is None else math.sqrt(_sq_norm(w - before)) / norm if norm else None
                 grad_sq = self._grad_sq.get(name)
                 record["params"][name] = {"grad_norm": None if grad_sq is None else math.sqrt(grad_sq),
                                           "weight_norm": norm, "update_ratio": ratio}
@@ -340,12 +342,11 @@ class _Collect:
         if t is None or t.numel() == 0:
             return
         with torch.no_grad():
-            x = t.detach().double()
-            nan = torch.isnan(x)
-            inf = torch.isinf(x)
-            vals = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
-                                x.pow(2).sum(), x.abs().max(), (x == 0).sum().double(), nan.sum().double(),
-                                inf.sum().double()]).tolist()
+            x = t.detach()  # float64 sums without a float64 copy; max and counts are exact in x's own dtype
+            vals = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                                x.sum(dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64) ** 2,
+                                x.abs().max().double(), (x == 0).sum().double(), torch.isnan(x).sum().double(),
+                                torch.isinf(x).sum().double()]).tolist()
         acc = self.sums.get(name)
         if acc is None:
             self.sums[name] = vals
@@ -360,7 +361,7 @@ class _Collect:
         if which != "output":
             return
         with torch.no_grad():
-            sq = float(grad.detach().double().pow(2).sum())
+            sq = _sq_norm(grad)
         self.grad_sq[where[0]] = self.grad_sq.get(where[0], 0.0) + sq
 
     def stats(self, name: str) -> dict[str, Any]:
@@ -379,6 +380,12 @@ class _Collect:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
+
+def _sq_norm(t: torch.Tensor) -> float:
+    """The squared L2 norm of ``t``, accumulated in float64 (no float64 copy of ``t`` is made)."""
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+
 
 def _default_layers(model: nn.Module) -> list[str]:
     names = [n for n, _ in unwrap(model)[0].named_children()]
