@@ -144,6 +144,19 @@ class Recording:
         self.wrapped = wrapped
         self.param_grads: dict[str, dict[str, torch.Tensor]] = {}
 
+    @classmethod
+    def from_calls(cls, records: dict[str, list[Call]], *, order: list[str], selected_names: list[str],
+                   want_inputs: bool, want_grads: bool, wrapped: bool,
+                   param_grads: dict[str, dict[str, torch.Tensor]] | None = None) -> Recording:
+        """A recording made of calls recorded elsewhere (``hookkit.load`` reads them from a file, ``hookkit.merge``
+        joins several captures'); names of one module share one list, as in a live recording."""
+        rec = cls({}, {}, want_inputs, want_grads, wrapped)
+        rec.records = records
+        rec.order = order
+        rec.selected_names = selected_names
+        rec.param_grads = param_grads or {}
+        return rec
+
 
 class _HookGuards:
     """While any capture is open, make torch.compile guard on module hooks, so that code compiled inside a block

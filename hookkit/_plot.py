@@ -36,7 +36,7 @@ from ._errors import PlotError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_run", "summary_table", "read_run", "matplotlib_figure", "STATS"]
+__all__ = ["plot_run", "summary_table", "read_run", "check_stats", "matplotlib_figure", "STATS"]
 
 _INSTALL = "pip install 'hookkit[plot]'"
 _LOG_FILE = "monitor.jsonl"
@@ -294,7 +294,7 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         PlotError: the run cannot be read (see ``read_run``), or a statistic is unknown (with the closest names).
         ImportError: matplotlib is not installed (``pip install 'hookkit[plot]'``).
     """
-    stats = _check_stats(stats)
+    stats = check_stats(stats)
     records = read_run(run)
     log = _log_path(run)
     fig = _draw(records, stats=stats, heatmap=heatmap, title=_title(log, records))
@@ -304,7 +304,7 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     return png
 
 
-def _check_stats(stats: Iterable[str]) -> list[str]:
+def check_stats(stats: Iterable[str]) -> list[str]:
     stats = [stats] if isinstance(stats, str) else list(stats)
     if not stats:
         raise PlotError(f"stats is empty: nothing to draw. Name one or more of {', '.join(STATS)}.")

@@ -540,7 +540,7 @@ def _skeleton(structure: Any) -> tuple[Any, int]:
 
 
 def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
-    rec = Recording({}, {}, bool(manifest["inputs"]), bool(manifest["grads"]), bool(manifest["wrapped"]))
+    want_inputs, want_grads = bool(manifest["inputs"]), bool(manifest["grads"])
     layers = manifest["layers"]
     records: dict[str, list[Call]] = {}
     for name, entry in layers.items():
@@ -549,25 +549,26 @@ def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
         calls: list[Call] = []
         for i in range(int(entry["calls"])):
             call = Call(dec.value(entry["outputs"][i]))
-            if rec.want_inputs:
+            if want_inputs:
                 call.args = dec.value(entry["inputs"][i])
                 call.kwargs = dec.value(entry["kwargs"][i])
-            if rec.want_grads:
+            if want_grads:
                 _rebuild_grads(call, entry["grads"][i], entry["grad_inputs"][i], dec)
             calls.append(call)
         records[name] = calls
     for name, entry in layers.items():
         if "same_as" in entry:
             records[name] = records[entry["same_as"]]
-    rec.records = {name: records[name] for name in layers}
-    rec.order = [str(n) for n in manifest["order"]]
-    rec.selected_names = [str(n) for n in manifest["selected"]]
-    missing = [n for n in rec.order + rec.selected_names if n not in rec.records]
+    order = [str(n) for n in manifest["order"]]
+    selected = [str(n) for n in manifest["selected"]]
+    missing = [n for n in order + selected if n not in layers]
     if missing:
         raise _Malformed(f"layer {missing[0]!r} is listed but has no entry")
-    rec.param_grads = {str(layer): {str(p): dec.value(g) for p, g in grads.items()}
-                       for layer, grads in manifest["param_grads"].items()}
-    return rec
+    param_grads = {str(layer): {str(p): dec.value(g) for p, g in grads.items()}
+                   for layer, grads in manifest["param_grads"].items()}
+    return Recording.from_calls({name: records[name] for name in layers}, order=order, selected_names=selected,
+                                want_inputs=want_inputs, want_grads=want_grads, wrapped=bool(manifest["wrapped"]),
+                                param_grads=param_grads)
 
 
 def _rebuild_grads(call: Call, grads: Any, grad_inputs: Any, dec: _Decoder) -> None:
@@ -802,16 +803,15 @@ def merge(captures: Iterable[Store], *, dim: int = 0) -> ReadOnlyCapture:
         warnings.warn("hookkit.merge leaves param_grads out: a parameter's gradient is not per sample, so it cannot "
                       "be concatenated along the batch dimension; add the captures' param_grads up yourself if your "
                       "loss was a sum.", stacklevel=2)
-    merged = Recording({}, {}, first.want_inputs, first.want_grads, any(r.wrapped for r in recs))
     done: dict[int, list[Call]] = {}  # a module captured under several names keeps one list of calls
     records: dict[str, list[Call]] = {}
     for name, calls in first.records.items():
         if id(calls) not in done:
             done[id(calls)] = _merge_layer(name, [rec.records.get(name, []) for rec in recs], recs, dim)
         records[name] = done[id(calls)]
-    merged.records = records
-    merged.order = list(first.order)
-    merged.selected_names = list(first.selected_names)
+    merged = Recording.from_calls(records, order=list(first.order), selected_names=list(first.selected_names),
+                                  want_inputs=first.want_inputs, want_grads=first.want_grads,
+                                  wrapped=any(r.wrapped for r in recs))
     return ReadOnlyCapture(merged, source=f"merged from {len(caps)} captures")
 
 

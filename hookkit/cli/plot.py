@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .._errors import CommandLineError, PlotError
-from .._plot import STATS, _check_stats, matplotlib_figure, plot_run, read_run, summary_table
+from .._plot import STATS, check_stats, matplotlib_figure, plot_run, read_run, summary_table
 
 __all__: list[str] = []  # run through `hookkit plot`
 
@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
 
 def _cmd_plot(args: argparse.Namespace, console: Console) -> int:
     try:
-        stats = _check_stats(args.stats)
+        stats = check_stats(args.stats)
     except PlotError as exc:
         raise CommandLineError(f"--stats: {exc}") from None
     out = Path(args.out) if args.out is not None else None
