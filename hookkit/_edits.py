@@ -1,9 +1,10 @@
 """Edits of a layer's output: ``patch``, ``add`` (steering) and ``ablate``, and the ``edits()`` block that applies them.
 
-An edit is a forward hook that is not yet tied to a layer. ``hooks()`` (``_hooks.py``) calls its ``bind(name)`` for
-each layer it goes to and registers the ``BoundEdit`` that returns (which counts the layer's calls, edits the chosen
-ones out of place, and remembers how many it edited); after removing its hooks on a clean exit, ``Hooks`` calls each
-bound edit's ``check()``, which raises ``EditError`` for an edit that never applied. ``edits()`` is ``hooks()`` with
+An edit is a forward hook that is not yet tied to a layer. ``hooks()`` (``_hooks.py``) calls its ``bind(name)``
+(as ``__hookkit_bind__``, the name it looks for on the class) for each layer it goes to and registers the
+``BoundEdit`` that returns (which counts the layer's calls, edits the chosen ones out of place, and remembers how
+many it edited); after removing its hooks on a clean exit, ``Hooks`` calls each bound edit's ``check()`` (as
+``__hookkit_check__``), which raises ``EditError`` for an edit that never applied. ``edits()`` is ``hooks()`` with
 edits only, plus ``applied``. ``patch(capture)`` reads the clean run's values through the capture's public ``Store``
 surface (``store.calls(name)``).
 """
@@ -194,6 +195,8 @@ class Edit:
         """This edit for layer ``name``, with its own call counter: a forward hook ``(module, args, output)``."""
         return BoundEdit(self, name)
 
+    __hookkit_bind__ = bind  # how hooks() asks for it (``_hooks._bind``)
+
     def __call__(self, module: Any, args: Any, *rest: Any) -> Any:
         raise EditError(f"{self!r} is not tied to a layer: give it to hookkit.edits(model, {{layer: edit}}) or "
                         "hookkit.hooks(model, forward={layer: edit}), or register edit.bind(layer name) as a "
@@ -358,6 +361,8 @@ class BoundEdit:
                          f"pass call= below {self.calls}, or call=None to edit every call")
         raise EditError(f"{self.edit!r} on {self.name!r} never applied: {seen}. Fix: {fix}.")
 
+    __hookkit_check__ = check  # how hooks() runs it on a clean exit (``_hooks._bind``)
+
     def __repr__(self) -> str:
         return f"<{self.edit!r} on {self.name!r}: applied {self.applied} of {self.calls} call(s)>"
 
@@ -476,6 +481,8 @@ class _Collect:
                              "hookkit.hooks(model, forward={layer: [edit1, edit2]}).")
         bound = self._into[name] = self._edit.bind(name)
         return bound
+
+    __hookkit_bind__ = bind
 
     def __call__(self, *args: Any) -> Any:  # never registered: hooks() registers what bind returns
         return self._edit(*args)

@@ -159,9 +159,10 @@ def hooks(
     Op and repeated-call nodes (``"layer1.0.add"``, from ``hookkit.layer_names(model, x)``) take ``forward`` and
     ``forward_pre`` functions; for an op, the first argument is an ``OpSite`` (``.func``, ``.scope``,
     ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments.
-    A function with a ``bind(name)`` method (``hookkit.patch`` / ``add`` / ``ablate``) is registered as what
-    ``bind`` returns for each layer name, so one object can go to several layers; if that has a ``check()``
-    method, it is called after the hooks are removed on a clean exit (an edit that never applied raises there).
+    An object whose class defines ``__hookkit_bind__(name)`` (``hookkit.patch`` / ``add`` / ``ablate``) is
+    registered as what that returns for each layer name, so one edit can go to several layers; if that defines
+    ``__hookkit_check__()``, it is called after the hooks are removed on a clean exit (an edit that never applied
+    raises there).
 
     Args:
         model: the ``nn.Module`` whose layers to hook.
@@ -206,15 +207,15 @@ def hooks(
 
 
 def _bind(fn: Callable[..., Any], name: str, checks: list[Callable[[], None]]) -> Callable[..., Any]:
-    """The function to register on layer ``name``: ``fn.bind(name)`` where ``fn`` has a ``bind`` method (hookkit's
-    edits), else ``fn``; a bound function's ``check()``, if it has one, joins ``checks``."""
-    bind = getattr(fn, "bind", None)
-    if not callable(bind):
+    """The function to register on layer ``name``: ``fn.__hookkit_bind__(name)`` where ``fn``'s class defines it
+    (hookkit's edits), else ``fn``; a bound function's ``__hookkit_check__``, if its class has one, joins
+    ``checks``. Looked up on the class under dunder names: a plain ``bind`` attribute is too common (a
+    ``unittest.mock.Mock`` has every attribute) to mean "bind me"."""
+    if getattr(type(fn), "__hookkit_bind__", None) is None:
         return fn
-    bound = bind(name)
+    bound = fn.__hookkit_bind__(name)  # type: ignore[attr-defined]
     if not callable(bound):
-        raise TypeError(f"{fn!r}.bind({name!r}) returned {type(bound).__name__}, not a function.")
-    check = getattr(bound, "check", None)
-    if callable(check):
-        checks.append(check)
+        raise TypeError(f"{fn!r}.__hookkit_bind__({name!r}) returned {type(bound).__name__}, not a function.")
+    if getattr(type(bound), "__hookkit_check__", None) is not None:
+        checks.append(bound.__hookkit_check__)
     return bound

@@ -87,3 +87,15 @@ def test_remove_is_idempotent_and_leaves_user_hooks():
     hk.remove()
     assert hook_census(model) == before
     keep.remove()
+
+
+def test_a_mock_hook_is_registered_as_itself_not_as_its_bind_attribute():
+    """hooks() binds hookkit's edits through a dunder on their class; a Mock (which answers any plain attribute,
+    `bind` included) must be called itself."""
+    from unittest import mock
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    fn = mock.Mock(return_value=None)
+    with hookkit.hooks(model, forward={"0": fn}):
+        model(torch.ones(1, 2))
+    assert fn.call_count == 1
