@@ -19,7 +19,7 @@ from ._errors import GradientUnavailableError, NotRecordedError
 from ._select import Layers
 from ._snapshot import To, check_guards, refuse_unstored
 
-__all__ = ["capture", "Capture", "Store", "concat_calls"]
+__all__ = ["capture", "Capture", "Recorded", "Store", "concat_calls"]
 
 
 def _unwrap(args: Any) -> Any:
@@ -164,61 +164,25 @@ class Store:
         return _unwrap(_tree.fill(call.grad_in_skel, call.grad_in))
 
 
-class Capture(Store):
-    """What ``capture()`` yields: the outputs by layer name, plus ``inputs``, ``kwargs``, ``grads``, ``grad_inputs``
-    and ``param_grads``.
+class Recorded(Store):
+    """The reading API of a capture over one ``Recording``: the outputs by layer name, plus ``inputs``, ``kwargs``,
+    ``grads``, ``grad_inputs`` and ``param_grads``, ``selected`` and ``save()``. ``Capture`` (live) and
+    ``hookkit._saved.ReadOnlyCapture`` (loaded or merged) are both this."""
 
-    Stays readable after the ``with`` block; holds neither the model nor (with ``detach=True``) any autograd graph.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Layers,
-        *,
-        inputs: bool = False,
-        grads: bool = False,
-        detach: bool = True,
-        clone: bool = False,
-        to: To = None,
-        stop: bool = False,
-        param_grads: bool = False,
-    ) -> None:
-        self._engine = Engine(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to,
-                              stop=stop, param_grads=param_grads)
-        recording = self._engine.recording
+    def __init__(self, recording: Recording) -> None:
         super().__init__(recording, "outputs")
         self.inputs = Store(recording, "inputs")
         self.kwargs = Store(recording, "kwargs")
         self.grads = Store(recording, "grads")
         self.grad_inputs = Store(recording, "grad_inputs")
-        # filled by backward passes inside the block: param_grads[layer][param name]
+        # filled by backward passes inside a capture's block: param_grads[layer][param name]
         self.param_grads: dict[str, dict[str, torch.Tensor]] = recording.param_grads
-
-    def __enter__(self) -> Capture:
-        self._engine.__enter__()
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        swallowed = self._engine.__exit__(exc_type, exc, tb)
-        if exc_type is None:
-            self._engine.warn_if_compiled_code_skipped_hooks("hookkit.capture")
-        return swallowed
-
-    @property
-    def copies(self) -> int:
-        """How many stored tensors hookkit copied because an in-place op (``ReLU(inplace=True)``, ``+=``) was about
-        to overwrite them (copy-on-write; 0 with ``clone=True``, which copies everything at hook time)."""
-        return self._engine.copies
 
     @property
     def selected(self) -> list[str]:
-        """The layer names this capture hooks, as the specs resolved (a shared module under each of its names)."""
+        """The layer names the capture hooks, as the specs resolved: a shared module under each of its names, and
+        also the layers that never ran."""
         return list(self._rec.selected_names)
-
-    def remove(self) -> None:
-        """Remove every hook this capture made (``__exit__`` does this for you); safe to call twice."""
-        self._engine.remove()
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write what this capture recorded to one ``.safetensors`` file, atomically; ``hookkit.load`` reads it back.
@@ -246,6 +210,51 @@ class Capture(Store):
         from ._saved import save  # _saved builds on this module
 
         save(self, path)
+
+
+class Capture(Recorded):
+    """What ``capture()`` yields: the outputs by layer name, plus ``inputs``, ``kwargs``, ``grads``, ``grad_inputs``
+    and ``param_grads``.
+
+    Stays readable after the ``with`` block; holds neither the model nor (with ``detach=True``) any autograd graph.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Layers,
+        *,
+        inputs: bool = False,
+        grads: bool = False,
+        detach: bool = True,
+        clone: bool = False,
+        to: To = None,
+        stop: bool = False,
+        param_grads: bool = False,
+    ) -> None:
+        self._engine = Engine(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to,
+                              stop=stop, param_grads=param_grads)
+        super().__init__(self._engine.recording)
+
+    def __enter__(self) -> Capture:
+        self._engine.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        swallowed = self._engine.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self._engine.warn_if_compiled_code_skipped_hooks("hookkit.capture")
+        return swallowed
+
+    @property
+    def copies(self) -> int:
+        """How many stored tensors hookkit copied because an in-place op (``ReLU(inplace=True)``, ``+=``) was about
+        to overwrite them (copy-on-write; 0 with ``clone=True``, which copies everything at hook time)."""
+        return self._engine.copies
+
+    def remove(self) -> None:
+        """Remove every hook this capture made (``__exit__`` does this for you); safe to call twice."""
+        self._engine.remove()
 
     def __repr__(self) -> str:
         state = "open" if self._engine.active else "closed"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__, _tree
-from ._capture import Capture, Store
+from ._capture import Recorded, Store
 from ._engine import Call, Recording, count_slots
 from ._errors import SavedCaptureError
 from ._npy import sync, sync_folder
@@ -50,28 +50,14 @@ _INSTALL = "pip install 'hookkit[save]'"
 _KINDS = ("outputs", "inputs", "kwargs", "grads", "grad_inputs")
 
 
-class ReadOnlyCapture(Store):
+class ReadOnlyCapture(Recorded):
     """A capture read from a file (``hookkit.load``) or merged from several (``hookkit.merge``): the reading API of
     ``Capture`` (``cap[name]``, ``cap.calls(name)``, ``list(cap)``, ``inputs``, ``kwargs``, ``grads``,
-    ``grad_inputs``, ``param_grads``), without a model or hooks."""
+    ``grad_inputs``, ``param_grads``, ``selected``, ``save``), without a model or hooks."""
 
     def __init__(self, recording: Recording, *, source: str) -> None:
-        super().__init__(recording, "outputs")
-        self.inputs = Store(recording, "inputs")
-        self.kwargs = Store(recording, "kwargs")
-        self.grads = Store(recording, "grads")
-        self.grad_inputs = Store(recording, "grad_inputs")
-        self.param_grads: dict[str, dict[str, torch.Tensor]] = recording.param_grads
+        super().__init__(recording)
         self.source = source
-
-    @property
-    def selected(self) -> list[str]:
-        """The layer names the original capture hooked (also those that never ran)."""
-        return list(self.recording.selected_names)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this capture to one ``.safetensors`` file, atomically; see ``hookkit.Capture.save``."""
-        save(self, path)
 
     def __repr__(self) -> str:
         return f"<hookkit.ReadOnlyCapture ({self.source}) of {len(self)} layer(s) that ran: {', '.join(self.keys())}>"
@@ -782,7 +768,7 @@ def merge(captures: Iterable[Store], *, dim: int = 0) -> ReadOnlyCapture:
     if not caps:
         raise ValueError("hookkit.merge needs at least one capture.")
     for i, c in enumerate(caps):
-        if not isinstance(c, (Capture, ReadOnlyCapture)):
+        if not isinstance(c, Recorded):
             raise TypeError(f"hookkit.merge: item {i} is a {type(c).__name__}, not a capture (hookkit.capture(...) "
                             "or hookkit.load(...)).")
     recs = [c.recording for c in caps]

@@ -191,13 +191,8 @@ def test_capture_with_grads_and_copy_on_write_under_compile_equals_eager():
     assert got.copies == 1  # the output of `out`, copied before add_ wrote into it
 
 
-class WritesCaptured(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(16, 8)
-        self.out = nn.Linear(8, 1)
+class WritesCaptured(Net):
+    """Net's layers; a forward that writes into the captured ReLU output after fc2 read it."""
 
     def forward(self, x):
         h = self.act(self.fc1(x))
