@@ -427,6 +427,57 @@ def test_an_edited_manifest_is_caught_by_its_checksum(saved, tmp_path):
 
 
 @needs_safetensors
+@pytest.mark.parametrize("mask", [0x01, 0x80])
+def test_a_flipped_bit_in_any_tensor_s_bytes_is_a_clear_error_naming_the_tensor(saved, mask):
+    # safetensors checks the header, not the data: without the manifest's per-tensor SHA-256 these load wrong numbers
+    data = saved.read_bytes()
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    index = json.loads(data[8:header])
+    spans = {k: v["data_offsets"] for k, v in index.items() if k != "__metadata__"}
+    original = safetensors.torch.load(data)
+    assert spans and len(data) > header
+    for key, (begin, end) in spans.items():
+        if begin == end:
+            continue
+        corrupted = bytearray(data)
+        corrupted[header + (begin + end) // 2] ^= mask
+        saved.write_bytes(bytes(corrupted))
+        with pytest.raises(hookkit.SavedCaptureError,
+                           match=rf"{saved.name}'.*1 of its {len(spans)} tensor\(s\) do not match their SHA-256.*"
+                                 rf"{key!r}.*data is corrupted.*verify=False") as info:
+            hookkit.load(saved)
+        assert info.value.__cause__ is None
+        assert len(hookkit.load(saved, verify=False)) == 4  # the escape hatch reads the file as it is
+        assert not torch.equal(safetensors.torch.load_file(str(saved))[key], original[key])
+    saved.write_bytes(data)
+    assert len(hookkit.load(saved)) == 4
+
+
+@needs_safetensors
+@pytest.mark.parametrize("edit", ["drop", "wrong"])
+def test_a_manifest_whose_checksums_do_not_list_the_tensors_is_a_clear_error(saved, tmp_path, edit):
+    with safetensors.safe_open(str(saved), framework="pt") as f:
+        metadata = f.metadata()
+        keys = f.keys()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    manifest = json.loads(metadata["hookkit"])
+    assert set(manifest["sha256"]) == set(tensors)
+    assert manifest["sha256"]["lin/outputs/0/0"] == hashlib.sha256(tensors["lin/outputs/0/0"].numpy()).hexdigest()
+    if edit == "drop":
+        del manifest["sha256"]["lin/outputs/0/0"]
+        error = r"checksums do not list the file's \d+ tensor\(s\)"
+    else:
+        manifest["sha256"]["lin/outputs/0/0"] = hashlib.sha256(b"something else").hexdigest()
+        error = r"1 of its \d+ tensor\(s\) do not match their SHA-256 in the manifest \('lin/outputs/0/0'\)"
+    metadata["hookkit"] = json.dumps(manifest, separators=(",", ":"))
+    metadata["hookkit.sha256"] = hashlib.sha256(metadata["hookkit"].encode()).hexdigest()  # a consistent lie
+    path = tmp_path / "lie.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(hookkit.SavedCaptureError, match=r"lie\.safetensors'.*" + error):
+        hookkit.load(path)
+
+
+@needs_safetensors
 @pytest.mark.parametrize(("old", "new", "error"), [
     ('"shape":[2,4]', '"shape":[4,2]', r"is float32 \[2, 4\] in the file but float32 \[4, 2\] in the manifest"),
     ('"key":"lin/outputs/0/0"', '"key":"lin/outputs/9/9"', "names a tensor 'lin/outputs/9/9' that the file does not"),
