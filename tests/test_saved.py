@@ -478,6 +478,14 @@ def test_a_manifest_whose_checksums_do_not_list_the_tensors_is_a_clear_error(sav
 
 
 @needs_safetensors
+def test_tensors_are_checked_on_the_cpu_then_moved_to_the_device_asked_for(saved):
+    on_cpu = hookkit.load(saved)
+    moved = hookkit.load(saved, device="meta")  # a device other than the CPU, on any machine
+    assert moved["lin"].device.type == "meta" and moved["lin"].shape == on_cpu["lin"].shape
+    assert moved["named"].first.device.type == "meta" and on_cpu["named"].first.device.type == "cpu"
+
+
+@needs_safetensors
 @pytest.mark.parametrize(("old", "new", "error"), [
     ('"shape":[2,4]', '"shape":[4,2]', r"is float32 \[2, 4\] in the file but float32 \[4, 2\] in the manifest"),
     ('"key":"lin/outputs/0/0"', '"key":"lin/outputs/9/9"', "names a tensor 'lin/outputs/9/9' that the file does not"),
