@@ -7,6 +7,7 @@ model trained under hookkit.monitor; each rank saves its own record before the r
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import sys
@@ -18,10 +19,9 @@ import hookkit
 from hookkit import _monitor
 
 
-def main() -> None:
-    out = sys.argv[1]
-    torch.distributed.init_process_group("gloo")
-    rank = torch.distributed.get_rank()
+def train(rank: int) -> dict:
+    """Each rank's own records and what rank 0's sink got. The DDP model, which holds the process group, is gone
+    when this returns."""
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1)))
     own: list[dict] = []
@@ -41,8 +41,21 @@ def main() -> None:
             opt.step()
             opt.zero_grad()
             mon.step()
+    _monitor._reduced = reduce
+    return {"own": own, "sunk": [{k: v for k, v in r.items() if k != "histograms"} for r in sunk]}
+
+
+def main() -> None:
+    out = sys.argv[1]
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    result = train(rank)
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
-        json.dump({"own": own, "sunk": [{k: v for k, v in r.items() if k != "histograms"} for r in sunk]}, f)
+        json.dump(result, f)
+    # Both ranks done before either tears down, and no DDP reducer left holding the group: a gloo group destroyed
+    # only at interpreter exit can abort with "terminate called without an active exception" (pytorch PR 179291).
+    gc.collect()
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
