@@ -77,6 +77,7 @@ class CommandLineError(HookkitError, ValueError):
     """A command-line value that cannot work (an --out that is a file, an input too large for memory); the message
     names the option, what was wrong and the fix."""
 
+
 class PlotError(HookkitError, ValueError):
     """A monitor run that cannot be read (no such run, an empty or unreadable file) or a statistic it does not
     hold; the message names what was found and the fix."""

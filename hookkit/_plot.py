@@ -36,7 +36,7 @@ from ._errors import PlotError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_run", "summary_table", "read_run", "check_stats", "matplotlib_figure", "STATS"]
+__all__ = ["plot_run", "save_png", "summary_table", "read_run", "check_stats", "matplotlib_figure", "STATS"]
 
 _INSTALL = "pip install 'hookkit[plot]'"
 _LOG_FILE = "monitor.jsonl"
@@ -295,7 +295,13 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         ImportError: matplotlib is not installed (``pip install 'hookkit[plot]'``).
     """
     stats = check_stats(stats)
-    records = read_run(run)
+    return save_png(read_run(run), run, out, stats=stats, heatmap=heatmap)
+
+
+def save_png(records: Sequence[dict[str, Any]], run: str | os.PathLike[str], out: str | os.PathLike[str] | None,
+             *, stats: Sequence[str], heatmap: bool | None) -> Path:
+    """``plot_run`` on records already read from ``run`` (by ``read_run``; ``stats`` checked by ``check_stats``):
+    the command prints its table and draws its PNG from one reading of a run that may still be growing."""
     log = _log_path(run)
     fig = _draw(records, stats=stats, heatmap=heatmap, title=_title(log, records))
     png = Path(out) if out is not None else log.parent / _PNG_FILE

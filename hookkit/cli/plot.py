@@ -2,9 +2,10 @@
 printed, and its statistics drawn as a PNG (default ``RUN/monitor.png``).
 
 ``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds. Reading, the table and the figure are
-``hookkit._plot``'s (``read_run``, ``summary_table``, ``plot_run``); this module checks every option and that
-matplotlib imports before anything is printed or written, and turns each problem into a ``CommandLineError`` (one
-``hookkit: error:`` line, exit code 2) that says what to do.
+``hookkit._plot``'s (``read_run``, ``summary_table``, ``save_png``; the run is read once, so the table and the PNG
+agree on a run still being written); this module checks every option and that matplotlib imports before anything
+is printed or written, and turns each problem into a ``CommandLineError`` (one ``hookkit: error:`` line, exit
+code 2) that says what to do.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .._errors import CommandLineError, PlotError
-from .._plot import STATS, check_stats, matplotlib_figure, plot_run, read_run, summary_table
+from .._plot import STATS, check_stats, matplotlib_figure, read_run, save_png, summary_table
 
 __all__: list[str] = []  # run through `hookkit plot`
 
@@ -67,7 +68,7 @@ def _cmd_plot(args: argparse.Namespace, console: Console) -> int:
         raise CommandLineError(str(exc)) from None
     console.print(summary_table(records))
     try:
-        png = plot_run(args.run, out, stats=stats, heatmap=True if args.heatmap else None)
+        png = save_png(records, args.run, out, stats=stats, heatmap=True if args.heatmap else None)
     except OSError as exc:
         raise CommandLineError(f"cannot write the PNG ({exc}); pass a writable --out.") from None
     console.print(Text(f"wrote {png}", style="green"))
