@@ -105,8 +105,6 @@ def _pick(output: Any, out: Out, where: str) -> tuple[torch.Tensor, Any]:
             items = [new if i == pos else v for i, v in enumerate(output)]
             if fields is not None:
                 return type(output)(*items)
-            if type(output) in (tuple, list):
-                return type(output)(items)
             try:
                 return type(output)(items)
             except TypeError:  # a subclass with another constructor (cf. _tree.map_leaves)

@@ -170,7 +170,7 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
     if missing:
         raise ValueError(f"layer(s) {missing} did not run in the clean forward, so there is nothing to patch in; "
                          "pick layers that run (hookkit.layer_names(model, x) lists those of a forward).")
-    calls = {n: cache.calls(n) for n in names}
+    calls = {n: [_first_tensor(v, n) for v in cache.calls(n)] for n in names}  # what is patched in, per call
     cols = _positions(positions, calls, dim)
     cells = [(i, j) for i in range(len(names)) for j in range(len(cols))]
     values = torch.full((len(names), len(cols)), math.nan, dtype=torch.float64)
@@ -259,13 +259,13 @@ def _first_tensor(value: Any, name: str) -> torch.Tensor:
     return found[0]
 
 
-def _positions(positions: Sequence[int] | bool | None, calls: dict[str, list[Any]], dim: int) -> list[int | None]:
+def _positions(positions: Sequence[int] | bool | None, calls: dict[str, list[torch.Tensor]],
+               dim: int) -> list[int | None]:
     if positions is None or positions is False:
         return [None]
     lengths = {}
-    for name, values in calls.items():
-        for value in values:
-            t = _first_tensor(value, name)
+    for name, tensors in calls.items():
+        for t in tensors:
             if t.dim() <= dim:
                 raise ValueError(f"layer {name!r} returns shape {tuple(t.shape)}, which has no position dim {dim}; "
                                  "pass dim= (the position dimension), or positions=None to patch whole outputs.")
@@ -288,17 +288,17 @@ def _positions(positions: Sequence[int] | bool | None, calls: dict[str, list[Any
     return out
 
 
-def _patcher(name: str, clean_calls: list[Any], cells: list[tuple[int, int | None]], n_in: int, dim: int,
+def _patcher(name: str, clean_calls: list[torch.Tensor], cells: list[tuple[int, int | None]], n_in: int, dim: int,
              seen: dict[str, int]) -> Callable[..., Any]:
     """The forward hook of one layer in one batched forward: in copy ``k`` of the input, the output of call ``c``
-    takes the clean run's call ``c`` (all of it, or at one position along ``dim``)."""
+    takes the clean run's call ``c`` (its first tensor: all of it, or at one position along ``dim``)."""
 
     def hook(module: Any, args: tuple, output: Any) -> Any:
         c = seen[name]
         seen[name] = c + 1
         if c >= len(clean_calls):
             return None  # counted: the caller reports the mismatch after the forward
-        clean = _first_tensor(clean_calls[c], name)
+        clean = clean_calls[c]
         target = _first_tensor(output, name)
         patched = target.clone()
         for k, pos in cells:
