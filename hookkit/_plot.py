@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._errors import PlotError
+from ._sinks import JSONL_NAME, BadLine, read_jsonl
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["plot_run", "save_png", "summary_table", "read_run", "check_stats", "matplotlib_figure", "STATS"]
 
 _INSTALL = "pip install 'hookkit[plot]'"
-_LOG_FILE = "monitor.jsonl"
 _PNG_FILE = "monitor.png"
 
 LAYER_STATS = ("act_mean", "act_std", "act_absmax", "zero_frac", "nan", "inf", "grad_norm")
@@ -56,12 +56,12 @@ def _log_path(run: str | os.PathLike[str]) -> Path:
     """``<run>/monitor.jsonl`` for a run folder, ``run`` itself for a file."""
     path = Path(run)
     if path.is_dir():
-        log = path / _LOG_FILE
+        log = path / JSONL_NAME
         if not log.is_file():
             found = sorted(p.name for p in path.glob("*.jsonl"))
             hint = (f" It holds {', '.join(found)}: pass one of those files." if found else
                     " Pass the folder given to hookkit.monitor(log=...), or the .jsonl file itself.")
-            raise PlotError(f"{str(path)!r} is a folder without {_LOG_FILE}, so it is not a monitor run.{hint}")
+            raise PlotError(f"{str(path)!r} is a folder without {JSONL_NAME}, so it is not a monitor run.{hint}")
         return log
     if not path.exists():
         raise PlotError(f"no monitor run at {str(path)!r}: there is no such folder or file. Pass the folder given "
@@ -70,29 +70,26 @@ def _log_path(run: str | os.PathLike[str]) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of ``path``, one a line (blank lines skipped). A last line cut short (a run killed while
-    writing) is left out with a warning; any other line that is not a JSON object is an error."""
+    """The records of ``path`` (``_sinks.read_jsonl``, which owns the format). A last line cut short (a run killed
+    while writing) is left out with a warning; any other line that is not a monitor record is a ``PlotError``."""
+
+    def torn(number: int, reason: str) -> None:
+        warnings.warn(f"{path}: line {number} is cut short ({reason}), left out: the run was probably stopped while "
+                      "writing it.", stacklevel=5)
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        records = read_jsonl(path, torn=torn)
+    except OSError as exc:
         raise PlotError(f"cannot read the monitor log {str(path)!r} ({exc}); pass a monitor.jsonl that hookkit "
                         "wrote.") from None
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    records: list[dict[str, Any]] = []
-    for k, (number, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if k == len(numbered) - 1 and records:
-                warnings.warn(f"{path}: line {number} is cut short ({exc.msg}), left out: the run was probably "
-                              "stopped while writing it.", stacklevel=3)
-                break
-            raise PlotError(f"{str(path)!r} line {number} is not JSON ({exc.msg}): {line[:60]!r}; pass a "
-                            "monitor.jsonl that hookkit wrote.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise PlotError(f"{str(path)!r} line {number} is not a monitor record (expected a JSON object with an "
-                            f"integer \"step\"), found {line[:60]!r}; pass a monitor.jsonl that hookkit wrote.")
-        records.append(record)
+    except BadLine as exc:
+        raise PlotError(f"{str(path)!r} line {exc.number} is not JSON of a monitor record ({exc.reason}): "
+                        f"{exc.text[:60]!r}; pass a monitor.jsonl that hookkit wrote.") from None
+    for number, record in enumerate(records, 1):
+        if not isinstance(record.get("step"), int):
+            raise PlotError(f"{str(path)!r} record {number} is not a monitor record (expected a JSON object with an "
+                            f"integer \"step\"), found {json.dumps(record)[:60]!r}; pass a monitor.jsonl that "
+                            "hookkit wrote.")
     return records
 
 
@@ -320,7 +317,7 @@ def check_stats(stats: Iterable[str]) -> list[str]:
 
 
 def _title(log: Path, records: Sequence[dict[str, Any]]) -> str:
-    name = log.parent.name if log.name == _LOG_FILE else log.name
+    name = log.parent.name if log.name == JSONL_NAME else log.name
     alerts = sum(len(r.get("alerts") or []) for r in records)
     return (f"{name}: {len(records)} recorded steps ({records[0]['step']}-{records[-1]['step']})"
             + (f", {alerts} alert{'s' * (alerts != 1)}" if alerts else ""))

@@ -64,6 +64,7 @@ __all__ = [
     "CallableSink",
     "make_sinks",
     "read_jsonl",
+    "BadLine",
     "JSONL_NAME",
     "HISTOGRAM_BINS",
 ]
@@ -141,17 +142,30 @@ def _decode(record: Record) -> Record:
     return record
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
+class BadLine(ValueError):
+    """A line of a JSON Lines file that is not a record, other than a torn last one: ``number``, ``text``, and the
+    parser's ``reason``."""
+
+    def __init__(self, path: str | os.PathLike[str], number: int, text: str, reason: str) -> None:
+        super().__init__(f"{path}, line {number}: not a JSON record ({reason}); expected one JSON object per line, "
+                         "as hookkit's JsonlSink writes. Is this a monitor.jsonl file?")
+        self.number, self.text, self.reason = number, text, reason
+
+
+def read_jsonl(path: str | os.PathLike[str], *, torn: Callable[[int, str], None] | None = None) -> list[Record]:
     """The records of a ``JsonlSink`` file, non-finite statistics as floats again; a partial last line is skipped.
 
     Args:
         path: the file (``<log>/monitor.jsonl`` for ``hookkit.monitor(..., log=<log>)``).
+        torn: called with the line number and the parser's reason when a partial last line is skipped.
 
     Returns:
         One dict per complete line, in file order. Histograms stay ``{"edges", "counts", "nonfinite"}``.
 
     Raises:
-        ValueError: a line other than an unterminated last one is not JSON (the file is not a ``JsonlSink`` file).
+        BadLine (a ValueError): a line other than an unterminated last one is not a JSON object (the file is not
+            a ``JsonlSink`` file).
+        OSError: the file cannot be read.
     """
     data = Path(path).read_bytes()
     lines = data.split(b"\n")
@@ -160,14 +174,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
         if not line.strip():
             continue
         try:
-            records.append(_decode(json.loads(line)))
+            record = json.loads(line)
         except ValueError as exc:
             if number == len(lines):  # no newline after it: the torn last write of a crash
+                if torn is not None:
+                    torn(number, str(exc))
                 break
-            raise ValueError(
-                f"{path}, line {number}: not a JSON record ({exc}); expected one JSON object per line, as "
-                "hookkit's JsonlSink writes. Is this a monitor.jsonl file?"
-            ) from None
+            raise BadLine(path, number, line.decode("utf-8", "replace"), str(exc)) from None
+        if not isinstance(record, dict):
+            raise BadLine(path, number, line.decode("utf-8", "replace"),
+                          f"a JSON {type(record).__name__}, not an object")
+        records.append(_decode(record))
     return records
 
 

@@ -115,6 +115,16 @@ def test_a_torn_last_line_is_left_out_with_a_warning_but_a_bad_middle_line_is_an
         read_run(tmp_path)
 
 
+@pytest.mark.parametrize(("line", "match"), [
+    ("3", r"line 2 is not JSON of a monitor record \(a JSON int, not an object\): '3'"),
+    ('{"layers": {}}', r"record 2 is not a monitor record \(expected a JSON object with an integer \"step\"\)"),
+])
+def test_a_line_that_is_not_a_monitor_record_is_an_error(tmp_path, line, match):
+    (tmp_path / "monitor.jsonl").write_text('{"step": 0}\n' + line + "\n")
+    with pytest.raises(PlotError, match=match):
+        read_run(tmp_path)
+
+
 def test_plot_errors_are_hookkit_errors():
     assert issubclass(PlotError, HookkitError) and issubclass(PlotError, ValueError)
 

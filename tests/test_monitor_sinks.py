@@ -143,6 +143,13 @@ def test_read_jsonl_rejects_a_broken_line_that_is_not_the_last(tmp_path):
         read_jsonl(path)
 
 
+def test_read_jsonl_rejects_a_line_that_is_json_but_not_an_object(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"line 2: not a JSON record \(a JSON list, not an object\)"):
+        read_jsonl(path)
+
+
 def test_jsonl_write_after_close_raises(tmp_path):
     sink = JsonlSink(tmp_path / "m.jsonl")
     sink.close()
