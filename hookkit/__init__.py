@@ -11,6 +11,8 @@ from ._capture import Capture, Store, capture, concat_calls
 from ._census import hook_census
 from ._edits import Edits, ablate, add, edits, patch
 from ._errors import (
+    ArgumentError,
+    ArgumentTypeError,
     CommandLineError,
     EditError,
     ExtractError,
@@ -91,5 +93,7 @@ __all__ = [
     "PlotError",
     "EditError",
     "SavedCaptureError",
+    "ArgumentError",
+    "ArgumentTypeError",
     "__version__",
 ]

@@ -19,11 +19,24 @@ __all__ = [
     "CommandLineError",
     "EditError",
     "SavedCaptureError",
+    "PlotError",
+    "ArgumentError",
+    "ArgumentTypeError",
 ]
 
 
 class HookkitError(Exception):
     """Base class of every error hookkit raises on its own account."""
+
+
+class ArgumentError(HookkitError, ValueError):
+    """An argument of a public function (or a command-line option) whose value cannot work; the message names the
+    parameter, the value given, what is accepted and the fix. Raised before anything is changed."""
+
+
+class ArgumentTypeError(HookkitError, TypeError):
+    """An argument of a public function of a type it does not take; the message names the parameter, the type given
+    and the types accepted. Raised before anything is changed."""
 
 
 class LayerNotFoundError(HookkitError, LookupError):
@@ -96,5 +109,5 @@ class SavedCaptureError(HookkitError, ValueError):
 
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError, EditError, SavedCaptureError):
+             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import
