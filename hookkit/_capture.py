@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import _tree
 from ._engine import Call, Engine, Recording, count_slots
-from ._errors import GradientUnavailableError, NotRecordedError
+from ._errors import ArgumentError, ArgumentTypeError, GradientUnavailableError, NotRecordedError
 from ._select import Layers
 from ._snapshot import To, check_guards, refuse_unstored
 
@@ -34,7 +34,7 @@ def _find(rec: Recording, name: str) -> list[Call] | None:
 
 def _calls_of(rec: Recording, name: str, kind: str) -> list[Call]:
     if not isinstance(name, str):
-        raise TypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
+        raise ArgumentTypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
     calls = _find(rec, name)
     if calls is None:
         selected = rec.selected_names
@@ -333,9 +333,9 @@ def concat_calls(values: list[Any], dim: int = 1) -> Any:
         ValueError: no calls, or calls whose structures differ.
     """
     if not values:
-        raise ValueError("concat_calls needs at least one call; did the layer run inside the capture block?")
+        raise ArgumentError("concat_calls needs at least one call; did the layer run inside the capture block?")
     per_call = [_tree.leaves(v) for v in values]
     if any(len(p) != len(per_call[0]) for p in per_call):
-        raise ValueError("the calls hold different numbers of tensors, so they cannot be joined tensor by tensor.")
+        raise ArgumentError("the calls hold different numbers of tensors, so they cannot be joined tensor by tensor.")
     joined = [torch.cat([p[i] for p in per_call], dim=dim) for i in range(len(per_call[0]))]
     return _tree.fill(_tree.skeleton(values[0]), joined)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ._capture import Store
-from ._errors import EditError, NotRecordedError
+from ._errors import ArgumentError, ArgumentTypeError, EditError, NotRecordedError
 from ._hooks import Hooks, hooks
 from ._select import LayerSpec
 
@@ -39,21 +39,21 @@ def _check_index(index: Index, what: str) -> None:
         if isinstance(item, list) and all(isinstance(v, int) for v in item):
             continue  # a list of positions, as torch takes it
         if not isinstance(item, _INDEX_ATOMS):
-            raise TypeError(f"{what}: index={index!r} holds a {type(item).__name__}; an index is what tensor[...] "
-                            "takes: an int, a slice, ..., None, a tensor, a list of ints, or a tuple of these "
-                            "(e.g. index=(slice(None), 5) for token position 5).")
+            raise ArgumentTypeError(f"{what}: index={index!r} holds a {type(item).__name__}; an index is what "
+                                    "tensor[...] takes: an int, a slice, ..., None, a tensor, a list of ints, or a "
+                                    "tuple of these (e.g. index=(slice(None), 5) for token position 5).")
 
 
 def _check_common(what: str, index: Index, call: int | None, out: Out) -> None:
     _check_index(index, what)
     if call is not None and (isinstance(call, bool) or not isinstance(call, numbers.Integral)):
-        raise TypeError(f"{what}: call= takes None (every call) or an int (the k-th call, from 0), "
-                        f"got {type(call).__name__} {call!r}.")
+        raise ArgumentTypeError(f"{what}: call= takes None (every call) or an int (the k-th call, from 0), "
+                                f"got {type(call).__name__} {call!r}.")
     if call is not None and call < 0:
-        raise ValueError(f"{what}: call={call} is negative; calls count from 0 since the block began.")
+        raise ArgumentError(f"{what}: call={call} is negative; calls count from 0 since the block began.")
     if isinstance(out, bool) or not isinstance(out, (int, str)):
-        raise TypeError(f"{what}: out= takes an int (position in a tuple output) or a str (key of a dict / "
-                        f"ModelOutput output), got {type(out).__name__} {out!r}.")
+        raise ArgumentTypeError(f"{what}: out= takes an int (position in a tuple output) or a str (key of a dict / "
+                                f"ModelOutput output), got {type(out).__name__} {out!r}.")
 
 
 def _fmt_index(index: Index) -> str:
@@ -232,8 +232,8 @@ class _Patch(Edit):
 
     def __init__(self, value: torch.Tensor | Store, *, index: Index, call: int | None, out: Out) -> None:
         if not isinstance(value, (torch.Tensor, Store)):
-            raise TypeError(f"hookkit.patch takes a tensor or a hookkit.Capture (or one of its stores), got "
-                            f"{type(value).__name__}; to zero an output use hookkit.ablate().")
+            raise ArgumentTypeError(f"hookkit.patch takes a tensor or a hookkit.Capture (or one of its stores), got "
+                                    f"{type(value).__name__}; to zero an output use hookkit.ablate().")
         super().__init__(index=index, call=call, out=out)
         self.value = value
 
@@ -265,10 +265,10 @@ class _Add(Edit):
 
     def __init__(self, vector: torch.Tensor, *, scale: float, index: Index, call: int | None, out: Out) -> None:
         if not isinstance(vector, torch.Tensor):
-            raise TypeError(f"hookkit.add takes a tensor (e.g. a [d_model] steering vector), got "
-                            f"{type(vector).__name__}.")
+            raise ArgumentTypeError(f"hookkit.add takes a tensor (e.g. a [d_model] steering vector), got "
+                                    f"{type(vector).__name__}.")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"hookkit.add: scale= takes a number, got {type(scale).__name__} {scale!r}.")
+            raise ArgumentTypeError(f"hookkit.add: scale= takes a number, got {type(scale).__name__} {scale!r}.")
         super().__init__(index=index, call=call, out=out)
         self.vector: torch.Tensor = vector
         self.scale: float = float(scale)
@@ -287,14 +287,14 @@ class _Ablate(Edit):
     def __init__(self, kind: str, *, over: int | tuple[int, ...], mean: torch.Tensor | None, index: Index,
                  call: int | None, out: Out) -> None:
         if kind not in ("zero", "mean"):
-            raise ValueError(f"hookkit.ablate: kind={kind!r}; expected 'zero' or 'mean'.")
+            raise ArgumentError(f"hookkit.ablate: kind={kind!r}; expected 'zero' or 'mean'.")
         over_dims = over if isinstance(over, tuple) else (over,)
         if not over_dims or any(isinstance(d, bool) or not isinstance(d, int) for d in over_dims):
-            raise TypeError(f"hookkit.ablate: over= takes a dim or a tuple of dims (ints), got {over!r}.")
+            raise ArgumentTypeError(f"hookkit.ablate: over= takes a dim or a tuple of dims (ints), got {over!r}.")
         if mean is not None and not isinstance(mean, torch.Tensor):
-            raise TypeError(f"hookkit.ablate: mean= takes a tensor, got {type(mean).__name__}.")
+            raise ArgumentTypeError(f"hookkit.ablate: mean= takes a tensor, got {type(mean).__name__}.")
         if mean is not None and kind != "mean":
-            raise ValueError("hookkit.ablate: mean= is the value of a mean ablation; pass kind='mean' with it.")
+            raise ArgumentError("hookkit.ablate: mean= is the value of a mean ablation; pass kind='mean' with it.")
         super().__init__(index=index, call=call, out=out)
         self.kind = kind
         self.over = over_dims
@@ -474,9 +474,9 @@ class _Collect:
 
     def bind(self, name: str) -> BoundEdit:
         if name in self._into:
-            raise ValueError(f"hookkit.edits: two edits for layer {name!r} ({self._into[name].edit!r} and "
-                             f"{self._edit!r}); give one per layer, or several with "
-                             "hookkit.hooks(model, forward={layer: [edit1, edit2]}).")
+            raise ArgumentError(f"hookkit.edits: two edits for layer {name!r} ({self._into[name].edit!r} and "
+                                f"{self._edit!r}); give one per layer, or several with "
+                                "hookkit.hooks(model, forward={layer: [edit1, edit2]}).")
         bound = self._into[name] = self._edit.bind(name)
         return bound
 
@@ -497,8 +497,8 @@ class Edits:
             raise TypeError(f"hookkit.edits takes a non-empty dict {{layer: edit}}, got {edits!r}.")
         for spec, edit in edits.items():
             if not isinstance(edit, Edit):
-                raise TypeError(f"hookkit.edits: the value for {spec!r} is {type(edit).__name__}, not an edit "
-                                "(hookkit.patch / add / ablate); for your own functions use hookkit.hooks().")
+                raise ArgumentTypeError(f"hookkit.edits: the value for {spec!r} is {type(edit).__name__}, not an edit "
+                                        "(hookkit.patch / add / ablate); for your own functions use hookkit.hooks().")
         self._bound: dict[str, BoundEdit] = {}
         self._hooks: Hooks = hooks(model, forward={spec: _Collect(edit, self._bound) for spec, edit in edits.items()})
 

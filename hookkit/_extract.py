@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from . import _tree
 from ._engine import Engine
-from ._errors import ExtractError, HookkitError
+from ._errors import ArgumentError, ArgumentTypeError, ExtractError, HookkitError
 from ._fingerprint import call_settings
 from ._rowstore import Features, MemoryRows, NpyFolder, Rows, RowStore, TokenRows
 from ._select import resolve
@@ -142,13 +142,14 @@ def extract(
 def _checked_options(pool: Pool, dtype: Any, dataset_id: Any, mask: Any) -> torch.dtype | None:
     """The options that need no model: ``pool``, ``dtype`` (returned as a torch dtype), ``dataset_id``, ``mask``."""
     if not (mask is None or mask is False or isinstance(mask, str) or (callable(mask) and mask is not True)):
-        raise TypeError(f"mask={mask!r}: use None (a dict batch's 'attention_mask', if any), a key of dict batches, a "
-                        "callable that returns the batch's [N, T] mask, or False for no mask.")
+        raise ArgumentTypeError(f"mask={mask!r}: use None (a dict batch's 'attention_mask', if any), a key of dict "
+                                "batches, a callable that returns the batch's [N, T] mask, or False for no mask.")
     if not callable(pool) and not any(pool is p or pool == p for p in _POOLS):
-        raise ValueError(f"pool={pool!r}: use None, 'avg', 'max', 'flatten', 'cls' or a callable.")
+        raise ArgumentError(f"pool={pool!r}: use None, 'avg', 'max', 'flatten', 'cls' or a callable.")
     torch_dtype = _torch_dtype(dtype)
     if dataset_id is not None and not isinstance(dataset_id, str):
-        raise TypeError(f"dataset_id={dataset_id!r}: use a string that names your data, e.g. 'imagenet-val@v2'.")
+        raise ArgumentTypeError(f"dataset_id={dataset_id!r}: use a string that names your data, e.g. "
+                                "'imagenet-val@v2'.")
     return torch_dtype
 
 
@@ -158,11 +159,11 @@ def _checked_layers(model: nn.Module, layers: str | list[str], select: Select, *
     layer_list = [layers] if isinstance(layers, str) else list(layers)
     names = [n for ns in resolve(model, layer_list).values() for n in ns]
     if any(n == "" for n in names):
-        raise ValueError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
+        raise ArgumentError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
     _check_select(select, names)
     if world > 1 and out is None:
-        raise ValueError("under torchrun each rank computes only its share of the batches: pass out=DIR so that "
-                         "every rank writes its rows into the same files.")
+        raise ArgumentError("under torchrun each rank computes only its share of the batches: pass out=DIR so that "
+                            "every rank writes its rows into the same files.")
     return names
 
 
@@ -182,8 +183,8 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
         except TypeError:
             result = None
     if result is None:
-        raise ValueError(f"dtype={dtype!r} is not a dtype numpy (and so a .npy file) can hold; use e.g. "
-                         "torch.float16 (half the size; bfloat16 has no numpy type) or torch.float32.")
+        raise ArgumentError(f"dtype={dtype!r} is not a dtype numpy (and so a .npy file) can hold; use e.g. "
+                            "torch.float16 (half the size; bfloat16 has no numpy type) or torch.float32.")
     return result
 
 
@@ -194,8 +195,8 @@ def _check_select(select: Select, names: list[str]) -> None:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=3)
                 hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"select has a key {key!r} that is not one of the extracted layers "
-                                 f"({', '.join(map(repr, names))}); key it by layer name.{hint}")
+                raise ArgumentError(f"select has a key {key!r} that is not one of the extracted layers "
+                                    f"({', '.join(map(repr, names))}); key it by layer name.{hint}")
             _check_choice(choice, f"select[{key!r}]")
     else:
         _check_choice(select, "select")
@@ -204,7 +205,8 @@ def _check_select(select: Select, names: list[str]) -> None:
 def _check_choice(choice: Any, where: str) -> None:
     if choice is None or callable(choice) or (isinstance(choice, (int, str)) and not isinstance(choice, bool)):
         return
-    raise TypeError(f"{where}={choice!r}: use an index (int), a key (str), a callable, or a {{layer: choice}} dict.")
+    raise ArgumentTypeError(f"{where}={choice!r}: use an index (int), a key (str), a callable, or a "
+                            "{layer: choice} dict.")
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------

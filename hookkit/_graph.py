@@ -18,6 +18,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 from rich.tree import Tree
 
+from ._errors import ArgumentError, ArgumentTypeError
 from ._stats import dtype_short, shape_str
 
 __all__ = ["graph", "AutogradGraph", "GraphNode"]
@@ -171,10 +172,11 @@ def graph(tensor: torch.Tensor, *, params: Params | None = None, max_depth: int 
         ValueError: ``max_depth`` is not a whole number >= 0.
     """
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"graph() takes a torch.Tensor (e.g. a loss or a model output), got {type(tensor).__name__}.")
+        raise ArgumentTypeError(f"hookkit.graph: tensor= takes a torch.Tensor (e.g. a loss or a model output), got "
+                                f"{type(tensor).__name__}.")
     if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0):
-        raise ValueError(f"max_depth must be a whole number >= 0 (0 shows only the tensor's grad_fn) or None, "
-                         f"got {max_depth!r}.")
+        raise ArgumentError(f"max_depth must be a whole number >= 0 (0 shows only the tensor's grad_fn) or None, "
+                            f"got {max_depth!r}.")
     names = _names_by_identity(params)
     head = _tensor_head(tensor)
     if tensor.grad_fn is None:
@@ -278,19 +280,19 @@ def _names_by_identity(params: Params | None) -> dict[int, str]:
     if params is None:
         return {}
     if isinstance(params, (nn.Module, torch.Tensor, str)):
-        raise TypeError(f"params takes names and tensors, e.g. dict(model.named_parameters()), "
-                        f"got {type(params).__name__}.")
+        raise ArgumentTypeError(f"params takes names and tensors, e.g. dict(model.named_parameters()), "
+                                f"got {type(params).__name__}.")
     items = params.items() if isinstance(params, Mapping) else params
     try:
         pairs = [(name, tensor) for name, tensor in items]
     except (TypeError, ValueError):
-        raise TypeError(f"params takes a mapping name -> tensor or (name, tensor) pairs, e.g. "
-                        f"dict(model.named_parameters()); got {type(params).__name__}.") from None
+        raise ArgumentTypeError(f"params takes a mapping name -> tensor or (name, tensor) pairs, e.g. "
+                                f"dict(model.named_parameters()); got {type(params).__name__}.") from None
     names: dict[int, str] = {}
     for name, tensor in pairs:
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"params[{name!r}] is a {type(tensor).__name__}, expected a tensor; pass e.g. "
-                            f"dict(model.named_parameters()).")
+            raise ArgumentTypeError(f"params[{name!r}] is a {type(tensor).__name__}, expected a tensor; pass e.g. "
+                                    f"dict(model.named_parameters()).")
         names.setdefault(id(tensor), str(name))  # a tensor under several names keeps the first
     return names
 

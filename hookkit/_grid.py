@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from ._errors import ArgumentError, ArgumentTypeError
+
 __all__ = ["feature_grid", "save_feature_grid"]
 
 Channels = None | int | Sequence[int] | torch.Tensor
@@ -52,11 +54,11 @@ def _torchvision_utils() -> ModuleType:
 
 def _index(value: Any, what: str) -> int:
     if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got the bool {value!r}.")
+        raise ArgumentTypeError(f"{what} must be an int, got the bool {value!r}.")
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}.") from None
+        raise ArgumentTypeError(f"{what} must be an int, got {type(value).__name__} {value!r}.") from None
 
 
 def _check_activation(activation: Any) -> torch.Tensor:
@@ -64,19 +66,19 @@ def _check_activation(activation: Any) -> torch.Tensor:
         hint = ""
         if isinstance(activation, (tuple, list, dict)):
             hint = " This layer returned several values: pass the feature-map tensor itself, e.g. cap[name][0]."
-        raise TypeError(f"feature_grid expects a tensor {_SHAPES}; got {type(activation).__name__}.{hint}")
+        raise ArgumentTypeError(f"feature_grid expects a tensor {_SHAPES}; got {type(activation).__name__}.{hint}")
     if activation.dim() not in (3, 4):
         hint = ""
         if activation.dim() == 2:
             hint = " A [N, features] output (Linear, pooled features) has no spatial maps to draw."
-        raise ValueError(
+        raise ArgumentError(
             f"feature_grid expects a tensor {_SHAPES}; got shape {tuple(activation.shape)} "
             f"({activation.dim()}-D).{hint}"
         )
     if activation.is_complex():
-        raise TypeError(f"feature_grid draws real values; got a {activation.dtype} tensor.")
+        raise ArgumentTypeError(f"feature_grid draws real values; got a {activation.dtype} tensor.")
     if activation.is_meta:
-        raise ValueError("feature_grid needs values to draw; got a meta tensor (shape only, no data).")
+        raise ArgumentError("feature_grid needs values to draw; got a meta tensor (shape only, no data).")
     return activation
 
 
@@ -84,7 +86,7 @@ def _pick_sample(activation: torch.Tensor, sample: Any) -> torch.Tensor:
     i = _index(sample, "sample")
     if activation.dim() == 3:
         if i not in (0, -1):
-            raise ValueError(
+            raise ArgumentError(
                 f"sample={i} is out of range: a [C, H, W] tensor (shape {tuple(activation.shape)}) holds one "
                 "sample; use sample=0, or pass the whole batch [N, C, H, W]."
             )
@@ -92,7 +94,7 @@ def _pick_sample(activation: torch.Tensor, sample: Any) -> torch.Tensor:
     n = activation.shape[0]
     if not -n <= i < n:
         valid = f"0..{n - 1}" if n else "none: the batch is empty"
-        raise ValueError(
+        raise ArgumentError(
             f"sample={i} is out of range for a batch of {n} (shape {tuple(activation.shape)} is [N, C, H, W]); "
             f"valid samples: {valid}."
         )
@@ -102,31 +104,31 @@ def _pick_sample(activation: torch.Tensor, sample: Any) -> torch.Tensor:
 def _pick_channels(maps: torch.Tensor, channels: Channels) -> torch.Tensor:
     c = maps.shape[0]
     if c == 0 or maps.shape[1] == 0 or maps.shape[2] == 0:
-        raise ValueError(f"nothing to draw: the sample's feature maps [C, H, W] have shape {tuple(maps.shape)}.")
+        raise ArgumentError(f"nothing to draw: the sample's feature maps [C, H, W] have shape {tuple(maps.shape)}.")
     if channels is None:
         return maps
     if isinstance(channels, torch.Tensor):
         if channels.dim() != 1 or channels.is_floating_point() or channels.is_complex():
-            raise TypeError(f"channels as a tensor must be a 1-D tensor of ints, got {channels.dtype} of shape "
-                            f"{tuple(channels.shape)}.")
+            raise ArgumentTypeError(f"channels as a tensor must be a 1-D tensor of ints, got {channels.dtype} of shape "
+                                    f"{tuple(channels.shape)}.")
         channels = channels.tolist()
     if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
         try:
             n = _index(channels, "channels")
         except TypeError:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"channels must be None (all), an int (the first n) or a list of channel indices, got "
                 f"{type(channels).__name__} {channels!r}."
             ) from None
         if n < 1:
-            raise ValueError(f"channels={n}: ask for at least one channel (or channels=None for all {c}).")
+            raise ArgumentError(f"channels={n}: ask for at least one channel (or channels=None for all {c}).")
         return maps[: min(n, c)]
     if len(channels) == 0:
-        raise ValueError("channels=[] selects nothing: give at least one channel index (or channels=None for all).")
+        raise ArgumentError("channels=[] selects nothing: give at least one channel index (or channels=None for all).")
     indices = [_index(i, "each channel index") for i in channels]
     bad = [i for i in indices if not -c <= i < c]
     if bad:
-        raise ValueError(
+        raise ArgumentError(
             f"channel index {bad[0]} is out of range: the sample has {c} channels (feature maps [C, H, W] of shape "
             f"{tuple(maps.shape)}); valid indices: 0..{c - 1}."
         )
@@ -167,13 +169,13 @@ def _render(
 ) -> torch.Tensor:
     activation = _check_activation(activation)
     if normalize not in ("channel", "global"):
-        raise ValueError(f"normalize={normalize!r}: choose 'channel' (each map by its own min / max) or 'global' "
-                         "(one min / max for all the maps shown).")
+        raise ArgumentError(f"normalize={normalize!r}: choose 'channel' (each map by its own min / max) or 'global' "
+                            "(one min / max for all the maps shown).")
     if cmap not in (None, "gray", "viridis"):
-        raise ValueError(f"cmap={cmap!r}: choose None or 'gray' (grayscale) or 'viridis'.")
+        raise ArgumentError(f"cmap={cmap!r}: choose None or 'gray' (grayscale) or 'viridis'.")
     padding = _index(padding, "padding")
     if padding < 0:
-        raise ValueError(f"padding={padding}: the gap between tiles in pixels must be 0 or more.")
+        raise ArgumentError(f"padding={padding}: the gap between tiles in pixels must be 0 or more.")
     with torch.no_grad():
         maps = _pick_channels(_pick_sample(activation.detach(), sample), channels)
         k = maps.shape[0]
@@ -181,7 +183,7 @@ def _render(
             nrow = math.ceil(math.sqrt(k))
         nrow = _index(nrow, "nrow")
         if nrow < 1:
-            raise ValueError(f"nrow={nrow}: the number of tiles per row must be at least 1.")
+            raise ArgumentError(f"nrow={nrow}: the number of tiles per row must be at least 1.")
         scaled, n_bad = _scale(maps, normalize)
         if n_bad:
             warnings.warn(
@@ -284,11 +286,13 @@ def save_feature_grid(
         TypeError: ``path`` is not a string or path.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or pathlib.Path ending in .png, got {type(path).__name__} {path!r}.")
+        raise ArgumentTypeError(f"path must be a str or pathlib.Path ending in .png, got {type(path).__name__} "
+                                f"{path!r}.")
     out = Path(path).expanduser()
     if out.suffix.lower() != ".png":
         found = f"suffix {out.suffix!r}" if out.suffix else "no suffix"
-        raise ValueError(f"save_feature_grid writes PNG files; {str(path)!r} has {found}. Use a name ending in .png.")
+        raise ArgumentError(f"save_feature_grid writes PNG files; path={str(path)!r} has {found}. Use a name ending "
+                            "in .png.")
     grid = _render(activation, sample=sample, channels=channels, nrow=nrow, padding=padding, normalize=normalize,
                    cmap=cmap, stacklevel=3)
     out.parent.mkdir(parents=True, exist_ok=True)

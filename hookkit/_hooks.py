@@ -11,6 +11,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ._errors import ArgumentError, ArgumentTypeError
 from ._handles import HandleGroup
 from ._ops import OpTaps
 from ._select import LayerSpec, check_model, resolve_nodes, unwrap
@@ -185,15 +186,15 @@ def hooks(
         if mapping is None:
             continue
         if not isinstance(mapping, Mapping):
-            raise TypeError(f"{kind}= takes a dict {{layer: function}}, got {type(mapping).__name__}.")
+            raise ArgumentTypeError(f"{kind}= takes a dict {{layer: function}}, got {type(mapping).__name__}.")
         for spec, fns in mapping.items():
             fn_list = list(fns) if isinstance(fns, (list, tuple)) else [fns]
             for fn in fn_list:
                 if not callable(fn):
-                    raise TypeError(f"{kind}[{spec!r}] is {type(fn).__name__} {fn!r}, not a function.")
+                    raise ArgumentTypeError(f"{kind}[{spec!r}] is {type(fn).__name__} {fn!r}, not a function.")
             selected, nodes = resolve_nodes(model, spec)
             if nodes and kind.startswith("backward"):
-                raise ValueError(
+                raise ArgumentError(
                     f"{kind}[{next(iter(nodes))!r}]: an op node has no {kind} hook (torch has them for modules "
                     "only). Use hookkit.capture(..., grads=True), or call register_hook on the output tensor "
                     "inside a forward hook.")
@@ -201,7 +202,7 @@ def hooks(
                 plan.extend((kind, module, names, _bind(fn, names[0], checks)) for fn in fn_list)
             node_plan.extend((kind, n, scope, _bind(fn, n, checks)) for n, scope in nodes.items() for fn in fn_list)
     if not plan and not node_plan:
-        raise ValueError("hooks() got no hook functions: pass forward=, forward_pre=, backward= or backward_pre=.")
+        raise ArgumentError("hooks() got no hook functions: pass forward=, forward_pre=, backward= or backward_pre=.")
     return Hooks(model, plan, with_kwargs=with_kwargs, always_call=always_call, prepend=prepend,
                  node_plan=node_plan, checks=checks)
 
@@ -215,7 +216,7 @@ def _bind(fn: Callable[..., Any], name: str, checks: list[Callable[[], None]]) -
         return fn
     bound = fn.__hookkit_bind__(name)  # type: ignore[attr-defined]
     if not callable(bound):
-        raise TypeError(f"{fn!r}.__hookkit_bind__({name!r}) returned {type(bound).__name__}, not a function.")
+        raise ArgumentTypeError(f"{fn!r}.__hookkit_bind__({name!r}) returned {type(bound).__name__}, not a function.")
     if getattr(type(bound), "__hookkit_check__", None) is not None:
         checks.append(bound.__hookkit_check__)
     return bound

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import __version__ as _version
-from ._errors import ExtractError
+from ._errors import ArgumentError, ExtractError
 from ._fingerprint import sample0_digest
 from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync, sync_folder
 from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, chunk_name, leftovers, lost_from, offsets_name
@@ -83,8 +83,8 @@ class Features(Mapping[str, np.ndarray]):
         (on disk: ``<layer>.offsets.npy`` beside ``<layer>.npy``)."""
         self[layer]  # a clear KeyError for a layer that was not extracted
         if layer not in self._offsets:
-            raise ValueError(f"{layer!r} has one row per sample, not ragged tokens: feats[{layer!r}][i] is sample "
-                             "i's row.")
+            raise ArgumentError(f"{layer!r} has one row per sample, not ragged tokens: feats[{layer!r}][i] is sample "
+                                "i's row.")
         return self._offsets[layer]
 
     def tokens(self, layer: str, i: int) -> np.ndarray:
@@ -100,7 +100,7 @@ class Features(Mapping[str, np.ndarray]):
         """The ``.npy`` file of ``layer`` (its name, or a cleaned name with a hash when the layer name is not a
         plain file name, e.g. holds ``/``)."""
         if self.out is None or self.manifest is None:
-            raise ValueError("these features are in memory: extract(..., out=DIR) writes files.")
+            raise ArgumentError("these features are in memory: extract(..., out=DIR) writes files.")
         self[layer]  # a clear KeyError for a layer that was not extracted
         return self.out / self.manifest["files"][layer]
 

@@ -40,7 +40,7 @@ import torch
 from . import __version__, _tree
 from ._capture import Recorded, Store
 from ._engine import Call, Recording, count_slots
-from ._errors import SavedCaptureError
+from ._errors import ArgumentError, ArgumentTypeError, SavedCaptureError
 from ._npy import sync, sync_folder
 from ._snapshot import check_guards
 
@@ -756,8 +756,8 @@ def _join(values: list[Any], dim: int, where: str) -> Any:
         try:
             joined.append(torch.cat(tensors, dim=dim))
         except (RuntimeError, IndexError) as exc:
-            raise ValueError(f"hookkit.merge: cannot concatenate tensor {i} of {where} along dim={dim}: "
-                             f"{exc}") from exc
+            raise ArgumentError(f"hookkit.merge: cannot concatenate tensor {i} of {where} along dim={dim}: "
+                                f"{exc}") from exc
     return _tree.fill(_tree.skeleton(values[0]), joined)
 
 
@@ -796,25 +796,25 @@ def merge(captures: Iterable[Store], *, dim: int = 0) -> ReadOnlyCapture:
     """
     caps = list(captures)
     if not caps:
-        raise ValueError("hookkit.merge needs at least one capture.")
+        raise ArgumentError("hookkit.merge needs at least one capture.")
     for i, c in enumerate(caps):
         if not isinstance(c, Recorded):
-            raise TypeError(f"hookkit.merge: item {i} is a {type(c).__name__}, not a capture (hookkit.capture(...) "
-                            "or hookkit.load(...)).")
+            raise ArgumentTypeError(f"hookkit.merge: captures item {i} is a {type(c).__name__}, not a capture "
+                                    "(hookkit.capture(...) or hookkit.load(...)).")
     recs = [c.recording for c in caps]
     first = recs[0]
     for j, rec in enumerate(recs[1:], 1):
         for flag, what in (("want_inputs", "inputs"), ("want_grads", "grads")):
             if getattr(rec, flag) != getattr(first, flag):
-                raise ValueError(f"hookkit.merge: capture {j} was made with {what}={getattr(rec, flag)}, capture 0 "
-                                 f"with {what}={getattr(first, flag)}.")
+                raise ArgumentError(f"hookkit.merge: capture {j} was made with {what}={getattr(rec, flag)}, capture 0 "
+                                    f"with {what}={getattr(first, flag)}.")
         if rec.order != first.order:
             k = next(k for k in range(max(len(rec.order), len(first.order)))
                      if k >= len(rec.order) or k >= len(first.order) or rec.order[k] != first.order[k])
             a = repr(first.order[k]) if k < len(first.order) else "nothing"
             b = repr(rec.order[k]) if k < len(rec.order) else "nothing"
-            raise ValueError(f"hookkit.merge: capture {j} has other layers than capture 0: layer {k} (in order of "
-                             f"first call) is {b} there and {a} in capture 0.")
+            raise ArgumentError(f"hookkit.merge: capture {j} has other layers than capture 0: layer {k} (in order of "
+                                f"first call) is {b} there and {a} in capture 0.")
     if any(rec.param_grads for rec in recs):
         warnings.warn("hookkit.merge leaves param_grads out: a parameter's gradient is not per sample, so it cannot "
                       "be concatenated along the batch dimension; add the captures' param_grads up yourself if your "
@@ -835,8 +835,8 @@ def _merge_layer(name: str, per_capture: list[list[Call]], recs: list[Recording]
     n = len(per_capture[0])
     for j, calls in enumerate(per_capture[1:], 1):
         if len(calls) != n:
-            raise ValueError(f"hookkit.merge: {name!r} ran {n} time(s) in capture 0 but {len(calls)} time(s) in "
-                             f"capture {j}; merge joins captures call by call.")
+            raise ArgumentError(f"hookkit.merge: {name!r} ran {n} time(s) in capture 0 but {len(calls)} time(s) in "
+                                f"capture {j}; merge joins captures call by call.")
     merged: list[Call] = []
     enc = _Encoder(_signature)
     for i in range(n):
@@ -852,8 +852,8 @@ def _merge_layer(name: str, per_capture: list[list[Call]], recs: list[Recording]
             for field, node in signatures[0].items():
                 found = _difference(node, sig[field], "")
                 if found:
-                    raise ValueError(f"hookkit.merge: capture {j} differs from capture 0 at {name!r} call {i}, in "
-                                     f"{field}{found}.")
+                    raise ArgumentError(f"hookkit.merge: capture {j} differs from capture 0 at {name!r} call {i}, in "
+                                        f"{field}{found}.")
         call = Call(_join([p["outputs"] for p in parts], dim, _where(name, "outputs", i, n)))
         source = per_capture[0][i]
         if recs[0].want_inputs:

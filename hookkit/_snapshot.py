@@ -13,7 +13,7 @@ import torch
 
 from . import _tree
 from ._compat import is_functorch_wrapped
-from ._errors import ModifiedInPlaceError, NotRecordedError
+from ._errors import ArgumentError, ArgumentTypeError, ModifiedInPlaceError, NotRecordedError
 
 __all__ = ["To", "parse_to", "Snapshotter", "Untappable", "Watch", "check_guards", "refuse_unstored", "shares_memory"]
 
@@ -31,19 +31,19 @@ def parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
             continue
         if isinstance(item, torch.dtype):
             if dtype is not None and item != dtype:
-                raise ValueError(f"to={to!r} names two dtypes ({dtype} and {item}); give one.")
+                raise ArgumentError(f"to={to!r} names two dtypes ({dtype} and {item}); give one.")
             dtype = item
         elif isinstance(item, (str, torch.device)):
             try:
                 new = torch.device(item)
             except RuntimeError:
-                raise ValueError(
+                raise ArgumentError(
                     f"to={to!r}: {item!r} is not a device; use e.g. 'cpu', 'cuda:0' or torch.float16.") from None
             if device is not None and new != device:
-                raise ValueError(f"to={to!r} names two devices ({device} and {new}); give one.")
+                raise ArgumentError(f"to={to!r} names two devices ({device} and {new}); give one.")
             device = new
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"to={to!r}: expected a device ('cpu', torch.device), a dtype (torch.float16) or a tuple of both."
             )
     if device is not None:
@@ -51,8 +51,8 @@ def parse_to(to: To) -> tuple[torch.device | None, torch.dtype | None]:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as exc:  # no CUDA build / no such device index
             reason = " ".join(str(exc).split()).split(". ")[0]
-            raise ValueError(f"to={to!r}: device {str(device)!r} is not available here ({reason}). Use 'cpu', or a "
-                             "device this machine has.") from None
+            raise ArgumentError(f"to={to!r}: device {str(device)!r} is not available here ({reason}). Use 'cpu', or a "
+                                "device this machine has.") from None
     return device, dtype
 
 

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from . import _tree
 from ._compat import buffers_of
-from ._errors import SummaryError
+from ._errors import ArgumentError, SummaryError
 from ._handles import HandleGroup
 from ._select import Layers, check_model, resolve
 from ._stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
@@ -171,7 +171,7 @@ def summary(
     """
     check_model(model)
     if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
-        raise ValueError(f"depth must be a whole number >= 1 (1 shows only top-level layers), got {depth!r}.")
+        raise ArgumentError(f"depth must be a whole number >= 1 (1 shows only top-level layers), got {depth!r}.")
     if layers is None:
         targets = [(name, module) for name, module in model.named_modules() if name]
     else:

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import _tree
 from ._capture import capture
+from ._errors import ArgumentError, ArgumentTypeError
 from ._hooks import hooks
 from ._select import Layers, resolve_nodes
 
@@ -80,7 +81,7 @@ class Sweep:
         """Draw ``values`` as a layer x position heatmap into ``path`` (PNG), the positions named by ``labels``
         (e.g. the tokens) if given; needs matplotlib (``pip install 'hookkit[plot]'``)."""
         if labels is not None and len(labels) < max((p for p in self.positions if p is not None), default=-1) + 1:
-            raise ValueError(f"labels has {len(labels)} name(s), too few for positions {self.positions}.")
+            raise ArgumentError(f"labels has {len(labels)} name(s), too few for positions {self.positions}.")
         from ._plot import matplotlib_figure
 
         Figure, FigureCanvasAgg = matplotlib_figure("drawing a patching sweep")
@@ -152,7 +153,7 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
         TypeError: ``metric`` did not return a single number.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch={batch!r}: the most cells per forward, a whole number >= 1 (1: no batching).")
+        raise ArgumentError(f"batch={batch!r}: the most cells per forward, a whole number >= 1 (1: no batching).")
     _same_structure(clean, corrupt)
     selected, nodes = resolve_nodes(model, layers)  # LayerNotFoundError before anything runs
     names = [n for ns in selected.values() for n in ns] + list(nodes)
@@ -168,8 +169,8 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
         forward_seconds = time.perf_counter() - start
     missing = [n for n in names if n not in cache]
     if missing:
-        raise ValueError(f"layer(s) {missing} did not run in the clean forward, so there is nothing to patch in; "
-                         "pick layers that run (hookkit.layer_names(model, x) lists those of a forward).")
+        raise ArgumentError(f"layer(s) {missing} did not run in the clean forward, so there is nothing to patch in; "
+                            "pick layers that run (hookkit.layer_names(model, x) lists those of a forward).")
     calls = {n: [_first_tensor(v, n) for v in cache.calls(n)] for n in names}  # what is patched in, per call
     cols = _positions(positions, calls, dim)
     cells = [(i, j) for i in range(len(names)) for j in range(len(cols))]
@@ -190,9 +191,9 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
         forwards += 1
         for name, n in seen.items():
             if n != len(calls[name]):
-                raise ValueError(f"layer {name!r} ran {len(calls[name])} time(s) in the clean forward but {n} in a "
-                                 "patched one, so its calls cannot be paired; patching needs the same control flow "
-                                 "in both runs.")
+                raise ArgumentError(f"layer {name!r} ran {len(calls[name])} time(s) in the clean forward but {n} in a "
+                                    "patched one, so its calls cannot be paired; patching needs the same control flow "
+                                    "in both runs.")
         for k, (i, j) in enumerate(chunk):
             values[i, j] = _number(metric(_slice(out, k * n_in, (k + 1) * n_in, len(chunk) * n_in)),
                                    f"the run with {names[i]!r} patched")
@@ -212,22 +213,22 @@ def _call(model: nn.Module, x: Any) -> Any:
 def _same_structure(clean: Any, corrupt: Any) -> None:
     a, b = _tree.leaves(clean), _tree.leaves(corrupt)
     if type(clean) is not type(corrupt) or len(a) != len(b):
-        raise ValueError(f"clean and corrupt must have the same structure: got {type(clean).__name__} with {len(a)} "
-                         f"tensor(s) and {type(corrupt).__name__} with {len(b)}.")
+        raise ArgumentError(f"clean and corrupt must have the same structure: got {type(clean).__name__} with {len(a)} "
+                            f"tensor(s) and {type(corrupt).__name__} with {len(b)}.")
     if not a:
-        raise ValueError("clean and corrupt hold no tensor: pass the model's input (a tensor, tuple or dict).")
+        raise ArgumentError("clean and corrupt hold no tensor: pass the model's input (a tensor, tuple or dict).")
     for k, (u, v) in enumerate(zip(a, b, strict=True)):
         if u.shape != v.shape:
-            raise ValueError(f"clean and corrupt differ in shape at tensor {k}: {tuple(u.shape)} vs "
-                             f"{tuple(v.shape)}; pad them to the same length (the same number of tokens), since "
-                             "patching pairs positions one to one.")
+            raise ArgumentError(f"clean and corrupt differ in shape at tensor {k}: {tuple(u.shape)} vs "
+                                f"{tuple(v.shape)}; pad them to the same length (the same number of tokens), since "
+                                "patching pairs positions one to one.")
 
 
 def _batch_size(x: Any) -> int:
     sizes = {t.shape[0] if t.dim() else None for t in _tree.leaves(x)}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError("every input tensor needs the batch on dim 0, of one size; got first dims "
-                         f"{sorted(map(str, sizes))}.")
+        raise ArgumentError("every input tensor needs the batch on dim 0, of one size; got first dims "
+                            f"{sorted(map(str, sizes))}.")
     return int(next(iter(sizes)))  # type: ignore[arg-type]
 
 
@@ -244,18 +245,19 @@ def _slice(out: Any, lo: int, hi: int, total: int) -> Any:
 def _number(value: Any, what: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise TypeError(f"metric returned a tensor of shape {tuple(value.shape)} for {what}; it must return one "
-                            "number (reduce it, e.g. .mean()).")
+            raise ArgumentTypeError(f"metric returned a tensor of shape {tuple(value.shape)} for {what}; it must "
+                                    "return one number (reduce it, e.g. .mean()).")
         return float(value.detach().double())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise TypeError(f"metric returned {type(value).__name__} for {what}; it must return one number.")
+    raise ArgumentTypeError(f"metric returned {type(value).__name__} for {what}; it must return one number.")
 
 
 def _first_tensor(value: Any, name: str) -> torch.Tensor:
     found = _tree.leaves(value)
     if not found:
-        raise ValueError(f"layer {name!r} returned no tensor ({type(value).__name__}), so there is nothing to patch.")
+        raise ArgumentError(f"layer {name!r} returned no tensor ({type(value).__name__}), so there is nothing to "
+                            "patch.")
     return found[0]
 
 
@@ -267,23 +269,24 @@ def _positions(positions: Sequence[int] | bool | None, calls: dict[str, list[tor
     for name, tensors in calls.items():
         for t in tensors:
             if t.dim() <= dim:
-                raise ValueError(f"layer {name!r} returns shape {tuple(t.shape)}, which has no position dim {dim}; "
-                                 "pass dim= (the position dimension), or positions=None to patch whole outputs.")
+                raise ArgumentError(f"layer {name!r} returns shape {tuple(t.shape)}, which has no position dim {dim}; "
+                                    "pass dim= (the position dimension), or positions=None to patch whole outputs.")
             lengths[name] = t.shape[dim]
     if len(set(lengths.values())) > 1:
         (a, n), (b, m) = min(lengths.items(), key=lambda kv: kv[1]), max(lengths.items(), key=lambda kv: kv[1])
-        raise ValueError(f"layer {a!r} has {n} position(s) along dim {dim} and {b!r} has {m}: a position sweep needs "
-                         "layers of one sequence length; sweep those apart, or positions=None for whole outputs.")
+        raise ArgumentError(f"layer {a!r} has {n} position(s) along dim {dim} and {b!r} has {m}: a position sweep "
+                            "needs layers of one sequence length; sweep those apart, or positions=None for whole "
+                            "outputs.")
     length = next(iter(lengths.values()))
     if positions is True:
         return list(range(length))
     if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence) or not positions:
-        raise ValueError(f"positions={positions!r}: None, True, or a non-empty list of positions.")
+        raise ArgumentError(f"positions={positions!r}: None, True, or a non-empty list of positions.")
     out: list[int | None] = []
     for p in positions:
         if isinstance(p, bool) or not isinstance(p, int) or not -length <= p < length:
-            raise ValueError(f"position {p!r} is outside the layers' outputs, which have {length} positions along "
-                             f"dim {dim}.")
+            raise ArgumentError(f"position {p!r} is outside the layers' outputs, which have {length} positions along "
+                                f"dim {dim}.")
         out.append(p % length)
     return out
 

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from . import _tree
 from ._engine import Engine
-from ._errors import NonFiniteError
+from ._errors import ArgumentTypeError, NonFiniteError
 from ._ops import OpSite
 from ._select import Layers
 from ._stats import TensorStats, describe, shorten_name, tensor_stats
@@ -85,8 +85,9 @@ class Trace:
     def __init__(self, model: nn.Module, layers: Layers | None, *, console: Console | None, backward: bool,
                  inputs: bool, stats: bool, ops: bool = False) -> None:
         if console is not None and not isinstance(console, Console):
-            raise TypeError(f"console= takes a rich.console.Console, got {type(console).__name__} {console!r}. For "
-                            "standard output leave it out; for text, Console(file=io.StringIO(), color_system=None).")
+            raise ArgumentTypeError(f"console= takes a rich.console.Console, got {type(console).__name__} "
+                                    f"{console!r}. For standard output leave it out; for text, "
+                                    "Console(file=io.StringIO(), color_system=None).")
         self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
                               ops=ops)
         self._console = console
