@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ._compat import is_compiled_in_place
-from ._errors import LayerNotFoundError, UnsupportedModelError
+from ._errors import ArgumentError, ArgumentTypeError, LayerNotFoundError, UnsupportedModelError
 
 __all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "resolve_nodes", "check_model", "unwrap"]
 
@@ -66,8 +66,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
 
 def _require_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"hookkit needs a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}. "
+        raise ArgumentTypeError(
+            f"model= must be a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}. "
             "Pass the model object itself (not its output, state_dict or a function)."
         )
 
@@ -101,8 +101,9 @@ def check_model(model: Any, named: list[tuple[str, nn.Module]] | None = None) ->
             )
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """``*`` matches inside one dotted component, ``**`` across components, ``?`` one character, ``[..]`` a set."""
+def _glob_regex(pattern: str, param: str = "layers") -> re.Pattern[str]:
+    """``*`` matches inside one dotted component, ``**`` across components, ``?`` one character, ``[..]`` a set.
+    A pattern that is no valid set (``"a[z-a]"``) is an ``ArgumentError`` naming ``param`` (the option it came in)."""
     out, i = [], 0
     while i < len(pattern):
         c = pattern[i]
@@ -120,6 +121,9 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape(c))
             else:
                 body = pattern[i + 1 : end]
+                if body in ("", "!"):
+                    raise ArgumentError(f"{param}: the pattern {pattern!r} is not a valid glob: its set "
+                                        f"'[{body}]' lists no character. Write e.g. 'layer[1-4]'.")
                 if body.startswith("!"):
                     body = "^" + body[1:]
                 out.append(f"[{body}]")
@@ -127,7 +131,12 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(c))
         i += 1
-    return re.compile("".join(out) + r"\Z")
+    try:
+        return re.compile("".join(out) + r"\Z")
+    except re.error as exc:  # only a [..] set reaches the regex unescaped: its body is what is wrong
+        raise ArgumentError(f"{param}: the pattern {pattern!r} is not a valid glob ({exc.msg} in its [...] set). A "
+                            "set lists characters or ranges low-high, e.g. 'layer[1-4]'; '[!...]' excludes them.",
+                            ) from None
 
 
 def _describe(spec: Any) -> str:
@@ -182,12 +191,12 @@ def _as_list(layers: Any) -> list[Any]:
     try:
         specs = list(layers)
     except TypeError:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"layers must be a name, glob, module class, module, predicate (name, module) -> bool, or a list of "
             f"these; got {type(layers).__name__}."
         ) from None
     if not specs:
-        raise ValueError("layers is empty: name at least one layer (see hookkit.layer_names(model)).")
+        raise ArgumentError("layers is empty: name at least one layer (see hookkit.layer_names(model)).")
     return specs
 
 
@@ -244,7 +253,7 @@ def resolve_nodes(model: nn.Module, layers: Any, walked: list[tuple[str, nn.Modu
         elif callable(spec):
             hits = [n for n, m in named if n and spec(n, m)]
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"cannot select layers with {type(spec).__name__} {spec!r}: use a name, a glob, a module class, "
                 "a module object or a predicate (name, module) -> bool."
             )

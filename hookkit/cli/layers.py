@@ -120,6 +120,8 @@ def _discover(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str | None, 
 def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: list[_Row], ran: bool) -> set[str]:
     """The names of ``rows`` that ``--filter spec`` selects: a glob as capture() matches it, or one exact name.
     Without a run, exactly what capture() would select; with one, the op and repeated-call names too."""
+    if _GLOB_CHARS.search(spec):
+        _glob_regex(spec, "--filter")  # capture()'s own check of a pattern, its error naming the option
     if not ran:
         selected, nodes = resolve_nodes(model, spec)
         if nodes:
