@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import _tree
+from . import _check, _tree
 from ._engine import Call, Engine, Recording, count_slots
 from ._errors import ArgumentError, ArgumentTypeError, GradientUnavailableError, NotRecordedError
 from ._select import Layers
@@ -34,7 +34,7 @@ def _find(rec: Recording, name: str) -> list[Call] | None:
 
 def _calls_of(rec: Recording, name: str, kind: str) -> list[Call]:
     if not isinstance(name, str):
-        raise ArgumentTypeError(f"layer names are strings, got {type(name).__name__} {name!r}.")
+        raise ArgumentTypeError(f"layer names are strings, got {_check.shown(name)}.")
     calls = _find(rec, name)
     if calls is None:
         selected = rec.selected_names
@@ -209,6 +209,7 @@ class Recorded(Store):
         """
         from ._saved import save  # _saved builds on this module
 
+        _check.path("Capture.save", "path", path)
         save(self, path)
 
 
@@ -232,6 +233,8 @@ class Capture(Recorded):
         stop: bool = False,
         param_grads: bool = False,
     ) -> None:
+        _check.flag("hookkit.capture", inputs=inputs, grads=grads, detach=detach, clone=clone, stop=stop,
+                    param_grads=param_grads)
         self._engine = Engine(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to,
                               stop=stop, param_grads=param_grads)
         super().__init__(self._engine.recording)
@@ -332,10 +335,17 @@ def concat_calls(values: list[Any], dim: int = 1) -> Any:
     Raises:
         ValueError: no calls, or calls whose structures differ.
     """
+    _check.instance("hookkit.concat_calls", "values", values, (list, tuple), "a list of calls (cap.calls(name))")
+    _check.whole("hookkit.concat_calls", "dim", dim)
     if not values:
-        raise ArgumentError("concat_calls needs at least one call; did the layer run inside the capture block?")
+        raise ArgumentError("concat_calls: values= holds no call; did the layer run inside the capture block?")
     per_call = [_tree.leaves(v) for v in values]
     if any(len(p) != len(per_call[0]) for p in per_call):
-        raise ArgumentError("the calls hold different numbers of tensors, so they cannot be joined tensor by tensor.")
+        raise ArgumentError("concat_calls: the calls in values= hold different numbers of tensors, so they cannot be "
+                            "joined tensor by tensor.")
+    for t in per_call[0]:
+        if not -t.dim() <= dim < t.dim():
+            raise ArgumentError(f"concat_calls: dim={dim} is not a dim of the calls' {t.dim()}-D tensors (shape "
+                                f"{tuple(t.shape)}); give a dim from {-t.dim()} to {t.dim() - 1}.")
     joined = [torch.cat([p[i] for p in per_call], dim=dim) for i in range(len(per_call[0]))]
     return _tree.fill(_tree.skeleton(values[0]), joined)

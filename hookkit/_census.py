@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
 
+from . import _check
 from ._compat import function_mode_stack
 
 __all__ = ["hook_census"]
@@ -45,6 +46,7 @@ def hook_census(model: nn.Module) -> dict[str, Any]:
 
     The first call imports ``torch._dynamo`` (as importing torchvision does) so that its config can be compared.
     """
+    _check.instance("hookkit.hook_census", "model", model, nn.Module, "a torch.nn.Module")
     import torch._dynamo  # noqa: F401  (its config is part of the census)
 
     census: dict[str, Any] = {}

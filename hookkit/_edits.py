@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from . import _check
 from ._capture import Store
 from ._errors import ArgumentError, ArgumentTypeError, EditError, NotRecordedError
 from ._hooks import Hooks, hooks
@@ -232,8 +233,8 @@ class _Patch(Edit):
 
     def __init__(self, value: torch.Tensor | Store, *, index: Index, call: int | None, out: Out) -> None:
         if not isinstance(value, (torch.Tensor, Store)):
-            raise ArgumentTypeError(f"hookkit.patch takes a tensor or a hookkit.Capture (or one of its stores), got "
-                                    f"{type(value).__name__}; to zero an output use hookkit.ablate().")
+            raise ArgumentTypeError(f"hookkit.patch: value= takes a tensor or a hookkit.Capture (or one of its "
+                                    f"stores), got {type(value).__name__}; to zero an output use hookkit.ablate().")
         super().__init__(index=index, call=call, out=out)
         self.value = value
 
@@ -265,7 +266,7 @@ class _Add(Edit):
 
     def __init__(self, vector: torch.Tensor, *, scale: float, index: Index, call: int | None, out: Out) -> None:
         if not isinstance(vector, torch.Tensor):
-            raise ArgumentTypeError(f"hookkit.add takes a tensor (e.g. a [d_model] steering vector), got "
+            raise ArgumentTypeError(f"hookkit.add: vector= takes a tensor (e.g. a [d_model] steering vector), got "
                                     f"{type(vector).__name__}.")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise ArgumentTypeError(f"hookkit.add: scale= takes a number, got {type(scale).__name__} {scale!r}.")
@@ -493,8 +494,10 @@ class Edits:
     """
 
     def __init__(self, model: nn.Module, edits: Mapping[LayerSpec, Edit]) -> None:
-        if not isinstance(edits, Mapping) or not edits:
-            raise TypeError(f"hookkit.edits takes a non-empty dict {{layer: edit}}, got {edits!r}.")
+        _check.instance("hookkit.edits", "edits", edits, Mapping, "a dict {layer: edit}")
+        if not edits:
+            raise ArgumentError("hookkit.edits: edits={} holds no edit; give {layer: edit}, e.g. "
+                                "{'layer1': hookkit.ablate()}.")
         for spec, edit in edits.items():
             if not isinstance(edit, Edit):
                 raise ArgumentTypeError(f"hookkit.edits: the value for {spec!r} is {type(edit).__name__}, not an edit "

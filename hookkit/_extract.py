@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _tree
+from . import _check, _tree
 from ._engine import Engine
 from ._errors import ArgumentError, ArgumentTypeError, ExtractError, HookkitError
 from ._fingerprint import call_settings
 from ._rowstore import Features, MemoryRows, NpyFolder, Rows, RowStore, TokenRows
-from ._select import resolve
+from ._select import check_model, resolve
 from ._shards import Batch, RoundRobin, ranks, sample_count, share
 from ._snapshot import shares_memory
 from ._stats import fmt_bytes
@@ -117,6 +117,10 @@ def extract(
             arguments or data, or another process writing into ``out``. Rows already written stay.
         LayerNotFoundError, TypeError, ValueError: bad layers or options, before anything runs or is written.
     """
+    check_model(model)
+    _check.instance("hookkit.extract", "data", data, Iterable, "an iterable of batches (a DataLoader, a list)")
+    _check.path("hookkit.extract", "out", out, none=True)
+    _check.flag("hookkit.extract", progress=progress, stop=stop)
     torch_dtype = _checked_options(pool, dtype, dataset_id, mask)
     rank, world, dist = ranks(_device(model))
     names = _checked_layers(model, layers, select, out=out, world=world)
@@ -156,8 +160,7 @@ def _checked_options(pool: Pool, dtype: Any, dataset_id: Any, mask: Any) -> torc
 def _checked_layers(model: nn.Module, layers: str | list[str], select: Select, *, out: Any, world: int) -> list[str]:
     """The layer names (model and names checked first), ``select``'s keys against them, and ``out`` under
     torchrun: everything is refused before anything runs or is written."""
-    layer_list = [layers] if isinstance(layers, str) else list(layers)
-    names = [n for ns in resolve(model, layer_list).values() for n in ns]
+    names = [n for ns in resolve(model, layers).values() for n in ns]
     if any(n == "" for n in names):
         raise ArgumentError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
     _check_select(select, names)

@@ -18,7 +18,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 from rich.tree import Tree
 
-from ._errors import ArgumentError, ArgumentTypeError
+from . import _check
+from ._errors import ArgumentTypeError
 from ._stats import dtype_short, shape_str
 
 __all__ = ["graph", "AutogradGraph", "GraphNode"]
@@ -174,9 +175,8 @@ def graph(tensor: torch.Tensor, *, params: Params | None = None, max_depth: int 
     if not isinstance(tensor, torch.Tensor):
         raise ArgumentTypeError(f"hookkit.graph: tensor= takes a torch.Tensor (e.g. a loss or a model output), got "
                                 f"{type(tensor).__name__}.")
-    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0):
-        raise ArgumentError(f"max_depth must be a whole number >= 0 (0 shows only the tensor's grad_fn) or None, "
-                            f"got {max_depth!r}.")
+    _check.whole("hookkit.graph", "max_depth", max_depth, minimum=0, none=True,
+                 meaning=" (0 shows only the tensor's grad_fn)")
     names = _names_by_identity(params)
     head = _tensor_head(tensor)
     if tensor.grad_fn is None:

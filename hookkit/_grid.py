@@ -66,19 +66,20 @@ def _check_activation(activation: Any) -> torch.Tensor:
         hint = ""
         if isinstance(activation, (tuple, list, dict)):
             hint = " This layer returned several values: pass the feature-map tensor itself, e.g. cap[name][0]."
-        raise ArgumentTypeError(f"feature_grid expects a tensor {_SHAPES}; got {type(activation).__name__}.{hint}")
+        raise ArgumentTypeError(f"feature_grid: activation= takes a tensor {_SHAPES}; got "
+                                f"{type(activation).__name__}.{hint}")
     if activation.dim() not in (3, 4):
         hint = ""
         if activation.dim() == 2:
             hint = " A [N, features] output (Linear, pooled features) has no spatial maps to draw."
         raise ArgumentError(
-            f"feature_grid expects a tensor {_SHAPES}; got shape {tuple(activation.shape)} "
+            f"feature_grid: activation= takes a tensor {_SHAPES}; got shape {tuple(activation.shape)} "
             f"({activation.dim()}-D).{hint}"
         )
     if activation.is_complex():
-        raise ArgumentTypeError(f"feature_grid draws real values; got a {activation.dtype} tensor.")
+        raise ArgumentTypeError(f"feature_grid draws real values; activation= is a {activation.dtype} tensor.")
     if activation.is_meta:
-        raise ArgumentError("feature_grid needs values to draw; got a meta tensor (shape only, no data).")
+        raise ArgumentError("feature_grid needs values to draw; activation= is a meta tensor (shape only, no data).")
     return activation
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from . import _check
 from ._errors import ArgumentError, ArgumentTypeError
 from ._handles import HandleGroup
 from ._ops import OpTaps
@@ -178,6 +179,7 @@ def hooks(
         TypeError: a value is not callable, or ``model`` is not an ``nn.Module``.
     """
     check_model(model)  # also checked by resolve(); here so that a bad model fails even with no hooks given
+    _check.flag("hookkit.hooks", with_kwargs=with_kwargs, always_call=always_call, prepend=prepend)
     given = {"forward": forward, "forward_pre": forward_pre, "backward": backward, "backward_pre": backward_pre}
     plan: list[tuple[str, nn.Module, list[str], Callable[..., Any]]] = []
     node_plan: list[tuple[str, str, str, Callable[..., Any]]] = []

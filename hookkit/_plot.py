@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from . import _check
 from ._errors import PlotError
 from ._sinks import JSONL_NAME, BadLine, read_jsonl
 
@@ -291,6 +292,10 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
         PlotError: the run cannot be read (see ``read_run``), or a statistic is unknown (with the closest names).
         ImportError: matplotlib is not installed (``pip install 'hookkit[plot]'``).
     """
+    _check.path("hookkit.plot_run", "run", run)
+    _check.path("hookkit.plot_run", "out", out, none=True)
+    _check.instance("hookkit.plot_run", "stats", stats, (str, list, tuple), "a statistic name or a list of them")
+    _check.instance("hookkit.plot_run", "heatmap", heatmap, (bool, type(None)), "True, False or None (automatic)")
     stats = check_stats(stats)
     return save_png(read_run(run), run, out, stats=stats, heatmap=heatmap)
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import __version__ as _version
-from ._errors import ArgumentError, ExtractError
+from ._errors import ArgumentError, ArgumentTypeError, ExtractError, NotRecordedError
 from ._fingerprint import sample0_digest
 from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync, sync_folder
 from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, chunk_name, leftovers, lost_from, offsets_name
@@ -67,10 +67,12 @@ class Features(Mapping[str, np.ndarray]):
         self.manifest = manifest
 
     def __getitem__(self, layer: str) -> np.ndarray:
+        if not isinstance(layer, str):
+            raise ArgumentTypeError(f"layer names are strings, got {type(layer).__name__} {layer!r}.")
         try:
             return self._arrays[layer]
         except KeyError:
-            raise KeyError(f"{layer!r} was not extracted; layers: {', '.join(self._arrays)}") from None
+            raise NotRecordedError(f"{layer!r} was not extracted; layers: {', '.join(self._arrays)}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)
@@ -91,7 +93,9 @@ class Features(Mapping[str, np.ndarray]):
         """Sample ``i``'s valid tokens of a ragged layer, [T_i, ...]."""
         offsets = self.offsets(layer)
         n = len(offsets) - 1
-        if not isinstance(i, (int, np.integer)) or not -n <= i < n:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ArgumentTypeError(f"Features.tokens: i= takes a sample index (int), got {type(i).__name__} {i!r}.")
+        if not -n <= i < n:
             raise IndexError(f"sample {i!r} of {layer!r}: there are {n} samples (0 to {n - 1}).")
         i = int(i) % n
         return self._arrays[layer][int(offsets[i]):int(offsets[i + 1])]

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, _tree
+from . import __version__, _check, _tree
 from ._capture import Recorded, Store
 from ._engine import Call, Recording, count_slots
 from ._errors import ArgumentError, ArgumentTypeError, SavedCaptureError
@@ -794,9 +794,12 @@ def merge(captures: Iterable[Store], *, dim: int = 0) -> ReadOnlyCapture:
         TypeError: an item is not a capture.
         ModifiedInPlaceError: a stored tensor was changed in place after capture.
     """
+    if not isinstance(captures, Iterable) or isinstance(captures, (str, bytes, Recorded)):
+        raise ArgumentTypeError(f"hookkit.merge: captures= takes a list of captures, got {_check.shown(captures)}.")
+    _check.whole("hookkit.merge", "dim", dim)
     caps = list(captures)
     if not caps:
-        raise ArgumentError("hookkit.merge needs at least one capture.")
+        raise ArgumentError("hookkit.merge: captures= is empty; it needs at least one capture.")
     for i, c in enumerate(caps):
         if not isinstance(c, Recorded):
             raise ArgumentTypeError(f"hookkit.merge: captures item {i} is a {type(c).__name__}, not a capture "

@@ -20,9 +20,9 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from . import _tree
+from . import _check, _tree
 from ._compat import buffers_of
-from ._errors import ArgumentError, SummaryError
+from ._errors import SummaryError
 from ._handles import HandleGroup
 from ._select import Layers, check_model, resolve
 from ._stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
@@ -170,8 +170,8 @@ def summary(
         ValueError: ``depth`` is below 1.
     """
     check_model(model)
-    if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
-        raise ArgumentError(f"depth must be a whole number >= 1 (1 shows only top-level layers), got {depth!r}.")
+    _check.whole("hookkit.summary", "depth", depth, minimum=1, none=True, meaning=" (1 shows only top-level layers)")
+    _check.flag("hookkit.summary", timing=timing)
     if layers is None:
         targets = [(name, module) for name, module in model.named_modules() if name]
     else:

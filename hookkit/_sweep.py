@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import _tree
+from . import _check, _tree
 from ._capture import capture
 from ._errors import ArgumentError, ArgumentTypeError
 from ._hooks import hooks
@@ -80,6 +80,10 @@ class Sweep:
     def save_png(self, path: str | Path, *, title: str | None = None, labels: Sequence[str] | None = None) -> Path:
         """Draw ``values`` as a layer x position heatmap into ``path`` (PNG), the positions named by ``labels``
         (e.g. the tokens) if given; needs matplotlib (``pip install 'hookkit[plot]'``)."""
+        where = "Sweep.save_png"
+        _check.path(where, "path", path)
+        _check.instance(where, "title", title, (str, type(None)), "a str or None")
+        _check.instance(where, "labels", labels, (list, tuple, type(None)), "a list of position names or None")
         if labels is not None and len(labels) < max((p for p in self.positions if p is not None), default=-1) + 1:
             raise ArgumentError(f"labels has {len(labels)} name(s), too few for positions {self.positions}.")
         from ._plot import matplotlib_figure
@@ -100,6 +104,7 @@ class Sweep:
                      fontsize=9)
         fig.tight_layout()
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # as save_feature_grid and plot_run do
         fig.savefig(path, dpi=110)
         return path
 
@@ -152,8 +157,11 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
             patched one (or the other way round).
         TypeError: ``metric`` did not return a single number.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ArgumentError(f"batch={batch!r}: the most cells per forward, a whole number >= 1 (1: no batching).")
+    where = "hookkit.patching_sweep"
+    _check.function(where, "metric", metric, meaning=" (the model's output -> one number)")
+    _check.function(where, "forward", forward, none=True, meaning=" (model, input) -> output")
+    _check.whole(where, "dim", dim)
+    _check.whole(where, "batch", batch, minimum=1, meaning=" (the most cells per forward; 1: no batching)")
     _same_structure(clean, corrupt)
     selected, nodes = resolve_nodes(model, layers)  # LayerNotFoundError before anything runs
     names = [n for ns in selected.values() for n in ns] + list(nodes)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.text import Text
 
-from . import _tree
+from . import _check, _tree
 from ._engine import Engine
 from ._errors import ArgumentTypeError, NonFiniteError
 from ._ops import OpSite
@@ -88,6 +88,7 @@ class Trace:
             raise ArgumentTypeError(f"console= takes a rich.console.Console, got {type(console).__name__} "
                                     f"{console!r}. For standard output leave it out; for text, "
                                     "Console(file=io.StringIO(), color_system=None).")
+        _check.flag("hookkit.trace", backward=backward, inputs=inputs, stats=stats, ops=ops)
         self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
                               ops=ops)
         self._console = console
@@ -208,6 +209,7 @@ class CheckFinite:
     """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
+        _check.flag("hookkit.check_finite", backward=backward, ops=ops)
         self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
                               ops=ops)
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version

@@ -494,7 +494,7 @@ def test_bad_edits_blocks_raise_before_any_hook():
     before = hook_census(model)
     with pytest.raises(TypeError, match="not an edit"):
         hookkit.edits(model, {"lin": lambda m, a, o: o})
-    with pytest.raises(TypeError, match="non-empty dict"):
+    with pytest.raises(hookkit.ArgumentError, match="holds no edit"):  # a ValueError: an empty dict is a dict
         hookkit.edits(model, {})
     with pytest.raises(hookkit.LayerNotFoundError):
         hookkit.edits(model, {"lin": hookkit.ablate(), "nope": hookkit.ablate()})
