@@ -47,7 +47,8 @@ def choice(where: str, param: str, value: Any, choices: Iterable[Any]) -> None:
     """``value`` is one of ``choices`` (compared with ``==`` only for values of the same type)."""
     options = list(choices)
     if not any(type(value) is type(c) and value == c for c in options):
-        listed = ", ".join(repr(c) for c in options)
+        shown_options = [repr(c) for c in options]
+        listed = " or ".join([", ".join(shown_options[:-1]), shown_options[-1]] if len(options) > 1 else shown_options)
         raise ArgumentError(f"{where}: {param}={value!r} is not one of the choices: use {listed}.")
 
 

@@ -287,8 +287,7 @@ class _Ablate(Edit):
 
     def __init__(self, kind: str, *, over: int | tuple[int, ...], mean: torch.Tensor | None, index: Index,
                  call: int | None, out: Out) -> None:
-        if kind not in ("zero", "mean"):
-            raise ArgumentError(f"hookkit.ablate: kind={kind!r}; expected 'zero' or 'mean'.")
+        _check.choice("hookkit.ablate", "kind", kind, ("zero", "mean"))
         over_dims = over if isinstance(over, tuple) else (over,)
         if not over_dims or any(isinstance(d, bool) or not isinstance(d, int) for d in over_dims):
             raise ArgumentTypeError(f"hookkit.ablate: over= takes a dim or a tuple of dims (ints), got {over!r}.")
