@@ -32,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import _check
-from ._errors import PlotError
+from ._errors import ArgumentError, PlotError
 from ._sinks import JSONL_NAME, BadLine, read_jsonl
 
 if TYPE_CHECKING:
@@ -297,6 +297,7 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     _check.instance("hookkit.plot_run", "stats", stats, (str, list, tuple), "a statistic name or a list of them")
     _check.instance("hookkit.plot_run", "heatmap", heatmap, (bool, type(None)), "True, False or None (automatic)")
     stats = check_stats(stats)
+    check_png(out)
     return save_png(read_run(run), run, out, stats=stats, heatmap=heatmap)
 
 
@@ -310,6 +311,19 @@ def save_png(records: Sequence[dict[str, Any]], run: str | os.PathLike[str], out
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     return png
+
+
+def check_png(out: str | os.PathLike[str] | None, option: str = "out=") -> None:
+    """Refuse an ``out`` that is a folder or does not end in ``.png`` (``option``: how the message names it)."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ArgumentError(f"{option}{str(out)!r} is a folder; pass the PNG file to write, e.g. "
+                            f"{str(path / _PNG_FILE)!r}.")
+    if path.suffix.lower() != ".png":
+        raise ArgumentError(f"{option}{str(out)!r} does not end in .png; a monitor plot is a PNG: pass a name "
+                            "ending in .png.")
 
 
 def check_stats(stats: Iterable[str]) -> list[str]:

@@ -303,7 +303,8 @@ BAD = [
     # and console (the options monitor checks when the block is made)
     *rows("monitor", *layer_bads),
     *rows("plot_run", ("run", 3, T), ("run", lambda e: e.tmp / "nothing", hookkit.PlotError, "nothing"),
-          ("out", 3, T), ("stats", ["nope"], hookkit.PlotError, "nope"), ("stats", 3, T), ("heatmap", "yes", T)),
+          ("out", 3, T), ("out", lambda e: e.tmp, V), ("out", lambda e: e.out / "plot.jpg", V),
+          ("stats", ["nope"], hookkit.PlotError, "nope"), ("stats", 3, T), ("heatmap", "yes", T)),
     # checked in test_saved.py: load's path, device and verify (a file's reader checks its own arguments)
     *rows("load", ("path", lambda e: e.tmp / "nothing", hookkit.SavedCaptureError, "nothing")),
     *rows("merge", ("captures", [], V), ("captures", 3, T), ("captures", [3], T), ("dim", "0", T), ("dim", 5, V)),

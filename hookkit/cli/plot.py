@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .._errors import CommandLineError, PlotError
-from .._plot import STATS, check_stats, matplotlib_figure, read_run, save_png, summary_table
+from .._plot import STATS, check_png, check_stats, matplotlib_figure, read_run, save_png, summary_table
 
 __all__: list[str] = []  # run through `hookkit plot`
 
@@ -50,14 +50,8 @@ def _cmd_plot(args: argparse.Namespace, console: Console) -> int:
         stats = check_stats(args.stats)
     except PlotError as exc:
         raise CommandLineError(f"--stats: {exc}") from None
+    check_png(args.out, "--out ")  # plot_run's own check, named as the option
     out = Path(args.out) if args.out is not None else None
-    if out is not None:
-        if out.is_dir():
-            raise CommandLineError(f"--out {args.out!r} is a folder; pass the PNG file to write, e.g. "
-                                   f"{str(out / 'monitor.png')!r}.")
-        if out.suffix.lower() != ".png":
-            raise CommandLineError(f"--out {args.out!r} does not end in .png; hookkit plot writes a PNG: pass a "
-                                   "name ending in .png.")
     try:
         records = read_run(args.run)
     except PlotError as exc:
