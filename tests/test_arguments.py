@@ -265,7 +265,7 @@ class Bad:
 
 T, V = ArgumentTypeError, ArgumentError
 model_bads = [("model", "resnet18", T), ("model", None, T)]
-layer_bads = [("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V), ("layers", ["nope"], LayerNotFoundError)]
+layer_bads = [("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V), ("layers", ["nope"], LayerNotFoundError, "nope")]
 index_bads = [("index", "a", T), ("call", -1, V), ("call", "1", T), ("call", True, T), ("out", 1.5, T)]
 
 
@@ -296,7 +296,7 @@ BAD = [
     *rows("graph", ("tensor", 3.0, T), ("params", 3, T), ("params", {"w": 3}, T), ("max_depth", -1, V),
           ("max_depth", "2", T)),
     *rows("extract", *model_bads, ("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),
-          ("layers", ["nope"], LayerNotFoundError), ("data", 3, T), ("out", 3, T), ("pool", "mean", V),
+          ("layers", ["nope"], LayerNotFoundError, "nope"), ("data", 3, T), ("out", 3, T), ("pool", "mean", V),
           ("select", 1.5, T), ("select", {"nope": 0}, V), ("dtype", "float128x", V), ("mask", 3, T),
           ("dataset_id", 3, T), ("progress", "yes", T), ("stop", None, T)),
     # checked in test_monitor.py: monitor's model, every, log, sinks, params, histograms, on_nonfinite, ops, summary
@@ -310,7 +310,7 @@ BAD = [
     *rows("merge", ("captures", [], V), ("captures", 3, T), ("captures", [3], T), ("dim", "0", T), ("dim", 5, V)),
     *rows("patching_sweep", *model_bads, ("clean", 3, V), ("corrupt", lambda e: e.x[:2], V),
           ("corrupt", lambda e: (e.x,), V), ("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),
-          ("layers", ["nope"], LayerNotFoundError), ("metric", 3, T), ("positions", "0", V),
+          ("layers", ["nope"], LayerNotFoundError, "nope"), ("metric", 3, T), ("positions", "0", V),
           ("positions", [99], V), ("dim", "1", T), ("batch", 0, V), ("batch", "4", T), ("forward", 3, T)),
     *rows("feature_grid", ("activation", [1.0], T), ("activation", lambda e: torch.zeros(5), V), ("sample", 9, V),
           ("sample", "0", T), ("channels", "all", T), ("channels", [], V), ("channels", [7], V), ("nrow", 0, V),
@@ -320,7 +320,7 @@ BAD = [
           ("sample", 9, V), ("channels", [7], V), ("nrow", 0, V), ("padding", -1, V), ("normalize", "none", V),
           ("cmap", "jet", V)),
     *rows("summary", *model_bads, ("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),
-          ("layers", ["nope"], LayerNotFoundError), ("depth", 0, V), ("depth", "2", T), ("timing", "yes", T)),
+          ("layers", ["nope"], LayerNotFoundError, "nope"), ("depth", 0, V), ("depth", "2", T), ("timing", "yes", T)),
     *rows("Store.calls", ("name", 3, T, "3"), ("name", "nope", hookkit.NotRecordedError, "nope")),
     *rows("Store.__getitem__", ("name", 3, T, "3"), ("name", "nope", hookkit.NotRecordedError, "nope")),
     *rows("Store.get", ("name", 3, T, "3")),
