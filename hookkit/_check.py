@@ -8,6 +8,7 @@ the code that understands the value and raise the same classes.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -32,10 +33,11 @@ def flag(where: str, **values: Any) -> None:
 
 def whole(where: str, param: str, value: Any, *, minimum: int | None = None, none: bool = False,
           meaning: str = "") -> None:
-    """``value`` is an ``int`` (not a ``bool``) of at least ``minimum``, or ``None`` where ``none``."""
+    """``value`` is an integer (an ``int``, a numpy integer; not a ``bool``) of at least ``minimum``, or ``None``
+    where ``none``."""
     if value is None and none:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         accepted = "an int" + (" or None" if none else "")
         raise ArgumentTypeError(f"{where}: {param}= takes {accepted}{meaning}, got {shown(value)}.")
     if minimum is not None and value < minimum:
