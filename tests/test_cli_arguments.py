@@ -3,6 +3,7 @@ written. A typo in a glob (`--layers 'a[z-a]'`) is such a mistake, not an intern
 
 from __future__ import annotations
 
+import argparse
 import io
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.console import Console
 
 import hookkit
 from hookkit.cli import main, run
+from hookkit.cli._parser import build_parser
 
 from _optional import needs_torchvision
 
@@ -74,12 +76,16 @@ BAD = [
     (["trace", M], "--input-shape"),
     (["trace", M, "--input-shape", "0"], "--input-shape"),
     (["trace", M, *SHAPE, "--seed", "-"], "--seed"),
+    (["trace", M, *SHAPE, "--weights", "{w}/none.pt"], "none.pt"),
     (["trace", M, *SHAPE, "--backward=1"], "--backward"),
     (["trace", M, *SHAPE, "--no-stats=1"], "--no-stats"),
     (["summary", M, *SHAPE, "--depth", "0"], "--depth"),
     (["summary", M, *SHAPE, "--layers", "a[z-a]"], "layers"),
     (["summary", M, *SHAPE, "--layers", "nope"], "nope"),
     (["summary", M, *SHAPE, "--no-timing=1"], "--no-timing"),
+    (["summary", M, "--input-shape", "1,3,0,8"], "--input-shape"),
+    (["summary", M, *SHAPE, "--weights", "{w}/none.pt"], "none.pt"),
+    (["summary", M, *SHAPE, "--seed", "1.5"], "--seed"),
     (["extract", "no_such_module:net", *EXTRACT[2:]], "no_such_module"),
     ([*EXTRACT[:3], "a[z-a]", *EXTRACT[4:]], "layers"),
     ([*EXTRACT[:3], "nope", *EXTRACT[4:]], "nope"),
@@ -96,6 +102,8 @@ BAD = [
     ([*EXTRACT, "--seed", "x"], "--seed"),
     ([*EXTRACT, "--max-length", "0"], "--max-length"),
     ([*EXTRACT, "--no-truncation=1"], "--no-truncation"),
+    ([*EXTRACT, "--field", "text"], "--field"),
+    ([*EXTRACT, "--max-length", "8"], "--max-length"),
     (["plot", "{w}/none"], "none"),
     (["plot", "{w}/run", "--stats", "nope"], "nope"),
     (["plot", "{w}/run", "--heatmap=1"], "--heatmap"),
@@ -118,11 +126,14 @@ def test_a_wrong_option_is_one_error_line_naming_it_with_exit_code_2(work, argv,
     assert _listing(work) == before, "a refused command wrote or removed a file"
 
 
-def test_every_command_is_in_the_table():
-    from hookkit.cli._parser import _COMMANDS
-
-    tested = {argv[0] for argv, _ in BAD}
-    assert tested == {command.__name__.rsplit(".", 1)[-1] for command in _COMMANDS}
+def test_every_option_of_every_command_is_in_the_table():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {argv[0] for argv, _ in BAD} == set(commands)
+    for name, command in commands.items():
+        options = {o for a in command._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        tried = {arg.split("=")[0] for argv, _ in BAD if argv[0] == name for arg in argv}
+        assert options <= tried, f"hookkit {name}: no wrong value tried for {sorted(options - tried)}"
 
 
 def test_a_glob_typo_through_main_is_a_usage_error_not_a_bug(work, capsys):
