@@ -265,7 +265,8 @@ class Bad:
 
 T, V = ArgumentTypeError, ArgumentError
 model_bads = [("model", "resnet18", T), ("model", None, T)]
-layer_bads = [("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V), ("layers", ["nope"], LayerNotFoundError, "nope")]
+layer_bads = [("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),
+              ("layers", ["nope"], LayerNotFoundError, "nope")]
 index_bads = [("index", "a", T), ("call", -1, V), ("call", "1", T), ("call", True, T), ("out", 1.5, T)]
 
 
