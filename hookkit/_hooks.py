@@ -11,6 +11,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from ._compat import checkpoint_regions
+from ._errors import EditError
 from ._handles import HandleGroup
 from ._ops import OpTaps
 from ._select import LayerSpec, check_model, resolve_nodes, unwrap
@@ -87,6 +89,8 @@ class Hooks:
                 result = fn(site, args)
                 if result is not None:
                     args = new_args = result if isinstance(result, tuple) else (result,)
+        if new_args is not None:
+            _refuse_in_checkpoint(name, "inputs")
         return (name, site, kwargs), new_args
 
     def _node_end(self, token: Any, args: tuple, output: Any) -> Any:
@@ -96,6 +100,8 @@ class Hooks:
             result = fn(site, args, kwargs, output) if self._with_kwargs else fn(site, args, output)
             if result is not None:
                 output = replaced = result
+        if replaced is not None:
+            _refuse_in_checkpoint(name, "output")
         return replaced
 
     def _register(self, kind: str, module: nn.Module, fn: Callable[..., Any]) -> Any:
@@ -164,6 +170,14 @@ def hooks(
     ``__hookkit_check__()``, it is called after the hooks are removed on a clean exit (an edit that never applied
     raises there).
 
+    Activation checkpointing (``torch.utils.checkpoint``, a Hugging Face model's
+    ``gradient_checkpointing_enable()``): backward runs a checkpointed block's forward again, and torch calls its
+    modules' hooks again. ``hooks()`` leaves that as torch does: your function is called for the recomputed call
+    too, and must return the same replacement as for the call it repeats (else the gradients belong to another
+    output than the forward's). hookkit's edits do this themselves: the recomputation of call i gets call i's edit
+    and is not counted again. A function on an op or repeated-call node is not called in a recomputation, so one
+    that replaces a value inside a checkpointed block raises ``EditError``.
+
     Args:
         model: the ``nn.Module`` whose layers to hook.
         forward, forward_pre, backward, backward_pre: ``{layer spec: function or list of functions}``; a spec is
@@ -204,6 +218,18 @@ def hooks(
         raise ValueError("hooks() got no hook functions: pass forward=, forward_pre=, backward= or backward_pre=.")
     return Hooks(model, plan, with_kwargs=with_kwargs, always_call=always_call, prepend=prepend,
                  node_plan=node_plan, checks=checks)
+
+
+def _refuse_in_checkpoint(name: str, what: str) -> None:
+    """An op or repeated-call node's function that replaced a value, inside a region of ``torch.utils.checkpoint``:
+    backward recomputes the region without op taps (they follow one forward of the model, which a recomputation
+    is not), so the gradients would be those of the unedited region. Refuse instead of computing them."""
+    if checkpoint_regions():
+        raise EditError(
+            f"{name!r} is an op (or a repeated call) inside a block run by torch.utils.checkpoint, and a hook replaced "
+            f"its {what}: the recomputation in backward cannot repeat an edit of an op node, so the gradients would "
+            "not match the edited forward. Edit a module's output instead (its name in hookkit.layer_names(model, "
+            "x)), or turn checkpointing off (model.gradient_checkpointing_disable() for a Hugging Face model).")
 
 
 def _bind(fn: Callable[..., Any], name: str, checks: list[Callable[[], None]]) -> Callable[..., Any]:

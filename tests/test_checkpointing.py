@@ -73,3 +73,122 @@ def test_reentrant_checkpointing_records_forward_values_once():
         model(torch.randn(2, 4)).sum().backward()
     assert len(cap.calls("b.0")) == 1
     assert cap.grads["c"] is not None
+
+
+# -- edits under checkpointing ---------------------------------------------------------------------------------------
+class _Twice(nn.Module):
+    """A block whose Linear runs twice per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(torch.tanh(self.lin(x))))
+
+
+class SharedBlock(nn.Module):
+    """The same block called twice per forward, each call a checkpointed region: four calls of ``block.lin``, two
+    in each region, recomputed in backward region by region (the last one first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_reentrant: bool | None = None  # None: no checkpointing
+        self.inp = nn.Linear(4, 4)
+        self.block = _Twice()
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(2):
+            h = self.block(h) if self.use_reentrant is None else checkpoint(self.block, h,
+                                                                            use_reentrant=self.use_reentrant)
+        return self.out(h)
+
+
+def _grads_of(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.pow(2).sum().backward()
+    assert x.grad is not None
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["add", "patch_capture", "ablate_mean"])
+@pytest.mark.parametrize("call", [None, 0, 1, 2, 3])
+def test_edits_apply_to_the_recomputation_as_to_the_forward_it_repeats(use_reentrant, kind, call):
+    torch.manual_seed(0)
+    plain = SharedBlock()
+    model = copy.deepcopy(plain)
+    model.use_reentrant = use_reentrant
+    x, other = torch.randn(3, 4), torch.randn(3, 4)
+    vector = torch.randn(4)
+    with hookkit.capture(plain, ["block.lin"]) as clean:
+        plain(other)
+    clean_calls = clean.calls("block.lin")
+    assert len(clean_calls) == 4
+
+    # the reference: the same edit as a raw torch hook, on the model without checkpointing
+    seen = [0]
+
+    def raw(module, args, output):
+        i = seen[0]
+        seen[0] += 1
+        if call is not None and i != call:
+            return None
+        if kind == "add":
+            return output + vector
+        if kind == "patch_capture":
+            return output * 0 + clean_calls[i]  # keeps the graph, as the edit's clone-and-overwrite does
+        return output * 0 + output.mean(dim=0, keepdim=True)
+
+    handle = plain.block.lin.register_forward_hook(raw)
+    try:
+        want = _grads_of(plain, x)
+    finally:
+        handle.remove()
+
+    edit = {"add": lambda: hookkit.add(vector, call=call), "patch_capture": lambda: hookkit.patch(clean, call=call),
+            "ablate_mean": lambda: hookkit.ablate("mean", over=0, call=call)}[kind]()
+    before = hook_census(model)
+    with hookkit.edits(model, {"block.lin": edit}) as ed:
+        got = _grads_of(model, x)  # backward inside the block: the recomputation runs with the edit
+    assert hook_census(model) == before
+    assert ed.applied == {"block.lin": 4 if call is None else 1}  # each forward call once, none for recomputing
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad:UserWarning")  # layer_names, no grad
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_an_edit_on_an_op_node_inside_a_checkpointed_block_is_refused(use_reentrant):
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x) * 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Scaled()
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=use_reentrant)
+
+    model = Net()
+    assert "block.mul" in hookkit.layer_names(model, torch.randn(2, 4))
+    before = hook_census(model)
+    with pytest.raises(hookkit.EditError, match=r"'block.mul'.*torch.utils.checkpoint"):
+        with hookkit.edits(model, {"block.mul": hookkit.add(torch.ones(4))}):
+            model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert hook_census(model) == before
+    with hookkit.edits(model, {"block.lin": hookkit.add(torch.ones(4))}) as ed:  # a module's output: applied
+        model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert ed.applied == {"block.lin": 1}
