@@ -164,7 +164,9 @@ def hooks(
     A value that the function returns replaces the output / input / grad_input / grad_output, as in torch.
     Op and repeated-call nodes (``"layer1.0.add"``, from ``hookkit.layer_names(model, x)``) take ``forward`` and
     ``forward_pre`` functions; for an op, the first argument is an ``OpSite`` (``.func``, ``.scope``,
-    ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments.
+    ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments. For an op that writes in
+    place (``y.add_(1)``, ``out += identity``), a replacement of its output is written into the tensor it changed
+    (``copy_``: the model may drop the op's returned value), so it must have that tensor's shape, dtype and device.
     An object whose class defines ``__hookkit_bind__(name)`` (``hookkit.patch`` / ``add`` / ``ablate``) is
     registered as what that returns for each layer name, so one edit can go to several layers; if that defines
     ``__hookkit_check__()``, it is called after the hooks are removed on a clean exit (an edit that never applied
@@ -189,6 +191,9 @@ def hooks(
     Raises:
         LayerNotFoundError: a spec matched no module; nothing has been registered then.
         TypeError: a value is not callable, or ``model`` is not an ``nn.Module``.
+        EditError: in the forward, an op node's function whose replacement cannot reach the model (an in-place
+            op's replacement of another shape, dtype or device, or of an op that returns no tensor; a swapped
+            tensor an op writes into), or that replaces a value inside a checkpointed block.
     """
     check_model(model)  # also checked by resolve(); here so that a bad model fails even with no hooks given
     given = {"forward": forward, "forward_pre": forward_pre, "backward": backward, "backward_pre": backward_pre}

@@ -233,3 +233,38 @@ def test_a_model_in_training_mode_is_refused_before_any_forward(frozen):
     torch.testing.assert_close(one.values, many.values)
     for k, v in model.state_dict().items():
         assert torch.equal(v, buffers[k]), k
+
+
+class InPlaceStatement(nn.Module):
+    """``h.add_(1)`` as a statement: the model drops the op's returned value and goes on with ``h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x, by_hand=None):  # x: [batch, 5, 3]
+        h = self.a(x)
+        h.add_(1)
+        if by_hand is not None:
+            by_hand(h)
+        return self.head(torch.tanh(h)).sum(1).squeeze(-1)
+
+
+def test_a_sweep_on_an_in_place_op_node_patches_the_tensor_the_model_goes_on_with():
+    torch.manual_seed(0)
+    model = InPlaceStatement().eval()
+    clean, corrupt = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
+    assert "add_" in hookkit.layer_names(model, clean)
+    before = hook_census(model)
+    whole = hookkit.patching_sweep(model, clean, corrupt, ["add_"], metric)
+    cells = hookkit.patching_sweep(model, clean, corrupt, ["add_"], metric, positions=True, batch=3)
+    assert hook_census(model) == before
+    assert whole.values[0, 0].item() == pytest.approx(whole.clean)  # everything after add_ reads the patched h
+    assert whole.clean != pytest.approx(whole.corrupt)
+    with torch.no_grad():
+        clean_h = model.a(clean) + 1
+        for p in range(5):
+            def write(h, p=p):
+                h[:, p] = clean_h[:, p]
+            assert cells.values[0, p].item() == pytest.approx(float(metric(model(corrupt, by_hand=write))))
