@@ -173,7 +173,7 @@ def hooks(
     raises there).
 
     Activation checkpointing (``torch.utils.checkpoint``, a Hugging Face model's
-    ``gradient_checkpointing_enable()``): backward runs a checkpointed block's forward again, and torch calls its
+    ``activation_checkpointing_enable()``): backward runs a checkpointed block's forward again, and torch calls its
     modules' hooks again. ``hooks()`` leaves that as torch does: your function is called for the recomputed call
     too, and must return the same replacement as for the call it repeats (else the gradients belong to another
     output than the forward's). hookkit's edits do this themselves: the recomputation of call i gets call i's edit
@@ -234,7 +234,7 @@ def _refuse_in_checkpoint(name: str, what: str) -> None:
             f"{name!r} is an op (or a repeated call) inside a block run by torch.utils.checkpoint, and a hook replaced "
             f"its {what}: the recomputation in backward cannot repeat an edit of an op node, so the gradients would "
             "not match the edited forward. Edit a module's output instead (its name in hookkit.layer_names(model, "
-            "x)), or turn checkpointing off (model.gradient_checkpointing_disable() for a Hugging Face model).")
+            "x)), or turn checkpointing off (model.activation_checkpointing_disable() for a Hugging Face model).")
 
 
 def _bind(fn: Callable[..., Any], name: str, checks: list[Callable[[], None]]) -> Callable[..., Any]:

@@ -192,3 +192,52 @@ def test_an_edit_on_an_op_node_inside_a_checkpointed_block_is_refused(use_reentr
     with hookkit.edits(model, {"block.lin": hookkit.add(torch.ones(4))}) as ed:  # a module's output: applied
         model(torch.randn(2, 4, requires_grad=True)).sum().backward()
     assert ed.applied == {"block.lin": 1}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_edits_on_a_hugging_face_model_with_gradient_checkpointing_equal_raw_hooks_without_it(use_reentrant):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    plain = transformers.GPT2LMHeadModel(config).train()  # Hugging Face checkpoints only in training mode
+    model = copy.deepcopy(plain)
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:  # its name before transformers 5.24
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    ids, other = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 6))
+    pos, vector = (slice(None), 3), torch.randn(16)
+    # LayerNorm outputs, which the next Linear saves for backward: a recomputation without the edit would show
+    with torch.no_grad(), hookkit.capture(plain, ["transformer.h.0.ln_1"]) as clean:
+        plain(other, use_cache=False)
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        logits = m(ids, use_cache=False).logits
+        logits.pow(2).sum().backward()  # (reentrant checkpointing refuses torch.autograd.grad)
+        return logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    def patch_raw(module, args, output):
+        edited = output.clone()
+        edited[pos] = clean["transformer.h.0.ln_1"][pos]
+        return edited
+
+    handles = [plain.transformer.h[0].ln_1.register_forward_hook(patch_raw),
+               plain.transformer.h[1].ln_2.register_forward_hook(lambda m, a, o: o + vector)]
+    try:
+        want, want_grads = loss_and_grads(plain)
+    finally:
+        for h in handles:
+            h.remove()
+    before = hook_census(model)
+    with hookkit.edits(model, {"transformer.h.0.ln_1": hookkit.patch(clean, index=pos, call=0),
+                               "transformer.h.1.ln_2": hookkit.add(vector)}) as ed:
+        got, got_grads = loss_and_grads(model)
+    assert hook_census(model) == before
+    assert ed.applied == {"transformer.h.0.ln_1": 1, "transformer.h.1.ln_2": 1}
+    torch.testing.assert_close(got, want)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], msg=name)
