@@ -336,7 +336,7 @@ class _CallNumbers:
     def next(self) -> tuple[int | None, bool]:
         """``(number of this call, whether it is a recomputation)``."""
         regions = checkpoint_regions()
-        again = next((i for i, (recomputing, _) in enumerate(regions) if recomputing), None)
+        again = next((i for i, (recomputing, _, _) in enumerate(regions) if recomputing), None)
         call: int | None
         if again is None:
             call = self.count
@@ -352,7 +352,7 @@ class _CallNumbers:
             call = made[k] if k < len(made) else None
             inside = regions[:again]  # regions entered again inside the recomputation (nested checkpoints)
         if call is not None:
-            for _, region in inside:
+            for _, region, _ in inside:
                 self._made.setdefault(region, []).append(call)
         return call, again is not None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ._compat import checkpoint_regions
@@ -178,7 +179,8 @@ def hooks(
     too, and must return the same replacement as for the call it repeats (else the gradients belong to another
     output than the forward's). hookkit's edits do this themselves: the recomputation of call i gets call i's edit
     and is not counted again. A function on an op or repeated-call node is not called in a recomputation, so one
-    that replaces a value inside a checkpointed block raises ``EditError``.
+    that replaces a value inside a checkpointed block raises ``EditError`` (with grad enabled, and always in a
+    ``use_reentrant=True`` block, whose first run is without grad whatever its caller had).
 
     Args:
         model: the ``nn.Module`` whose layers to hook.
@@ -228,8 +230,11 @@ def hooks(
 def _refuse_in_checkpoint(name: str, what: str) -> None:
     """An op or repeated-call node's function that replaced a value, inside a region of ``torch.utils.checkpoint``:
     backward recomputes the region without op taps (they follow one forward of the model, which a recomputation
-    is not), so the gradients would be those of the unedited region. Refuse instead of computing them."""
-    if checkpoint_regions():
+    is not), so the gradients would be those of the unedited region. Refuse instead of computing them. Without
+    grad no backward follows, except that a ``use_reentrant=True`` region always runs without grad the first time
+    (and hookkit cannot tell whether its caller had grad): there it refuses always."""
+    regions = checkpoint_regions()
+    if regions and (torch.is_grad_enabled() or any(reentrant for _, _, reentrant in regions)):
         raise EditError(
             f"{name!r} is an op (or a repeated call) inside a block run by torch.utils.checkpoint, and a hook replaced "
             f"its {what}: the recomputation in backward cannot repeat an edit of an op node, so the gradients would "

@@ -192,6 +192,13 @@ def test_an_edit_on_an_op_node_inside_a_checkpointed_block_is_refused(use_reentr
     with hookkit.edits(model, {"block.lin": hookkit.add(torch.ones(4))}) as ed:  # a module's output: applied
         model(torch.randn(2, 4, requires_grad=True)).sum().backward()
     assert ed.applied == {"block.lin": 1}
+    if not use_reentrant:  # without grad no backward follows (a reentrant region always runs without grad first)
+        x = torch.randn(2, 4)
+        with torch.no_grad(), hookkit.edits(model, {"block.mul": hookkit.add(torch.ones(4))}):
+            got = model(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, torch.tanh(model.block.lin(x) * 2 + 1))
+    assert hook_census(model) == before
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
