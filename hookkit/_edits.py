@@ -3,10 +3,11 @@
 An edit is a forward hook that is not yet tied to a layer. ``hooks()`` (``_hooks.py``) calls its ``bind(name)``
 (as ``__hookkit_bind__``, the name it looks for on the class) for each layer it goes to and registers the
 ``BoundEdit`` that returns (which counts the layer's calls, edits the chosen ones out of place, and remembers how
-many it edited); after removing its hooks on a clean exit, ``Hooks`` calls each bound edit's ``check()`` (as
-``__hookkit_check__``), which raises ``EditError`` for an edit that never applied. ``edits()`` is ``hooks()`` with
-edits only, plus ``applied``. ``patch(capture)`` reads the clean run's values through the capture's public ``Store``
-surface (``store.calls(name)``).
+many it edited; a call that activation checkpointing recomputes in backward is paired with the call it repeats,
+through the regions ``_compat.checkpoint_regions`` reads, and gets the same edit); after removing its hooks on a
+clean exit, ``Hooks`` calls each bound edit's ``check()`` (as ``__hookkit_check__``), which raises ``EditError``
+for an edit that never applied. ``edits()`` is ``hooks()`` with edits only, plus ``applied``. ``patch(capture)``
+reads the clean run's values through the capture's public ``Store`` surface (``store.calls(name)``).
 """
 
 from __future__ import annotations

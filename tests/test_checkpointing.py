@@ -248,3 +248,63 @@ def test_edits_on_a_hugging_face_model_with_gradient_checkpointing_equal_raw_hoo
     assert got_grads.keys() == want_grads.keys()
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], msg=name)
+
+
+class _Outer(nn.Module):
+    """A region holding two regions of the same block: checkpoints nested two deep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Twice()
+        self.use_reentrant: bool | None = None
+
+    def forward(self, x):
+        for _ in range(2):
+            x = self.inner(x) if self.use_reentrant is None else checkpoint(self.inner, x,
+                                                                            use_reentrant=self.use_reentrant)
+        return x
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.outer = _Outer()
+        self.head = nn.Linear(4, 1)
+        self.use_reentrant: bool | None = None
+
+    def forward(self, x):
+        self.outer.use_reentrant = self.use_reentrant
+        for _ in range(2):
+            x = self.outer(x) if self.use_reentrant is None else checkpoint(self.outer, x,
+                                                                            use_reentrant=self.use_reentrant)
+        return self.head(x)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad:UserWarning")  # the inner reentrant ones
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("call", [None, 2, 5])
+def test_edits_in_nested_checkpoints_pair_each_recomputation_with_its_call(use_reentrant, call):
+    torch.manual_seed(0)
+    plain = Nested()
+    model = copy.deepcopy(plain)
+    model.use_reentrant = use_reentrant
+    x, vector = torch.randn(3, 4), torch.randn(4)
+    seen = [0]
+
+    def raw(module, args, output):
+        seen[0] += 1
+        return output + vector if call is None or seen[0] - 1 == call else None
+
+    handle = plain.outer.inner.lin.register_forward_hook(raw)
+    try:
+        want = _grads_of(plain, x)
+    finally:
+        handle.remove()
+    assert seen == [8]  # 2 outer regions x 2 inner regions x 2 calls
+    with hookkit.edits(model, {"outer.inner.lin": hookkit.add(vector, call=call)}) as ed:
+        got = _grads_of(model, x)
+    assert ed.applied == {"outer.inner.lin": 8 if call is None else 1}
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], msg=name)
