@@ -151,10 +151,10 @@ def test_edits_apply_to_the_recomputation_as_to_the_forward_it_repeats(use_reent
 
     edit = {"add": lambda: hookkit.add(vector, call=call), "patch_capture": lambda: hookkit.patch(clean, call=call),
             "ablate_mean": lambda: hookkit.ablate("mean", over=0, call=call)}[kind]()
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with hookkit.edits(model, {"block.lin": edit}) as ed:
         got = _grads_of(model, x)  # backward inside the block: the recomputation runs with the edit
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
     assert ed.applied == {"block.lin": 4 if call is None else 1}  # each forward call once, none for recomputing
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
@@ -184,11 +184,11 @@ def test_an_edit_on_an_op_node_inside_a_checkpointed_block_is_refused(use_reentr
 
     model = Net()
     assert "block.mul" in hookkit.layer_names(model, torch.randn(2, 4))
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with pytest.raises(hookkit.EditError, match=r"'block.mul'.*torch.utils.checkpoint"):
         with hookkit.edits(model, {"block.mul": hookkit.add(torch.ones(4))}):
             model(torch.randn(2, 4, requires_grad=True)).sum().backward()
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
     with hookkit.edits(model, {"block.lin": hookkit.add(torch.ones(4))}) as ed:  # a module's output: applied
         model(torch.randn(2, 4, requires_grad=True)).sum().backward()
     assert ed.applied == {"block.lin": 1}
@@ -198,7 +198,7 @@ def test_an_edit_on_an_op_node_inside_a_checkpointed_block_is_refused(use_reentr
             got = model(x)
         with torch.no_grad():
             torch.testing.assert_close(got, torch.tanh(model.block.lin(x) * 2 + 1))
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -238,11 +238,11 @@ def test_edits_on_a_hugging_face_model_with_gradient_checkpointing_equal_raw_hoo
     finally:
         for h in handles:
             h.remove()
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with hookkit.edits(model, {"transformer.h.0.ln_1": hookkit.patch(clean, index=pos, call=0),
                                "transformer.h.1.ln_2": hookkit.add(vector)}) as ed:
         got, got_grads = loss_and_grads(model)
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
     assert ed.applied == {"transformer.h.0.ln_1": 1, "transformer.h.1.ln_2": 1}
     torch.testing.assert_close(got, want)
     assert got_grads.keys() == want_grads.keys()

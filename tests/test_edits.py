@@ -572,10 +572,11 @@ def test_an_edit_on_an_in_place_op_changes_the_tensor_it_wrote_as_the_same_edit_
         grads = torch.autograd.grad(out.pow(2).sum(), [xx, model.lin.weight])
         return out.detach(), grads
 
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with hookkit.edits(model, {node: edit}) as ed:
         got, got_grads = run()
     assert ed.applied == {node: 1} and hook_census(model) == before
+    assert torch._C._len_torch_function_stack() == depth
 
     def write(name, y):  # the same edit, written into the tensor by hand after the op
         if name == node:
@@ -598,7 +599,7 @@ def test_hooks_on_an_in_place_op_that_cannot_carry_a_replacement_are_refused():
     model = SetItem()
     x = torch.randn(2, 3)
     assert {"setitem", "add_"} <= set(hookkit.layer_names(model, x))
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with pytest.raises(hookkit.EditError, match=r"'setitem'.*writes in place and returns NoneType"):
         with hookkit.hooks(model, forward={"setitem": lambda site, args, out: torch.zeros(2, 3)}):
             model(x)
@@ -610,4 +611,4 @@ def test_hooks_on_an_in_place_op_that_cannot_carry_a_replacement_are_refused():
             model(x)
     with hookkit.hooks(model, forward_pre={"add_": lambda site, args: (args[0], 2)}):  # the other argument: fine
         torch.testing.assert_close(model(x), (torch.cat([torch.full((1, 3), 5.0), x[1:]]) + 2) * 2)
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth

@@ -214,14 +214,14 @@ def test_a_model_in_training_mode_is_refused_before_any_forward(frozen):
     rng = torch.get_rng_state()
     forwards = [0]
     model.register_forward_pre_hook(lambda m, a: forwards.__setitem__(0, forwards[0] + 1))
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with pytest.raises(hookkit.ArgumentError, match=r"training mode.*'drop' \(Dropout\).*model\.eval\(\)") as e:
         hookkit.patching_sweep(model, clean, corrupt, ["a", "bn"], metric, positions=True, batch=4)
     assert isinstance(e.value, ValueError)
     assert ("'bn' (BatchNorm1d)" in str(e.value)) is not frozen
     assert f"{5 if not frozen else 4} of its modules" in str(e.value)  # the model itself counts
     assert forwards == [0]  # nothing ran
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():  # running_mean, running_var, num_batches_tracked as they were
         assert torch.equal(v, buffers[k]), k
@@ -256,10 +256,10 @@ def test_a_sweep_on_an_in_place_op_node_patches_the_tensor_the_model_goes_on_wit
     model = InPlaceStatement().eval()
     clean, corrupt = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
     assert "add_" in hookkit.layer_names(model, clean)
-    before = hook_census(model)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
     whole = hookkit.patching_sweep(model, clean, corrupt, ["add_"], metric)
     cells = hookkit.patching_sweep(model, clean, corrupt, ["add_"], metric, positions=True, batch=3)
-    assert hook_census(model) == before
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
     assert whole.values[0, 0].item() == pytest.approx(whole.clean)  # everything after add_ reads the patched h
     assert whole.clean != pytest.approx(whole.corrupt)
     with torch.no_grad():
