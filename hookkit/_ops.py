@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ._compat import current_graph_task_id, eager, pop_function_mode, push_function_mode
+from ._errors import EditError
 
 __all__ = ["OpTaps", "OpSite", "Node", "discover", "discover_nodes", "op_name", "is_leaf", "writes_in_place",
            "known_op_names", "written",
@@ -528,8 +529,6 @@ class OpTaps:
 def _keeps_written(name: str, args: tuple, new_args: tuple, writes: tuple) -> None:
     """A forward-pre hook of an op that writes in place must not swap the tensor written into: the op would write
     into the stand-in, and the model, which goes on with its own tensor, would never see the op."""
-    from ._errors import EditError
-
     for i, a in enumerate(args):
         if any(a is w for w in writes) and (i >= len(new_args) or new_args[i] is not a):
             raise EditError(f"a forward_pre hook replaced argument {i} of {name!r}, the tensor this op writes into "
@@ -543,8 +542,6 @@ def _write_into(name: str, output: Any, replaced: Any, writes: tuple) -> Any:
     ``torch.add(a, b, out=y)``). Such an op's result is the tensor it wrote into, and a model often drops the
     returned value (``y.add_(1)`` as a statement): the replacement is written into that tensor (``copy_``, in the
     autograd graph, as the same edit written by hand after the op), and the tensor itself is returned."""
-    from ._errors import EditError
-
     if not any(output is t for t in writes) or not isinstance(output, torch.Tensor):
         raise EditError(f"a hook replaced the output of {name!r}, an op that writes in place and returns "
                         f"{type(output).__name__}, not the tensor it wrote: the replacement would never reach "

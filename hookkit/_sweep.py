@@ -214,7 +214,8 @@ def _refuse_training(model: nn.Module) -> None:
         return
     kinds = ("Dropout", "BatchNorm", "InstanceNorm")  # the modules whose forward depends on the mode
     telling = [nm for nm in training if any(k in type(nm[1]).__name__ for k in kinds)]
-    shown = ", ".join(f"{name or '(the model)'!r} ({type(m).__name__})" for name, m in (telling or training)[:3])
+    shown = ", ".join(f"{repr(name) if name else 'the model itself'} ({type(m).__name__})"
+                      for name, m in (telling or training)[:3])
     raise ArgumentError(
         f"patching_sweep needs the model in eval mode, and {len(training)} of its modules are in training mode "
         f"(e.g. {shown}): there, Dropout and BatchNorm make each cell depend on the other copies in its batch "
