@@ -6,6 +6,7 @@ through these functions, so that a torch release that moves one of them breaks o
 | what                                                | used by                  | since | fallback here         |
 |-----------------------------------------------------|--------------------------|-------|-----------------------|
 | ``torch._C._current_graph_task_id``                 | engine (checkpointing)   | 2.1   | -1: "not in backward" |
+| ``torch.utils.checkpoint``'s frames (see below)     | edits (checkpointing)    | 2.1   | no region found       |
 | ``torch._dynamo.config.skip_nnmodule_hook_guards``  | engine (compile)         | 2.1   | nothing to switch     |
 | ``torch._dynamo.utils.counters``                    | engine (compile warning) | 2.0   | "nothing compiled"    |
 | ``torch._dynamo.trace_rules.add``                   | engine, ops (hooks run   | 2.1   | required              |
@@ -30,6 +31,7 @@ import torch.nn as nn
 
 __all__ = [
     "current_graph_task_id",
+    "checkpoint_regions",
     "dynamo_config",
     "dynamo_has_compiled",
     "eager",
@@ -52,6 +54,57 @@ def _not_in_backward() -> int:
 
 # -1 unless autograd is running a backward pass (a forward then is activation checkpointing recomputing it).
 current_graph_task_id = getattr(torch._C, "_current_graph_task_id", _not_in_backward)
+
+
+def _checkpoint_codes() -> tuple[str, Any, Any]:
+    from torch.utils import checkpoint as ckpt
+
+    fn = ckpt.CheckpointFunction
+    return ckpt.__file__, fn.forward.__code__, fn.backward.__code__
+
+
+_CKPT_CODES: list[tuple[str, Any, Any]] = []
+
+
+def checkpoint_regions() -> list[tuple[bool, Any, bool]]:
+    """The ``torch.utils.checkpoint`` regions running on this thread's stack, innermost first, as ``(recomputing,
+    region, reentrant)``: ``region`` is the same object while the checkpointed function first runs (``recomputing``
+    False) and while backward recomputes it (True), so that a call made in the recomputation can be paired with the
+    call it repeats; ``reentrant``: ``use_reentrant=True``, whose first run is always without grad. torch keeps no
+    public record of the region that is running; it is read from torch's own frames:
+
+    - ``use_reentrant=True``: ``CheckpointFunction.forward`` / ``.backward``, whose ``ctx`` is the region;
+    - ``use_reentrant=False``: in the forward, the function that drives the ``_checkpoint_without_reentrant``
+      generator (``checkpoint``, ``_checkpoint_impl`` in 2.14) holds it suspended as local ``gen``, whose
+      ``new_frame`` (a ``_CheckpointFrame``) is the region; in backward, the saved-tensor ``unpack_hook`` that
+      recomputes holds the same object as ``frame``.
+
+    A torch that renames these finds no region: a recomputation then counts as a new call, and the tests that pair
+    them (``tests/test_checkpointing.py``) fail."""
+    if not _CKPT_CODES:
+        _CKPT_CODES.append(_checkpoint_codes())
+    file, reentrant_fwd, reentrant_bwd = _CKPT_CODES[0]
+    found: list[tuple[bool, Any, bool]] = []
+    f: Any = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_filename == file:
+            if code is reentrant_fwd or code is reentrant_bwd:
+                ctx = f.f_locals.get("ctx")
+                if ctx is not None:
+                    found.append((code is reentrant_bwd, ctx, True))
+            elif code.co_name == "unpack_hook":
+                frame = f.f_locals.get("frame")
+                if frame is not None:
+                    found.append((True, frame, False))
+            else:
+                gen = f.f_locals.get("gen")
+                inner = getattr(gen, "gi_frame", None)
+                region = inner.f_locals.get("new_frame") if inner is not None else None
+                if region is not None:
+                    found.append((False, region, False))
+        f = f.f_back
+    return found
 
 
 def dynamo_config() -> Any:

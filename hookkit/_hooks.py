@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from . import _check
-from ._errors import ArgumentError, ArgumentTypeError
+from ._compat import checkpoint_regions
+from ._errors import ArgumentError, ArgumentTypeError, EditError
 from ._handles import HandleGroup
 from ._ops import OpTaps
 from ._select import LayerSpec, check_model, resolve_nodes, unwrap
@@ -89,6 +91,8 @@ class Hooks:
                 result = fn(site, args)
                 if result is not None:
                     args = new_args = result if isinstance(result, tuple) else (result,)
+        if new_args is not None:
+            _refuse_in_checkpoint(name, "inputs")
         return (name, site, kwargs), new_args
 
     def _node_end(self, token: Any, args: tuple, output: Any) -> Any:
@@ -98,6 +102,8 @@ class Hooks:
             result = fn(site, args, kwargs, output) if self._with_kwargs else fn(site, args, output)
             if result is not None:
                 output = replaced = result
+        if replaced is not None:
+            _refuse_in_checkpoint(name, "output")
         return replaced
 
     def _register(self, kind: str, module: nn.Module, fn: Callable[..., Any]) -> Any:
@@ -160,11 +166,22 @@ def hooks(
     A value that the function returns replaces the output / input / grad_input / grad_output, as in torch.
     Op and repeated-call nodes (``"layer1.0.add"``, from ``hookkit.layer_names(model, x)``) take ``forward`` and
     ``forward_pre`` functions; for an op, the first argument is an ``OpSite`` (``.func``, ``.scope``,
-    ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments.
+    ``.scope_cls``) in place of a module, and ``args`` are the op's positional arguments. For an op that writes in
+    place (``y.add_(1)``, ``out += identity``), a replacement of its output is written into the tensor it changed
+    (``copy_``: the model may drop the op's returned value), so it must have that tensor's shape, dtype and device.
     An object whose class defines ``__hookkit_bind__(name)`` (``hookkit.patch`` / ``add`` / ``ablate``) is
     registered as what that returns for each layer name, so one edit can go to several layers; if that defines
     ``__hookkit_check__()``, it is called after the hooks are removed on a clean exit (an edit that never applied
     raises there).
+
+    Activation checkpointing (``torch.utils.checkpoint``, a Hugging Face model's
+    ``activation_checkpointing_enable()``): backward runs a checkpointed block's forward again, and torch calls its
+    modules' hooks again. ``hooks()`` leaves that as torch does: your function is called for the recomputed call
+    too, and must return the same replacement as for the call it repeats (else the gradients belong to another
+    output than the forward's). hookkit's edits do this themselves: the recomputation of call i gets call i's edit
+    and is not counted again. A function on an op or repeated-call node is not called in a recomputation, so one
+    that replaces a value inside a checkpointed block raises ``EditError`` (with grad enabled, and always in a
+    ``use_reentrant=True`` block, whose first run is without grad whatever its caller had).
 
     Args:
         model: the ``nn.Module`` whose layers to hook.
@@ -177,6 +194,9 @@ def hooks(
     Raises:
         LayerNotFoundError: a spec matched no module; nothing has been registered then.
         TypeError: a value is not callable, or ``model`` is not an ``nn.Module``.
+        EditError: in the forward, an op node's function whose replacement cannot reach the model (an in-place
+            op's replacement of another shape, dtype or device, or of an op that returns no tensor; a swapped
+            tensor an op writes into), or that replaces a value inside a checkpointed block.
     """
     check_model(model)  # also checked by resolve(); here so that a bad model fails even with no hooks given
     _check.flag("hookkit.hooks", with_kwargs=with_kwargs, always_call=always_call, prepend=prepend)
@@ -207,6 +227,21 @@ def hooks(
         raise ArgumentError("hooks() got no hook functions: pass forward=, forward_pre=, backward= or backward_pre=.")
     return Hooks(model, plan, with_kwargs=with_kwargs, always_call=always_call, prepend=prepend,
                  node_plan=node_plan, checks=checks)
+
+
+def _refuse_in_checkpoint(name: str, what: str) -> None:
+    """An op or repeated-call node's function that replaced a value, inside a region of ``torch.utils.checkpoint``:
+    backward recomputes the region without op taps (they follow one forward of the model, which a recomputation
+    is not), so the gradients would be those of the unedited region. Refuse instead of computing them. Without
+    grad no backward follows, except that a ``use_reentrant=True`` region always runs without grad the first time
+    (and hookkit cannot tell whether its caller had grad): there it refuses always."""
+    regions = checkpoint_regions()
+    if regions and (torch.is_grad_enabled() or any(reentrant for _, _, reentrant in regions)):
+        raise EditError(
+            f"{name!r} is an op (or a repeated call) inside a block run by torch.utils.checkpoint, and a hook replaced "
+            f"its {what}: the recomputation in backward cannot repeat an edit of an op node, so the gradients would "
+            "not match the edited forward. Edit a module's output instead (its name in hookkit.layer_names(model, "
+            "x)), or turn checkpointing off (model.activation_checkpointing_disable() for a Hugging Face model).")
 
 
 def _bind(fn: Callable[..., Any], name: str, checks: list[Callable[[], None]]) -> Callable[..., Any]:

@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ._compat import current_graph_task_id, eager, pop_function_mode, push_function_mode
+from ._errors import EditError
 
 __all__ = ["OpTaps", "OpSite", "Node", "discover", "discover_nodes", "op_name", "is_leaf", "writes_in_place",
            "known_op_names", "written",
@@ -510,12 +511,50 @@ class OpTaps:
         if (name not in self.wanted and not self.tap_all) or self.begin is None or self.end is None:
             return func(*args, **kwargs)
         site = OpSite(func, frame.path, type(frame.module).__name__)
-        call, new_args = self.begin(name, site, args, kwargs, tuple(written(func, args, kwargs)))
+        writes = tuple(written(func, args, kwargs))
+        call, new_args = self.begin(name, site, args, kwargs, writes)
         if new_args is not None:
+            if writes:
+                _keeps_written(name, args, new_args, writes)
             args = new_args
         output = func(*args, **kwargs)
         replaced = self.end(call, args, output)
-        return output if replaced is None else replaced
+        if replaced is None or replaced is output:
+            return output
+        if writes:
+            return _write_into(name, output, replaced, writes)
+        return replaced
+
+
+def _keeps_written(name: str, args: tuple, new_args: tuple, writes: tuple) -> None:
+    """A forward-pre hook of an op that writes in place must not swap the tensor written into: the op would write
+    into the stand-in, and the model, which goes on with its own tensor, would never see the op."""
+    for i, a in enumerate(args):
+        if any(a is w for w in writes) and (i >= len(new_args) or new_args[i] is not a):
+            raise EditError(f"a forward_pre hook replaced argument {i} of {name!r}, the tensor this op writes into "
+                            "in place: the op would change the replacement and the model would go on with its "
+                            "own tensor, unchanged. Replace the other arguments, or edit the op's output with a "
+                            "forward hook (it is written into the tensor).")
+
+
+def _write_into(name: str, output: Any, replaced: Any, writes: tuple) -> Any:
+    """A hook replaced the output of an op that writes in place (``y.add_(1)``, ``out += identity``,
+    ``torch.add(a, b, out=y)``). Such an op's result is the tensor it wrote into, and a model often drops the
+    returned value (``y.add_(1)`` as a statement): the replacement is written into that tensor (``copy_``, in the
+    autograd graph, as the same edit written by hand after the op), and the tensor itself is returned."""
+    if not any(output is t for t in writes) or not isinstance(output, torch.Tensor):
+        raise EditError(f"a hook replaced the output of {name!r}, an op that writes in place and returns "
+                        f"{type(output).__name__}, not the tensor it wrote: the replacement would never reach "
+                        "the model. Edit the tensor where it is read next (the next node or module).")
+    if (not isinstance(replaced, torch.Tensor) or replaced.shape != output.shape
+            or replaced.dtype != output.dtype or replaced.device != output.device):
+        got = (f"a {replaced.dtype} tensor of shape {tuple(replaced.shape)} on {replaced.device}"
+               if isinstance(replaced, torch.Tensor) else type(replaced).__name__)
+        raise EditError(f"a hook replaced the output of {name!r}, an op that writes in place, by {got}: it is "
+                        f"written into the tensor the op changed ({output.dtype}, shape {tuple(output.shape)}, "
+                        f"on {output.device}), so it must have that shape, dtype and device.")
+    output.copy_(replaced)
+    return output
 
 
 _FAST_PATH: dict[type, bool] = {}

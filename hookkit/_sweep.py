@@ -127,8 +127,9 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
     that layer's output (the first tensor of a tuple / ModelOutput, as an HF block returns it) is replaced by the
     clean one: whole, or only at ``positions`` along ``dim`` (token positions of a ``[batch, seq, ...]`` output).
     Up to ``batch`` copies go through the model in one forward (cells of different layers too), so the model must
-    treat batch elements independently (``eval()`` mode: no batch-norm statistics of the batch); ``batch=1`` runs
-    one forward per cell. A layer that runs several times in a forward is patched call by call.
+    treat batch elements independently; a model with a module in training mode (Dropout, BatchNorm) is refused
+    before anything runs: call ``model.eval()``. ``batch=1`` runs one forward per cell. A layer that runs several
+    times in a forward is patched call by call.
 
     Args:
         model: the ``nn.Module``.
@@ -152,6 +153,7 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
 
     Raises:
         LayerNotFoundError: a spec matched no layer (before anything runs).
+        ArgumentError: a module of the model is in training mode (before anything runs: call ``model.eval()``).
         ValueError: clean and corrupt differ in structure or shape, a bad ``batch`` / ``positions``, a layer
             whose output has no position ``p`` along ``dim``, or a layer that ran in the clean run but not in a
             patched one (or the other way round).
@@ -164,6 +166,7 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
     _check.whole(where, "batch", batch, minimum=1, meaning=" (the most cells per forward; 1: no batching)")
     _same_structure(clean, corrupt)
     selected, nodes = resolve_nodes(model, layers)  # LayerNotFoundError before anything runs
+    _refuse_training(model)
     names = [n for ns in selected.values() for n in ns] + list(nodes)
     run = forward or _call
     n_in = _batch_size(clean)
@@ -210,6 +213,24 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
 
 
 # -- pieces ------------------------------------------------------------------------------------------------------------
+def _refuse_training(model: nn.Module) -> None:
+    """A sweep compares forwards of copies batched together: in training mode Dropout draws other masks and
+    BatchNorm normalizes with the batch's statistics (so a cell would depend on ``batch=`` and on its neighbours)
+    and updates its running statistics at every forward. Refuse before anything runs, naming the modules."""
+    training = [(name, m) for name, m in model.named_modules() if m.training]
+    if not training:
+        return
+    kinds = ("Dropout", "BatchNorm", "InstanceNorm")  # the modules whose forward depends on the mode
+    telling = [nm for nm in training if any(k in type(nm[1]).__name__ for k in kinds)]
+    shown = ", ".join(f"{repr(name) if name else 'the model itself'} ({type(m).__name__})"
+                      for name, m in (telling or training)[:3])
+    raise ArgumentError(
+        f"patching_sweep needs the model in eval mode, and {len(training)} of its modules are in training mode "
+        f"(e.g. {shown}): there, Dropout and BatchNorm make each cell depend on the other copies in its batch "
+        "(and on batch=), and every forward would update BatchNorm's running statistics. Call model.eval() "
+        "before the sweep (and model.train() after it, to go on training).")
+
+
 def _call(model: nn.Module, x: Any) -> Any:
     if isinstance(x, dict):
         return model(**x)

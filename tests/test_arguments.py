@@ -41,7 +41,7 @@ class Env:
     def __init__(self, tmp: Path) -> None:
         torch.manual_seed(0)
         self.tmp = tmp
-        self.model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
         self.x = torch.randn(3, 4)
         with hookkit.capture(self.model, ["0", "2"]) as cap:
             self.model(self.x)

@@ -471,7 +471,7 @@ def test_a_shape_that_does_not_fit_raises_in_the_forward_naming_the_shapes(edit,
 
 
 @pytest.mark.parametrize("make, error, pattern", [
-    (lambda: hookkit.ablate("max"), ValueError, "expected 'zero' or 'mean'"),
+    (lambda: hookkit.ablate("max"), ValueError, "use 'zero' or 'mean'"),
     (lambda: hookkit.ablate(mean=torch.zeros(2)), ValueError, "pass kind='mean'"),
     (lambda: hookkit.ablate("mean", over=1.0), TypeError, "over= takes a dim"),
     (lambda: hookkit.ablate("mean", mean=[0.0]), TypeError, "mean= takes a tensor"),
@@ -521,3 +521,94 @@ def test_patch_from_a_capture_on_an_op_node_equals_the_raw_hook_patch():
     torch.testing.assert_close(got, expected)
     with torch.no_grad():
         assert not torch.allclose(got, model(corrupt), atol=1e-5)
+
+
+class InPlaceStatements(nn.Module):
+    """In-place ops written as statements, whose returned value the model drops (``y.add_(1)``, ``y.mul_(2)``),
+    beside a ``+=`` whose result Python rebinds; ``by_hand(name, tensor)`` is where a user would write the same
+    edit into the tensor by hand, right after the op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x, by_hand=None):
+        y = self.lin(x)
+        y.add_(1)
+        if by_hand is not None:
+            by_hand("add_", y)
+        y.mul_(2)
+        if by_hand is not None:
+            by_hand("mul_", y)
+        y += x.sum(-1, keepdim=True)
+        if by_hand is not None:
+            by_hand("add", y)
+        return self.out(torch.tanh(y))
+
+
+@pytest.mark.parametrize("node", ["add_", "mul_", "add"])
+@pytest.mark.parametrize("kind", ["patch", "add", "zero", "mean", "capture"])
+def test_an_edit_on_an_in_place_op_changes_the_tensor_it_wrote_as_the_same_edit_by_hand(node, kind):
+    torch.manual_seed(0)
+    model = InPlaceStatements()
+    x, other = torch.randn(3, 4), torch.randn(3, 4)
+    assert node in hookkit.layer_names(model, x)
+    index = (slice(None), slice(1, 4))
+    value, vector = torch.randn(3, 3), torch.randn(3)
+    with torch.no_grad(), hookkit.capture(model, [node]) as clean:
+        model(other)
+    edit, by_hand = {
+        "patch": (hookkit.patch(value, index=index), lambda r: value),
+        "add": (hookkit.add(vector, scale=2.0, index=index), lambda r: r + 2.0 * vector),
+        "zero": (hookkit.ablate(index=index), lambda r: torch.zeros_like(r)),
+        "mean": (hookkit.ablate("mean", over=0, index=index), lambda r: r.mean(0, keepdim=True).expand_as(r)),
+        "capture": (hookkit.patch(clean, index=index), lambda r: clean[node][index]),
+    }[kind]
+
+    def run(**kw):
+        xx = x.clone().requires_grad_()
+        out = model(xx, **kw)
+        grads = torch.autograd.grad(out.pow(2).sum(), [xx, model.lin.weight])
+        return out.detach(), grads
+
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
+    with hookkit.edits(model, {node: edit}) as ed:
+        got, got_grads = run()
+    assert ed.applied == {node: 1} and hook_census(model) == before
+    assert torch._C._len_torch_function_stack() == depth
+
+    def write(name, y):  # the same edit, written into the tensor by hand after the op
+        if name == node:
+            y[index] = by_hand(y[index])
+
+    want, want_grads = run(by_hand=write)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+    assert not torch.allclose(got, model(x).detach(), atol=1e-6)  # the edit did change something
+
+
+def test_hooks_on_an_in_place_op_that_cannot_carry_a_replacement_are_refused():
+    class SetItem(nn.Module):
+        def forward(self, x):
+            y = x * 1
+            y[0] = 5.0  # setitem returns None: there is no result to replace
+            return y.add_(1) * 2
+
+    model = SetItem()
+    x = torch.randn(2, 3)
+    assert {"setitem", "add_"} <= set(hookkit.layer_names(model, x))
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
+    with pytest.raises(hookkit.EditError, match=r"'setitem'.*writes in place and returns NoneType"):
+        with hookkit.hooks(model, forward={"setitem": lambda site, args, out: torch.zeros(2, 3)}):
+            model(x)
+    with pytest.raises(hookkit.EditError, match=r"'add_'.*shape \(3,\).*must have that shape"):
+        with hookkit.hooks(model, forward={"add_": lambda site, args, out: torch.zeros(3)}):
+            model(x)
+    with pytest.raises(hookkit.EditError, match=r"argument 0 of 'add_', the tensor this op writes into"):
+        with hookkit.hooks(model, forward_pre={"add_": lambda site, args: (args[0].clone(), args[1])}):
+            model(x)
+    with hookkit.hooks(model, forward_pre={"add_": lambda site, args: (args[0], 2)}):  # the other argument: fine
+        torch.testing.assert_close(model(x), (torch.cat([torch.full((1, 3), 5.0), x[1:]]) + 2) * 2)
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth

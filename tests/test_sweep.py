@@ -187,3 +187,84 @@ def test_the_heatmap_png_and_the_rich_table(tmp_path):
     text = console.export_text()
     assert "layer" in text and f"{float(sweep.values[1, 2]):.3g}" in text and "patched forward" in text
     assert not math.isnan(float(sweep.restored[1, 2]))
+
+
+class WithNorm(nn.Module):
+    """Dropout and BatchNorm: in training mode a cell depends on the other copies of its batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(5)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):  # x: [batch, 5, 3]
+        return self.head(self.drop(self.bn(self.a(x)))[:, 2]).squeeze(-1)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_model_in_training_mode_is_refused_before_any_forward(frozen):
+    torch.manual_seed(0)
+    model = WithNorm().train()
+    if frozen:
+        model.bn.eval()  # BatchNorm frozen, Dropout still drawing masks: still refused
+    clean, corrupt = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    forwards = [0]
+    model.register_forward_pre_hook(lambda m, a: forwards.__setitem__(0, forwards[0] + 1))
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
+    with pytest.raises(hookkit.ArgumentError, match=r"training mode.*'drop' \(Dropout\).*model\.eval\(\)") as e:
+        hookkit.patching_sweep(model, clean, corrupt, ["a", "bn"], metric, positions=True, batch=4)
+    assert isinstance(e.value, ValueError)
+    assert ("'bn' (BatchNorm1d)" in str(e.value)) is not frozen
+    assert f"{5 if not frozen else 4} of its modules" in str(e.value)  # the model itself counts
+    assert forwards == [0]  # nothing ran
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():  # running_mean, running_var, num_batches_tracked as they were
+        assert torch.equal(v, buffers[k]), k
+    assert model.training and model.bn.training is not frozen  # modes left as the user set them
+
+    model.eval()  # the fix the message names: batching no longer changes a cell
+    one = hookkit.patching_sweep(model, clean, corrupt, ["a", "bn"], metric, positions=True, batch=1)
+    many = hookkit.patching_sweep(model, clean, corrupt, ["a", "bn"], metric, positions=True, batch=7)
+    torch.testing.assert_close(one.values, many.values)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+
+
+class InPlaceStatement(nn.Module):
+    """``h.add_(1)`` as a statement: the model drops the op's returned value and goes on with ``h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x, by_hand=None):  # x: [batch, 5, 3]
+        h = self.a(x)
+        h.add_(1)
+        if by_hand is not None:
+            by_hand(h)
+        return self.head(torch.tanh(h)).sum(1).squeeze(-1)
+
+
+def test_a_sweep_on_an_in_place_op_node_patches_the_tensor_the_model_goes_on_with():
+    torch.manual_seed(0)
+    model = InPlaceStatement().eval()
+    clean, corrupt = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
+    assert "add_" in hookkit.layer_names(model, clean)
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
+    whole = hookkit.patching_sweep(model, clean, corrupt, ["add_"], metric)
+    cells = hookkit.patching_sweep(model, clean, corrupt, ["add_"], metric, positions=True, batch=3)
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
+    assert whole.values[0, 0].item() == pytest.approx(whole.clean)  # everything after add_ reads the patched h
+    assert whole.clean != pytest.approx(whole.corrupt)
+    with torch.no_grad():
+        clean_h = model.a(clean) + 1
+        for p in range(5):
+            def write(h, p=p):
+                h[:, p] = clean_h[:, p]
+            assert cells.values[0, p].item() == pytest.approx(float(metric(model(corrupt, by_hand=write))))
