@@ -91,7 +91,7 @@ class NotSaved:
 
 
 class _Hole:
-    """Slot ``index`` of a gradient-input skeleton, while it is written or read."""
+    """Slot ``index`` of a gradient-input skeleton, while it is written."""
 
     __slots__ = ("index",)
 
@@ -403,6 +403,7 @@ class _Decoder:
     def __init__(self, tensors: dict[str, torch.Tensor], classes: Classes) -> None:
         self._tensors = tensors
         self.classes = classes
+        self.slots: list[int] = []  # the indices of the slots decoded, in order (gradient-input structures)
 
     def value(self, node: Any) -> Any:
         if not isinstance(node, dict):
@@ -411,7 +412,8 @@ class _Decoder:
         if kind == "tensor":
             return self._tensor(node)
         if kind == "slot":
-            return _Hole(node["index"])
+            self.slots.append(node["index"])
+            return _tree.slot(node["index"])
         if kind == "float":
             return float(node["value"])
         if kind == "complex":
@@ -465,19 +467,17 @@ class _Decoder:
         return t
 
 
-def _skeleton(structure: Any) -> tuple[Any, int]:
-    """A ``_tree.skeleton`` (and its number of slots) from a decoded structure whose slots are ``_Hole``: slots are
-    numbered depth-first, as ``skeleton`` numbered them when the call was recorded."""
-    seen: list[int] = []
-
-    def place(hole: _Hole) -> torch.Tensor:
-        seen.append(hole.index)
-        return torch.empty(0)
-
-    placeholders = _tree.map_leaves(place, structure, leaf_type=_Hole)
+def _skeleton(node: Any, dec: _Decoder) -> tuple[Any, int]:
+    """A ``_tree.skeleton`` (and its number of slots) decoded from a structure node, whose slots must be numbered
+    depth-first, as ``skeleton`` numbered them when the call was recorded (``_tree`` walks in the order of the
+    node's items). Built directly: walking it with ``_tree`` would call its classes' constructors."""
+    dec.slots.clear()
+    skel = dec.value(node)
+    seen = list(dec.slots)
     if seen != list(range(len(seen))):
-        raise Malformed("", f"a gradient-input structure has slots {seen}, expected 0..{len(seen) - 1}")
-    return _tree.skeleton(placeholders), len(seen)
+        shown = reprlib.repr(seen)
+        raise Malformed("", f"a gradient-input structure has slots {shown}, expected 0..{len(seen) - 1}")
+    return skel, len(seen)
 
 
 def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
@@ -521,7 +521,7 @@ def _rebuild_grads(call: Call, grads: Any, grad_inputs: Any, dec: _Decoder) -> N
     if grad_inputs is not None:
         slots = None if grad_inputs["slots"] is None else dec.value(grad_inputs["slots"])
         if grad_inputs["structure"] is not None:
-            call.grad_in_skel, n = _skeleton(dec.value(grad_inputs["structure"]))
+            call.grad_in_skel, n = _skeleton(grad_inputs["structure"], dec)
             if slots is not None and len(slots) != n:
                 raise Malformed("", f"a gradient-input structure has {n} slots but {len(slots)} values")
         call.grad_in = slots

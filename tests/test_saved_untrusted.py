@@ -155,6 +155,40 @@ def test_classes_named_by_a_file_are_rebuilt_without_running_their_code(saved, t
     assert CALLED == ["RecordingList.__init__"]  # only the line above, which built one itself
 
 
+def test_gradient_input_structures_are_rebuilt_without_running_their_classes_code(tmp_path):
+    class TakesPair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, pair, scale):
+            return self.fc(pair.first) * pair.second + scale
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TakesPair()
+
+        def forward(self, x):
+            return self.inner(RecordingPair(x * 2, x + 1), 3.0)
+
+    model = Model()
+    x = torch.randn(2, 3, requires_grad=True)
+    with hookkit.capture(model, ["inner"], inputs=True, grads=True) as cap:
+        model(x).sum().backward()
+    path = tmp_path / "cap.safetensors"
+    cap.save(path)
+    CALLED.clear()
+    loaded = hookkit.load(path)
+    assert CALLED == []  # reading it later walks it as a live capture's values are walked
+    pair = RecordingPair(x * 2, x + 1)
+    want = torch.autograd.grad(model.inner(pair, 3.0).sum(), [pair.first, pair.second])
+    got = loaded.grad_inputs["inner"]
+    assert type(got) is tuple and type(got[0]) is RecordingPair and got[1] is None
+    torch.testing.assert_close(list(got[0]), list(want), rtol=0, atol=0)
+    assert_same(got, cap.grad_inputs["inner"])
+
+
 def test_a_class_not_of_the_kind_a_file_claims_is_never_called(saved, tmp_path):
     here = __name__
     path = rewritten(saved, tmp_path / "crafted.safetensors", naming(
