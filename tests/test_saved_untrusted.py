@@ -27,7 +27,7 @@ from test_saved import assert_captures_equal, assert_same, needs_safetensors, re
 
 import hookkit
 
-from conftest import NestedOutputs, Out, Pair
+from conftest import NestedOutputs, Out, Pair, hook_census
 
 pytestmark = needs_safetensors
 
@@ -86,8 +86,10 @@ class NotAContainer:
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     model = NestedOutputs()
+    before = hook_census(model)
     with hookkit.capture(model, ["lin", "named", "dict", "dc"], inputs=True) as cap:
         model(torch.randn(2, 4))
+    assert hook_census(model) == before
     path = tmp_path / "cap.safetensors"
     cap.save(path)
     return path
@@ -174,8 +176,10 @@ def test_gradient_input_structures_are_rebuilt_without_running_their_classes_cod
 
     model = Model()
     x = torch.randn(2, 3, requires_grad=True)
+    before = hook_census(model)
     with hookkit.capture(model, ["inner"], inputs=True, grads=True) as cap:
         model(x).sum().backward()
+    assert hook_census(model) == before
     path = tmp_path / "cap.safetensors"
     cap.save(path)
     CALLED.clear()
@@ -248,8 +252,10 @@ def test_a_class_whose_module_is_not_imported_comes_back_plain_until_passed(tmp_
             return outputs.Result(outputs.Halves(x[:, :2], x[:, 2:]), score=x.sum())
 
     model = Returns()
+    before = hook_census(model)
     with hookkit.capture(model, [""]) as cap:
         model(torch.randn(2, 4))
+    assert hook_census(model) == before
     path = tmp_path / "cap.safetensors"
     cap.save(path)
     monkeypatch.delitem(sys.modules, "saved_outputs")  # a fresh process, which never imported it
@@ -292,8 +298,10 @@ def test_a_hugging_face_model_output_is_made_without_its_init_or_setitem(tmp_pat
             return MyOutput(logits=x * 2, hidden=(x, x + 1))
 
     model = Head()
+    before = hook_census(model)
     with hookkit.capture(model, [""]) as cap:
         out = model(torch.randn(2, 3))
+    assert hook_census(model) == before
     path = tmp_path / "cap.safetensors"
     cap.save(path)
     calls.clear()
@@ -343,8 +351,10 @@ def test_values_nested_as_deep_as_a_file_holds_round_trip_and_deeper_ones_are_no
 
     for depth, fits in ((100, True), (101, False)):
         model = Nested(depth)
+        before = hook_census(model)
         with hookkit.capture(model, [""]) as cap:
             model(torch.randn(2))
+        assert hook_census(model) == before
         path = tmp_path / f"nested{depth}.safetensors"
         if fits:
             cap.save(path)
@@ -442,9 +452,11 @@ def test_every_mutation_of_a_real_manifest_loads_or_is_a_saved_capture_error(tmp
     import safetensors.torch
 
     model = NestedOutputs()
+    before = hook_census(model)
     with hookkit.capture(model, ["lin", "tup", "named", "dict", "dc"], inputs=True, grads=True,
                          param_grads=True) as cap:
         model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert hook_census(model) == before
     saved = tmp_path / "cap.safetensors"
     cap.save(saved)
     with safetensors.safe_open(str(saved), framework="pt") as f:
@@ -475,3 +487,4 @@ def test_every_mutation_of_a_real_manifest_loads_or_is_a_saved_capture_error(tmp
                     raise AssertionError(f"{place} = {value!r:.60} {options}: {type(exc).__name__}: {exc}") from exc
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert outcomes["refused"] > 1000 and outcomes["loaded and read"] > 50, outcomes
+    assert hook_census(model) == before  # thousands of loads left no torch state behind
