@@ -57,7 +57,7 @@ def parse(text: str) -> Any:
                             f"{_MAX_JSON_DEPTH} deep (values nested at most {MAX_DEPTH} containers deep)")
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: only where the caller's stack is already deep
+    except ValueError as exc:
         raise Malformed("", f"is not valid JSON ({exc})") from None
 
 
@@ -106,8 +106,16 @@ def _need(obj: dict[str, Any], key: str, where: _Where, ok: Callable[[Any], bool
         raise Malformed(_show(where), f"it has no {key!r}")
     v = obj[key]
     if not ok(v):
+        _name_length(v, _field(where, key))
         raise Malformed(_show(_field(where, key)), f"{_describe(v)}, where {what} belongs")
     return v
+
+
+def _name_length(v: Any, where: _Where) -> None:
+    """Raise ``TooLarge`` for a name (or a list holding one) beyond ``MAX_NAME``: what ``save`` refuses to write."""
+    for x in v if isinstance(v, list) else [v]:
+        if isinstance(x, str) and len(x) > MAX_NAME:
+            raise TooLarge(_show(where), f"a name of {len(x):,} characters (at most {MAX_NAME:,})")
 
 
 def _is_bool(v: Any) -> bool:
@@ -128,6 +136,11 @@ def _is_names(v: Any) -> bool:
 
 def _is_dims(v: Any) -> bool:
     return isinstance(v, list) and all(_is_count(x) for x in v)
+
+
+def _is_ints(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and -2**63 <= x < 2**63
+                                       for x in v)
 
 
 def _is_dict(v: Any) -> bool:
@@ -183,7 +196,7 @@ _LEAVES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {  # node typ
     "bytes": {"value": (_is_text, "base64 text")},
     "dtype": {"value": (_is_dtype, "a torch dtype's name")},
     "device": {"value": (_is_device, "a torch device")},
-    "size": {"value": (_is_dims, "a list of sizes")},
+    "size": {"value": (_is_ints, "a list of sizes")},  # a torch.Size a module made may hold -1
     "not_stored": {"class": (_is_name, "a class name")},
     "not_saved": {"class": (_is_name, "a class name"), "repr": (_is_text, "a repr")},
 }
@@ -287,8 +300,7 @@ def check(manifest: Any) -> None:
     kinds = ["outputs"] + ["inputs", "kwargs"] * want_inputs
     for name, entry in layers.items():
         where = _item(top, "layers", name)
-        if not _is_name(name):
-            raise TooLarge("layers", f"a layer name of {len(name):,} characters (at most {MAX_NAME:,})")
+        _name_length(name, where)
         if not isinstance(entry, dict):
             raise Malformed(_show(where), f"{_describe(entry)}, where a layer's entry belongs")
         if "same_as" in entry:
@@ -313,10 +325,11 @@ def check(manifest: Any) -> None:
     param_grads = _need(manifest, "param_grads", top, _is_dict, "an object of layers")
     for layer, grads in param_grads.items():
         where = _item(top, "param_grads", layer)
-        if not (_is_name(layer) and isinstance(grads, dict)):
+        _name_length([layer, *grads] if isinstance(grads, dict) else layer, where)
+        if not isinstance(grads, dict):
             raise Malformed(_show(where), f"{_describe(grads)}, where an object of parameter gradients belongs")
         for p, node in grads.items():
-            if not (_is_name(p) and isinstance(node, dict) and node.get("type") == "tensor"):
+            if not (isinstance(node, dict) and node.get("type") == "tensor"):
                 raise Malformed(_show(_at(where, p)), f"{_describe(node)}, where a tensor node belongs")
         walk.values([(node, _at(where, p)) for p, node in grads.items()])
 
