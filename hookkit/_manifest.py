@@ -62,30 +62,30 @@ def parse(text: str) -> Any:
 
 
 # -- where in the manifest, built only when an error is reported -----------------------------------------------------
-_Where = tuple  # (parent, part) links; () is the manifest itself
+_Where = tuple  # (parent, name or None, key or None) links, formatted only for a message; () is the manifest
 
 
 def _show(where: _Where) -> str:
     parts: list[str] = []
     while where:
-        where, part = where
-        parts.append(part)
+        where, name, key = where
+        parts.append(("" if name is None else f".{name}") + ("" if key is None else f"[{key!r}]"))
     runs = [(part, len(list(run))) for part, run in itertools.groupby(reversed(parts))]
     shown = "".join(part * n if n < 4 else f"({part} {n} times)" for part, n in runs).removeprefix(".")
     return shown if len(shown) <= 300 else f"{shown[:100]} ... {shown[-150:]}"
 
 
 def _at(where: _Where, key: str | int) -> _Where:
-    return (where, f"[{key!r}]" if isinstance(key, str) else f"[{key}]")
+    return (where, None, key)
 
 
-def _field(where: _Where, key: str) -> _Where:
-    return (where, f".{key}")
+def _field(where: _Where, name: str) -> _Where:
+    return (where, name, None)
 
 
-def _item(where: _Where, key: str, i: int | str) -> _Where:
-    """``where.key[i]`` as one link, so that a deep run of them is shown as one repeated part."""
-    return (where, f".{key}[{i!r}]")
+def _item(where: _Where, name: str, key: str | int) -> _Where:
+    """``where.name[key]`` as one link, so that a deep run of them is shown as one repeated part."""
+    return (where, name, key)
 
 
 # -- small checks -----------------------------------------------------------------------------------------------------
@@ -222,14 +222,17 @@ class _Walk:
             if not isinstance(node, dict):
                 raise Malformed(_show(where), f"{_describe(node)}, where a value (null, a boolean, a number, a "
                                               "string or an object with a \"type\") belongs")
-            kind = _need(node, "type", where, _is_node_type, "a node type")
+            kind: str = node.get("type", "")
+            if not _is_node_type(kind):
+                _need(node, "type", where, _is_node_type, "a node type")
             if kind in _LEAVES:
                 if (kind == "slot") != structure and kind in ("slot", "tensor"):
                     raise Malformed(_show(where), f"a {kind} node, which belongs only "
                                                   f"{'in' if kind == 'slot' else 'outside'} a gradient-input "
                                                   "structure")
                 for key, (ok, what) in _LEAVES[kind].items():
-                    _need(node, key, where, ok, what)
+                    if key not in node or not ok(node[key]):
+                        _need(node, key, where, ok, what)  # raises, saying what is wrong
                 continue
             if depth >= MAX_DEPTH:
                 raise TooLarge(_show(where), f"a value nested more than {MAX_DEPTH} containers deep")
