@@ -14,6 +14,10 @@ containers as ``{"type": "tuple" | "list" | "namedtuple" | "dict" | "dataclass",
 ``"qualname"`` of their class where it is not a plain tuple, list or dict), tensors as ``{"type": "tensor", "key",
 "dtype", "shape"}``, and numbers, strings, booleans and None as themselves. safetensors is optional
 (``pip install 'hookkit[save]'``): it is imported only when a capture is saved or loaded.
+
+A file to load is untrusted input: ``_manifest`` bounds the manifest's nesting before it is parsed and checks every
+node before anything is built from it (``save`` runs the same check, so it never writes what ``load`` refuses), and
+``_classes`` rebuilds the classes it names without importing a module or running a class's code.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import base64
 import dataclasses
 import enum
 import hashlib
-import importlib
 import itertools
 import json
 import math
@@ -39,8 +42,10 @@ import torch
 
 from . import __version__, _check, _tree
 from ._capture import Recorded, Store
+from ._classes import Classes
 from ._engine import Call, Recording, count_slots
 from ._errors import ArgumentError, ArgumentTypeError, SavedCaptureError
+from ._manifest import DTYPES, Malformed, TooLarge, check, parse, tensors_in
 from ._npy import sync, sync_folder
 from ._snapshot import check_guards
 
@@ -86,7 +91,7 @@ class NotSaved:
 
 
 class _Hole:
-    """Slot ``index`` of a gradient-input skeleton, while it is written or read."""
+    """Slot ``index`` of a gradient-input skeleton, while it is written."""
 
     __slots__ = ("index",)
 
@@ -354,6 +359,11 @@ def save(capture: Store, path: str | os.PathLike[str]) -> None:
         warnings.warn(f"{len(enc.not_saved)} value(s) in the capture are not tensors, containers, numbers, strings, "
                       f"dtypes or devices, and are saved as hookkit NotSaved placeholders: {shown}", stacklevel=3)
     manifest["sha256"] = {key: _digest(t) for key, t in files.tensors.items()}
+    try:  # what load checks, so that every file save writes loads
+        check(manifest)
+    except TooLarge as exc:
+        raise SavedCaptureError(f"cannot save the capture to {str(target)!r}: it holds what a capture file does not "
+                                f"({exc}); leave that layer out. Nothing was written.") from None
     text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
     metadata = {"format": "pt", "hookkit": text, "hookkit.sha256": hashlib.sha256(text.encode()).hexdigest()}
     _write_atomically(st, files.tensors, metadata, target)
@@ -386,202 +396,141 @@ def _write_atomically(st: Any, tensors: dict[str, torch.Tensor], metadata: dict[
 
 
 # -- reading: JSON nodes back to values -------------------------------------------------------------------------------
-class _Malformed(Exception):
-    """The manifest does not say what it should; ``load`` reports it with the path."""
-
-
 class _Decoder:
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    """Builds values from manifest nodes that ``_manifest.check`` passed: their types are right, so what is left to
+    check depends on the tensors (a key the file holds, its dtype and shape) and on the values built."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], classes: Classes) -> None:
         self._tensors = tensors
-        self._classes: dict[tuple[str, str], type | None] = {}
-        self.fallbacks: set[str] = set()  # classes that could not be imported: their values came back plain
+        self.classes = classes
+        self.slots: list[int] = []  # the indices of the slots decoded, in order (gradient-input structures)
 
     def value(self, node: Any) -> Any:
-        if node is None or type(node) in (bool, int, float, str):
-            return node
         if not isinstance(node, dict):
-            raise _Malformed(f"a value node is a {type(node).__name__}")
+            return node  # null, a boolean, a number or a string
         kind = node["type"]
         if kind == "tensor":
             return self._tensor(node)
         if kind == "slot":
-            return _Hole(int(node["index"]))
+            self.slots.append(node["index"])
+            return _tree.slot(node["index"])
         if kind == "float":
             return float(node["value"])
         if kind == "complex":
             return complex(float(node["value"][0]), float(node["value"][1]))
         if kind == "bytes":
-            return base64.b64decode(node["value"])
+            try:
+                return base64.b64decode(node["value"], validate=True)
+            except ValueError as exc:  # binascii.Error
+                raise Malformed("", f"a bytes node holds no base64 ({exc})") from None
         if kind == "dtype":
-            dtype = getattr(torch, node["value"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise _Malformed(f"unknown dtype {node['value']!r}")
-            return dtype
+            return DTYPES[node["value"]]
         if kind == "device":
             return torch.device(node["value"])
         if kind == "size":
-            return torch.Size(int(x) for x in node["value"])
+            return torch.Size(node["value"])
         if kind == "not_stored":
             stand_in = _tree.NotStored.__new__(_tree.NotStored)
-            stand_in.type_name = str(node["class"])
+            stand_in.type_name = node["class"]
             return stand_in
         if kind == "not_saved":
-            return NotSaved(str(node["class"]), str(node["repr"]))
-        if kind in ("tuple", "list", "namedtuple"):
-            return self._sequence(kind, node, [self.value(x) for x in node["items"]])
-        if kind == "dict":
-            return self._mapping(node, [(self.value(k), self.value(v)) for k, v in node["items"]])
+            return NotSaved(node["class"], node["repr"])
+        module, qualname = node.get("module"), node.get("qualname", "")
         if kind == "dataclass":
-            return self._dataclass(node, {str(k): self.value(v) for k, v in node["fields"].items()})
-        raise _Malformed(f"unknown node type {kind!r}")
+            fields = {k: self.value(v) for k, v in node["fields"].items()}
+            return self.classes.dataclass(node["module"], qualname, fields)
+        if kind == "dict":
+            items = [(self._key(k), self.value(v)) for k, v in node["items"]]
+            return dict(items) if module is None else self.classes.mapping(module, qualname, items)
+        items = [self.value(x) for x in node["items"]]
+        if kind == "namedtuple":
+            return self.classes.namedtuple(node["module"], qualname, node["fields"], items)
+        base = tuple if kind == "tuple" else list
+        return base(items) if module is None else self.classes.sequence(module, qualname, base, items)
+
+    def _key(self, node: Any) -> Any:
+        key = self.value(node)
+        try:
+            hash(key)
+        except TypeError:
+            raise Malformed("", f"a dict key is a {type(key).__name__}, which cannot be a key") from None
+        return key
 
     def _tensor(self, node: dict[str, Any]) -> torch.Tensor:
         key = node["key"]
         if key not in self._tensors:
-            raise _Malformed(f"it names a tensor {key!r} that the file does not hold")
+            raise Malformed("", f"it names a tensor {key!r} that the file does not hold")
         t = self._tensors[key]
-        if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != list(node["shape"]):
-            raise _Malformed(f"tensor {key!r} is {_dtype_name(t.dtype)} {list(t.shape)} in the file but "
-                             f"{node['dtype']} {node['shape']} in the manifest")
+        if _dtype_name(t.dtype) != node["dtype"] or list(t.shape) != node["shape"]:
+            raise Malformed("", f"tensor {key!r} is {_dtype_name(t.dtype)} {list(t.shape)} in the file but "
+                                f"{node['dtype']} {node['shape']} in the manifest")
         return t
 
-    def _class(self, node: dict[str, Any], accept: Callable[[type], bool]) -> type | None:
-        if "module" not in node:
-            return None
-        ref = (str(node["module"]), str(node["qualname"]))
-        if ref not in self._classes:
-            self._classes[ref] = _import_class(*ref)
-        cls = self._classes[ref]
-        if cls is None or not accept(cls):
-            self.fallbacks.add(".".join(ref))
-            return None
-        return cls
 
-    def _fallback(self, node: dict[str, Any]) -> None:
-        self.fallbacks.add(f"{node['module']}.{node['qualname']}")
-
-    def _sequence(self, kind: str, node: dict[str, Any], items: list[Any]) -> Any:
-        base: type = list if kind == "list" else tuple
-        if kind == "namedtuple":
-            fields = tuple(node["fields"])
-            cls = self._class(node, lambda c: issubclass(c, tuple) and tuple(getattr(c, "_fields", ())) == fields)
-        else:
-            cls = self._class(node, lambda c: issubclass(c, base))
-        if cls is None:
-            return base(items)
-        try:
-            return cls(*items) if kind == "namedtuple" else cls(items)
-        except Exception:  # the class's constructor wants something else: a plain container, said so
-            self._fallback(node)
-            return base(items)
-
-    def _mapping(self, node: dict[str, Any], items: list[tuple[Any, Any]]) -> Any:
-        cls: Any = self._class(node, lambda c: issubclass(c, dict))
-        if cls is None:
-            return dict(items)
-        try:  # as copy.copy builds one (and so _tree.map_leaves): no __init__, then the items (ModelOutput too)
-            obj = cls.__new__(cls)
-            for k, v in items:
-                obj[k] = v
-            return obj
-        except Exception:
-            self._fallback(node)
-            return dict(items)
-
-    def _dataclass(self, node: dict[str, Any], fields: dict[str, Any]) -> Any:
-        cls: Any = self._class(node, lambda c: dataclasses.is_dataclass(c)
-                          and set(fields) <= {f.name for f in dataclasses.fields(c)})
-        if cls is None:
-            return fields
-        try:  # no __init__ / __post_init__: the saved values as they were
-            obj = cls.__new__(cls)
-            for k, v in fields.items():
-                object.__setattr__(obj, k, v)
-            return obj
-        except Exception:
-            self._fallback(node)
-            return fields
-
-
-def _import_class(module: str, qualname: str) -> type | None:
-    """The class ``module.qualname``, imported; None where it cannot be (a class defined inside a function, a module
-    that is not installed here)."""
-    if "<locals>" in qualname:
-        return None
-    try:
-        obj: Any = importlib.import_module(module)
-    except Exception:  # not installed, or failing to import here
-        return None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, type) else None
-
-
-def _skeleton(structure: Any) -> tuple[Any, int]:
-    """A ``_tree.skeleton`` (and its number of slots) from a decoded structure whose slots are ``_Hole``: slots are
-    numbered depth-first, as ``skeleton`` numbered them when the call was recorded."""
-    seen: list[int] = []
-
-    def place(hole: _Hole) -> torch.Tensor:
-        seen.append(hole.index)
-        return torch.empty(0)
-
-    placeholders = _tree.map_leaves(place, structure, leaf_type=_Hole)
+def _skeleton(node: Any, dec: _Decoder) -> tuple[Any, int]:
+    """A ``_tree.skeleton`` (and its number of slots) decoded from a structure node, whose slots must be numbered
+    depth-first, as ``skeleton`` numbered them when the call was recorded (``_tree`` walks in the order of the
+    node's items). Built directly: walking it with ``_tree`` would call its classes' constructors."""
+    dec.slots.clear()
+    skel = dec.value(node)
+    seen = list(dec.slots)
     if seen != list(range(len(seen))):
-        raise _Malformed(f"a gradient-input structure has slots {seen}, expected 0..{len(seen) - 1}")
-    return _tree.skeleton(placeholders), len(seen)
+        shown = reprlib.repr(seen)
+        raise Malformed("", f"a gradient-input structure has slots {shown}, expected 0..{len(seen) - 1}")
+    return skel, len(seen)
 
 
 def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
-    want_inputs, want_grads = bool(manifest["inputs"]), bool(manifest["grads"])
+    """The recording a checked manifest describes (``_manifest.check`` passed it)."""
+    want_inputs, want_grads = manifest["inputs"], manifest["grads"]
     layers = manifest["layers"]
     records: dict[str, list[Call]] = {}
     for name, entry in layers.items():
         if "same_as" in entry:
             continue
         calls: list[Call] = []
-        for i in range(int(entry["calls"])):
+        for i in range(entry["calls"]):
             call = Call(dec.value(entry["outputs"][i]))
             if want_inputs:
                 call.args = dec.value(entry["inputs"][i])
                 call.kwargs = dec.value(entry["kwargs"][i])
             if want_grads:
                 _rebuild_grads(call, entry["grads"][i], entry["grad_inputs"][i], dec)
+                n = tensors_in(entry["outputs"][i])
+                if call.grad_out is not None and len(call.grad_out) < n:
+                    raise Malformed("", f"layer {name!r} call {i} has {len(call.grad_out)} gradient slot(s) for an "
+                                        f"output of {n} tensor(s)")
             calls.append(call)
         records[name] = calls
     for name, entry in layers.items():
         if "same_as" in entry:
             records[name] = records[entry["same_as"]]
-    order = [str(n) for n in manifest["order"]]
-    selected = [str(n) for n in manifest["selected"]]
-    missing = [n for n in order + selected if n not in layers]
-    if missing:
-        raise _Malformed(f"layer {missing[0]!r} is listed but has no entry")
-    param_grads = {str(layer): {str(p): dec.value(g) for p, g in grads.items()}
+    param_grads = {layer: {p: dec.value(g) for p, g in grads.items()}
                    for layer, grads in manifest["param_grads"].items()}
-    return Recording.from_calls({name: records[name] for name in layers}, order=order, selected_names=selected,
-                                want_inputs=want_inputs, want_grads=want_grads, wrapped=bool(manifest["wrapped"]),
-                                param_grads=param_grads)
+    return Recording.from_calls({name: records[name] for name in layers}, order=list(manifest["order"]),
+                                selected_names=list(manifest["selected"]), want_inputs=want_inputs,
+                                want_grads=want_grads, wrapped=manifest["wrapped"], param_grads=param_grads)
 
 
 def _rebuild_grads(call: Call, grads: Any, grad_inputs: Any, dec: _Decoder) -> None:
     if grads is not None:
         if "error" in grads:
-            call.grad_out_error = str(grads["error"])
+            call.grad_out_error = grads["error"]
         else:
-            call.grad_out = list(dec.value(grads["slots"]))
+            call.grad_out = dec.value(grads["slots"])
     if grad_inputs is not None:
-        slots = None if grad_inputs["slots"] is None else list(dec.value(grad_inputs["slots"]))
+        slots = None if grad_inputs["slots"] is None else dec.value(grad_inputs["slots"])
         if grad_inputs["structure"] is not None:
-            call.grad_in_skel, n = _skeleton(dec.value(grad_inputs["structure"]))
+            call.grad_in_skel, n = _skeleton(grad_inputs["structure"], dec)
             if slots is not None and len(slots) != n:
-                raise _Malformed(f"a gradient-input structure has {n} slots but {len(slots)} values")
+                raise Malformed("", f"a gradient-input structure has {n} slots but {len(slots)} values")
         call.grad_in = slots
         if grad_inputs["error"]:
-            call.grad_in_error = str(grad_inputs["error"])
+            call.grad_in_error = grad_inputs["error"]
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True) -> ReadOnlyCapture:
+def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True,
+         classes: Iterable[type] = ()) -> ReadOnlyCapture:
     """Read a capture that ``Capture.save`` wrote: the same reading API, no model needed.
 
     Example:
@@ -595,17 +544,22 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", ve
         >>> list(loaded), loaded["0"].shape, torch.equal(loaded.inputs["0"], cap.inputs["0"])
         (['0', '1'], torch.Size([2, 8]), True)
 
-    Nested values come back as their classes (namedtuples, dataclasses, dicts such as ``ModelOutput``), imported
-    by module and name; where a class cannot be imported here, its values come back as plain tuples / dicts, with a
-    warning that names it. Tensors come back contiguous (the strides of views are not kept), without autograd
-    history; a tensor that was stored in several places comes back as one tensor in those places.
+    Loading a file runs no code that the file names: it imports no module and calls no class's constructor. Nested
+    values come back as their classes (namedtuples, dataclasses, dicts such as ``ModelOutput``, ``torch.return_types``)
+    when the class is in ``classes`` or its module is already imported (in ``sys.modules``), and it is of the kind
+    the file says (a namedtuple with those fields, a dataclass...); the instance is made without running the class's
+    own ``__new__``, ``__init__`` or ``__setitem__``. Otherwise its values come back as plain tuples / lists / dicts,
+    with a warning that names the class and why. Tensors come back contiguous (the strides of views are not kept),
+    without autograd history; a tensor that was stored in several places comes back as one tensor in those places.
 
     Args:
         path: a file written by ``Capture.save`` (or ``ReadOnlyCapture.save``).
-        device: where to put the tensors (default ``"cpu"``).
+        device: where to put the tensors (default ``"cpu"``; ``"meta"`` gives shapes and dtypes without values).
         verify: check each tensor's bytes against the SHA-256 the manifest holds (about 1.8 GB/s on one core), so
             a flipped bit in the data is an error rather than a wrong number. ``False`` skips it for a file you
             trust; the manifest's own checksum is always checked.
+        classes: classes to rebuild even where their module is not imported (a class defined inside a function,
+            too): ``load(path, classes=[MyOutput])``. Matched by module and qualified name.
 
     Returns:
         A ``ReadOnlyCapture``: ``cap[name]``, ``cap.calls(name)``, ``list(cap)``, ``cap.inputs``, ``cap.kwargs``,
@@ -613,20 +567,26 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", ve
 
     Raises:
         SavedCaptureError: no such file, not a safetensors file, truncated or corrupted (in its header, its manifest
-            or a tensor's bytes), a safetensors file without a hookkit manifest, or one written by a newer hookkit;
-            the message names the path (and the tensor).
+            or a tensor's bytes), a manifest that is not what ``save`` writes (nested too deep, a node of the wrong
+            type: the message says where), a safetensors file without a hookkit manifest, or one written by a newer
+            hookkit; the message names the path (and the tensor). Nothing is built before the manifest is checked.
+        ArgumentError: ``device`` is not a device, or not one this machine has.
+        ArgumentTypeError: ``path``, ``device``, ``verify`` or ``classes`` is of a type ``load`` does not take.
         ImportError: safetensors is not installed (``pip install 'hookkit[save]'``).
     """
-    shown = repr(str(os.fspath(path)))
-    file = Path(os.fspath(path))
+    file, shown = _load_path(path)
+    target = _load_device(device)
+    if not isinstance(verify, bool):
+        raise ArgumentTypeError(f"hookkit.load: verify must be True or False, got {type(verify).__name__} "
+                                f"{verify!r}.")
+    allowed = _load_classes(classes)
     if not file.exists():
         raise SavedCaptureError(f"cannot load a capture from {shown}: no such file.")
     if file.is_dir():
         raise SavedCaptureError(f"cannot load a capture from {shown}: that is a folder, not a file.")
     st = _safetensors()
-    target = torch.device(device)
-    try:  # checked on the CPU, where the bytes are, then moved
-        with st.safe_open(str(file), framework="pt", device="cpu" if verify else str(target)) as f:
+    try:  # read and checked on the CPU, where the bytes are, then moved
+        with st.safe_open(str(file), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             keys = list(f.keys())
             manifest = _read_manifest(metadata, shown, len(keys))
@@ -636,19 +596,65 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", ve
                                 f"truncated, corrupted, or of another format (safetensors says: {exc}).") from exc
     if verify:
         _check_digests(manifest, tensors, shown)
-        if target.type != "cpu":
-            tensors = {key: t.to(target) for key, t in tensors.items()}
-    dec = _Decoder(tensors)
+    if target.type != "cpu":
+        tensors = {key: t.to(target) for key, t in tensors.items()}
+    dec = _Decoder(tensors, Classes(allowed))
     try:
         rec = _rebuild(manifest, dec)
-    except (_Malformed, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except Malformed as exc:
         raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest does not fit the file "
-                                f"({type(exc).__name__}: {exc}); the file is corrupted.") from exc
-    if dec.fallbacks:
-        warnings.warn(f"hookkit.load({shown}): could not import {', '.join(sorted(dec.fallbacks))}, so values of "
-                      "those classes come back as plain tuples / dicts (import the module that defines them, or "
-                      "install it, to get them back as they were saved).", stacklevel=2)
+                                f"({exc}); the file is corrupted.") from None
+    refused = dec.classes.refused
+    if refused:
+        shown_classes = "; ".join(f"{name} ({'; '.join(why)})" for name, why in sorted(refused.items()))
+        warnings.warn(f"hookkit.load({shown}): values of {len(refused)} class(es) come back as plain tuples / lists "
+                      f"/ dicts: {shown_classes}. To get them back as they were saved, import the module that "
+                      "defines a class before loading, or pass the class: hookkit.load(path, classes=[...]).",
+                      stacklevel=2)
     return ReadOnlyCapture(rec, source=f"loaded from {shown}")
+
+
+def _load_path(path: Any) -> tuple[Path, str]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"hookkit.load: path must be a file name (a str or a pathlib.Path), got "
+                                f"{type(path).__name__} {reprlib.repr(path)}.")
+    name = os.fspath(path)
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"hookkit.load: path must be a file name as text, got {type(name).__name__} "
+                                f"{reprlib.repr(name)}; decode it first (os.fsdecode).")
+    return Path(name), repr(name)
+
+
+def _load_device(device: Any) -> torch.device:
+    """``device`` as a torch.device this machine has, checked before the file is read."""
+    if not isinstance(device, (str, torch.device)):
+        raise ArgumentTypeError(f"hookkit.load: device must be a str or a torch.device, got {type(device).__name__} "
+                                f"{reprlib.repr(device)}.")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ArgumentError(f"hookkit.load: device={device!r} is not a device ({exc}); give one such as 'cpu', "
+                            "'cuda', 'cuda:1' or 'meta'.") from None
+    if target.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=target)
+        except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
+            raise ArgumentError(f"hookkit.load: device={device!r} cannot hold tensors on this machine ({exc}); "
+                                "load on 'cpu' (the default), or on a device it has.") from None
+    return target
+
+
+def _load_classes(classes: Any) -> list[type]:
+    if isinstance(classes, (str, bytes, type)) or not isinstance(classes, Iterable):
+        raise ArgumentTypeError(f"hookkit.load: classes must be a list of classes (classes=[MyOutput]), got "
+                                f"{type(classes).__name__} {reprlib.repr(classes)}.")
+    found = list(classes)
+    for i, cls in enumerate(found):
+        if not isinstance(cls, type):
+            raise ArgumentTypeError(f"hookkit.load: classes must hold classes, but item {i} is a "
+                                    f"{type(cls).__name__} {reprlib.repr(cls)}; pass the class itself "
+                                    "(classes=[MyOutput]), not its name or an instance.")
+    return found
 
 
 def _check_digests(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], shown: str) -> None:
@@ -672,22 +678,28 @@ def _read_manifest(metadata: dict[str, str], shown: str, n_tensors: int) -> dict
             "manifest, so it was not written by Capture.save. Read its tensors with safetensors.torch.load_file.")
     text = metadata["hookkit"]
     try:
-        manifest = json.loads(text)
-    except ValueError as exc:
-        raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest is not valid JSON "
-                                f"({exc}); the file is corrupted.") from exc
+        manifest = parse(text)
+    except Malformed as exc:
+        raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest {exc}; the file is "
+                                "corrupted.") from None
     version = manifest.get("format") if isinstance(manifest, dict) else None
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest has no format version; "
                                 "the file is corrupted.")
     if version > _FORMAT:
         raise SavedCaptureError(
-            f"cannot load a capture from {shown}: it was written by a newer hookkit ({manifest.get('hookkit')}, "
+            f"cannot load a capture from {shown}: it was written by a newer hookkit "
+            f"({str(manifest.get('hookkit'))[:40]}, "
             f"capture format {version}); this hookkit ({__version__}) reads format {_FORMAT} and older. Upgrade "
             "hookkit: pip install -U hookkit.")
     if hashlib.sha256(text.encode()).hexdigest() != metadata.get("hookkit.sha256") or metadata.get("format") != "pt":
         raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest does not match its "
                                 "checksum (or its metadata was changed); the file is corrupted.")
+    try:
+        check(manifest)
+    except Malformed as exc:
+        raise SavedCaptureError(f"cannot load a capture from {shown}: its hookkit manifest is not what "
+                                f"Capture.save writes ({exc}); the file is corrupted or was made by hand.") from None
     return manifest
 
 

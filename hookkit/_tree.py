@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["map_leaves", "leaves", "is_container", "skeleton", "fill", "NotStored"]
+__all__ = ["map_leaves", "leaves", "is_container", "skeleton", "slot", "fill", "NotStored"]
 
 _ATOMS = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
 # Values that hold no tensor and cannot change: kept as they are even where unknown objects are not.
@@ -117,6 +117,11 @@ def skeleton(obj: Any) -> Any:
     """``obj`` with its tensors replaced by numbered slots, holding no tensor (and so no autograd graph)."""
     counter = itertools.count()
     return map_leaves(lambda _t: _Slot(next(counter)), obj)
+
+
+def slot(index: int) -> Any:
+    """Slot ``index`` of a skeleton built elsewhere than by ``skeleton`` (``hookkit.load`` reads one from a file)."""
+    return _Slot(index)
 
 
 def fill(skel: Any, values: list[Any]) -> Any:

@@ -312,7 +312,7 @@ def test_the_file_holds_a_manifest_with_versions_layers_and_classes(tmp_path):
 
 
 @needs_safetensors
-def test_a_class_that_cannot_be_imported_comes_back_plain_with_a_warning(tmp_path):
+def test_a_class_defined_in_a_function_comes_back_plain_with_a_warning_unless_passed(tmp_path):
     Local = namedtuple("Local", ["a", "b"])
 
     @dataclasses.dataclass
@@ -328,12 +328,18 @@ def test_a_class_that_cannot_be_imported_comes_back_plain_with_a_warning(tmp_pat
         model(torch.randn(2, 3))
     path = tmp_path / "cap.safetensors"
     cap.save(path)
-    with pytest.warns(UserWarning, match=r"could not import .*LocalOut.*plain tuples / dicts"):
+    with pytest.warns(UserWarning, match=r"values of 2 class\(es\) come back as plain tuples / lists / dicts: "
+                                         r".*Local \(module .* holds no class of that name\).*<locals>\.LocalOut "
+                                         r"\(it is defined inside a function\).*classes=\[\.\.\.\]"):
         loaded = hookkit.load(path)
     local, out = loaded[""]
     assert type(local) is tuple and type(out) is dict
     torch.testing.assert_close(local[1], cap[""][0].b, rtol=0, atol=0)
     torch.testing.assert_close(out["value"], cap[""][1].value, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        passed = hookkit.load(path, classes=[Local, LocalOut])
+    assert_same(passed[""], cap[""])
 
 
 @needs_safetensors
@@ -371,16 +377,18 @@ def saved(tmp_path):
     return path
 
 
-def rewritten(saved: Path, path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """``saved``'s tensors written to ``path`` with a manifest that ``edit`` changed in place, and a SHA-256 that
-    fits it: a consistent lie, which only the checks after the manifest's checksum can catch."""
+def rewritten(saved: Path, path: Path, edit: Callable[[dict[str, Any]], None],
+              text: Callable[[str], str] = lambda text: text) -> Path:
+    """``saved``'s tensors written to ``path`` with a manifest that ``edit`` changed in place (then ``text`` changed
+    as JSON text), and a SHA-256 that fits it: a consistent lie, which only the checks after the manifest's checksum
+    can catch."""
     with safetensors.safe_open(str(saved), framework="pt") as f:
         metadata = f.metadata()
         keys = f.keys()
         tensors = {k: f.get_tensor(k) for k in keys}
     manifest = json.loads(metadata["hookkit"])
     edit(manifest)
-    metadata["hookkit"] = json.dumps(manifest, separators=(",", ":"))
+    metadata["hookkit"] = text(json.dumps(manifest, separators=(",", ":")))
     metadata["hookkit.sha256"] = hashlib.sha256(metadata["hookkit"].encode()).hexdigest()
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
     return path
