@@ -54,6 +54,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._errors import ArgumentError, ArgumentTypeError
 from ._npy import sync_folder
 
 __all__ = [
@@ -397,8 +398,8 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
     [CallableSink(<built-in function print>)]
 
     Raises:
-        TypeError: an item is none of these (or ``sinks`` is not an iterable).
-        ValueError: an unknown name, or ``"jsonl"``/``"tensorboard"`` without a ``log`` folder.
+        ArgumentTypeError (a TypeError): an item is none of these (or ``sinks`` is not an iterable).
+        ArgumentError (a ValueError): an unknown name, or ``"jsonl"``/``"tensorboard"`` without a ``log`` folder.
         ImportError: ``"tensorboard"``/``"wandb"`` and that package is not installed (with the pip command).
     """
     if sinks is None:
@@ -408,7 +409,7 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
     elif isinstance(sinks, Iterable):
         items = list(sinks)
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"sinks must be a list of sink names {_SINK_NAMES}, Sink objects or callables; got {type(sinks).__name__}"
         )
     names: list[str] = ["jsonl"] if log is not None else []
@@ -416,12 +417,12 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
     for item in items:  # check everything before creating anything
         if isinstance(item, str):
             if item not in _SINK_NAMES:
-                raise ValueError(
+                raise ArgumentError(
                     f"unknown sink {item!r}; expected one of {', '.join(map(repr, _SINK_NAMES))}, a Sink object "
                     "(write(record) and close()) or a callable fn(record)"
                 )
             if item in ("jsonl", "tensorboard") and log is None:
-                raise ValueError(
+                raise ArgumentError(
                     f"sink {item!r} writes into the log folder, but log=None; pass log='runs/exp1' (a folder)"
                 )
             if item in ("tensorboard", "wandb") and importlib.util.find_spec(item) is None:
@@ -431,7 +432,7 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
         elif _is_sink(item) or callable(item):
             others.append(item)
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"sink item {item!r:.80} ({type(item).__name__}) is not a sink; expected one of "
                 f"{', '.join(map(repr, _SINK_NAMES))}, an object with write(record) and close(), "
                 "or a callable fn(record)"
