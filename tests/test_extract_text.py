@@ -327,6 +327,10 @@ LEAF = "Short document."
     ('{"text": "a"}\n{"txt": "b"}\n', ["--field", "text"], "Did you mean --field txt?"),
     ('{"text": "a"}\n\n{"text": 3}\n', ["--field", "text"], "line 3 of"),
     (b"ok\ncaf\xe9\n", [], "line 2 of"),
+    ('{"text": "a"}\n\n{"text": "b\\udfff"}\n', ["--field", "text"], "line 3 of"),
+    ('{"text": "a"}\n{"text": "b", "id": ' + "7" * 5000 + '}\n', ["--field", "text"], "line 2 of"),
+    ('{"text": "a"}\n{"text": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + '}\n', ["--field", "text"],
+     "line 2 of"),
 ])
 def test_a_bad_text_file_exits_2_before_anything_is_written(tmp_path, capsys, monkeypatch, content, more, expected):
     monkeypatch.setattr(texts_module, "load_text_model", _refuse)
@@ -339,6 +343,24 @@ def test_a_bad_text_file_exits_2_before_anything_is_written(tmp_path, capsys, mo
     line = error_line(capsys)
     assert expected in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lone_surrogate_escape_is_one_error_line_naming_it_before_anything_is_written(tmp_path, capsys):
+    """JSON lets a line escape half of a UTF-16 pair ("\\ud800"), which is no character: the tokenizer would refuse
+    it with a TypeError after lines.txt and progress/ were written. It is refused with the other line checks."""
+    from hookkit.cli import main
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "also fine \\ud83d\\ude42"}\n{"text": "broken \\ud800 here"}\n',
+                    encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(text_args(data, out, "--field", "text", "--pool", "avg")) == 2
+    line = error_line(capsys)
+    assert f"line 3 of {str(data)!r}: field 'text' holds the escape \\ud800 at character 8" in line
+    assert "fix the escape in the file" in line and "internal error" not in line
+    assert not out.exists()  # no lines.txt, no progress/
+    with pytest.raises(hookkit.CommandLineError, match=r"line 3 .*\\ud800"):
+        read_documents(data, field="text")
 
 
 def test_bad_json_lines_name_the_fix(tmp_path):
