@@ -38,7 +38,8 @@ import torch
 from . import __version__ as _version
 from ._errors import ExtractError
 from ._fingerprint import sample0_digest
-from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync, sync_folder
+from ._fs import NEW_FILE_MODE, write_bytes
+from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes
 from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, chunk_name, leftovers, lost_from, offsets_name
 
 try:
@@ -441,22 +442,7 @@ def _file_names(names: list[str]) -> dict[str, str]:
 def _atomic_json(path: Path, data: Any) -> None:
     """Replace ``path`` whole with ``data``, durably: the new file is synced before the rename and the folder after
     it, so that after a power cut ``path`` holds the old or the new content, and the new one once this returns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            data_bytes = json.dumps(data, indent=1).encode()
-            view = memoryview(data_bytes)
-            while view:
-                view = view[os.write(fd, view):]
-            sync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sync_folder(path.parent)
+    write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 class _Writing:
@@ -492,7 +478,7 @@ class _Lock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -55,7 +55,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ._errors import ArgumentError, ArgumentTypeError
-from ._npy import sync_folder
+from ._fs import NEW_FILE_MODE, sync_folder
 
 __all__ = [
     "Sink",
@@ -267,7 +267,7 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existed = self.path.exists()
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, NEW_FILE_MODE)
         self._cut_partial_last_line()
         if not existed:  # the new name itself must survive a power loss
             sync_folder(self.path.parent)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import hookkit
-from hookkit import _npy, _rowstore
+from hookkit import _fs, _npy, _rowstore
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ["net.1", "net.3"]
@@ -332,10 +332,14 @@ def test_a_failed_write_surfaces_at_once_and_every_batch_recorded_as_done_stays(
 
 def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_path, monkeypatch):
     events: list[str] = []
-    real_sync, real_replace = _npy.sync, os.replace
-    monkeypatch.setattr(_npy, "sync", lambda fd: (events.append(f"sync {os.readlink(f'/proc/self/fd/{fd}')}"),
-                                                  real_sync(fd))[1])
-    monkeypatch.setattr(_rowstore, "sync", lambda fd: (events.append("sync json"), real_sync(fd))[1])
+    real_sync, real_replace = _fs.sync, os.replace
+
+    def sync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("sync json" if Path(path).name.startswith(".rank-0.json.") else f"sync {path}")
+        real_sync(fd)
+    monkeypatch.setattr(_fs, "sync", sync)
+    monkeypatch.setattr(_npy, "sync", sync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
     hookkit.extract(model, LAYERS, padded(sequences(24), 8), out=tmp_path / "f", progress=False)
     records = [i for i, e in enumerate(events) if e == "replace rank-0.json"]
