@@ -545,6 +545,19 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def rows_written(out: Path) -> tuple[int, bool]:
+    """How many rows the extraction folder ``out`` holds (every rank's progress, merged; all of them once it is
+    finished), and whether it is finished: what a resumed run starts from, or what an interrupted one kept. A
+    folder that holds no extraction (no manifest yet) holds 0 rows."""
+    manifest = _read_manifest(out) if (out / _MANIFEST).is_file() else None
+    if manifest is None:
+        return 0, False
+    if manifest.get("complete"):
+        return int(manifest.get("rows", 0)), True
+    rows = _all_progress(out)[0] if (out / "progress").is_dir() else []
+    return sum(b - a for a, b in rows), False
+
+
 def _read_progress(path: Path) -> dict[str, Any]:
     """One rank's progress; an unreadable or old-format file counts as nothing done (those rows are recomputed)."""
     try:
