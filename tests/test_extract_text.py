@@ -233,7 +233,7 @@ def test_text_command_tokenizes_in_worker_processes_with_the_same_rows(tmp_path)
         assert (tmp_path / "w0" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
-def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_path, monkeypatch):
+def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_path, monkeypatch, capsys):
     data = write_lines(tmp_path / "docs.txt", SENTENCES)
     args = text_args(data, tmp_path / "out", "--batch-size", "2", "--pool", "avg")
     calls = []
@@ -249,14 +249,17 @@ def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_
         return m
 
     monkeypatch.setattr(texts_module, "load_text_model", lambda folder: load_and_count(folder, stop_at=3))
-    with pytest.raises(KeyboardInterrupt):
-        invoke(args)
+    assert invoke(args)[0] == 130  # Ctrl-C: the shell's code for SIGINT
     assert calls == [2, 2, 2]  # two batches written, the third interrupted
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"hookkit: interrupted: 4 of 8 rows are written to {str(tmp_path / 'out')!r} and kept; "
+                           "run the same command again to compute the other 4: hookkit extract ")
     calls.clear()
     monkeypatch.setattr(texts_module, "load_text_model", load_and_count)
     code, text = invoke(args)
     assert code == 0, text
     assert calls == [2, 2]  # only rows 4-7
+    assert "(4 of them already written by an earlier run, resumed; 4 computed now)" in " ".join(text.split())
     fresh = tmp_path / "fresh"
     monkeypatch.undo()
     assert invoke(text_args(data, fresh, "--batch-size", "2", "--pool", "avg"))[0] == 0
@@ -280,8 +283,7 @@ def test_text_command_resumes_with_another_batch_size(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(texts_module, "load_text_model", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        invoke(text_args(data, out, "--batch-size", "2", "--pool", "avg"))
+    assert invoke(text_args(data, out, "--batch-size", "2", "--pool", "avg"))[0] == 130
     monkeypatch.undo()
     code, text = invoke(text_args(data, out, "--batch-size", "1", "--pool", "avg"))  # "Hi." alone: 4 tokens wide
     assert code == 0, text
