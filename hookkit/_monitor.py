@@ -109,6 +109,9 @@ class Monitor:
     def __init__(self, model: nn.Module, layers: Layers | None, *, every: int, log: Any, sinks: Iterable[Any] | None,
                  params: bool, histograms: bool, on_nonfinite: OnNonFinite, ops: bool, summary: bool,
                  console: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"model={model!r:.80} ({type(model).__name__}): monitor watches an nn.Module "
+                                    "(the model being trained, or its DDP wrapper).")
         _check_options(every=every, log=log, params=params, histograms=histograms, on_nonfinite=on_nonfinite,
                        ops=ops, summary=summary, console=console)
         found = resolve(model, _default_layers(model) if layers is None else layers)

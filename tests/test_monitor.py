@@ -332,6 +332,12 @@ def test_every_bad_option_is_refused_when_the_block_is_made_before_any_hook_or_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt"]  # no run folder, no monitor.jsonl
 
 
+def test_a_model_that_is_no_module_is_refused_naming_it(tmp_path):
+    with pytest.raises(hookkit.ArgumentTypeError, match=r"model='resnet18' \(str\): monitor watches an nn.Module"):
+        hookkit.monitor("resnet18", log=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stringio_console_is_refused_before_the_training_loop_runs():
     import io
 
