@@ -7,7 +7,9 @@ image; ``DIR/lines.txt``: its input line).
 ``hookkit._images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit._texts``
 (``read_documents``, the Hugging Face model folder's tokenizer and model, ``TokenizedTexts`` with its padding
 collate; transformers imported when used). Every option is checked, the input read and the index compared with the
-one in ``--out`` before a file is written; ``_run`` then hands a DataLoader to ``extract`` and prints what it wrote.
+one in ``--out`` before a file is written; ``_extract`` then hands a DataLoader to ``extract`` and prints what it
+wrote (and how many rows an earlier run had written). Ctrl-C keeps the rows written and raises ``Interrupted``
+with their number and the command that resumes; ``hookkit.cli.run`` prints it as one line, exit code 130.
 """
 
 from __future__ import annotations
