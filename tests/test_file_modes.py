@@ -84,8 +84,11 @@ def test_an_unfinished_extract_folder_follows_the_umask(tmp_path, umask):
         yield from data[:2]
         raise KeyboardInterrupt
 
+    census, modes_before = hookkit.hook_census(model), torch.overrides._get_current_function_mode_stack()
     with pytest.raises(KeyboardInterrupt):
         hookkit.extract(model, ["1"], broken(), out=tmp_path / "feats", progress=False)
+    assert hookkit.hook_census(model) == census
+    assert torch.overrides._get_current_function_mode_stack() == modes_before
     found = modes(tmp_path / "feats")
     assert any(name.startswith("progress/") for name in found), found
     assert_umask_modes(tmp_path / "feats", umask)
@@ -95,12 +98,14 @@ def test_a_monitor_run_folder_follows_the_umask(tmp_path, umask):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sinks = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+    census = hookkit.hook_census(model)
     with hookkit.monitor(model, ["0", "2"], every=1, log=tmp_path / "run", sinks=sinks, summary=False) as mon:
         for _ in range(2):
             model(torch.randn(8, 4)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
             mon.step()
+    assert hookkit.hook_census(model) == census
     if importlib.util.find_spec("matplotlib") is not None:
         hookkit.plot_run(tmp_path / "run")
     assert_umask_modes(tmp_path / "run", umask, "monitor.jsonl")
