@@ -83,10 +83,12 @@ def extract(
             ([N, C, H, W]) or tokens ([N, T, D]), ``"flatten"``, ``"cls"`` (first token), or a callable. With a
             mask (see ``mask``), ``"avg"`` and ``"max"`` over tokens use only the valid tokens (``"avg"`` is
             sentence-transformers' mean pooling: the sum of the valid token states over their number), so a
-            sample's features do not depend on what it was batched with; ``"cls"``, ``"flatten"`` and callables
-            are unchanged; and ``None`` stores only the valid tokens, flat (a ragged layer: ``feats[layer]`` is
-            [total valid tokens, ...], ``feats.offsets(layer)`` the N + 1 offsets, ``feats.tokens(layer, i)``
-            sample i's tokens; on disk ``<layer>.npy`` and ``<layer>.offsets.npy``, plain numpy).
+            sample's features do not depend on what it was batched with (a sample with no valid token, its mask
+            all zeros, is refused with an ``ExtractError`` naming it: it has no max and no mean); ``"cls"``,
+            ``"flatten"`` and callables are unchanged; and ``None`` stores only the valid tokens, flat (a ragged
+            layer: ``feats[layer]`` is [total valid tokens, ...], ``feats.offsets(layer)`` the N + 1 offsets,
+            ``feats.tokens(layer, i)`` sample i's tokens; on disk ``<layer>.npy`` and ``<layer>.offsets.npy``,
+            plain numpy).
         select: which tensor of a structured output (tuple, dict, ModelOutput): an index, a key, a callable, or a
             ``{layer: choice}`` dict. Default: the first tensor.
         dtype: storage dtype, e.g. ``torch.float16`` (halves the disk). numpy has no bfloat16: a bfloat16 layer
@@ -113,8 +115,9 @@ def extract(
 
     Raises:
         ExtractError: empty data, a batch the model rejects (naming its index), a layer that never runs or runs
-            twice, rows whose shape changes, an unwritable or full disk, ``out`` holding a run with other
-            arguments or data, or another process writing into ``out``. Rows already written stay.
+            twice, a sample with no valid token under ``pool="avg"``/``"max"`` (naming the sample), rows whose
+            shape changes, an unwritable or full disk, ``out`` holding a run with other arguments or data, or
+            another process writing into ``out``. Rows already written stay.
         LayerNotFoundError, TypeError, ValueError: bad layers or options, before anything runs or is written.
     """
     check_model(model)
@@ -322,9 +325,7 @@ def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batc
                 mask: torch.Tensor | None, *, stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _Tokens]:
     """One batch's rows of every layer (``mask``: its valid tokens), where the model made them; a failing model or
     a layer that did not run is an ExtractError naming the batch."""
-    listener.batch = {}
-    listener.n = batch.n
-    listener.mask = mask
+    listener.start_batch(batch, mask)
     try:
         _forward_rows(model, names, listener, stop_now, _to_device(batch.args, device),
                       _to_device(batch.kwargs, device))
@@ -388,9 +389,11 @@ def _batch_mask(option: Mask, batch: Batch, device: torch.device) -> torch.Tenso
     return (mask != 0).to(device, non_blocking=True)
 
 
-def _masked(t: torch.Tensor, pool: Pool, mask: torch.Tensor | None, layer: str) -> torch.Tensor | _Tokens | None:
+def _masked(t: torch.Tensor, pool: Pool, mask: torch.Tensor | None, layer: str,
+            no_valid_token: Callable[[str], None]) -> torch.Tensor | _Tokens | None:
     """``pool`` over the valid tokens of ``t`` when the mask applies (``t`` is [N, T, ...] with the mask's [N, T]),
-    else None (pooled as if there were no mask)."""
+    else None (pooled as if there were no mask). ``"avg"`` and ``"max"`` first call ``no_valid_token(layer)``, which
+    refuses a sample whose mask is all zeros."""
     if mask is None or not (pool is None or pool == "avg" or pool == "max"):
         return None
     if t.dim() < 2 or t.shape[:2] != mask.shape:
@@ -401,7 +404,8 @@ def _masked(t: torch.Tensor, pool: Pool, mask: torch.Tensor | None, layer: str) 
                 "to pool over every token.")
         return None
     if pool is None:
-        return _Tokens(t[mask], mask.sum(dim=1))
+        return _Tokens(t[mask], mask.sum(dim=1))  # a sample without valid tokens has none: well defined
+    no_valid_token(layer)
     if pool == "avg":  # sentence-transformers' mean pooling, op for op
         expanded = mask.view(*mask.shape, *(1,) * (t.dim() - 2)).expand(t.shape).to(t.dtype)
         return torch.sum(t * expanded, 1) / torch.clamp(expanded.sum(1), min=1e-9)
@@ -469,6 +473,34 @@ class _Rows:
         self.batch: dict[str, torch.Tensor | _Tokens] = {}
         self.n = 0
         self.mask: torch.Tensor | None = None  # this batch's
+        self._where: Batch | None = None
+        self._empty: list[int] | None = None  # rows of this batch whose mask is all zeros, once asked for
+
+    def start_batch(self, batch: Batch, mask: torch.Tensor | None) -> None:
+        self.batch = {}
+        self.n = batch.n
+        self.mask = mask
+        self._where = batch
+        self._empty = None
+
+    def _no_valid_token(self, layer: str) -> None:
+        """Refuse to pool (avg or max over the valid tokens) a batch in which a sample has none: its max would be
+        the dtype's lowest number and its mean 0 / 0, neither a feature of the sample. Raised at hook time, so
+        nothing of this batch is written; one sync per batch, only when such a pool meets a mask."""
+        if self._empty is None:
+            assert self.mask is not None  # noqa: S101 - called only when a mask applies
+            self._empty = torch.nonzero(~self.mask.any(dim=1)).flatten().tolist()
+        if not self._empty or self._where is None:
+            return
+        batch, rows = self._where, self._empty
+        samples = ", ".join(str(batch.first_row + r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ExtractError(
+            f"sample{'s' * (len(rows) > 1)} {samples} (row {rows[0]} of batch {batch.index}) "
+            f"{'have' if len(rows) > 1 else 'has'} no valid token: {'their' if len(rows) > 1 else 'its'} mask is all "
+            f"zeros, so pool={self.pool!r} over the valid tokens of {layer!r} has no value (the max of no token, "
+            "the mean 0 / 0). Nothing of this batch was written; the rows before it are kept. Leave empty samples "
+            "out of the data, or pass mask=False to pool over every token, or pool=None to keep each sample's valid "
+            "tokens (none for such a sample).")
 
     def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
         pass
@@ -484,7 +516,7 @@ class _Rows:
                 "layer that runs once (hookkit.trace shows the calls), or use hookkit.capture for every call.")
         pick = self.selectors.get(name) or self.selectors.setdefault(name, _selector(self.select, name))
         t = _first_tensor(pick(output), name)
-        masked = _masked(t, self.pool, self.mask, name)
+        masked = _masked(t, self.pool, self.mask, name, self._no_valid_token)
         if isinstance(masked, _Tokens):
             flat = masked.flat.float() if masked.flat.dtype == torch.bfloat16 and self.dtype is None else masked.flat
             self.batch[name] = _Tokens(flat if self.dtype is None else flat.to(self.dtype), masked.counts)

@@ -11,9 +11,7 @@ is made, not with this module: without them the constructor raises ``ImageFolder
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._errors import ImageFolderError
+from ._fs import write_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -143,17 +142,7 @@ def write_file_list(files: Iterable[str], path: str | os.PathLike[str]) -> Path:
     for i, name in enumerate(lines):
         if "\n" in name or "\r" in name:
             raise ImageFolderError(f"file name of row {i} holds a line break, so files.txt cannot list it: {name!r}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            f.writelines(name + "\n" for name in lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, "".join(name + "\n" for name in lines).encode("utf-8", "surrogateescape"))
     return path
 
 

@@ -15,9 +15,11 @@ W&B, callables). ``_plot.summary_table`` renders the run at the end.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn as nn
 
 from . import _tree
 from ._engine import Engine
-from ._errors import NonFiniteError
+from ._errors import ArgumentError, ArgumentTypeError, NonFiniteError
 from ._ops import OpSite
 from ._select import Layers, resolve, unwrap
 
@@ -89,7 +91,10 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
     the mean over ranks, the max for ``act_absmax``, ``nan`` and ``inf``.
 
     Raises:
-        LayerNotFoundError, TypeError, ValueError: bad layers or options, before any hook is registered.
+        LayerNotFoundError: a layer that the model does not have, before any hook is registered.
+        ArgumentTypeError, ArgumentError (a TypeError, a ValueError): an option of the wrong type or value (also
+            ``console`` that is not a rich ``Console``, ``log`` that is a file, a sink that is none), before any
+            hook is registered or any file is written.
         NonFiniteError: with ``on_nonfinite="raise"``, at the ``step()`` that ends the step with the first
             non-finite output.
     """
@@ -104,10 +109,11 @@ class Monitor:
     def __init__(self, model: nn.Module, layers: Layers | None, *, every: int, log: Any, sinks: Iterable[Any] | None,
                  params: bool, histograms: bool, on_nonfinite: OnNonFinite, ops: bool, summary: bool,
                  console: Any) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r}: record every N-th step, N a whole number >= 1 (e.g. every=100).")
-        if on_nonfinite not in ("warn", "raise", "stop"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'warn', 'raise' or 'stop'.")
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"model={model!r:.80} ({type(model).__name__}): monitor watches an nn.Module "
+                                    "(the model being trained, or its DDP wrapper).")
+        _check_options(every=every, log=log, params=params, histograms=histograms, on_nonfinite=on_nonfinite,
+                       ops=ops, summary=summary, console=console)
         found = resolve(model, _default_layers(model) if layers is None else layers)
         self.names = [n for ns in found.values() for n in ns]
         self._modules = {n: m for m, ns in found.items() for n in ns}
@@ -274,6 +280,44 @@ class Monitor:
         self._before = {}
         self._collect = None
         return record
+
+
+def _check_options(*, every: Any, log: Any, params: Any, histograms: Any, on_nonfinite: Any, ops: Any,
+                   summary: Any, console: Any) -> None:
+    """Every option of ``monitor()`` but the model, the layers and the sinks (``resolve`` and ``make_sinks`` check
+    those), before any hook is registered or any file written: a mistake found at the end of a training run would
+    cost the run."""
+    from rich.console import Console
+
+    if isinstance(every, bool) or not isinstance(every, int):
+        raise ArgumentTypeError(f"every={every!r} ({type(every).__name__}): record every N-th step, N a whole number "
+                                ">= 1 (e.g. every=100).")
+    if every < 1:
+        raise ArgumentError(f"every={every!r}: record every N-th step, N a whole number >= 1 (e.g. every=100).")
+    for name, value in (("params", params), ("histograms", histograms), ("ops", ops), ("summary", summary)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"{name}={value!r} ({type(value).__name__}): {name}= takes True or False.")
+    if not isinstance(on_nonfinite, str):
+        raise ArgumentTypeError(f"on_nonfinite={on_nonfinite!r} ({type(on_nonfinite).__name__}): use 'warn', "
+                                "'raise' or 'stop'.")
+    if on_nonfinite not in ("warn", "raise", "stop"):
+        raise ArgumentError(f"on_nonfinite={on_nonfinite!r}: use 'warn', 'raise' or 'stop'.")
+    if console is not None and not isinstance(console, Console):
+        raise ArgumentTypeError(f"console= takes a rich.console.Console, got {type(console).__name__} "
+                                f"{console!r:.80}. For standard error leave it out; for text, "
+                                "Console(file=io.StringIO(), color_system=None).")
+    if log is not None:
+        if not isinstance(log, (str, os.PathLike)):
+            raise ArgumentTypeError(f"log={log!r:.80} ({type(log).__name__}): log= takes a folder (a str or a "
+                                    "path), e.g. log='runs/exp1', or None for no file.")
+        if not str(log):
+            raise ArgumentError("log='': name a folder for monitor.jsonl, e.g. log='runs/exp1', or leave log out.")
+        folder = Path(log)
+        nearest = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+        if nearest is not None and not nearest.is_dir():
+            where = "is not a folder" if nearest == folder else f"lies below {str(nearest)!r}, which is not a folder"
+            raise ArgumentError(f"log={str(log)!r} {where}; pass a folder for monitor.jsonl (it is "
+                                "created if missing), e.g. a new name next to it.")
 
 
 # -- listeners ---------------------------------------------------------------------------------------------------------

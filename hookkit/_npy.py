@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes", "sync", "sync_folder"]
+from ._fs import NEW_FILE_MODE, sync
+
+__all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes"]
 
 HEADER_BYTES = 512  # 64-byte aligned; room for any realistic shape
 _MAGIC = b"\x93NUMPY\x01\x00"
@@ -33,26 +35,6 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
         raise ValueError(f"shape {shape} is too long for a fixed .npy header")
     body = body + " " * (room - len(body) - 1) + "\n"
     return _MAGIC + struct.pack("<H", room) + body.encode("latin1")
-
-
-def sync(fd: int) -> None:
-    """Make the bytes written to ``fd`` durable: ``fdatasync`` where the OS has it (the data and the size, not the
-    times), else ``fsync``."""
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
-
-
-def sync_folder(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (where the OS lets a folder be opened and synced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
 
 
 def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -77,7 +59,7 @@ class RowFile:
         self.dtype = np.dtype(dtype)
         self.row_shape = tuple(row_shape)
         self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
         try:
             if os.fstat(self._fd).st_size < HEADER_BYTES:
                 # A provisional header (0 rows) so that even a partial file is a valid, empty .npy.

@@ -19,7 +19,6 @@ imported when a figure is drawn, with the Agg canvas (no display, no pyplot stat
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import warnings
@@ -71,8 +70,9 @@ def _log_path(run: str | os.PathLike[str]) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` (``_sinks.read_jsonl``, which owns the format). A last line cut short (a run killed
-    while writing) is left out with a warning; any other line that is not a monitor record is a ``PlotError``."""
+    """The records of ``path`` (``_sinks.read_jsonl``, which owns the format and checks each record's shape). A last
+    line cut short (a run killed while writing) is left out with a warning; any other line that is not a monitor
+    record (not JSON, or a field of the wrong shape) is a ``PlotError`` naming the line and what is wrong."""
 
     def torn(number: int, reason: str) -> None:
         warnings.warn(f"{path}: line {number} is cut short ({reason}), left out: the run was probably stopped while "
@@ -84,13 +84,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise PlotError(f"cannot read the monitor log {str(path)!r} ({exc}); pass a monitor.jsonl that hookkit "
                         "wrote.") from None
     except BadLine as exc:
-        raise PlotError(f"{str(path)!r} line {exc.number} is not JSON of a monitor record ({exc.reason}): "
-                        f"{exc.text[:60]!r}; pass a monitor.jsonl that hookkit wrote.") from None
-    for number, record in enumerate(records, 1):
-        if not isinstance(record.get("step"), int):
-            raise PlotError(f"{str(path)!r} record {number} is not a monitor record (expected a JSON object with an "
-                            f"integer \"step\"), found {json.dumps(record)[:60]!r}; pass a monitor.jsonl that "
-                            "hookkit wrote.")
+        what = "a monitor record" if exc.json_ok else "JSON of a monitor record"
+        raise PlotError(f"{str(path)!r} line {exc.number} is not {what} ({exc.reason}): {exc.text[:60]!r}; pass a "
+                        "monitor.jsonl that hookkit wrote.") from None
     return records
 
 
@@ -105,7 +101,8 @@ def read_run(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Raises:
         PlotError: no such folder or file, a folder without ``monitor.jsonl``, a file that is empty or not
-            monitor records.
+            monitor records (a line that is not JSON, or whose ``step``, ``layers``, ``params``, ``alerts``...
+            are not shaped as hookkit writes them; the message names the line and the field).
     """
     path = _log_path(run)
     records = _read_jsonl(path)

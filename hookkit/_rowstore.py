@@ -38,7 +38,8 @@ import torch
 from . import __version__ as _version
 from ._errors import ArgumentError, ArgumentTypeError, ExtractError, NotRecordedError
 from ._fingerprint import sample0_digest
-from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes, sync, sync_folder
+from ._fs import NEW_FILE_MODE, write_bytes
+from ._npy import HEADER_BYTES, RowFile, finish_file, npy_bytes
 from ._tokens import TokenFiles, TokenRows, assemble, chunk_end, chunk_name, leftovers, lost_from, offsets_name
 
 try:
@@ -445,22 +446,7 @@ def _file_names(names: list[str]) -> dict[str, str]:
 def _atomic_json(path: Path, data: Any) -> None:
     """Replace ``path`` whole with ``data``, durably: the new file is synced before the rename and the folder after
     it, so that after a power cut ``path`` holds the old or the new content, and the new one once this returns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            data_bytes = json.dumps(data, indent=1).encode()
-            view = memoryview(data_bytes)
-            while view:
-                view = view[os.write(fd, view):]
-            sync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sync_folder(path.parent)
+    write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 class _Writing:
@@ -496,7 +482,7 @@ class _Lock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -561,6 +547,19 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         raise ExtractError(f"{path} is unreadable (not a hookkit manifest): delete the folder to start over, or "
                            "use another out=.")
     return manifest
+
+
+def rows_written(out: Path) -> tuple[int, bool]:
+    """How many rows the extraction folder ``out`` holds (every rank's progress, merged; all of them once it is
+    finished), and whether it is finished: what a resumed run starts from, or what an interrupted one kept. A
+    folder that holds no extraction (no manifest yet) holds 0 rows."""
+    manifest = _read_manifest(out) if (out / _MANIFEST).is_file() else None
+    if manifest is None:
+        return 0, False
+    if manifest.get("complete"):
+        return int(manifest.get("rows", 0)), True
+    rows = _all_progress(out)[0] if (out / "progress").is_dir() else []
+    return sum(b - a for a, b in rows), False
 
 
 def _read_progress(path: Path) -> dict[str, Any]:

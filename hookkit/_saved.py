@@ -31,7 +31,6 @@ import json
 import math
 import os
 import reprlib
-import secrets
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,8 +44,8 @@ from ._capture import Recorded, Store
 from ._classes import Classes
 from ._engine import Call, Recording, count_slots
 from ._errors import ArgumentError, ArgumentTypeError, SavedCaptureError
+from ._fs import replace_file
 from ._manifest import DTYPES, Malformed, TooLarge, check, parse, tensors_in
-from ._npy import sync, sync_folder
 from ._snapshot import check_guards
 
 __all__ = ["save", "load", "merge", "ReadOnlyCapture", "NotSaved"]
@@ -375,24 +374,11 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _write_atomically(st: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> None:
-    folder = target.parent
-    tmp = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's mode, as open() gives
-        st.torch.save_file(tensors, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            sync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, st.SafetensorError)):
-            raise SavedCaptureError(f"could not save the capture to {str(target)!r}: {exc}. Any file that was "
-                                    "there before is unchanged.") from exc
-        raise
-    sync_folder(folder)
+        replace_file(target, lambda tmp: st.torch.save_file(tensors, str(tmp), metadata=metadata))
+    except (OSError, st.SafetensorError) as exc:
+        raise SavedCaptureError(f"could not save the capture to {str(target)!r}: {exc}. Any file that was "
+                                "there before is unchanged.") from exc
 
 
 # -- reading: JSON nodes back to values -------------------------------------------------------------------------------

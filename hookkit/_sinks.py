@@ -54,7 +54,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._npy import sync_folder
+from ._errors import ArgumentError, ArgumentTypeError
+from ._fs import NEW_FILE_MODE, sync_folder
 
 __all__ = [
     "Sink",
@@ -144,12 +145,76 @@ def _decode(record: Record) -> Record:
 
 class BadLine(ValueError):
     """A line of a JSON Lines file that is not a record, other than a torn last one: ``number``, ``text``, and the
-    parser's ``reason``."""
+    ``reason``: the parser's, or (``json_ok``: the line is a JSON object) which field of the record has the wrong
+    shape."""
 
-    def __init__(self, path: str | os.PathLike[str], number: int, text: str, reason: str) -> None:
-        super().__init__(f"{path}, line {number}: not a JSON record ({reason}); expected one JSON object per line, "
+    def __init__(self, path: str | os.PathLike[str], number: int, text: str, reason: str, *,
+                 json_ok: bool = False) -> None:
+        what = "a monitor record" if json_ok else "a JSON record"
+        super().__init__(f"{path}, line {number}: not {what} ({reason}); expected one JSON object per line, "
                          "as hookkit's JsonlSink writes. Is this a monitor.jsonl file?")
-        self.number, self.text, self.reason = number, text, reason
+        self.number, self.text, self.reason, self.json_ok = number, text, reason, json_ok
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "list"), (str, "string"), (int, "integer"),
+                       (float, "number")):
+        if isinstance(value, kind):
+            return f"a JSON {name}"
+    return "null" if value is None else type(value).__name__
+
+
+def _is_stat(value: Any) -> bool:
+    """A statistic as the file holds it: a number, null (not recorded), or "nan" / "inf" / "-inf"."""
+    if isinstance(value, str):
+        return value in _NONFINITE
+    return value is None or _is_number(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _shape_problem(record: Record) -> str | None:
+    """What in ``record`` (a JSON object) is not shaped as the schema of the module docstring says, else None.
+    Only ``step`` is required (a record hand-written with less is still read); every field present is checked."""
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return (f'"step" is {_kind(step)}, expected an integer' if "step" in record
+                else 'it has no "step", expected an integer')
+    if record.get("time") is not None and not _is_number(record["time"]):
+        return f'"time" is {_kind(record["time"])}, expected a number'
+    for section in ("layers", "params"):
+        stats_of = record.get(section)
+        if stats_of is None:
+            continue
+        if not isinstance(stats_of, dict):
+            return f'"{section}" is {_kind(stats_of)}, expected an object {{name: {{statistic: number}}}}'
+        for name, stats in stats_of.items():
+            if not isinstance(stats, dict):
+                return f'"{section}" {name!r} is {_kind(stats)}, expected an object {{statistic: number}}'
+            for stat, value in stats.items():
+                if not _is_stat(value):
+                    return (f'"{section}" {name!r} statistic {stat!r} is {_kind(value)} ({json.dumps(value)[:30]}), '
+                            'expected a number, null, "nan", "inf" or "-inf"')
+    alerts = record.get("alerts")
+    if alerts is not None:
+        if not isinstance(alerts, list):
+            return f'"alerts" is {_kind(alerts)}, expected a list of objects'
+        for i, alert in enumerate(alerts):
+            if not isinstance(alert, dict):
+                return f'"alerts" item {i} is {_kind(alert)}, expected an object'
+            if alert.get("step") is not None and not (_is_number(alert["step"]) and isinstance(alert["step"], int)):
+                return f'"alerts" item {i} "step" is {_kind(alert["step"])}, expected an integer'
+    histograms = record.get("histograms")
+    if histograms is not None:
+        if not isinstance(histograms, dict):
+            return f'"histograms" is {_kind(histograms)}, expected an object {{name: {{"edges", "counts"}}}}'
+        for name, hist in histograms.items():
+            if not isinstance(hist, dict):
+                return f'"histograms" {name!r} is {_kind(hist)}, expected an object {{"edges", "counts", "nonfinite"}}'
+    return None
 
 
 def read_jsonl(path: str | os.PathLike[str], *, torn: Callable[[int, str], None] | None = None) -> list[Record]:
@@ -163,8 +228,9 @@ def read_jsonl(path: str | os.PathLike[str], *, torn: Callable[[int, str], None]
         One dict per complete line, in file order. Histograms stay ``{"edges", "counts", "nonfinite"}``.
 
     Raises:
-        BadLine (a ValueError): a line other than an unterminated last one is not a JSON object (the file is not
-            a ``JsonlSink`` file).
+        BadLine (a ValueError): a line other than an unterminated last one is not a JSON object, or is one whose
+            fields are not shaped as a record's (no integer ``step``; ``layers`` or ``params`` not an object of
+            objects of numbers; ``alerts`` not a list of objects...): the file is not a ``JsonlSink`` file.
         OSError: the file cannot be read.
     """
     data = Path(path).read_bytes()
@@ -182,8 +248,10 @@ def read_jsonl(path: str | os.PathLike[str], *, torn: Callable[[int, str], None]
                 break
             raise BadLine(path, number, line.decode("utf-8", "replace"), str(exc)) from None
         if not isinstance(record, dict):
-            raise BadLine(path, number, line.decode("utf-8", "replace"),
-                          f"a JSON {type(record).__name__}, not an object")
+            raise BadLine(path, number, line.decode("utf-8", "replace"), f"{_kind(record)}, not an object")
+        problem = _shape_problem(record)
+        if problem is not None:
+            raise BadLine(path, number, line.decode("utf-8", "replace"), problem, json_ok=True)
         records.append(_decode(record))
     return records
 
@@ -199,7 +267,7 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existed = self.path.exists()
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, NEW_FILE_MODE)
         self._cut_partial_last_line()
         if not existed:  # the new name itself must survive a power loss
             sync_folder(self.path.parent)
@@ -397,8 +465,8 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
     [CallableSink(<built-in function print>)]
 
     Raises:
-        TypeError: an item is none of these (or ``sinks`` is not an iterable).
-        ValueError: an unknown name, or ``"jsonl"``/``"tensorboard"`` without a ``log`` folder.
+        ArgumentTypeError (a TypeError): an item is none of these (or ``sinks`` is not an iterable).
+        ArgumentError (a ValueError): an unknown name, or ``"jsonl"``/``"tensorboard"`` without a ``log`` folder.
         ImportError: ``"tensorboard"``/``"wandb"`` and that package is not installed (with the pip command).
     """
     if sinks is None:
@@ -408,7 +476,7 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
     elif isinstance(sinks, Iterable):
         items = list(sinks)
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"sinks must be a list of sink names {_SINK_NAMES}, Sink objects or callables; got {type(sinks).__name__}"
         )
     names: list[str] = ["jsonl"] if log is not None else []
@@ -416,12 +484,12 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
     for item in items:  # check everything before creating anything
         if isinstance(item, str):
             if item not in _SINK_NAMES:
-                raise ValueError(
+                raise ArgumentError(
                     f"unknown sink {item!r}; expected one of {', '.join(map(repr, _SINK_NAMES))}, a Sink object "
                     "(write(record) and close()) or a callable fn(record)"
                 )
             if item in ("jsonl", "tensorboard") and log is None:
-                raise ValueError(
+                raise ArgumentError(
                     f"sink {item!r} writes into the log folder, but log=None; pass log='runs/exp1' (a folder)"
                 )
             if item in ("tensorboard", "wandb") and importlib.util.find_spec(item) is None:
@@ -431,7 +499,7 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
         elif _is_sink(item) or callable(item):
             others.append(item)
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"sink item {item!r:.80} ({type(item).__name__}) is not a sink; expected one of "
                 f"{', '.join(map(repr, _SINK_NAMES))}, an object with write(record) and close(), "
                 "or a callable fn(record)"

@@ -88,8 +88,11 @@ def read_documents(path: str | os.PathLike[str], *, field: str | None = None) ->
 
     Raises:
         CommandLineError: the file is missing, a folder, unreadable or holds no document; a line is not UTF-8; a
-            ``.jsonl`` file is read without ``field``; with ``field``, a line is not a JSON object, has no such
-            field, or its value is no string. The message names the line.
+            ``.jsonl`` file is read without ``field``; with ``field``, a line is not a JSON object (or is JSON that
+            Python cannot read: an integer of thousands of digits, nesting thousands of levels deep), has no such
+            field, or its value is no string or holds a lone surrogate escape (``"\\ud800"``: no Unicode
+            character, which no tokenizer takes). Every line is read before anything is written; the message names
+            the line.
     """
     p = Path(path)
     if not p.exists():
@@ -139,6 +142,13 @@ def _field(line: str, name: str, number: int, path: Path) -> str:
     except json.JSONDecodeError as exc:
         raise CommandLineError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); a JSON Lines file holds "
                                "one JSON object per line.") from None
+    except ValueError as exc:  # valid JSON that Python will not read: an integer of over 4300 digits
+        raise CommandLineError(f"{where} cannot be read: {_first_line(exc)}. Write such a number as a string, or "
+                               "leave it out of the file.") from None
+    except RecursionError:
+        raise CommandLineError(f"{where} is nested too deep to read (arrays or objects inside each other thousands "
+                               "of levels deep); a JSON Lines file holds one flat object per line, with the text under "
+                               f"{name!r}.") from None
     if not isinstance(obj, dict):
         raise CommandLineError(f"{where} holds a JSON {_json_kind(obj)}, not an object; a JSON Lines file holds one "
                                f"object per line, with the text under {name!r}.")
@@ -152,7 +162,23 @@ def _field(line: str, name: str, number: int, path: Path) -> str:
     if not isinstance(value, str):
         raise CommandLineError(f"{where}: field {name!r} is a JSON {_json_kind(value)}, not a string; every document "
                                "must be text.")
+    _check_unicode(value, f"{where}: field {name!r}")
     return value
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse a string that holds a lone surrogate (a ``\\ud800``-style escape of JSON without its pair): it is no
+    Unicode character, so it cannot be UTF-8 encoded, and a tokenizer refuses it (with a TypeError that names
+    neither the line nor the character)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        raise CommandLineError(
+            f"{where} holds the escape \\u{ord(char):04x} at character {exc.start + 1}, half of a UTF-16 surrogate "
+            "pair without its other half, which is no Unicode character and cannot be tokenized; fix the escape in "
+            "the file (a character beyond U+FFFF is a pair, e.g. \\ud83d\\ude42, or write the character itself) "
+            "or remove it.") from None
 
 
 def _json_kind(value: Any) -> str:

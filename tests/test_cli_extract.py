@@ -105,3 +105,109 @@ def test_the_command_names_the_real_file_of_a_layer_whose_name_is_no_file_name(t
     (written,) = [p for p in out.iterdir() if p.suffix == ".npy"]
     assert np.load(written).shape == (3, 4, 1, 1)
     assert written.name in " ".join(text.split())  # the table shows the file that exists, not out/enc/0.npy
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------------------------------
+
+_SLOW_MODEL = '''
+import time
+import torch.nn as nn
+
+
+class Slow(nn.Module):
+    def forward(self, x):
+        time.sleep(0.2)
+        return x
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(3, 5, 3), Slow(), nn.ReLU())
+'''
+
+
+def test_ctrl_c_is_one_line_with_the_rows_kept_and_the_command_that_resumes_to_the_same_files(tmp_path):
+    """SIGINT once some rows are written: one line (no traceback), exit code 130; running the command it names
+    resumes (and says from how many rows), and the files are byte-identical to an uninterrupted run's."""
+    import os
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slowmodel.py").write_text(_SLOW_MODEL)
+    make_images(tmp_path / "imgs", n=40)
+
+    def command(out: str) -> list[str]:
+        return ["extract", "slowmodel:make", "--layers", "1", "--pool", "avg", "--data", "imgs", "--out", out,
+                "--image-size", "16", "--batch-size", "4"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def hookkit_cli(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hookkit", *argv], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    proc = subprocess.Popen([sys.executable, "-m", "hookkit", *command("feats")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "feats" / "progress" / "rank-0.json"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if written(progress):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    (line,) = stderr.splitlines()
+    again = shlex.join(["hookkit", *command("feats")])
+    found = re.match(r"hookkit: interrupted: (\d+) of 40 rows", line)
+    assert found, line
+    kept = int(found.group(1))
+    assert line == (f"hookkit: interrupted: {kept} of 40 rows are written to 'feats' and kept; run the same command "
+                    f"again to compute the other {40 - kept}: {again}")
+    assert 0 < kept < 40 and kept % 4 == 0
+
+    resumed = hookkit_cli(shlex.split(again)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    note = " ".join(resumed.stdout.split())
+    assert f"40 images ({kept} of them already written by an earlier run, resumed; {40 - kept} computed now)" in note
+
+    whole = hookkit_cli(command("whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert "already written" not in whole.stdout
+    files = sorted(p.name for p in (tmp_path / "feats").iterdir() if p.is_file())
+    assert files == sorted(p.name for p in (tmp_path / "whole").iterdir() if p.is_file())
+    assert "1.npy" in files and "files.txt" in files
+    for name in files:
+        if name != "manifest.json":
+            assert (tmp_path / "feats" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    manifests = [json_of(tmp_path / d / "manifest.json") for d in ("feats", "whole")]
+    assert manifests[0] == manifests[1]
+
+    again_done = hookkit_cli(command("feats"))
+    assert again_done.returncode == 0, again_done.stderr
+    assert "all 40 rows were already written by an earlier run: nothing was computed" in " ".join(
+        again_done.stdout.split())
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def written(progress: Path) -> bool:
+    """Whether a progress file lists rows (it is replaced whole, so it is read whole or not at all)."""
+    try:
+        return bool(json_of(progress)["rows"])
+    except (OSError, ValueError, KeyError):
+        return False

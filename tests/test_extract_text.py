@@ -233,7 +233,7 @@ def test_text_command_tokenizes_in_worker_processes_with_the_same_rows(tmp_path)
         assert (tmp_path / "w0" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
-def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_path, monkeypatch):
+def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_path, monkeypatch, capsys):
     data = write_lines(tmp_path / "docs.txt", SENTENCES)
     args = text_args(data, tmp_path / "out", "--batch-size", "2", "--pool", "avg")
     calls = []
@@ -249,14 +249,17 @@ def test_text_command_resumes_after_an_interruption_computing_only_the_rest(tmp_
         return m
 
     monkeypatch.setattr(texts_module, "load_text_model", lambda folder: load_and_count(folder, stop_at=3))
-    with pytest.raises(KeyboardInterrupt):
-        invoke(args)
+    assert invoke(args)[0] == 130  # Ctrl-C: the shell's code for SIGINT
     assert calls == [2, 2, 2]  # two batches written, the third interrupted
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"hookkit: interrupted: 4 of 8 rows are written to {str(tmp_path / 'out')!r} and kept; "
+                           "run the same command again to compute the other 4: hookkit extract ")
     calls.clear()
     monkeypatch.setattr(texts_module, "load_text_model", load_and_count)
     code, text = invoke(args)
     assert code == 0, text
     assert calls == [2, 2]  # only rows 4-7
+    assert "(4 of them already written by an earlier run, resumed; 4 computed now)" in " ".join(text.split())
     fresh = tmp_path / "fresh"
     monkeypatch.undo()
     assert invoke(text_args(data, fresh, "--batch-size", "2", "--pool", "avg"))[0] == 0
@@ -280,8 +283,7 @@ def test_text_command_resumes_with_another_batch_size(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(texts_module, "load_text_model", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        invoke(text_args(data, out, "--batch-size", "2", "--pool", "avg"))
+    assert invoke(text_args(data, out, "--batch-size", "2", "--pool", "avg"))[0] == 130
     monkeypatch.undo()
     code, text = invoke(text_args(data, out, "--batch-size", "1", "--pool", "avg"))  # "Hi." alone: 4 tokens wide
     assert code == 0, text
@@ -327,6 +329,10 @@ LEAF = "Short document."
     ('{"text": "a"}\n{"txt": "b"}\n', ["--field", "text"], "Did you mean --field txt?"),
     ('{"text": "a"}\n\n{"text": 3}\n', ["--field", "text"], "line 3 of"),
     (b"ok\ncaf\xe9\n", [], "line 2 of"),
+    ('{"text": "a"}\n\n{"text": "b\\udfff"}\n', ["--field", "text"], "line 3 of"),
+    ('{"text": "a"}\n{"text": "b", "id": ' + "7" * 5000 + '}\n', ["--field", "text"], "line 2 of"),
+    ('{"text": "a"}\n{"text": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + '}\n', ["--field", "text"],
+     "line 2 of"),
 ])
 def test_a_bad_text_file_exits_2_before_anything_is_written(tmp_path, capsys, monkeypatch, content, more, expected):
     monkeypatch.setattr(texts_module, "load_text_model", _refuse)
@@ -339,6 +345,24 @@ def test_a_bad_text_file_exits_2_before_anything_is_written(tmp_path, capsys, mo
     line = error_line(capsys)
     assert expected in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lone_surrogate_escape_is_one_error_line_naming_it_before_anything_is_written(tmp_path, capsys):
+    """JSON lets a line escape half of a UTF-16 pair ("\\ud800"), which is no character: the tokenizer would refuse
+    it with a TypeError after lines.txt and progress/ were written. It is refused with the other line checks."""
+    from hookkit.cli import main
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "also fine \\ud83d\\ude42"}\n{"text": "broken \\ud800 here"}\n',
+                    encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(text_args(data, out, "--field", "text", "--pool", "avg")) == 2
+    line = error_line(capsys)
+    assert f"line 3 of {str(data)!r}: field 'text' holds the escape \\ud800 at character 8" in line
+    assert "fix the escape in the file" in line and "internal error" not in line
+    assert not out.exists()  # no lines.txt, no progress/
+    with pytest.raises(hookkit.CommandLineError, match=r"line 3 .*\\ud800"):
+        read_documents(data, field="text")
 
 
 def test_bad_json_lines_name_the_fix(tmp_path):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import hookkit
-from hookkit import _npy, _rowstore
+from hookkit import _fs, _npy, _rowstore
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ["net.1", "net.3"]
@@ -332,10 +332,14 @@ def test_a_failed_write_surfaces_at_once_and_every_batch_recorded_as_done_stays(
 
 def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_path, monkeypatch):
     events: list[str] = []
-    real_sync, real_replace = _npy.sync, os.replace
-    monkeypatch.setattr(_npy, "sync", lambda fd: (events.append(f"sync {os.readlink(f'/proc/self/fd/{fd}')}"),
-                                                  real_sync(fd))[1])
-    monkeypatch.setattr(_rowstore, "sync", lambda fd: (events.append("sync json"), real_sync(fd))[1])
+    real_sync, real_replace = _fs.sync, os.replace
+
+    def sync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("sync json" if Path(path).name.startswith(".rank-0.json.") else f"sync {path}")
+        real_sync(fd)
+    monkeypatch.setattr(_fs, "sync", sync)
+    monkeypatch.setattr(_npy, "sync", sync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
     hookkit.extract(model, LAYERS, padded(sequences(24), 8), out=tmp_path / "f", progress=False)
     records = [i for i, e in enumerate(events) if e == "replace rank-0.json"]
@@ -359,3 +363,51 @@ def test_on_a_gpu_pinned_copies_on_a_side_stream_give_the_rows_of_the_cpu_run(mo
         np.testing.assert_allclose(gpu[layer], cpu[layer], rtol=1e-4, atol=1e-5)
     want = torch.stack([own(model.cpu(), s, "net.3").mean(0) for s in seqs]).numpy()
     np.testing.assert_allclose(pooled["net.3"], want, rtol=1e-4, atol=1e-5)
+
+
+# -- a sample with no valid token --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_a_sample_whose_mask_is_all_zeros_is_refused_naming_it_and_earlier_batches_are_kept(model, tmp_path, pool):
+    """Max over no token used to give float32's lowest number (-3.4e38) in every feature, and the mean 0 / 0 a row
+    of zeros: neither is a feature of the sample. It is refused before anything of its batch is written; the
+    batches before it stay, and a run with the sample fixed resumes from there."""
+    seqs = sequences(24)
+    batches = padded(seqs, 8)
+    broken = [dict(b) for b in batches]
+    broken[1] = {"x": batches[1]["x"], "attention_mask": batches[1]["attention_mask"].clone()}
+    broken[1]["attention_mask"][3] = 0  # sample 8 + 3 = 11
+    census = hookkit.hook_census(model)
+    modes = torch.overrides._get_current_function_mode_stack()
+    with pytest.raises(hookkit.ExtractError, match=rf"sample 11 \(row 3 of batch 1\) has no valid token: its mask "
+                       rf"is all zeros, so pool='{pool}' over the valid tokens of 'net.1' has no value"):
+        hookkit.extract(model, LAYERS, broken, out=tmp_path / "feats", pool=pool, progress=False)
+    assert hookkit.hook_census(model) == census and torch.overrides._get_current_function_mode_stack() == modes
+    with pytest.raises(hookkit.ExtractError, match="sample 11 "):  # in memory too
+        hookkit.extract(model, LAYERS, broken, pool=pool, progress=False)
+    progress = json.loads((tmp_path / "feats" / "progress" / "rank-0.json").read_text())
+    assert progress["rows"] == [[0, 8]]  # batch 0 is kept, nothing of batch 1
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+    try:
+        with pytest.warns(UserWarning, match="skips the batches already written"):
+            feats = hookkit.extract(model, LAYERS, batches, out=tmp_path / "feats", pool=pool, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # resumed: batches 1 and 2 only
+    for layer in LAYERS:
+        reduce = (lambda h: h.amax(0)) if pool == "max" else (lambda h: h.mean(0))
+        want = torch.stack([reduce(own(model, s, layer)) for s in seqs])
+        torch.testing.assert_close(torch.from_numpy(np.array(feats[layer])), want, rtol=1e-5, atol=1e-6)
+
+
+def test_without_pooling_a_sample_with_no_valid_token_has_no_tokens(model):
+    """pool=None keeps each sample's valid tokens: none is a well-defined answer, not refused."""
+    seqs = sequences(8)
+    (batch,) = padded(seqs, 8)
+    batch["attention_mask"][2] = 0
+    feats = hookkit.extract(model, ["net.1"], [batch], progress=False)
+    offsets = feats.offsets("net.1")
+    assert offsets[3] == offsets[2] and len(feats.tokens("net.1", 2)) == 0
+    torch.testing.assert_close(torch.from_numpy(np.array(feats.tokens("net.1", 3))), own(model, seqs[3], "net.1"))

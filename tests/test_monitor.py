@@ -291,3 +291,62 @@ def test_with_ops_the_alert_names_the_op_inside_the_layer_at_its_step(ops):
         assert "'1.sqrt' (torch.sqrt) in '1' (SqrtBlock)" in alert["message"]
     else:
         assert alert["op"] is None and "ops=True" in alert["message"]
+
+
+@pytest.mark.parametrize(("option", "error", "match"), [
+    ({"console": "io"}, hookkit.ArgumentTypeError, r"console= takes a rich.console.Console, got StringIO"),
+    ({"console": print}, hookkit.ArgumentTypeError, r"console= takes a rich.console.Console"),
+    ({"every": 2.0}, hookkit.ArgumentTypeError, r"every=2.0 \(float\)"),
+    ({"every": True}, hookkit.ArgumentTypeError, r"every=True"),
+    ({"every": -3}, hookkit.ArgumentError, r"every=-3: record every N-th step"),
+    ({"params": "yes"}, hookkit.ArgumentTypeError, r"params='yes' \(str\): params= takes True or False"),
+    ({"histograms": 1}, hookkit.ArgumentTypeError, r"histograms=1 \(int\)"),
+    ({"ops": None}, hookkit.ArgumentTypeError, r"ops=None"),
+    ({"summary": "no"}, hookkit.ArgumentTypeError, r"summary='no'"),
+    ({"on_nonfinite": "Raise"}, hookkit.ArgumentError, r"on_nonfinite='Raise': use 'warn', 'raise' or 'stop'"),
+    ({"on_nonfinite": 0}, hookkit.ArgumentTypeError, r"on_nonfinite=0 \(int\)"),
+    ({"log": 3}, hookkit.ArgumentTypeError, r"log=3 \(int\): log= takes a folder"),
+    ({"log": ""}, hookkit.ArgumentError, r"log='': name a folder"),
+    ({"log": "{file}"}, hookkit.ArgumentError, r"is not a folder; pass a folder for monitor.jsonl"),
+    ({"log": "{file}/run"}, hookkit.ArgumentError, r"lies below .*a_file.txt', which is not a folder"),
+    ({"sinks": ["jsonl", "csv"]}, hookkit.ArgumentError, r"unknown sink 'csv'"),
+    ({"sinks": [3]}, hookkit.ArgumentTypeError, r"sink item 3 \(int\) is not a sink"),
+])
+def test_every_bad_option_is_refused_when_the_block_is_made_before_any_hook_or_file(tmp_path, option, error, match):
+    """A mistake in an option is found when ``monitor(...)`` is called, not when the block ends after the training
+    loop ran (a StringIO as console used to fail with AttributeError at the end)."""
+    import io
+
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    key, value = next(iter(option.items()))
+    value = io.StringIO() if value == "io" else value
+    value = value.format(file=tmp_path / "a_file.txt") if isinstance(value, str) else value
+    kwargs = {"log": str(tmp_path / "run"), key: value} if key != "log" else {key: value}
+    model = small_model()
+    census = hook_census(model)
+    modes = torch.overrides._get_current_function_mode_stack()
+    with pytest.raises(error, match=match) as info:
+        hookkit.monitor(model, LAYERS, **kwargs)
+    assert isinstance(info.value, hookkit.HookkitError)
+    assert hook_census(model) == census and torch.overrides._get_current_function_mode_stack() == modes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt"]  # no run folder, no monitor.jsonl
+
+
+def test_a_model_that_is_no_module_is_refused_naming_it(tmp_path):
+    with pytest.raises(hookkit.ArgumentTypeError, match=r"model='resnet18' \(str\): monitor watches an nn.Module"):
+        hookkit.monitor("resnet18", log=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stringio_console_is_refused_before_the_training_loop_runs():
+    import io
+
+    model = small_model()
+    steps = []
+    with pytest.raises(hookkit.ArgumentTypeError, match="Console"):
+        with hookkit.monitor(model, LAYERS, every=1, console=io.StringIO()) as mon:
+            for x in batches(3):
+                model(x).sum().backward()
+                mon.step()
+                steps.append(1)
+    assert steps == []  # refused when the block was made: no step of the loop ran

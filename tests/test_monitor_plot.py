@@ -116,13 +116,62 @@ def test_a_torn_last_line_is_left_out_with_a_warning_but_a_bad_middle_line_is_an
 
 
 @pytest.mark.parametrize(("line", "match"), [
-    ("3", r"line 2 is not JSON of a monitor record \(a JSON int, not an object\): '3'"),
-    ('{"layers": {}}', r"record 2 is not a monitor record \(expected a JSON object with an integer \"step\"\)"),
+    ("3", r"line 2 is not JSON of a monitor record \(a JSON integer, not an object\): '3'"),
+    ('{"layers": {}}', r"line 2 is not a monitor record \(it has no \"step\", expected an integer\)"),
 ])
 def test_a_line_that_is_not_a_monitor_record_is_an_error(tmp_path, line, match):
     (tmp_path / "monitor.jsonl").write_text('{"step": 0}\n' + line + "\n")
     with pytest.raises(PlotError, match=match):
         read_run(tmp_path)
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda r: r.update(layers=[1, 2]), r'"layers" is a JSON list, expected an object'),
+    (lambda r: r.update(layers="l0"), r'"layers" is a JSON string, expected an object'),
+    (lambda r: r.update(params=3), r'"params" is a JSON integer, expected an object'),
+    (lambda r: r["layers"].update(l1=[0.5]), r'"layers" \'l1\' is a JSON list, expected an object \{statistic'),
+    (lambda r: r["params"].update({"l0.w0": None}), r'"params" \'l0.w0\' is null, expected an object'),
+    (lambda r: r["layers"]["l0"].update(act_std="big"),
+     r'"layers" \'l0\' statistic \'act_std\' is a JSON string \("big"\), expected a number, null, "nan"'),
+    (lambda r: r["layers"]["l2"].update(nan=True), r"statistic 'nan' is a JSON boolean"),
+    (lambda r: r["params"]["l1.w1"].update(grad_norm={"v": 1}), r"statistic 'grad_norm' is a JSON object"),
+    (lambda r: r.update(step="10"), r'"step" is a JSON string, expected an integer'),
+    (lambda r: r.update(step=10.0), r'"step" is a JSON number, expected an integer'),
+    (lambda r: r.update(step=None), r'"step" is null, expected an integer'),
+    (lambda r: r.update(time="noon"), r'"time" is a JSON string, expected a number'),
+    (lambda r: r.update(alerts={"step": 10}), r'"alerts" is a JSON object, expected a list of objects'),
+    (lambda r: r.update(alerts=5), r'"alerts" is a JSON integer, expected a list'),
+    (lambda r: r.update(alerts=["nan at l0"]), r'"alerts" item 0 is a JSON string, expected an object'),
+    (lambda r: r.update(alerts=[{"step": "x"}]), r'"alerts" item 0 "step" is a JSON string, expected an integer'),
+    (lambda r: r.update(histograms=[]), r'"histograms" is a JSON list, expected an object'),
+    (lambda r: r.update(histograms={"l0/activation": [1, 2]}), r"\"histograms\" 'l0/activation' is a JSON list"),
+])
+def test_a_record_field_of_the_wrong_shape_is_a_plot_error_naming_the_line(tmp_path, capsys, edit, reason):
+    """Each field a record holds, of a shape hookkit never writes, is one PlotError naming the line and the field,
+    through hookkit.plot_run, read_run and `hookkit plot` (a list as "layers" used to raise AttributeError)."""
+    make_run(tmp_path / "run", edit=lambda r: edit(r) if r["step"] == 20 else None)  # line 3 of 4
+    match = r"line 3 is not a monitor record \(.*" + reason
+    with pytest.raises(PlotError, match=match):
+        read_run(tmp_path / "run")
+    with pytest.raises(PlotError, match=match):
+        hookkit.plot_run(tmp_path / "run")
+    code, out = cli([str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("hookkit: error: ") and "monitor.jsonl' line 3 is not a monitor record" in err
+    assert not (tmp_path / "run" / "monitor.png").exists()
+
+
+def test_a_record_hookkit_writes_with_every_kind_of_value_is_read(tmp_path):
+    """The shape checks refuse nothing the sink writes: null, "nan", "inf", "-inf", ints and floats."""
+    def edit(r):
+        r["layers"]["l0"].update(act_std="nan", act_absmax="inf", act_mean="-inf", grad_norm=None, nan=3)
+        r["alerts"] = [{"kind": "nonfinite", "step": r["step"], "where": "l0", "op": None, "what": "activation",
+                        "message": "nan"}]
+        r["histograms"] = {"l0/activation": {"edges": [], "counts": [], "nonfinite": 4}}
+    make_run(tmp_path, edit=edit)
+    records = read_run(tmp_path)
+    assert math.isnan(records[0]["layers"]["l0"]["act_std"]) and records[0]["layers"]["l0"]["act_mean"] == -math.inf
 
 
 def test_plot_errors_are_hookkit_errors():

@@ -8,8 +8,9 @@ This module is the entry point and the error boundary: ``main`` (the console scr
 ``run`` parse with ``_parser.build_parser``, whose subcommands each live in their own module (``layers``, ``demo``,
 ``trace``, ``summary``, ``extract``); ``_inputs`` holds the checks they share. A user's mistake, a ``HookkitError``
 (``CommandLineError``, ``ModelSpecError``, ``LayerNotFoundError``, ...) or an argparse usage error, is one
-``hookkit: error:`` line and exit code 2. Anything else is a bug: ``run`` lets it propagate, ``main`` prints its
-traceback and a line asking to report it, and returns 1.
+``hookkit: error:`` line and exit code 2. Ctrl-C is one ``hookkit: interrupted`` line (``extract`` adds the rows it
+kept and the command that resumes) and exit code 130, the shell's code for SIGINT. Anything else is a bug: ``run``
+lets it propagate, ``main`` prints its traceback and a line asking to report it, and returns 1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.console import Console
 
 from .._errors import HookkitError
 from .._models import load_model
-from ._inputs import one_line
+from ._inputs import Interrupted, one_line
 from ._parser import build_parser
 from .demo import DEMO_LAYERS, demo_image, run_demo
 
@@ -31,6 +32,7 @@ __all__ = ["main", "run", "run_demo", "demo_image", "DEMO_LAYERS", "load_model"]
 
 _USER_ERRORS = (HookkitError,)  # what a user can fix; every other exception is hookkit's bug
 _BUG_LINE = "hookkit: internal error (a bug): please report it with the traceback above"
+_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
     """``main`` with the rich ``console`` to render to. A user's mistake is one line on ``sys.stderr`` and exit
-    code 2; any other exception (a bug) propagates.
+    code 2; Ctrl-C is one line and exit code 130; any other exception (a bug) propagates.
 
     Example:
         >>> import io; from rich.console import Console; from hookkit.cli import run
@@ -68,6 +70,7 @@ def run(argv: Sequence[str] | None = None, *, console: Console | None = None) ->
         0
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): return the code instead of exiting
@@ -76,8 +79,13 @@ def run(argv: Sequence[str] | None = None, *, console: Console | None = None) ->
         # Piped or redirected output has no width to fit: use 120 columns rather than rich's default of 80.
         piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
         console = Console(width=120) if piped else Console()
+    args.argv = argv  # the command line as typed, for a command that says how to run it again
     try:
         return args.command(args, console)
     except _USER_ERRORS as exc:
         print(f"hookkit: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        detail = f": {one_line(exc)}" if isinstance(exc, Interrupted) and exc.args else ""
+        print(f"hookkit: interrupted{detail}", file=sys.stderr)
+        return _INTERRUPTED

@@ -40,6 +40,7 @@ __all__ = [
     "physical_memory_bytes",
     "writable_folder",
     "one_line",
+    "Interrupted",
 ]
 
 MODEL_HELP = (
@@ -47,6 +48,12 @@ MODEL_HELP = (
     "'package.module:factory' for your own model (a callable taking no arguments that returns an nn.Module, "
     "or an nn.Module object)"
 )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command that can tell what it kept and how to go on (``hookkit extract``): ``run`` prints
+    ``hookkit: interrupted: <message>`` and returns 130. Still a ``KeyboardInterrupt``, so no ``except Exception``
+    on the way swallows it."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -7,13 +7,16 @@ image; ``DIR/lines.txt``: its input line).
 ``hookkit._images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit._texts``
 (``read_documents``, the Hugging Face model folder's tokenizer and model, ``TokenizedTexts`` with its padding
 collate; transformers imported when used). Every option is checked, the input read and the index compared with the
-one in ``--out`` before a file is written; ``_run`` then hands a DataLoader to ``extract`` and prints what it wrote.
+one in ``--out`` before a file is written; ``_extract`` then hands a DataLoader to ``extract`` and prints what it
+wrote (and how many rows an earlier run had written). Ctrl-C keeps the rows written and raises ``Interrupted``
+with their number and the command that resumes; ``hookkit.cli.run`` prints it as one line, exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .._errors import CommandLineError
+from .._errors import CommandLineError, HookkitError
 from .._select import resolve
-from ._inputs import MODEL_HELP, build_model, check_fits, count, positive_int, seed, writable_folder
+from ._inputs import MODEL_HELP, Interrupted, build_model, check_fits, count, positive_int, seed, writable_folder
 
 __all__: list[str] = []  # run through `hookkit extract`
 
@@ -116,8 +119,8 @@ def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
     resolve(model, args.layers)  # a bad layer name fails before anything is written
     _write_index(args, lambda: write_file_list(images.files, listing))
     loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    feats = _extract(args, model, loader, out, pool=args.pool)
-    _show(feats, console, f"{len(images)} images; row i is the image on line i of {listing}.")
+    feats, before = _extract(args, model, loader, out, len(images), pool=args.pool)
+    _show(feats, console, f"{len(images)} images{before}; row i is the image on line i of {listing}.")
     return 0
 
 
@@ -152,9 +155,9 @@ def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
     _write_index(args, lambda: _texts.write_line_index(docs, listing))
     loader = DataLoader(texts, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=texts.collate)
-    feats = _extract(args, model, loader, out, pool=args.pool, dataset_id=dataset_id)
-    _show(feats, console, f"{len(docs)} documents; row i is the document whose input line is the first number "
-          f"on line i of {listing}.")
+    feats, before = _extract(args, model, loader, out, len(docs), pool=args.pool, dataset_id=dataset_id)
+    _show(feats, console, f"{len(docs)} documents{before}; row i is the document whose input line is the first "
+          f"number on line i of {listing}.")
     return 0
 
 
@@ -168,10 +171,31 @@ def _write_index(args: argparse.Namespace, write: Any) -> None:
                                "folder.") from exc
 
 
-def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, **options: Any) -> Any:
+def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, rows: int,
+             **options: Any) -> tuple[Any, str]:
+    """``extract`` into ``out``, and what an earlier run of the command had done there (a note for the summary:
+    resumed from k rows, or already finished). Ctrl-C becomes ``Interrupted``: the rows kept and the command that
+    resumes."""
     from .._extract import extract
+    from .._rowstore import rows_written
 
-    return extract(model, args.layers, loader, out=out, dtype=args.dtype, progress=True, **options)
+    done, finished = rows_written(out)
+    try:
+        feats = extract(model, args.layers, loader, out=out, dtype=args.dtype, progress=True, **options)
+    except KeyboardInterrupt:
+        again = shlex.join(["hookkit", *args.argv])
+        try:
+            kept, _ = rows_written(out)  # extract's writer has written and recorded every batch it was handed
+        except HookkitError:  # pragma: no cover - a folder made unreadable while it ran
+            raise Interrupted(f"the rows written to {str(out)!r} are kept; run the same command again to compute "
+                              f"the others: {again}") from None
+        raise Interrupted(f"{kept} of {rows} rows are written to {str(out)!r} and kept; run the same command "
+                          f"again to compute the other {rows - kept}: {again}") from None
+    if finished:
+        return feats, f" (all {rows} rows were already written by an earlier run: nothing was computed)"
+    if done:
+        return feats, f" ({done} of them already written by an earlier run, resumed; {rows - done} computed now)"
+    return feats, ""
 
 
 def _show(feats: Any, console: Console, note: str) -> None:
