@@ -485,7 +485,7 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
         if isinstance(item, str):
             if item not in _SINK_NAMES:
                 raise ArgumentError(
-                    f"unknown sink {item!r}; expected one of {', '.join(map(repr, _SINK_NAMES))}, a Sink object "
+                    f"sinks=: unknown sink {item!r}; expected one of {', '.join(map(repr, _SINK_NAMES))}, a Sink object "
                     "(write(record) and close()) or a callable fn(record)"
                 )
             if item in ("jsonl", "tensorboard") and log is None:

@@ -59,7 +59,7 @@ class Env:
         self.sweep = hookkit.patching_sweep(self.model, self.x, self.x + 1, ["0"], metric, positions=[0, 1],
                                             dim=1)
         self.run = tmp / "run"
-        with hookkit.monitor(self.model, every=1, log=self.run, summary=False, console=False) as mon:
+        with hookkit.monitor(self.model, every=1, log=self.run, summary=False) as mon:
             for _ in range(2):
                 self.model(self.x).sum().backward()
                 mon.step()
@@ -146,7 +146,7 @@ def call_extract(e: Env, **o: Any) -> Any:
 def call_monitor(e: Env, **o: Any) -> Any:
     return hookkit.monitor(**_kw(dict(model=e.model, layers=None, every=1, log=None, sinks=None, params=True,
                                       histograms=False, on_nonfinite="warn", ops=False, summary=False,
-                                      console=False), o))
+                                      console=None), o))
 
 
 def call_plot_run(e: Env, **o: Any) -> Any:
@@ -154,7 +154,7 @@ def call_plot_run(e: Env, **o: Any) -> Any:
 
 
 def call_load(e: Env, **o: Any) -> Any:
-    return hookkit.load(**_kw(dict(path=e.saved, device="cpu", verify=True), o))
+    return hookkit.load(**_kw(dict(path=e.saved, device="cpu", verify=True, classes=()), o))
 
 
 def call_merge(e: Env, **o: Any) -> Any:
@@ -240,8 +240,7 @@ RESULTS = {"Store", "ReadOnlyCapture", "Hooks", "TraceEvent", "AutogradGraph", "
 HANDED_ON = {("layer_names", "example_args"), ("layer_names", "example_kwargs"), ("summary", "example_inputs"),
              ("summary", "forward_kwargs"), ("Store.get", "default")}
 # Parameters whose bad values are tested beside the code that checks them (see the comments in BAD).
-CHECKED_ELSEWHERE = {("monitor", p) for p in ("model", "every", "log", "sinks", "params", "histograms", "on_nonfinite",
-                                              "ops", "summary", "console")} | {("load", "device"), ("load", "verify")}
+CHECKED_ELSEWHERE: set[tuple[str, str]] = set()
 
 
 def _made(value: Any) -> bool:
@@ -302,12 +301,16 @@ BAD = [
           ("dataset_id", 3, T), ("progress", "yes", T), ("stop", None, T)),
     # checked in test_monitor.py: monitor's model, every, log, sinks, params, histograms, on_nonfinite, ops, summary
     # and console (the options monitor checks when the block is made)
-    *rows("monitor", *layer_bads),
+    *rows("monitor", *layer_bads, *model_bads, ("every", 0, V), ("every", "10", T), ("log", 3, T),
+          ("sinks", ["nope"], V), ("sinks", 3, T), ("params", "yes", T), ("histograms", 1, T),
+          ("on_nonfinite", "explode", V), ("ops", "yes", T), ("summary", None, T), ("console", io.StringIO(), T)),
     *rows("plot_run", ("run", 3, T), ("run", lambda e: e.tmp / "nothing", hookkit.PlotError, "nothing"),
           ("out", 3, T), ("out", lambda e: e.tmp, V), ("out", lambda e: e.out / "plot.jpg", V),
           ("stats", ["nope"], hookkit.PlotError, "nope"), ("stats", 3, T), ("heatmap", "yes", T)),
     # checked in test_saved.py: load's path, device and verify (a file's reader checks its own arguments)
-    *rows("load", ("path", lambda e: e.tmp / "nothing", hookkit.SavedCaptureError, "nothing")),
+    *rows("load", ("path", lambda e: e.tmp / "nothing", hookkit.SavedCaptureError, "nothing"), ("path", 3, T),
+          ("device", 3, T), ("device", "nodevice", V), ("verify", "yes", T), ("classes", 3, T),
+          ("classes", [3], T)),
     *rows("merge", ("captures", [], V), ("captures", 3, T), ("captures", [3], T), ("dim", "0", T), ("dim", 5, V)),
     *rows("patching_sweep", *model_bads, ("clean", 3, V), ("corrupt", lambda e: e.x[:2], V),
           ("corrupt", lambda e: (e.x,), V), ("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),

@@ -43,7 +43,7 @@ def work(tmp_path: Path, user_module) -> Path:
     folder = tmp_path / "work"
     make_images(folder / "imgs")
     model = torch.nn.Linear(2, 1)
-    with hookkit.monitor(model, every=1, log=folder / "run", summary=False, console=False) as mon:
+    with hookkit.monitor(model, every=1, log=folder / "run", summary=False, ) as mon:
         model(torch.ones(1, 2)).sum().backward()
         mon.step()
     (folder / "file.txt").write_text("not a folder\n")
