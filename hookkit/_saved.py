@@ -12,8 +12,9 @@ stored in several places), and in the safetensors header's metadata, under ``"ho
 key -> hex digest; safetensors itself checks no data) and, per layer and kind, each call's nested structure:
 containers as ``{"type": "tuple" | "list" | "namedtuple" | "dict" | "dataclass", ...}`` (with ``"module"`` and
 ``"qualname"`` of their class where it is not a plain tuple, list or dict), tensors as ``{"type": "tensor", "key",
-"dtype", "shape"}``, and numbers, strings, booleans and None as themselves. safetensors is optional
-(``pip install 'hookkit[save]'``): it is imported only when a capture is saved or loaded.
+"dtype", "shape"}``, and numbers, strings, booleans and None as themselves; per layer, ``"forward"`` holds the number
+of the model's forward each call ran in (what ``cap[name]`` reads: the first call of the last forward). safetensors is
+optional (``pip install 'hookkit[save]'``): it is imported only when a capture is saved or loaded.
 """
 
 from __future__ import annotations
@@ -281,6 +282,8 @@ def _manifest(rec: Recording, enc: _Encoder, tensor: Callable[..., Any]) -> dict
                 entry["grad_inputs"].append(_grad_inputs_node(call, enc, f"{name}/grad_inputs/{i}",
                                                               where["grad_inputs"]))
         layers[name] = {"calls": n, **{k: v for k, v in entry.items() if v}}
+        if calls and all(c.forward is not None for c in calls):
+            layers[name]["forward"] = [c.forward for c in calls]  # which forward of the model: what cap[name] reads
     param_grads = {
         layer: {p: tensor(g, f"{layer}/param_grads/{p}", f"the gradient of parameter {p!r} of {layer!r}")
                 for p, g in grads.items()}
@@ -540,8 +543,9 @@ def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
         if "same_as" in entry:
             continue
         calls: list[Call] = []
+        forwards = _forwards(entry)
         for i in range(int(entry["calls"])):
-            call = Call(dec.value(entry["outputs"][i]))
+            call = Call(dec.value(entry["outputs"][i]), None, forwards[i])
             if want_inputs:
                 call.args = dec.value(entry["inputs"][i])
                 call.kwargs = dec.value(entry["kwargs"][i])
@@ -562,6 +566,18 @@ def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
     return Recording.from_calls({name: records[name] for name in layers}, order=order, selected_names=selected,
                                 want_inputs=want_inputs, want_grads=want_grads, wrapped=bool(manifest["wrapped"]),
                                 param_grads=param_grads)
+
+
+def _forwards(entry: dict[str, Any]) -> list[int | None]:
+    """Each call's forward (``"forward"``; a file written before hookkit kept it has none: each call is its own)."""
+    n = int(entry["calls"])
+    found = entry.get("forward")
+    if found is None:
+        return [None] * n
+    if (not isinstance(found, list) or len(found) != n
+            or not all(type(f) is int for f in found) or found != sorted(found)):
+        raise _Malformed(f"a layer's \"forward\" is not {n} ascending whole numbers")
+    return list(found)
 
 
 def _rebuild_grads(call: Call, grads: Any, grad_inputs: Any, dec: _Decoder) -> None:
@@ -854,8 +870,8 @@ def _merge_layer(name: str, per_capture: list[list[Call]], recs: list[Recording]
                 if found:
                     raise ValueError(f"hookkit.merge: capture {j} differs from capture 0 at {name!r} call {i}, in "
                                      f"{field}{found}.")
-        call = Call(_join([p["outputs"] for p in parts], dim, _where(name, "outputs", i, n)))
         source = per_capture[0][i]
+        call = Call(_join([p["outputs"] for p in parts], dim, _where(name, "outputs", i, n)), None, source.forward)
         if recs[0].want_inputs:
             call.args = _join([p["inputs"] for p in parts], dim, _where(name, "inputs", i, n))
             call.kwargs = _join([p["kwargs"] for p in parts], dim, _where(name, "kwargs", i, n))

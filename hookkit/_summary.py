@@ -24,6 +24,7 @@ from . import _tree
 from ._compat import buffers_of
 from ._errors import SummaryError
 from ._handles import HandleGroup
+from ._ops import call_name
 from ._select import Layers, check_model, resolve
 from ._stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
 
@@ -38,8 +39,9 @@ _EXECUTED_SHOWN = 5  # how many executed layers a SummaryError names
 class SummaryRow:
     """One call of one module: what it returned (as shapes and statistics), its parameters and its time.
 
-    ``name`` is the module's name, with ``#k`` appended when the module was called more than once in the forward
-    (``relu#1``, ``relu#2``...); ``layer`` is the bare module name and ``call`` the 1-based call index.
+    ``name`` is the call's name as FX and ``capture`` name it: the module's name for its first call, with ``_1``,
+    ``_2``... appended for its later calls in the forward (``relu``, ``relu_1``...); ``layer`` is the bare module
+    name and ``call`` the 1-based call index.
     Statistics are of the first tensor in the output (``None`` where there is none, or where a number does not
     apply); ``time_ms`` is ``None`` when timing was off.
     """
@@ -228,7 +230,7 @@ class _Call:
         self.done = False
 
     def label(self) -> str:
-        return self.name if self.call == 1 else f"{self.name}#{self.call}"
+        return call_name(self.name, self.call - 1)
 
 
 class _Recorder:
@@ -311,10 +313,9 @@ class _Recorder:
                 param_counts[id(module)] = (sum(_numel(p) for p in params),
                                             sum(_numel(p) for p in params if p.requires_grad))
             n_params, n_trainable = param_counts[id(module)]
-            many = self.counts[id(module)] > 1
             s = call.stats
             rows.append(SummaryRow(
-                name=f"{call.name}#{call.call}" if many else call.name,
+                name=call.label(),
                 layer=call.name,
                 call=call.call,
                 class_name=type(module).__name__,

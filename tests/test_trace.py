@@ -194,7 +194,7 @@ def test_check_finite_names_the_first_module_with_nan_in_forward():
     err = info.value
     assert (err.layer, err.phase, err.call) == ("body.1", "forward", 0)
     msg = str(err)
-    assert "'body.1' (LogOfNegative) produced" in msg and "NaN of 128 values" in msg and "call 1" in msg
+    assert "'body.1' (LogOfNegative) produced" in msg and "NaN of 128 values" in msg
     assert "input f32[16, 8]" in msg and "Its input was finite" in msg
     assert err.stats.nan > 0
     assert isinstance(err, hookkit.HookkitError) and isinstance(err, FloatingPointError)
