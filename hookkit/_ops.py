@@ -571,9 +571,11 @@ def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
 
 
 def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Node]]:
-    """Run the model once (under ``no_grad``; every module's train / eval flag and the RNG states restored) and
-    return every name given, in order, with what it names (the first time a name is given)."""
+    """Run the model once (under ``no_grad``; every module's train / eval flag, its buffers and the RNG states
+    restored) and return every name given, in order, with what it names (the first time a name is given)."""
     from ._handles import HandleGroup
+    from ._state import restore as restore_state
+    from ._state import save as save_state
 
     found: list[tuple[str, Node]] = []
     seen: set[str] = set()
@@ -585,7 +587,7 @@ def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[st
 
     handles = HandleGroup()
     taps = OpTaps(model, handles=handles, wanted={}, name_all=True, tap_all=False, watch=None, on_name=on_name)
-    modes = [(m, m.training) for m in model.modules()]  # each module's own flag: a frozen BatchNorm stays in eval
+    saved = save_state(model)  # each module's own flag (a frozen BatchNorm stays in eval), and every buffer
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
@@ -595,8 +597,7 @@ def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[st
     finally:
         handles.remove()
         taps.close()
-        for m, mode in modes:
-            m.training = mode
+        restore_state(saved)
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
