@@ -12,6 +12,10 @@ function mode entered inside the modules whose ops were asked for), which record
 ``node_end`` into the same ``Recording`` with the same ``Call`` records, snapshotter and listener, and register their
 hooks in the same ``HandleGroup``. Stored tensors that were not copied are watched (``_snapshot.Watch``): the op
 taps copy one just before an in-place op writes into it (copy-on-write).
+
+Forwards: two hooks on the model count its forwards, and each ``Call`` keeps the number of the forward it ran in,
+so that the stores read ``name`` as FX does (a module's first call in the last forward; ``name_1`` its second)
+and listeners are told each call's index within its forward.
 """
 
 from __future__ import annotations
@@ -63,14 +67,14 @@ class Call:
     """Everything recorded about one forward call of one module: the one record type the stores read.
 
     A field that was never set reads as its default (``_CALL_DEFAULTS``): the default capture's hook, which runs on
-    every call of every hooked module, sets two fields and allocates nothing else."""
+    every call of every hooked module, sets three fields and allocates nothing else."""
 
     __slots__ = ("output", "version", "forward", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in",
                  "grad_in_skel", "grad_in_error", "grad_out_error", "aliases", "where")
 
     output: Any
     version: int | None  # the version of ``output`` (a tensor stored without a copy) when it was recorded
-    forward: int | None  # which forward of the model the call ran in (``Forwards``); None: unknown (an old file)
+    forward: int | None  # which forward of the model the call ran in (``_Forwards``); None: unknown (an old file)
     guards: Any  # (tensor, version) for each other stored tensor that was not copied
     args: Any
     kwargs: Any
@@ -199,12 +203,12 @@ _hook_guards = _HookGuards()
 
 
 class _Forwards(threading.local):
-    """Which forward of the model the running code belongs to, per thread: ``id`` while ``depth`` (open calls of
-    the model) is above 0."""
+    """Which forward of the model the running code belongs to, per thread (DataParallel runs its replicas in
+    threads): ``current`` while ``depth`` (open calls of the model) is above 0, else 0."""
 
     def __init__(self) -> None:
         self.depth = 0
-        self.id = 0
+        self.current = 0
 
 
 class StopForward(Exception):
@@ -331,20 +335,21 @@ class Engine:
             if current_graph_task_id() != -1:
                 return  # activation checkpointing recomputing a forward: not a new one
             if fw.depth == 0:
-                fw.id = next(ids)
+                fw.current = next(ids)
             fw.depth += 1
 
         def end(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() == -1 and fw.depth:
                 fw.depth -= 1
+                if fw.depth == 0:
+                    fw.current = 0
 
         self._handles.add(root.register_forward_pre_hook(eager(begin), prepend=True))
         self._handles.add(root.register_forward_hook(eager(end), always_call=True))
 
     def _forward_id(self) -> int:
         """The number of the forward a call starting now belongs to (a new one outside every forward)."""
-        fw = self._fw
-        return fw.id if fw.depth else next(self._ids)
+        return self._fw.current or next(self._ids)
 
     # -- module taps ---------------------------------------------------------------------------------------------
     def _attach_module(self, module: nn.Module, names: list[str]) -> None:
@@ -514,7 +519,7 @@ class Engine:
                 return  # activation checkpointing recomputing a forward: not a new call
             if not calls:
                 order.extend(names)
-            forward = fw.id if fw.depth else next(ids)
+            forward = fw.current or next(ids)
             if type(output) is tensor:
                 t = output.detach() if output.requires_grad else output  # no graph, nothing to detach
                 if t.is_inference():
