@@ -61,6 +61,19 @@ def _calls_of(rec: Recording, name: str, kind: str) -> list[Call]:
     return calls
 
 
+def _last_forward_first(calls: list[Call]) -> int:
+    """The index of the call ``store[name]`` reads: the first of the calls made in the last forward that has any
+    (FX's ``name``: a module run several times in one forward is ``name``, ``name_1``... there); for a module run
+    once per forward, its last call. Calls of unknown forward (a file saved by an older hookkit) each count as one."""
+    i = len(calls) - 1
+    forward = calls[i].forward
+    if forward is None:
+        return i
+    while i and calls[i - 1].forward == forward:
+        i -= 1
+    return i
+
+
 def _has(kind: str, calls: list[Call]) -> bool:
     if not calls:
         return False
@@ -77,7 +90,10 @@ def _has(kind: str, calls: list[Call]) -> bool:
 class Store:
     """A read-only view of one kind of recorded value (outputs, inputs, kwargs, grads, grad_inputs), by layer name.
 
-    ``store[name]`` is the value of the layer's last call, ``store.calls(name)`` every call in call order.
+    ``store[name]`` is the value of the node FX names ``name`` in the last forward of the model: for a module run
+    several times in one forward, its first call there (``"layer1.0.relu_1"``, from ``hookkit.layer_names(model,
+    x)``, is the second); for a module run once per forward, its last call. ``store.calls(name)`` is every call in
+    call order.
     """
 
     def __init__(self, recording: Recording, kind: str) -> None:
@@ -92,7 +108,7 @@ class Store:
     # -- Mapping-like surface ------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
         calls = _calls_of(self._rec, name, self._kind)
-        return self._read(name, calls, len(calls) - 1)
+        return self._read(name, calls, _last_forward_first(calls))
 
     def calls(self, name: str) -> list[Any]:
         """Every recorded call of layer ``name``, in call order (aligned across outputs, inputs and grads)."""
@@ -307,8 +323,11 @@ def capture(
             relative to the layer, e.g. ``"weight"``, ``"0.bias"``).
 
     Returns:
-        A ``Capture``: ``cap[name]`` (last call), ``cap.calls(name)`` (every call), ``list(cap)`` (layers that ran,
-        in order of first call), and the stores ``cap.inputs``, ``cap.kwargs``, ``cap.grads``, ``cap.grad_inputs``.
+        A ``Capture``: ``cap[name]`` (the value of the node FX names ``name``, in the last forward of the model: a
+        module's last call, or its first in the last forward when it runs several times in one forward, where
+        ``name_1`` is its second), ``cap.calls(name)`` (every call), ``list(cap)`` (layers that ran, in order of
+        first call), and the stores ``cap.inputs``, ``cap.kwargs``, ``cap.grads``, ``cap.grad_inputs`` (read the
+        same way).
 
     Raises:
         LayerNotFoundError: a spec matched no module (before any hook is registered).

@@ -192,7 +192,7 @@ def is_compiled_in_place(module: nn.Module) -> bool:
 
 def buffers_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
     """A module's own buffer dict (not its children's), the one ``register_buffer`` writes: restoring an entry in
-    it restores the buffer object itself, as ``summary`` needs after a forward in training mode."""
+    it restores the buffer object itself, as ``_state.restore`` needs after a forward in training mode."""
     return module._buffers
 
 

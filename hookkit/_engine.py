@@ -12,10 +12,15 @@ function mode entered inside the modules whose ops were asked for), which record
 ``node_end`` into the same ``Recording`` with the same ``Call`` records, snapshotter and listener, and register their
 hooks in the same ``HandleGroup``. Stored tensors that were not copied are watched (``_snapshot.Watch``): the op
 taps copy one just before an in-place op writes into it (copy-on-write).
+
+Forwards: two hooks on the model count its forwards, and each ``Call`` keeps the number of the forward it ran in,
+so that the stores read ``name`` as FX does (a module's first call in the last forward; ``name_1`` its second)
+and listeners are told each call's index within its forward.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 from collections.abc import Callable
@@ -33,7 +38,7 @@ from ._snapshot import Snapshotter, To, Untappable, Watch
 
 __all__ = ["Engine", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
 
-Where = tuple  # (layer name, module, index of this call among the module's calls)
+Where = tuple  # (layer name, module, index of this call among the module's calls in its forward)
 
 
 class Listener(Protocol):
@@ -62,13 +67,14 @@ class Call:
     """Everything recorded about one forward call of one module: the one record type the stores read.
 
     A field that was never set reads as its default (``_CALL_DEFAULTS``): the default capture's hook, which runs on
-    every call of every hooked module, sets two fields and allocates nothing else."""
+    every call of every hooked module, sets three fields and allocates nothing else."""
 
-    __slots__ = ("output", "version", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in",
+    __slots__ = ("output", "version", "forward", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in",
                  "grad_in_skel", "grad_in_error", "grad_out_error", "aliases", "where")
 
     output: Any
     version: int | None  # the version of ``output`` (a tensor stored without a copy) when it was recorded
+    forward: int | None  # which forward of the model the call ran in (``_Forwards``); None: unknown (an old file)
     guards: Any  # (tensor, version) for each other stored tensor that was not copied
     args: Any
     kwargs: Any
@@ -81,9 +87,10 @@ class Call:
     aliases: list[_Alias] | None
     where: Where  # (name, module, call index), for a listener
 
-    def __init__(self, output: Any = None, version: int | None = None) -> None:
+    def __init__(self, output: Any = None, version: int | None = None, forward: int | None = None) -> None:
         self.output = output
         self.version = version
+        self.forward = forward
 
     def __getattr__(self, name: str) -> Any:  # only reached for a slot never set
         try:
@@ -195,6 +202,15 @@ _hook_guards = _HookGuards()
 
 
 
+class _Forwards(threading.local):
+    """Which forward of the model the running code belongs to, per thread (DataParallel runs its replicas in
+    threads): ``current`` while ``depth`` (open calls of the model) is above 0, else 0."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.current = 0
+
+
 class StopForward(Exception):
     """Raised by a hook to end the forward pass early (``stop=True``); swallowed by the block that owns it."""
 
@@ -229,7 +245,14 @@ class Engine:
         self._active = False
         self._ran: set[Any] = set()
         self._n_selected = len(self._selected) + len(nodes)
-        self._node_started: dict[str, int] = {}
+        self._node_started: dict[str, tuple[int, int]] = {}  # node name -> (forward, calls so far in it)
+        # Forwards: a forward is one call of the model (inside DataParallel / DDP, of the model they wrap). Each
+        # call is recorded with its forward's number, so that a store reads a module's first call in the last
+        # forward (FX's ``name``; ``name_1`` is its second) and a listener is told each call's index within its
+        # forward. A call made outside any forward of the model (a submodule called directly) is one of its own.
+        self._root: nn.Module | None = inner
+        self._ids = itertools.count(1)
+        self._fw = _Forwards()
         self._dynamo_guard: Callable[[], None] | None = None
         # Copy-on-write: stored tensors that were not copied are watched, and copied before an in-place write
         # inside the modules whose forward may write (none in a stack of torch.nn layers: then nothing is watched,
@@ -261,6 +284,7 @@ class Engine:
                 self._attach_module(module, names)
             if self._ops is not None:
                 self._ops.attach()
+            self._attach_root()
         except BaseException:
             self.remove()
             raise
@@ -285,6 +309,7 @@ class Engine:
         if restore is not None:
             restore()
         self._selected = {}  # what was recorded outlives the block; the model's modules must not
+        self._root = None
         self._listener = None  # trace / check_finite hold this engine: no cycle for the garbage collector
 
     def warn_if_compiled_code_skipped_hooks(self, what: str) -> None:
@@ -298,6 +323,33 @@ class Engine:
                 "capture before the first call of the compiled model.",
                 stacklevel=3,
             )
+
+    # -- forwards ------------------------------------------------------------------------------------------------
+    def _attach_root(self) -> None:
+        """Count the model's forwards: a pre-hook that runs before every other (prepended, registered last) and an
+        always-called forward hook that runs after every other (registered last)."""
+        root, fw, ids = self._root, self._fw, self._ids
+        assert root is not None  # noqa: S101 - removed only by remove()
+
+        def begin(module: nn.Module, args: tuple) -> None:
+            if current_graph_task_id() != -1:
+                return  # activation checkpointing recomputing a forward: not a new one
+            if fw.depth == 0:
+                fw.current = next(ids)
+            fw.depth += 1
+
+        def end(module: nn.Module, args: tuple, output: Any) -> None:
+            if current_graph_task_id() == -1 and fw.depth:
+                fw.depth -= 1
+                if fw.depth == 0:
+                    fw.current = 0
+
+        self._handles.add(root.register_forward_pre_hook(eager(begin), prepend=True))
+        self._handles.add(root.register_forward_hook(eager(end), always_call=True))
+
+    def _forward_id(self) -> int:
+        """The number of the forward a call starting now belongs to (a new one outside every forward)."""
+        return self._fw.current or next(self._ids)
 
     # -- module taps ---------------------------------------------------------------------------------------------
     def _attach_module(self, module: nn.Module, names: list[str]) -> None:
@@ -334,16 +386,19 @@ class Engine:
         want_inputs = self._want_inputs
         want_grads = self._want_grads
         listener = self._listener
-        started = [0]
+        started = [0, 0]  # the forward of the module's last call, and its calls in that forward so far
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             if current_graph_task_id() != -1:
                 return None  # activation checkpointing recomputing a forward: not a new call
-            call = Call()
+            forward = self._forward_id()
+            call = Call(forward=forward)
             pending.append(call)
             if listener is not None:
-                call.where = (name, module, started[0])
-                started[0] += 1
+                if started[0] != forward:
+                    started[0], started[1] = forward, 0
+                call.where = (name, module, started[1])
+                started[1] += 1
                 listener.forward_pre(call.where, args, kwargs)
             if want_inputs:
                 self._store_inputs(call, args, kwargs)
@@ -457,22 +512,24 @@ class Engine:
         snap = self._snap
         tensor = torch.Tensor
         watched = self._watch.outputs if self._watch is not None else _NOT_WATCHED
+        fw, ids = self._fw, self._ids
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() != -1:
                 return  # activation checkpointing recomputing a forward: not a new call
             if not calls:
                 order.extend(names)
+            forward = fw.current or next(ids)
             if type(output) is tensor:
                 t = output.detach() if output.requires_grad else output  # no graph, nothing to detach
                 if t.is_inference():
-                    calls.append(Call(t.clone()))  # keeps no version counter: copy
+                    calls.append(Call(t.clone(), None, forward))  # keeps no version counter: copy
                 else:
-                    call = Call(t, t._version)
+                    call = Call(t, t._version, forward)
                     calls.append(call)
                     watched.append(call)
             else:
-                call = Call()
+                call = Call(None, None, forward)
                 call.output, call.guards = snap(output)
                 calls.append(call)
                 if call.guards:
@@ -484,7 +541,7 @@ class Engine:
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if current_graph_task_id() != -1:
                 return  # activation checkpointing recomputing a forward: not a new call
-            call = pending[-1] if pending else Call()  # popped by _end_of_call, which runs next
+            call = pending[-1] if pending else Call(forward=self._forward_id())  # popped by _end_of_call, next
             self._finish(call, names, calls, id(module), args, output)
 
         return forward_hook
@@ -519,9 +576,12 @@ class Engine:
         """An op (or a repeated call of a leaf module) named ``name`` is about to run: open its ``Call``; returns
         arguments to run it with instead (views tapped for input gradients), or None. ``writes``: the tensors an
         in-place op writes into (``out += identity``)."""
-        call = Call()
-        i = self._node_started.get(name, 0)
-        self._node_started[name] = i + 1
+        forward = self._forward_id()
+        call = Call(forward=forward)
+        last, i = self._node_started.get(name, (0, 0))
+        if last != forward:
+            i = 0
+        self._node_started[name] = (forward, i + 1)
         call.where = (name, site, i)
         if self._listener is not None:
             self._listener.forward_pre(call.where, args, kwargs)

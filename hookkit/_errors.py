@@ -63,8 +63,9 @@ class UnsupportedModelError(HookkitError, TypeError):
 
 
 class NonFiniteError(HookkitError, FloatingPointError):
-    """A module produced NaN or Inf: ``layer``, ``phase`` (``"forward"`` / ``"backward"``), ``call`` and the
-    ``stats`` of the offending tensor tell where and what."""
+    """A module produced NaN or Inf: ``layer``, ``phase`` (``"forward"`` / ``"backward"``), ``call`` (which call
+    of the layer in its forward of the model, from 0; the message names it as FX does: ``relu_1`` for call 1) and
+    the ``stats`` of the offending tensor tell where and what."""
 
     def __init__(self, message: str, *, layer: str, phase: str, call: int, stats: Any) -> None:
         super().__init__(message)

@@ -313,6 +313,10 @@ def check(manifest: Any) -> None:
                 raise Malformed(_show(where), f"it is the same as {other!r}, which is not a layer with calls")
             continue
         calls = _need(entry, "calls", where, _is_count, "a number of calls")
+        if "forward" in entry:  # each call's forward, ascending (files written before hookkit kept it have none)
+            forwards = _need(entry, "forward", where, _is_ints, f"a list of {calls} whole numbers")
+            if len(forwards) != calls or forwards != sorted(forwards):
+                raise Malformed(_show(_field(where, "forward")), f"not {calls} ascending whole numbers")
         if not calls:
             continue
         for kind in kinds + ["grads", "grad_inputs"] * want_grads:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import _tree
 from ._engine import Engine
 from ._errors import ArgumentError, ArgumentTypeError, NonFiniteError
-from ._ops import OpSite
+from ._ops import OpSite, call_name
 from ._select import Layers, resolve, unwrap
 
 __all__ = ["monitor", "Monitor", "LAYER_STATS", "PARAM_STATS"]
@@ -328,7 +328,6 @@ class _Finite:
 
     def __init__(self) -> None:
         self.sums: list[tuple[str, OpSite | None, int, torch.Tensor]] = []  # (name, op site, call, sum)
-        self.calls: dict[str, int] = {}
 
     def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
         pass
@@ -337,8 +336,7 @@ class _Finite:
         pass
 
     def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
-        name, site, _ = where
-        call = self.calls[name] = self.calls.get(name, -1) + 1  # the engine counts calls over the block
+        name, site, call = where  # call: which call of the layer in its forward, as FX numbers them
         for t in _tree.leaves(output):
             if (t.is_floating_point() or t.is_complex()) and t.numel() and t.device.type != "meta":
                 with torch.no_grad():
@@ -349,22 +347,22 @@ class _Finite:
     def end_step(self, step: int) -> dict[str, Any] | None:
         """The alert for the first non-finite output of this step (in execution order: an op inside a layer comes
         before the layer's own output), else None."""
-        sums, self.sums, self.calls = self.sums, [], {}
+        sums, self.sums = self.sums, []
         if not sums or bool(torch.isfinite(torch.stack([s[-1] for s in sums]).cpu()).all()):
             return None
         name, site, call, _ = next(item for item in sums if not bool(torch.isfinite(item[-1])))
         name = name.removeprefix("module.")
         if site is None:
             return {"kind": "nonfinite", "step": step, "where": name, "op": None, "what": "activation",
-                    "message": f"step {step}: {name!r} produced NaN or Inf in forward (call {call + 1}), the first "
+                    "message": f"step {step}: {call_name(name, call)!r} produced NaN or Inf in forward, the first "
                                "of the watched layers to do so in this step. monitor(..., ops=True) names the op "
                                "too, or hookkit.check_finite(model) on this step's batch."}
         where = site.scope.removeprefix("module.")
         scope = f"{where!r} ({site.scope_cls})" if where else f"the model's own forward ({site.scope_cls})"
         return {"kind": "nonfinite", "step": step, "where": where, "op": f"{name} ({site.label})",
                 "what": "activation",
-                "message": f"step {step}: {name!r} ({site.label}) in {scope} produced NaN or "
-                           f"Inf in forward (call {call + 1}), the first of the watched layers and their ops to do "
+                "message": f"step {step}: {call_name(name, call)!r} ({site.label}) in {scope} produced NaN or "
+                           "Inf in forward, the first of the watched layers and their ops to do "
                            "so in this step."}
 
 

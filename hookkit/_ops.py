@@ -36,8 +36,7 @@ from ._compat import current_graph_task_id, eager, pop_function_mode, push_funct
 from ._errors import EditError
 
 __all__ = ["OpTaps", "OpSite", "Node", "discover", "discover_nodes", "op_name", "is_leaf", "writes_in_place",
-           "known_op_names", "written",
-           "split_node_name"]
+           "known_op_names", "written", "split_node_name", "call_name"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _HOOKKIT_DIR = os.path.dirname(__file__) + os.sep
@@ -282,6 +281,12 @@ def split_node_name(name: str) -> tuple[str, str, int]:
     if sep and k.isdigit() and base and not k.startswith("0"):
         return scope, base, int(k)
     return scope, leaf, 0
+
+
+def call_name(name: str, k: int) -> str:
+    """The ``k``-th call (from 0) of ``name`` within one forward, named as FX names repeated calls (``relu``,
+    ``relu_1``, ``relu_2``): how ``capture`` takes it, and how ``trace``, ``summary`` and errors show it."""
+    return f"{name}_{k}" if k else name
 
 
 # -- the mode and the frames -----------------------------------------------------------------------------------------
@@ -605,9 +610,11 @@ def discover(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
 
 
 def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Node]]:
-    """Run the model once (under ``no_grad``; train / eval mode and the RNG states restored) and return every name
-    given, in order, with what it names (the first time a name is given)."""
+    """Run the model once (under ``no_grad``; every module's train / eval flag, its buffers and the RNG states
+    restored) and return every name given, in order, with what it names (the first time a name is given)."""
     from ._handles import HandleGroup
+    from ._state import restore as restore_state
+    from ._state import save as save_state
 
     found: list[tuple[str, Node]] = []
     seen: set[str] = set()
@@ -619,7 +626,7 @@ def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[st
 
     handles = HandleGroup()
     taps = OpTaps(model, handles=handles, wanted={}, name_all=True, tap_all=False, watch=None, on_name=on_name)
-    training = model.training
+    saved = save_state(model)  # each module's own flag (a frozen BatchNorm stays in eval), and every buffer
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
@@ -629,7 +636,7 @@ def discover_nodes(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[st
     finally:
         handles.remove()
         taps.close()
-        model.train(training)
+        restore_state(saved)
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

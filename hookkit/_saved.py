@@ -12,8 +12,9 @@ stored in several places), and in the safetensors header's metadata, under ``"ho
 key -> hex digest; safetensors itself checks no data) and, per layer and kind, each call's nested structure:
 containers as ``{"type": "tuple" | "list" | "namedtuple" | "dict" | "dataclass", ...}`` (with ``"module"`` and
 ``"qualname"`` of their class where it is not a plain tuple, list or dict), tensors as ``{"type": "tensor", "key",
-"dtype", "shape"}``, and numbers, strings, booleans and None as themselves. safetensors is optional
-(``pip install 'hookkit[save]'``): it is imported only when a capture is saved or loaded.
+"dtype", "shape"}``, and numbers, strings, booleans and None as themselves; per layer, ``"forward"`` holds the number
+of the model's forward each call ran in (what ``cap[name]`` reads: the first call of the last forward). safetensors is
+optional (``pip install 'hookkit[save]'``): it is imported only when a capture is saved or loaded.
 
 A file to load is untrusted input: ``_manifest`` bounds the manifest's nesting before it is parsed and checks every
 node before anything is built from it (``save`` runs the same check, so it never writes what ``load`` refuses), and
@@ -285,6 +286,8 @@ def _manifest(rec: Recording, enc: _Encoder, tensor: Callable[..., Any]) -> dict
                 entry["grad_inputs"].append(_grad_inputs_node(call, enc, f"{name}/grad_inputs/{i}",
                                                               where["grad_inputs"]))
         layers[name] = {"calls": n, **{k: v for k, v in entry.items() if v}}
+        if calls and all(c.forward is not None for c in calls):
+            layers[name]["forward"] = [c.forward for c in calls]  # which forward of the model: what cap[name] reads
     param_grads = {
         layer: {p: tensor(g, f"{layer}/param_grads/{p}", f"the gradient of parameter {p!r} of {layer!r}")
                 for p, g in grads.items()}
@@ -475,8 +478,9 @@ def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
         if "same_as" in entry:
             continue
         calls: list[Call] = []
+        forwards = _forwards(entry)
         for i in range(entry["calls"]):
-            call = Call(dec.value(entry["outputs"][i]))
+            call = Call(dec.value(entry["outputs"][i]), None, forwards[i])
             if want_inputs:
                 call.args = dec.value(entry["inputs"][i])
                 call.kwargs = dec.value(entry["kwargs"][i])
@@ -496,6 +500,12 @@ def _rebuild(manifest: dict[str, Any], dec: _Decoder) -> Recording:
     return Recording.from_calls({name: records[name] for name in layers}, order=list(manifest["order"]),
                                 selected_names=list(manifest["selected"]), want_inputs=want_inputs,
                                 want_grads=want_grads, wrapped=manifest["wrapped"], param_grads=param_grads)
+
+
+def _forwards(entry: dict[str, Any]) -> list[int | None]:
+    """Each call's forward (``"forward"``; a file written before hookkit kept it has none: each call is its own)."""
+    found = entry.get("forward")  # checked by _manifest.check
+    return [None] * entry["calls"] if found is None else list(found)
 
 
 def _rebuild_grads(call: Call, grads: Any, grad_inputs: Any, dec: _Decoder) -> None:
@@ -855,8 +865,8 @@ def _merge_layer(name: str, per_capture: list[list[Call]], recs: list[Recording]
                 if found:
                     raise ArgumentError(f"hookkit.merge: capture {j} differs from capture 0 at {name!r} call {i}, in "
                                         f"{field}{found}.")
-        call = Call(_join([p["outputs"] for p in parts], dim, _where(name, "outputs", i, n)))
         source = per_capture[0][i]
+        call = Call(_join([p["outputs"] for p in parts], dim, _where(name, "outputs", i, n)), None, source.forward)
         if recs[0].want_inputs:
             call.args = _join([p["inputs"] for p in parts], dim, _where(name, "inputs", i, n))
             call.kwargs = _join([p["kwargs"] for p in parts], dim, _where(name, "kwargs", i, n))

@@ -25,9 +25,11 @@ def layer_names(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> 
     """Every name that ``capture``, ``trace``, ``check_finite`` and ``hooks`` accept for ``model``.
 
     Without example inputs: the module names, in ``named_modules`` order. With them, the model runs once (under
-    ``no_grad``, its train / eval mode and the RNG state restored afterwards) and the list holds, in execution
-    order, the modules that ran, the op nodes (``"relu"``, ``"layer1.0.add"``, ``"flatten"``) and repeated calls of
-    leaf modules (``"layer1.0.relu_1"``), named as torchvision's ``get_graph_node_names`` names them.
+    ``no_grad``; every module's train / eval flag, the buffers and the RNG state restored afterwards) and the list
+    holds, in execution order, the modules that ran, the op nodes (``"relu"``, ``"layer1.0.add"``, ``"flatten"``) and
+    repeated calls of leaf modules (``"layer1.0.relu_1"``), named as torchvision's ``get_graph_node_names`` names
+    them: ``capture`` reads ``"layer1.0.relu"`` as that module's first call in the last forward, ``"layer1.0.relu_1"``
+    as its second.
 
     A module registered under several names (a shared submodule) is listed under each of them. For a model
     wrapped in DataParallel or DistributedDataParallel, the names are the wrapped model's (``"layer1"``; hookkit

@@ -485,8 +485,8 @@ def make_sinks(log: str | os.PathLike[str] | None, sinks: Iterable[Any] | str | 
         if isinstance(item, str):
             if item not in _SINK_NAMES:
                 raise ArgumentError(
-                    f"sinks=: unknown sink {item!r}; expected one of {', '.join(map(repr, _SINK_NAMES))}, a Sink object "
-                    "(write(record) and close()) or a callable fn(record)"
+                    f"sinks=: unknown sink {item!r}; expected one of {', '.join(map(repr, _SINK_NAMES))}, a Sink "
+                    "object (write(record) and close()) or a callable fn(record)"
                 )
             if item in ("jsonl", "tensorboard") and log is None:
                 raise ArgumentError(

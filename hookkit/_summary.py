@@ -21,10 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 from . import _check, _tree
-from ._compat import buffers_of
 from ._errors import SummaryError
 from ._handles import HandleGroup
+from ._ops import call_name
 from ._select import Layers, check_model, resolve
+from ._state import restore, save
 from ._stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
 
 __all__ = ["summary", "Summary", "SummaryRow"]
@@ -38,8 +39,9 @@ _EXECUTED_SHOWN = 5  # how many executed layers a SummaryError names
 class SummaryRow:
     """One call of one module: what it returned (as shapes and statistics), its parameters and its time.
 
-    ``name`` is the module's name, with ``#k`` appended when the module was called more than once in the forward
-    (``relu#1``, ``relu#2``...); ``layer`` is the bare module name and ``call`` the 1-based call index.
+    ``name`` is the call's name as FX and ``capture`` name it: the module's name for its first call, with ``_1``,
+    ``_2``... appended for its later calls in the forward (``relu``, ``relu_1``...); ``layer`` is the bare module
+    name and ``call`` the 1-based call index.
     Statistics are of the first tensor in the output (``None`` where there is none, or where a number does not
     apply); ``time_ms`` is ``None`` when timing was off.
     """
@@ -178,7 +180,7 @@ def summary(
         targets = [(names[0], module) for module, names in resolve(model, layers).items() if names[0]]
 
     recorder = _Recorder(timing=timing, sync=_needs_sync(model, example_inputs, forward_kwargs, timing))
-    saved_buffers = _save_buffers(model)
+    saved = save(model)  # every module's flag and buffer: a train-mode BatchNorm's statistics are put back
     group = HandleGroup()
     try:
         for name, module in targets:
@@ -192,7 +194,7 @@ def summary(
         raise SummaryError(recorder.failure_message(model, exc)) from exc
     finally:
         group.remove()
-        _restore_buffers(saved_buffers)
+        restore(saved)
 
     params = list(model.parameters())
     total = sum(_numel(p) for p in params)
@@ -228,7 +230,7 @@ class _Call:
         self.done = False
 
     def label(self) -> str:
-        return self.name if self.call == 1 else f"{self.name}#{self.call}"
+        return call_name(self.name, self.call - 1)
 
 
 class _Recorder:
@@ -311,10 +313,9 @@ class _Recorder:
                 param_counts[id(module)] = (sum(_numel(p) for p in params),
                                             sum(_numel(p) for p in params if p.requires_grad))
             n_params, n_trainable = param_counts[id(module)]
-            many = self.counts[id(module)] > 1
             s = call.stats
             rows.append(SummaryRow(
-                name=f"{call.name}#{call.call}" if many else call.name,
+                name=call.label(),
                 layer=call.name,
                 call=call.call,
                 class_name=type(module).__name__,
@@ -345,33 +346,6 @@ def _needs_sync(model: nn.Module, inputs: tuple, kwargs: dict, timing: bool) -> 
     tensors = _tree.leaves(list(inputs)) + _tree.leaves(dict(kwargs))
     tensors += list(model.parameters()) + list(model.buffers())
     return torch.cuda.synchronize if any(t.is_cuda for t in tensors) else None
-
-
-def _save_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]]:
-    """Each buffer with a copy, so that a train-mode forward leaves no trace in them.
-
-    Every buffer is copied back afterwards: version counters cannot tell, since batch norm updates its running
-    statistics inside the kernel without bumping them.
-    """
-    saved = []
-    with torch.no_grad():
-        for module in model.modules():
-            for name, buf in buffers_of(module).items():
-                if buf is None or nn.parameter.is_lazy(buf):
-                    continue
-                # An inference tensor cannot change in place outside inference mode: only its slot can change.
-                saved.append((module, name, buf, None if buf.is_inference() else buf.clone()))
-    return saved
-
-
-def _restore_buffers(saved: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]]) -> None:
-    with torch.no_grad():
-        for module, name, buf, copy in saved:
-            own = buffers_of(module)
-            if own.get(name) is not buf:
-                own[name] = buf
-            if copy is not None:
-                buf.copy_(copy)
 
 
 # -- rendering -----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from rich.text import Text
 from . import _check, _tree
 from ._engine import Engine
 from ._errors import ArgumentTypeError, NonFiniteError
-from ._ops import OpSite
+from ._ops import OpSite, call_name
 from ._select import Layers
 from ._stats import TensorStats, describe, shorten_name, tensor_stats
 
@@ -57,18 +57,17 @@ class TraceEvent:
     kind: EventKind
     name: str
     cls: str
-    call: int  # 0 for the first call of this module, 1 for the second...
+    call: int  # 0 for the module's first call in its forward of the model, 1 for the second...
     depth: int  # how many traced modules enclose this one
     text: str  # the values, as ``describe`` writes them
     stats: tuple[TensorStats, ...]
     index: int | None = None  # which output / input tensor, for gradients of modules with several
 
     def line(self) -> Text:
-        """The event as one line of rich ``Text``: indentation, glyph, name (``#k`` for a reused module's k-th
-        call), class, what was seen."""
+        """The event as one line of rich ``Text``: indentation, glyph, name (FX's: ``relu_1`` for the second call
+        of ``relu`` in one forward), class, what was seen."""
         label = _LABEL[self.kind] + (f"[{self.index}]" if self.index is not None else "")
-        name = (shorten_name(self.name, _NAME_WIDTH) if self.name else "(model)") + (
-            f"#{self.call + 1}" if self.call else "")
+        name = call_name(shorten_name(self.name, _NAME_WIDTH) if self.name else "(model)", self.call)
         text = Text("  " * self.depth)
         text.append(f"{_GLYPH[self.kind]} ", style=_STYLE[self.kind])
         text.append(name, style="bold")
@@ -177,9 +176,10 @@ def trace(
         >>> [e.kind for e in t.events]
         ['forward_pre', 'forward', 'forward_pre', 'forward']
 
-    Lines are indented by nesting (a parent encloses its children), a reused module's later calls are marked
-    ``name#2``, ``name#3``..., and every value is shown with its type, shape, dtype and statistics (mean, std,
-    range, NaN/Inf counts; computed under ``no_grad``, keeping no graph and no tensor).
+    Lines are indented by nesting (a parent encloses its children), a module's later calls in one forward are
+    named as ``hookkit.layer_names(model, x)`` and ``capture`` name them (``relu_1``, ``relu_2``...), and every
+    value is shown with its type, shape, dtype and statistics (mean, std, range, NaN/Inf counts; computed under
+    ``no_grad``, keeping no graph and no tensor).
 
     Args:
         model: the ``nn.Module`` to trace.
@@ -250,8 +250,8 @@ class CheckFinite:
                         "(the data, or an operation outside a module)." if upstream else
                         " Its input was finite, so this module made them.")
                 raise NonFiniteError(
-                    f"{name!r} ({type(module).__name__}) produced {s.nonfinite_text()} in forward, "
-                    f"call {call + 1}; output {describe(t)}; input {came}.{hint}",
+                    f"{call_name(name, call)!r} ({type(module).__name__}) produced {s.nonfinite_text()} in forward; "
+                    f"output {describe(t)}; input {came}.{hint}",
                     layer=name, phase="forward", call=call, stats=s,
                 )
 
@@ -269,7 +269,7 @@ class CheckFinite:
             detail = (f"its backward produced a non-finite gradient w.r.t. its {what if n == 1 else f'input {i}'} "
                       f"({describe(grad)}) from a finite gradient at its output.")
         raise NonFiniteError(
-            f"{name!r} ({cls}) has {s.nonfinite_text()} in backward, call {call + 1}: {detail}",
+            f"{call_name(name, call)!r} ({cls}) has {s.nonfinite_text()} in backward: {detail}",
             layer=name, phase="backward", call=call, stats=s,
         )
 

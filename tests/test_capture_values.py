@@ -75,7 +75,7 @@ def test_reused_module_keeps_every_call_in_order():
     assert len(cap.calls("relu")) == 3
     for mine, theirs in zip(cap.calls("relu"), ref["relu"], strict=True):
         assert_same(mine, theirs)
-    assert_same(cap["relu"], ref["relu"][-1])  # [] is the last call
+    assert_same(cap["relu"], ref["relu"][0])  # [] is the call FX names "relu": the first in the (last) forward
     assert list(cap) == ["fc1", "relu"]  # order of first call: fc1 runs before the first relu
 
 
@@ -325,3 +325,56 @@ def test_stores_outlive_the_block_and_hold_no_model():
     gc.collect()
     assert [r() for r in refs] == [None, None]
     assert cap["0"].shape == (1, 3)
+
+
+def test_a_module_run_several_times_per_forward_reads_its_first_call_in_the_last_forward():
+    """``relu`` runs three times per forward: ``cap["relu"]`` is its first call in the last forward (the node
+    ``get_graph_node_names`` calls ``"relu"``), ``"relu_1"`` and ``"relu_2"`` the others, whatever ran before."""
+    model = SharedReLU()
+    x1, x2 = torch.randn(3, 6), torch.randn(3, 6)
+    assert {"relu", "relu_1", "relu_2"} <= set(hookkit.layer_names(model, x2))
+    before, stack = hook_census(model), torch._C._len_torch_function_stack()
+    with hookkit.capture(model, ["relu", "relu_1", "relu_2"], inputs=True) as cap:
+        ref, _ = raw_reference(model, ["relu"], lambda: (model(x1), model(x2)))
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == stack
+    calls = ref["relu"]  # six raw calls: three per forward
+    assert len(cap.calls("relu")) == 6 and len(cap.calls("relu_1")) == 2
+    for k, name in enumerate(["relu", "relu_1", "relu_2"]):
+        assert_same(cap[name], calls[3 + k])
+        assert_same(cap.inputs[name], cap.inputs.calls("relu")[3 + k])  # the same call as the output
+    assert_same(cap["relu_1"], cap.calls("relu_1")[-1])
+
+
+def test_a_module_called_directly_outside_the_models_forward_is_a_forward_of_its_own():
+    """The forwards are the model's (the one given to capture): a submodule called on its own, after, is the last."""
+    model = SharedReLU()
+    x, z = torch.randn(3, 6), torch.randn(2, 6)
+    before = hook_census(model)
+    with hookkit.capture(model, ["relu"]) as cap:
+        model(x)
+        direct = model.relu(z)
+    assert hook_census(model) == before
+    assert len(cap.calls("relu")) == 4
+    assert_same(cap["relu"], direct)
+
+
+def test_a_model_that_calls_itself_is_one_forward():
+    """A forward is the outermost call of the model: an inner call of the model by itself belongs to it."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x, again=True):
+            y = self.relu(x)
+            return self(-y - 1, again=False) if again else y
+
+    model = Twice()
+    x = torch.randn(3, 4)
+    before = hook_census(model)
+    with hookkit.capture(model, ["relu"]) as cap:
+        model(x)
+    assert hook_census(model) == before
+    assert len(cap.calls("relu")) == 2
+    assert_same(cap["relu"], torch.relu(x))  # the first call of the one forward, not the inner call's

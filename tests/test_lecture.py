@@ -425,9 +425,10 @@ def test_hookkit_capture_removes_its_hooks() -> None:
     assert before["_forward_hooks"] == 0
     with hookkit.capture(model, ["layer2", "layer4"], grads=True) as cap:
         # per layer: the hook that records, and one that closes each call even when its forward raises; on the
-        # model (whose own forward may write in place), one that ends copy-on-write watching when it returns
+        # model (whose own forward may write in place), one that ends copy-on-write watching when it returns, and
+        # one that ends the forward (cap[name] reads a module's first call in the last forward, as FX names it)
         assert len(model.layer2._forward_hooks) == 2
-        assert count("_forward_hooks") == before["_forward_hooks"] + 4 + 1
+        assert count("_forward_hooks") == before["_forward_hooks"] + 4 + 1 + 1
         model(img.unsqueeze(0)).sum().backward()
     assert {a: count(a) for a in attrs} == before
     assert len(model.layer2._forward_hooks) == 0

@@ -101,6 +101,28 @@ def test_layer_names_restores_mode_and_rng_and_keeps_no_graph():
     assert x.grad is None and modes() == 0
 
 
+def test_layer_names_gives_every_module_back_its_own_mode_a_frozen_batchnorm_stays_in_eval():
+    """A model trained with one BatchNorm frozen in eval (fine-tuning): discovery runs the model as it is and puts
+    each module's own flag back, not the root's flag on every module; and a BatchNorm in train mode gets its running
+    statistics back (the run updated them, under no_grad too)."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2)),
+                      nn.BatchNorm1d(2)).train()
+    m[1].eval()  # frozen: its running statistics are not updated
+    m[2][1].eval()  # a flag deep inside, differing from its parent's
+    flags = [mod.training for mod in m.modules()]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    before = hook_census(m)
+    assert hookkit.layer_names(m, torch.randn(3, 4)) == ["0", "1", "2", "2.0", "2.1", "3"]
+    assert [mod.training for mod in m.modules()] == flags
+    assert hook_census(m) == before  # the census holds every module's training flag
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # running_mean, num_batches_tracked
+    m.eval()
+    m[2].train()  # and the other way round: an eval model with a part in train mode
+    flags = [mod.training for mod in m.modules()]
+    hookkit.layer_names(m, torch.randn(3, 4))
+    assert [mod.training for mod in m.modules()] == flags
+
+
 def test_op_node_values_equal_the_ops_computed_by_hand_and_the_blocks_leave_nothing_behind():
     torch.manual_seed(0)
     m, x = Net(), torch.randn(3, 4)

@@ -184,18 +184,13 @@ def hookkit_nodes(model: nn.Module, *args) -> list[str]:
     return [n for n in names if n not in modules or n in leaves]
 
 
-def read(store, name: str, model: nn.Module):
-    """``store[name]``, except that a module's path means its first call (as in FX), not its last."""
-    return store.calls(name)[0] if name in dict(model.named_modules()) else store[name]
-
-
 def hookkit_values(model: nn.Module, names: list[str], *args) -> tuple:
     """Default capture (copy-on-write) of ``names``: (model output, {name: value})."""
     before, stack = hook_census(model), modes()
     with torch.no_grad(), hookkit.capture(model, names) as cap:
         out = model(*args)
     assert hook_census(model) == before and modes() == stack
-    return out, {n: read(cap, n, model) for n in names}
+    return out, {n: cap[n] for n in names}  # a module's path: its first call in the forward, as in FX
 
 
 # -- FX nodes to hookkit names -------------------------------------------------------------------------------------
@@ -896,8 +891,85 @@ def test_grads_of_op_and_module_nodes_equal_autograd_grad_on_an_out_of_place_cop
         (model(x) * w).sum().backward()
     assert hook_census(model) == before and modes() == stack
     for n, e in zip(names, expected, strict=True):
-        torch.testing.assert_close(read(cap.grads, mapping[n], model), e,
+        torch.testing.assert_close(cap.grads[mapping[n]], e,
                                    msg=f"{name}: FX {n!r} / hookkit {mapping[n]!r}")
+
+
+# -- 4. a module run several times in one forward: each name holds FX's value, in the last forward --------------
+TWICE = [
+    # BasicBlock's ReLU runs twice: after bn1 ("relu"), after `out += identity` ("relu_1")
+    pytest.param("resnet18", ["relu", "layer1.0.relu", "layer1.0.relu_1", "layer3.1.relu", "layer3.1.relu_1"],
+                 id="resnet18"),
+    # a Swin block's StochasticDepth runs twice: on the attention's output, then on the MLP's
+    pytest.param("swin_t", ["features.1.0.stochastic_depth", "features.1.0.stochastic_depth_1",
+                            "features.5.3.stochastic_depth", "features.5.3.stochastic_depth_1"], id="swin_t"),
+]
+
+
+@pytest.mark.parametrize(("name", "nodes"), TWICE)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_a_module_run_twice_per_forward_holds_fxs_value_under_each_name_in_the_last_forward(name, nodes, train):
+    """``get_graph_node_names``'s ``"layer3.1.relu"`` is the module's first call, ``"layer3.1.relu_1"`` its second:
+    ``cap[name]`` is that node's value in the block's last forward of the model, whatever ran before it."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).train(train)
+    x, earlier = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    g = fx_graph(model, x)
+    assert set(nodes) <= {n.name for n in g.nodes} and set(nodes) <= set(hookkit.layer_names(model, x))
+    torch.manual_seed(1)  # the same stochastic-depth draws in both runs
+    _, theirs = fx_values(g, nodes, x)
+    before, stack = hook_census(model), modes()
+    with torch.no_grad(), hookkit.capture(model, nodes) as cap:
+        model(earlier)  # another forward first, in the same block
+        torch.manual_seed(1)
+        model(x)
+    assert hook_census(model) == before and modes() == stack
+    for n in nodes:
+        assert torch.equal(cap[n], theirs[n]), f"{name}: hookkit {n!r} is not FX's"
+    module = nodes[-2]  # a module run twice per forward, over two forwards: four calls in call order
+    assert len(cap.calls(module)) == 4 and torch.equal(cap.calls(module)[2], cap[module])
+    assert not torch.equal(cap[module], cap[module + "_1"])
+
+
+def test_inputs_and_grads_of_a_module_run_twice_read_the_same_call_as_its_output():
+    """``cap.inputs[name]``, ``cap.grads[name]`` and ``cap.grad_inputs[name]`` read the call ``cap[name]`` reads:
+    in BasicBlock, ``relu``'s input is ``bn1``'s output and ``relu_1``'s is the ``add``'s, as in FX's graph."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = out_of_place(model)
+    g = fx_graph(ref, x)
+    names = ["layer3.1.bn1", "layer3.1.relu", "layer3.1.add", "layer3.1.relu_1"]
+    fx_out, live = fx_values(g, names, x, detach=False)
+    w = torch.randn_like(fx_out)
+    g_bn1, g_relu, g_add, g_relu_1 = torch.autograd.grad((fx_out * w).sum(), [live[n] for n in names])
+    before, stack = hook_census(ref), modes()
+    with hookkit.capture(ref, ["layer3.1.relu", "layer3.1.relu_1"], inputs=True, grads=True) as cap:
+        ref(torch.randn(2, 3, 64, 64))  # an earlier forward, never backpropagated
+        (ref(x) * w).sum().backward()
+    assert hook_census(ref) == before and modes() == stack
+    torch.testing.assert_close(cap["layer3.1.relu"], live["layer3.1.relu"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(cap.inputs["layer3.1.relu"], live["layer3.1.bn1"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(cap.inputs["layer3.1.relu_1"], live["layer3.1.add"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(cap.grads["layer3.1.relu"], g_relu)
+    torch.testing.assert_close(cap.grads["layer3.1.relu_1"], g_relu_1)
+    torch.testing.assert_close(cap.grad_inputs["layer3.1.relu"], g_bn1)
+    torch.testing.assert_close(cap.grad_inputs["layer3.1.relu_1"], g_add)
+
+
+def test_a_model_in_data_parallel_counts_the_wrapped_models_forwards():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    names = ["layer3.1.relu", "layer3.1.relu_1"]
+    _, theirs = fx_values(fx_graph(model, x), names, x)
+    wrapped = nn.DataParallel(model)  # with no GPU, it calls the model itself
+    with torch.no_grad(), hookkit.capture(wrapped, ["module.layer3.1.relu", "layer3.1.relu_1"]) as cap:
+        wrapped(torch.randn(2, 3, 64, 64))
+        wrapped(x)
+    assert torch.equal(cap["module.layer3.1.relu"], theirs["layer3.1.relu"])
+    assert torch.equal(cap["layer3.1.relu"], theirs["layer3.1.relu"])
+    assert torch.equal(cap["layer3.1.relu_1"], theirs["layer3.1.relu_1"])
 
 
 def test_fx_extractor_without_the_clone_returns_overwritten_values_so_the_reference_needs_it():

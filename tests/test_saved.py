@@ -395,6 +395,43 @@ def rewritten(saved: Path, path: Path, edit: Callable[[dict[str, Any]], None],
 
 
 @needs_safetensors
+def test_saved_and_merged_captures_read_a_module_s_first_call_in_the_last_forward(tmp_path):
+    """``relu`` runs three times per forward: a loaded or merged capture reads ``cap["relu"]`` as the live one does
+    (its first call in the last forward), and a file without the forward of each call (an older hookkit's) reads
+    the last call, as that hookkit did."""
+    model = SharedReLU()
+    caps = []
+    for _ in range(2):
+        with hookkit.capture(model, ["relu"], inputs=True) as cap:
+            model(torch.randn(3, 6))
+            model(torch.randn(3, 6))
+        caps.append(cap)
+    live = caps[0]
+    assert torch.equal(live["relu"], live.calls("relu")[3])
+    path = tmp_path / "run.safetensors"
+    live.save(path)
+    loaded = hookkit.load(path)
+    assert torch.equal(loaded["relu"], live["relu"]) and torch.equal(loaded.inputs["relu"], live.inputs["relu"])
+    again = tmp_path / "again.safetensors"
+    loaded.save(again)
+    assert torch.equal(hookkit.load(again)["relu"], live["relu"])
+    merged = hookkit.merge(caps)
+    assert torch.equal(merged["relu"], torch.cat([caps[0]["relu"], caps[1]["relu"]]))
+
+    def forget_forwards(manifest: dict[str, Any]) -> None:
+        del manifest["layers"]["relu"]["forward"]
+
+    old = hookkit.load(rewritten(path, tmp_path / "old.safetensors", forget_forwards))
+    assert torch.equal(old["relu"], live.calls("relu")[-1])
+
+    def garble(manifest: dict[str, Any]) -> None:
+        manifest["layers"]["relu"]["forward"] = ["a"] * 6
+
+    with pytest.raises(hookkit.SavedCaptureError, match="forward"):
+        hookkit.load(rewritten(path, tmp_path / "bad.safetensors", garble))
+
+
+@needs_safetensors
 def test_a_missing_file_is_a_clear_error(tmp_path):
     path = tmp_path / "nope.safetensors"
     with pytest.raises(hookkit.SavedCaptureError, match=r"nope\.safetensors'.*no such file"):

@@ -194,7 +194,7 @@ def test_check_finite_names_the_first_module_with_nan_in_forward():
     err = info.value
     assert (err.layer, err.phase, err.call) == ("body.1", "forward", 0)
     msg = str(err)
-    assert "'body.1' (LogOfNegative) produced" in msg and "NaN of 128 values" in msg and "call 1" in msg
+    assert "'body.1' (LogOfNegative) produced" in msg and "NaN of 128 values" in msg
     assert "input f32[16, 8]" in msg and "Its input was finite" in msg
     assert err.stats.nan > 0
     assert isinstance(err, hookkit.HookkitError) and isinstance(err, FloatingPointError)
@@ -308,3 +308,47 @@ def test_check_finite_sees_a_parent_that_changes_its_childs_output_in_place():
     with pytest.raises(hookkit.NonFiniteError, match="'0' \\(Parent\\) produced"):
         with torch.no_grad(), hookkit.check_finite(model):
             model(torch.ones(1, 2))
+
+
+class ThresholdTwice(nn.Module):
+    """One leaf module run twice per forward; Threshold(0, nan) turns every value <= 0 into NaN, so only the second
+    call (on a negative input) makes NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.Threshold(0.0, float("nan"))
+
+    def forward(self, x):
+        return self.act(-self.act(x.abs() + 1))
+
+
+def test_trace_names_each_call_within_its_forward_as_capture_and_layer_names_do():
+    model, x = SharedReLU(), torch.randn(3, 6)
+    before, stack = hook_census(model), torch._C._len_torch_function_stack()
+    with hookkit.trace(model, console=plain_console(), inputs=False, backward=False) as t:
+        model(x)
+        model(x)
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == stack
+    out = t.events
+    lines = [e.line().plain.split()[1] for e in out if e.name == "relu"]
+    assert lines == ["relu", "relu_1", "relu_2"] * 2  # counted per forward of the model, not over the block
+    assert [e.call for e in out if e.name == "relu"] == [0, 1, 2] * 2
+    assert {"relu_1", "relu_2"} <= set(hookkit.layer_names(model, x))
+
+
+def test_check_finite_names_a_later_call_of_a_module_as_fx_does():
+    model = ThresholdTwice()
+    x = torch.randn(2, 3)
+    assert "act_1" in hookkit.layer_names(model, x)
+    before = hook_census(model)
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=False):
+        model(x)
+    assert hook_census(model) == before
+    err = info.value
+    assert (err.layer, err.phase, err.call) == ("act", "forward", 1)
+    assert str(err).startswith("'act_1' (Threshold) produced 6 NaN of 6 values in forward;")
+    with pytest.warns(UserWarning, match=r"step 0: 'act_1' produced NaN or Inf in forward, the first"):
+        with hookkit.monitor(model, ["act"], every=100, summary=False) as mon:
+            model(x)
+            mon.step()
+    assert hook_census(model) == before
