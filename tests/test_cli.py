@@ -258,7 +258,8 @@ def test_demo_shows_every_layer_and_that_hooks_were_removed():
     table_rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in ([n] for n in DEMO_LAYERS)}
     assert list(table_rows) == list(DEMO_LAYERS)
     assert "1×512×7×7" in table_rows["layer4"] and "float32" in table_rows["layer4"]
-    assert "✓ every hook was removed: 0 before capture, 6 added while open, 0 after" in out
+    # one per layer, and the two on the model that count its forwards (what cap[name] reads)
+    assert "✓ every hook was removed: 0 before capture, 8 added while open, 0 after" in out
     assert "top-5 logit indices: " in out
 
 
@@ -279,7 +280,7 @@ def test_run_demo_removes_exactly_its_own_hooks_and_reports_torch_values():
     assert hookkit.hook_census(model) == before
     assert result["hooks_unchanged"] is True
     assert result["hooks_before"] == result["hooks_after"] == hook_count(model) == 1
-    assert result["hooks_during"] == 1 + 7
+    assert result["hooks_during"] == 1 + 7 + 2  # the user's, one per layer, two that count the model's forwards
     assert len(seen) == 1
     mine.remove()
 

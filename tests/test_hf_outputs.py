@@ -126,7 +126,7 @@ def test_concat_calls_joins_nested_values_and_refuses_mismatches():
     assert joined[0].shape == (1, 3, 3) and joined[1] is None and joined[2]["k"].shape == (1, 3)
     with pytest.raises(ValueError, match="different numbers"):
         hookkit.concat_calls([a, torch.ones(1)])
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="holds no call"):
         hookkit.concat_calls([])
 
 
