@@ -272,17 +272,18 @@ class CheckFinite:
         s = tensor_stats(grad)
         cls = _cls(module)
         if which == "input":
-            into = "input" if n == 1 else f"input {i}"
-            if isinstance(module, OpSite):
+            if isinstance(module, OpSite):  # (``i`` counts the inputs of the op's autograd node, in its order)
                 raise NonFiniteError(
                     f"{name!r} ({cls}) in {_scope(module)} made {s.nonfinite_text()} in backward, call {call + 1}: "
                     "the gradient became non-finite in its backward: the gradient arriving at its output was finite, "
-                    f"the gradient it passed to its {into} is not ({describe(grad)}).",
+                    f"the gradient it passed to {'its input' if n == 1 else 'one of its inputs'} is not "
+                    f"({describe(grad)}).",
                     layer=name, phase="backward", call=call, stats=s,
                 )
             raise NonFiniteError(
                 f"{name!r} ({cls}) has {s.nonfinite_text()} in backward, call {call + 1}: its backward produced a "
-                f"non-finite gradient w.r.t. its {into} ({describe(grad)}) from a finite gradient at its output.",
+                f"non-finite gradient w.r.t. its {'input' if n == 1 else f'input {i}'} ({describe(grad)}) from a "
+                "finite gradient at its output.",
                 layer=name, phase="backward", call=call, stats=s,
             )
         what = f"output {i}" if n > 1 else "output"

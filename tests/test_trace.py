@@ -354,9 +354,10 @@ def test_check_finite_names_the_op_whose_backward_made_the_gradient_non_finite(t
     assert guilty == "SqrtBackward0"
     if times_zero:  # NaN: anomaly mode names the same op
         with pytest.raises(RuntimeError, match="Function 'SqrtBackward0' returned nan values"):
-            with warnings.catch_warnings(), torch.autograd.detect_anomaly():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "Anomaly Detection has been enabled"
-                model(x).sum().backward()
+                with torch.autograd.detect_anomaly():
+                    model(x).sum().backward()
     before, depth = hook_census(model), torch._C._len_torch_function_stack()
     with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=True):
         model(x).sum().backward()
@@ -391,6 +392,42 @@ def test_check_finite_without_ops_names_the_module_whose_backward_made_the_gradi
     assert "outside the checked modules" not in str(err)
     assert (err.stats.nan, err.stats.shape) == (8, (2, 4))
     assert hook_census(model) == before
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: an op no function mode sees."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class UnseenOpBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        # .contiguous() returns its (contiguous) input itself, InfGradient's autograd node included: its backward
+        # is not contiguous's
+        return InfGradient.apply(self.lin(x)).contiguous() + 1
+
+
+@pytest.mark.parametrize("ops", [True, False])
+def test_check_finite_blames_the_module_around_an_op_it_cannot_see(ops):
+    model = nn.Sequential(nn.Linear(4, 4), UnseenOpBlock(), nn.Linear(4, 1))
+    assert first_node_that_goes_non_finite(model(torch.randn(2, 4)).sum()) == "InfGradientBackward"
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=ops):
+        model(torch.randn(2, 4)).sum().backward()
+    err = info.value
+    assert (err.layer, err.phase, err.call) == ("1", "backward", 0)
+    assert str(err).startswith("'1' (UnseenOpBlock) made 8 Inf of 8 values in backward")
+    assert ("does not see (such as a custom autograd.Function)" if ops else "check_finite(ops=True) names it") in str(
+        err)
 
 
 class HealthyBlock(nn.Module):
