@@ -264,8 +264,7 @@ class CheckFinite:
         if task != self._task:  # a new backward pass: what reached the checked layers so far is forgotten
             self._task = task
             self._reached.clear()
-        bad = _nonfinite(grad)
-        if not bad:
+        if not _nonfinite(grad):
             if which == "output":
                 self._reached[name] = (call, _cls(module))
             return
