@@ -70,7 +70,7 @@ class Call:
     every call of every hooked module, sets three fields and allocates nothing else."""
 
     __slots__ = ("output", "version", "forward", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in",
-                 "grad_in_skel", "grad_in_error", "grad_out_error", "aliases", "where")
+                 "grad_in_skel", "grad_in_error", "grad_out_error", "aliases", "where", "in_nodes")
 
     output: Any
     version: int | None  # the version of ``output`` (a tensor stored without a copy) when it was recorded
@@ -86,6 +86,7 @@ class Call:
     grad_out_error: str | None  # why a gradient w.r.t. the output could not be stored
     aliases: list[_Alias] | None
     where: Where  # (name, module, call index), for a listener
+    in_nodes: Any  # an op's inputs' autograd nodes, from node_begin to node_end (``op_input_grads``)
 
     def __init__(self, output: Any = None, version: int | None = None, forward: int | None = None) -> None:
         self.output = output
@@ -126,6 +127,7 @@ class Call:
 _CALL_DEFAULTS: dict[str, Any] = {
     "guards": (), "args": None, "kwargs": None, "in_guards": (), "grad_out": None, "grad_in": None,
     "grad_in_skel": None, "grad_in_error": None, "grad_out_error": None, "aliases": None, "where": (),
+    "in_nodes": None,
 }
 
 
@@ -223,11 +225,15 @@ class Engine:
     """Hooks on the selected modules of one model, for one ``with`` block; see the module docstring.
 
     ``listener`` is told of every event; ``keep=False`` stores nothing (the listener has what it needs).
+    ``op_input_grads``: also tell the listener the gradients each tapped op's backward passes to its inputs
+    (``which="input"``, taken where the op's autograd node hands them on), for every op it is told of, so that it
+    can name the op whose backward made a gradient non-finite.
     """
 
     def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None, keep: bool = True,
                  inputs: bool = False, grads: bool = False, detach: bool = True, clone: bool = False, to: To = None,
-                 stop: bool = False, param_grads: bool = False, ops: bool = False) -> None:
+                 stop: bool = False, param_grads: bool = False, ops: bool = False,
+                 op_input_grads: bool = False) -> None:
         # checks the model; raises before anything is registered
         walked: list[tuple[str, nn.Module]] = []
         self._selected, nodes = resolve_nodes(model, layers, walked)
@@ -238,6 +244,7 @@ class Engine:
         self._want_grads = bool(grads)
         self._want_param_grads = bool(param_grads)
         self._stop = bool(stop)
+        self._op_input_grads = bool(op_input_grads) and listener is not None
         inner, wrapped = unwrap(model)
         self.recording = Recording(self._selected, nodes, self._want_inputs, self._want_grads, wrapped)
         self._handles = HandleGroup()
@@ -587,21 +594,50 @@ class Engine:
             self._listener.forward_pre(call.where, args, kwargs)
         if self._want_inputs:
             self._store_inputs(call, args, kwargs)
-        if self._want_grads and torch.is_grad_enabled() and name in self.recording.records:
-            if writes:
-                # Writing through a tapped view would leave the output's gradient hook on a view that the next
-                # in-place op (the block's ReLU(inplace=True)) rebases, and the gradient would never arrive.
-                call.grad_in_error = (
-                    f"{name!r} writes into its input in place, so the gradient w.r.t. the value it received is not "
-                    "recorded (its output's gradient is: read grads[...]). For input gradients, capture an "
-                    "out-of-place copy of the model.")
-                return call, None
-            return call, self._alias_inputs(call, args)  # (not for every op a listener sees: only those asked for)
-        return call, None
+        if not (self._want_grads and torch.is_grad_enabled()):
+            return call, None
+        if name not in self.recording.records:
+            if self._op_input_grads:
+                call.in_nodes = tuple(t.grad_fn for t in _tree.leaves((args, kwargs)) if t.grad_fn is not None)
+            return call, None
+        if writes:
+            # Writing through a tapped view would leave the output's gradient hook on a view that the next
+            # in-place op (the block's ReLU(inplace=True)) rebases, and the gradient would never arrive.
+            call.grad_in_error = (
+                f"{name!r} writes into its input in place, so the gradient w.r.t. the value it received is not "
+                "recorded (its output's gradient is: read grads[...]). For input gradients, capture an "
+                "out-of-place copy of the model.")
+            return call, None
+        return call, self._alias_inputs(call, args)  # (not for every op a listener sees: only those asked for)
 
     def node_end(self, call: Call, args: tuple, output: Any) -> None:
         name = call.where[0]
+        in_nodes, call.in_nodes = call.in_nodes, None
         self._finish(call, [name], self.recording.records.get(name, []), name, args, output)
+        if in_nodes is not None:
+            self._hook_op_backward(call, in_nodes, output)
+
+    def _hook_op_backward(self, call: Call, in_nodes: tuple, output: Any) -> None:
+        """``op_input_grads``: hook the autograd nodes this op made (not those of its inputs: ``x.contiguous()`` may
+        return ``x`` itself), to tell the listener what each one's backward passes on, right after it ran."""
+        seen = {id(node) for node in in_nodes}  # (alive: in_nodes holds them)
+        for t in _tree.leaves(output):
+            node = t.grad_fn
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            self._handles.add(node.register_hook(self._op_grad_in_hook(call)))
+
+    def _op_grad_in_hook(self, call: Call) -> Any:
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            listener = self._listener
+            if self._active and listener is not None:
+                n = len(grad_inputs)
+                for i, g in enumerate(grad_inputs):
+                    if g is not None:
+                        listener.grad(call.where, "input", i, n, g)
+
+        return hook
 
 class _NotWatched:
     """Stands for ``Watch.outputs`` where nothing is watched: the fast hook appends without a test."""

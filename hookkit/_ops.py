@@ -15,6 +15,10 @@ repeats counted per full name within one forward of the model; a leaf module's c
 name (the 2nd call of ``layer1.0.relu`` is ``"layer1.0.relu_1"``, and ``F.relu`` in ``layer1.0``'s forward counts
 there too). Leaf modules are FX's (classes of ``torch.nn``, except ``nn.Sequential``) and torchvision's defaults
 (every module class of ``torchvision.ops``); ops inside them are not nodes.
+
+Wrapped torch (``_Wrappers``): a library may have replaced torch's functions and Tensor methods with Python wrappers
+that call the originals (torchlens does, process-wide). An op is then named where the model called the wrapper (its
+operator, its scope), as without the wrapper, and the ops a wrapper's own bookkeeping runs are no nodes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import inspect
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -225,6 +230,78 @@ def caller(depth: int = 1) -> Any:
     return f
 
 
+class _Wrappers:
+    """Python functions another library put in place of torch's own (``torch.add``, ``Tensor.__iadd__``,
+    ``F.relu``), typically ``functools.wraps`` wrappers that call the original (torchlens wraps them all, for the
+    rest of the process, on first use). The op then reaches the function mode from the wrapper's frame: the model's
+    frame is the one below it. ``codes``: each wrapper's code -> the top-level package that defined it; ``plain``:
+    codes seen calling an op that are no wrapper. Read again (``refresh``) at most once per block, when a code never
+    seen calls an op, and at every block while wrappers are known (they may have been removed)."""
+
+    MODULES = ("torch", "torch.nn.functional", "torch.linalg", "torch.special", "torch.fft")
+    # Decorators torch applies to its own functions (``typing_extensions.deprecated`` on ``torch._check_is_size``).
+    OWN = frozenset({"typing_extensions", "typing", "warnings", "functools", "contextlib"})
+    codes: dict[Any, str] = {}
+    plain: set[Any] = set()
+
+    @classmethod
+    def refresh(cls) -> None:
+        found: dict[Any, str] = {}
+        spaces: list[tuple[Any, Any]] = [(torch.Tensor, torch._C.TensorBase)]
+        spaces += [(m, torch._C._VariableFunctions if name == "torch" else None)
+                   for name in cls.MODULES if (m := sys.modules.get(name)) is not None]
+        for ns, originals in spaces:
+            for name, v in list(vars(ns).items()):
+                replaced = originals is not None and hasattr(originals, name)  # a name torch's C code defines
+                accessors: tuple[Any, ...] = (v.fget, v.fset) if isinstance(v, property) else (v,)
+                for f in accessors:
+                    if _replaces_torch(f, replaced):
+                        package = (f.__globals__.get("__name__") or "").partition(".")[0]
+                        if package not in cls.OWN:
+                            found[f.__code__] = package
+        cls.codes = found
+
+
+def _replaces_torch(f: Any, replaced: bool = False) -> bool:
+    """Whether ``f``, found in one of torch's namespaces, is a Python function from outside torch that stands in
+    for one of torch's: one at a name torch's C code defines (``replaced``), one that wraps a function of torch's
+    (``__wrapped__``), or one carrying a torch function's module or qualified name (``functools.wraps`` copies
+    them; torchlens deletes ``__wrapped__`` where the original is a builtin)."""
+    if type(f) is not types.FunctionType or f.__code__.co_filename.startswith(_TORCH_DIR):
+        return False
+    if replaced:
+        return True
+    inner = f.__dict__.get("__wrapped__")
+    if inner is not None:
+        code = getattr(inner, "__code__", None)
+        return code is None or code.co_filename.startswith(_TORCH_DIR) or _replaces_torch(inner)
+    mod = f.__module__ or ""
+    return mod == "torch" or mod.startswith("torch.") or f.__qualname__.startswith(
+        ("TensorBase.", "Tensor.", "_VariableFunctionsClass."))
+
+
+_BOOKKEEPING = object()  # what ``_through_wrappers`` returns for an op that a wrapper's own code ran
+
+
+def _through_wrappers(f: Any) -> Any:
+    """The model's frame for an op whose first frame outside torch is ``f``, with torch's functions wrapped: the
+    first frame below the wrappers (and the torch frames between them), or ``_BOOKKEEPING`` when that is code of
+    the wrapper's package run from inside a wrapper (its own bookkeeping: ``untyped_storage``, ``getattr``)."""
+    codes = _Wrappers.codes
+    while f is not None and (f.f_code in codes or f.f_code.co_filename.startswith(_TORCH_DIR)):
+        f = f.f_back
+    if f is None:
+        return None
+    package = (f.f_globals.get("__name__") or "").partition(".")[0]
+    g = f.f_back
+    while g is not None:
+        home = codes.get(g.f_code)
+        if home is not None:
+            return _BOOKKEEPING if home == package else f
+        g = g.f_back
+    return f
+
+
 def op_name(func: Any, frame: Any = None) -> str:
     """The FX base name of an op (before the scope and the ``_1`` suffix): the Python operator that ran it, else the
     function's name (``torch.flatten`` and ``x.flatten()`` -> "flatten", ``x.shape`` -> "getattr")."""
@@ -362,6 +439,7 @@ class OpTaps:
         self.mode = _Mode(self)
         self._paths: dict[int, str] = {}
         self._seen_modules: set[int] = set()
+        self._wrappers_read = False  # whether _Wrappers was read again in this block
 
     # -- registration ---------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -369,6 +447,9 @@ class OpTaps:
         counting: set[int] = set()
         mode_at: set[int] = set()
         if self.naming:
+            if _Wrappers.codes:  # torch was wrapped when last looked at: still?
+                _Wrappers.refresh()
+                self._wrappers_read = True
             named = list(self.model.named_modules())
             self._paths = {id(m): n for n, m in named}
             modules = dict(named)
@@ -502,6 +583,18 @@ class OpTaps:
             # torch._assert(<a Python bool>), torch.zeros(3): FX runs these while tracing; they are not nodes
             return func(*args, **kwargs)
         f = caller(2)
+        if f is not None:
+            code = f.f_code
+            if code not in _Wrappers.plain and code not in _Wrappers.codes:
+                if not self._wrappers_read:  # a code never seen: is it a wrapper put in place of torch's function?
+                    self._wrappers_read = True
+                    _Wrappers.refresh()
+                if code not in _Wrappers.codes:
+                    _Wrappers.plain.add(code)
+            if _Wrappers.codes:
+                f = _through_wrappers(f)
+                if f is _BOOKKEEPING:
+                    return func(*args, **kwargs)
         if f is None or f.f_code.co_filename.startswith(_HOOKKIT_DIR):
             return func(*args, **kwargs)  # hookkit's own work inside a hook (a snapshot's detach): not the model's
         key = op_name(func, f)

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from . import _check, _tree
+from ._compat import current_graph_task_id
 from ._engine import Engine
 from ._errors import ArgumentTypeError, NonFiniteError
 from ._ops import OpSite, call_name
@@ -211,8 +212,13 @@ class CheckFinite:
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
         _check.flag("hookkit.check_finite", backward=backward, ops=ops)
         self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
-                              ops=ops)
+                              ops=ops, op_input_grads=True)
+        self._ops = ops
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
+        # In the backward pass running now (autograd's graph task): the checked layers whose output received a
+        # finite gradient, {name: (call, class)}, to tell where a non-finite gradient was made.
+        self._task = -1
+        self._reached: dict[str, tuple[int, str]] = {}
 
     def __enter__(self) -> CheckFinite:
         self._engine.__enter__()
@@ -220,6 +226,7 @@ class CheckFinite:
 
     def __exit__(self, *exc: Any) -> None:
         self._last = None
+        self._reached.clear()
         self._engine.__exit__(*exc)
 
     def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
@@ -237,8 +244,7 @@ class CheckFinite:
                 came = describe(_unwrap(args))
                 upstream = any(not st.finite for st in _stats_of(args))
                 if isinstance(module, OpSite):
-                    scope = f"{module.scope!r}" if module.scope else "the model"
-                    scope += f" ({module.scope_cls})"
+                    scope = _scope(module)
                     said = ("its input was already non-finite: the problem is upstream (the data, or code outside "
                             "the checked modules)" if upstream else "its inputs were finite")
                     raise NonFiniteError(
@@ -256,22 +262,77 @@ class CheckFinite:
                 )
 
     def grad(self, where: tuple[str, nn.Module, int], which: str, i: int, n: int, grad: torch.Tensor) -> None:
+        name, module, call = where
+        task = current_graph_task_id()
+        if task != self._task:  # a new backward pass: what reached the checked layers so far is forgotten
+            self._task = task
+            self._reached.clear()
         if not _nonfinite(grad):
+            if which == "output":
+                self._reached[name] = (call, _cls(module))
             return
         s = tensor_stats(grad)
-        name, module, call = where
-        cls = module.label if isinstance(module, OpSite) else type(module).__name__
-        what = f"output {i}" if which == "output" and n > 1 else which
-        if which == "output":
-            detail = (f"the gradient arriving at its {what} is already non-finite ({describe(grad)}): it comes "
-                      "from outside the checked modules (the loss, or an operation between modules).")
-        else:
-            detail = (f"its backward produced a non-finite gradient w.r.t. its {what if n == 1 else f'input {i}'} "
-                      f"({describe(grad)}) from a finite gradient at its output.")
+        cls = _cls(module)
+        if which == "input":
+            if isinstance(module, OpSite):  # (``i`` counts the inputs of the op's autograd node, in its order)
+                raise NonFiniteError(
+                    f"{call_name(name, call)!r} ({cls}) in {_scope(module)} made {s.nonfinite_text()} in backward: "
+                    "the gradient became non-finite in its backward: the gradient arriving at its output was finite, "
+                    f"the gradient it passed to {'its input' if n == 1 else 'one of its inputs'} is not "
+                    f"({describe(grad)}).",
+                    layer=name, phase="backward", call=call, stats=s,
+                )
+            raise NonFiniteError(
+                f"{call_name(name, call)!r} ({cls}) has {s.nonfinite_text()} in backward: its backward produced a "
+                f"non-finite gradient w.r.t. its {'input' if n == 1 else f'input {i}'} ({describe(grad)}) from a "
+                "finite gradient at its output.",
+                layer=name, phase="backward", call=call, stats=s,
+            )
+        what = f"output {i}" if n > 1 else "output"
+        enclosing = self._enclosing_reached(name, module)
+        if enclosing is None:
+            raise NonFiniteError(
+                f"{call_name(name, call)!r} ({cls}) has {s.nonfinite_text()} in backward: the gradient arriving at "
+                f"its {what} is already non-finite ({describe(grad)}): it comes from outside the checked modules "
+                "(the loss, or an operation between modules).",
+                layer=name, phase="backward", call=call, stats=s,
+            )
+        # A checked module around this one received a finite gradient at its output: the non-finite one was made
+        # on the way from there to here, by that module's own code (between its checked submodules and ops).
+        outer, (outer_call, outer_cls) = enclosing
+        unseen = ("an operation in its forward that check_finite(ops=True) does not see (such as a custom "
+                  "autograd.Function)" if self._ops else
+                  "an operation in its own forward code, between its submodules (check_finite(ops=True) names it)")
         raise NonFiniteError(
-            f"{call_name(name, call)!r} ({cls}) has {s.nonfinite_text()} in backward: {detail}",
-            layer=name, phase="backward", call=call, stats=s,
+            f"{_named(outer, outer_call)} ({outer_cls}) made {s.nonfinite_text()} in backward: the gradient "
+            f"became non-finite inside it: it received a finite gradient at its output, and the gradient it passed "
+            f"back to the {what} of {call_name(name, call)!r} ({cls}) is not ({describe(grad)}). The cause is "
+            f"{unseen}, unless that output is also used outside it (an auxiliary loss on it).",
+            layer=outer, phase="backward", call=outer_call, stats=s,
         )
+
+    def _enclosing_reached(self, name: str, module: Any) -> tuple[str, tuple[int, str]] | None:
+        """The innermost checked module around ``name`` (by name: an op's scope, a module's parents) that received
+        a finite gradient at its output in this backward pass."""
+        path = module.scope if isinstance(module, OpSite) else name.rpartition(".")[0] if name else None
+        while path is not None:
+            found = self._reached.get(path)
+            if found is not None:
+                return path, found
+            path = path.rpartition(".")[0] if path else None
+        return None
+
+
+def _cls(module: Any) -> str:
+    return module.label if isinstance(module, OpSite) else type(module).__name__
+
+
+def _scope(site: OpSite) -> str:
+    return (f"{site.scope!r}" if site.scope else "the model") + f" ({site.scope_cls})"
+
+
+def _named(name: str, call: int) -> str:
+    return repr(call_name(name, call)) if name else "the model"
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
@@ -289,7 +350,7 @@ def _nonfinite(t: torch.Tensor) -> bool:
 def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bool = True,
                  ops: bool = True) -> CheckFinite:
     """Raise ``NonFiniteError`` at the first module (in execution order) whose output has NaN or Inf, or, in
-    backward, whose gradient w.r.t. its input is non-finite.
+    backward, at the first module or op whose backward turned a finite gradient into a non-finite one.
 
     Example:
         >>> import torch, torch.nn as nn, hookkit
@@ -302,13 +363,20 @@ def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bo
     The message names the module, its class, forward or backward, what was found (``"2 NaN of 2 values"``), the
     call, and the statistics of what went in. Hooks come off when the error leaves the block.
 
+    In backward the culprit is the module or op whose incoming gradient (w.r.t. its output) was finite and whose
+    gradient w.r.t. its inputs is not: an op's backward (``"'2.sqrt' (torch.sqrt) in '2' (Block) made 512 Inf of
+    512 values in backward"``, with ``ops=True``), else the checked module whose own code lies between the finite
+    gradient at its output and the non-finite one at a submodule's output. A gradient that is already non-finite
+    where it enters the checked modules is said to come from outside them (the loss).
+
     Args:
         model: the ``nn.Module`` to watch.
         layers: anything ``capture`` accepts; ``None`` watches every submodule (the model itself if it has none).
         backward: also check gradients during ``backward()`` inside the block.
         ops: also check every functional op and tensor method in the watched modules' own ``forward`` code, so
             that the error names the op (``"'2.sqrt' (torch.sqrt) in '2' (Block) produced 243 NaN of 512 values
-            in forward; its inputs were finite"``); ``False`` checks module outputs only (cheaper).
+            in forward; its inputs were finite"``), and the gradients each op's backward passes on; ``False``
+            checks module outputs and gradients only (cheaper).
 
     Raises:
         NonFiniteError: (while the block is open) at the first non-finite module.

@@ -6,6 +6,7 @@ import copy
 import io
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,11 +222,14 @@ def test_check_finite_in_backward_names_the_module_whose_input_gradient_goes_bad
         model[0].weight.fill_(-1.0)
         model[0].bias.zero_()
     x = torch.ones(2, 3)  # every ReLU output is 0: sqrt'(0) = inf
-    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model):
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=False):
         model(x).sum().backward()
     err = info.value
     assert (err.layer, err.phase) == ("2", "backward")
     assert "from a finite gradient at its output" in str(err)
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model):  # ops=True: the op inside
+        model(x).sum().backward()
+    assert (info.value.layer, info.value.phase) == ("2.sqrt", "backward")
 
 
 def test_check_finite_says_when_the_gradient_arrives_already_bad():
@@ -265,9 +269,185 @@ def test_check_finite_catches_inf_gradients_that_anomaly_mode_ignores():
         model[0].bias.zero_()
     with torch.autograd.detect_anomaly():  # Inf (not NaN), then masked to 0 by ReLU's backward: no complaint
         model(torch.ones(2, 3)).sum().backward()
-    with pytest.raises(hookkit.NonFiniteError, match="'2' \\(SqrtAtZero\\) has 6 Inf of 6 values in backward"):
+    with pytest.raises(hookkit.NonFiniteError,
+                       match="'2.sqrt' \\(torch.sqrt\\) in '2' \\(SqrtAtZero\\) made 6 Inf of 6 values in backward"):
         with hookkit.check_finite(model):
             model(torch.ones(2, 3)).sum().backward()
+
+
+class SqrtOfZeroBlock(nn.Module):
+    """``torch.sqrt(h * 0) + h``: finite forward; sqrt's backward makes Inf (d sqrt(u)/du at u = 0), and with
+    ``times_zero`` the Inf is multiplied by the zero gradient arriving at sqrt: NaN."""
+
+    def __init__(self, times_zero: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.times_zero = times_zero
+
+    def forward(self, x):
+        h = self.lin(x)
+        r = torch.sqrt(h * 0)
+        return (r * 0 if self.times_zero else r) + h
+
+
+def sqrt_of_zero_model(times_zero: bool = False, *, first: bool = False) -> nn.Module:
+    if first:
+        return nn.Sequential(SqrtOfZeroBlock(times_zero), nn.Linear(4, 1))
+    return nn.Sequential(nn.Linear(4, 4), SqrtOfZeroBlock(times_zero), nn.Linear(4, 1))
+
+
+def first_node_that_goes_non_finite(loss: torch.Tensor) -> str:
+    """torch's own answer: hook every autograd node of the graph, run backward, and return the name of the first
+    node to run whose incoming gradients were finite and whose outgoing ones were not."""
+    found: list[str] = []
+    handles = []
+
+    def finite(ts) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
+
+    def hook(node):
+        def on_run(grad_inputs, grad_outputs):
+            if not found and finite(grad_outputs) and not finite(grad_inputs):
+                found.append(node.name())
+        return on_run
+
+    todo, seen = [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        handles.append(node.register_hook(hook(node)))
+        todo.extend(n for n, _ in node.next_functions)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return found[0]
+
+
+def first_module_that_goes_non_finite(model: nn.Module, x: torch.Tensor) -> str:
+    """torch's own answer for modules: full backward hooks on every submodule; the first module whose
+    grad_output was finite and whose grad_input is not (or, with no input gradient, whose children's was)."""
+    seen: list[tuple[str, bool, bool]] = []
+    handles = []
+
+    def finite(ts) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
+
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_full_backward_hook(
+                lambda m, gi, go, name=name: seen.append((name, finite(go), finite(gi)))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Full backward hook is firing when ... no inputs require"
+        model(x).sum().backward()
+    for h in handles:
+        h.remove()
+    return next(name for name, out_ok, in_ok in seen if out_ok and not in_ok)
+
+
+@pytest.mark.parametrize("times_zero", [False, True], ids=["inf", "nan"])
+def test_check_finite_names_the_op_whose_backward_made_the_gradient_non_finite(times_zero):
+    model = sqrt_of_zero_model(times_zero)
+    x = torch.randn(2, 4)
+    guilty = first_node_that_goes_non_finite(model(x).sum())
+    assert guilty == "SqrtBackward0"
+    if times_zero:  # NaN: anomaly mode names the same op
+        with pytest.raises(RuntimeError, match="Function 'SqrtBackward0' returned nan values"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "Anomaly Detection has been enabled"
+                with torch.autograd.detect_anomaly():
+                    model(x).sum().backward()
+    before, depth = hook_census(model), torch._C._len_torch_function_stack()
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=True):
+        model(x).sum().backward()
+    err = info.value
+    assert (err.layer, err.phase, err.call) == ("1.sqrt", "backward", 0)
+    bad = "NaN" if times_zero else "Inf"
+    assert str(err).startswith(f"'1.sqrt' (torch.sqrt) in '1' (SqrtOfZeroBlock) made 8 {bad} of 8 values in backward")
+    assert "the gradient arriving at its output was finite" in str(err)
+    assert "outside the checked modules" not in str(err)
+    # the stats are those of the gradient sqrt's backward passed on, as torch computes it (at h * 0 = 0)
+    u = torch.zeros(2, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.sqrt(u), u, torch.zeros(2, 4) if times_zero else torch.ones(2, 4))
+    assert (err.stats.shape, err.stats.nan, err.stats.inf) == (
+        tuple(g.shape), int(g.isnan().sum()), int(g.isinf().sum()))
+    assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["middle", "first"])
+def test_check_finite_without_ops_names_the_module_whose_backward_made_the_gradient_non_finite(first):
+    model = sqrt_of_zero_model(first=first)
+    x = torch.randn(2, 4)
+    name = "0" if first else "1"
+    if not first:  # torch's full backward hooks agree (the first block's input needs no gradient: no grad_input)
+        assert first_module_that_goes_non_finite(model, x) == name
+    before = hook_census(model)
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=False):
+        model(x).sum().backward()
+    err = info.value
+    assert (err.layer, err.phase, err.call) == (name, "backward", 0)
+    assert str(err).startswith(f"'{name}' (SqrtOfZeroBlock) made 8 NaN of 8 values in backward")
+    assert f"back to the output of '{name}.lin' (Linear)" in str(err)
+    assert "outside the checked modules" not in str(err)
+    assert (err.stats.nan, err.stats.shape) == (8, (2, 4))
+    assert hook_census(model) == before
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: an op no function mode sees."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class UnseenOpBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        # .contiguous() returns its (contiguous) input itself, InfGradient's autograd node included: its backward
+        # is not contiguous's
+        return InfGradient.apply(self.lin(x)).contiguous() + 1
+
+
+@pytest.mark.parametrize("ops", [True, False])
+def test_check_finite_blames_the_module_around_an_op_it_cannot_see(ops):
+    model = nn.Sequential(nn.Linear(4, 4), UnseenOpBlock(), nn.Linear(4, 1))
+    assert first_node_that_goes_non_finite(model(torch.randn(2, 4)).sum()) == "InfGradientBackward"
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=ops):
+        model(torch.randn(2, 4)).sum().backward()
+    err = info.value
+    assert (err.layer, err.phase, err.call) == ("1", "backward", 0)
+    assert str(err).startswith("'1' (UnseenOpBlock) made 8 Inf of 8 values in backward")
+    assert ("does not see (such as a custom autograd.Function)" if ops else "check_finite(ops=True) names it") in str(
+        err)
+
+
+class HealthyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.relu(h) + h
+
+
+@pytest.mark.parametrize("ops", [True, False])
+def test_check_finite_still_says_a_non_finite_loss_comes_from_outside(ops):
+    model = nn.Sequential(nn.Linear(4, 4), HealthyBlock(), nn.Linear(4, 1))
+    with pytest.raises(hookkit.NonFiniteError) as info, hookkit.check_finite(model, ops=ops):
+        (model(torch.randn(2, 4)) * float("inf")).sum().backward()
+    err = info.value
+    assert (err.layer, err.phase, err.call) == ("2", "backward", 0)
+    assert "arriving at its output is already non-finite" in str(err) and "outside the checked modules" in str(err)
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
