@@ -29,7 +29,7 @@ SHAPE = ["--input-shape", "1,3,8,8"]
 
 
 def make_images(root: Path, n: int = 2) -> None:
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="the image folder needs Pillow: pip install 'hookkit[torchvision]'")
 
     root.mkdir(parents=True)
     for i in range(n):
