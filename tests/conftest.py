@@ -145,3 +145,19 @@ def golden(request: pytest.FixtureRequest):
         assert text == expected, f"output differs from {path} (pytest --update-golden rewrites it after review)"
 
     return check
+
+
+@pytest.fixture(autouse=True)
+def torch_state_unchanged():
+    """Every test leaves torch's global hook state as it found it: global module hooks and flags, grad, inference and
+    anomaly mode, and this thread's stack of torch function modes (hookkit's op taps push one inside a forward). The
+    per-model part of the census is each test's own business (they compare ``hook_census(model)``)."""
+    before = _torch_state()
+    yield
+    assert _torch_state() == before, "a test left torch's global hook state or function-mode stack changed"
+
+
+def _torch_state() -> dict[str, Any]:
+    census = hook_census(nn.Module())
+    # dynamo's config appears when a test first imports dynamo; whether it changed is test_compiled.py's to check
+    return {k: v for k, v in census.items() if not k.startswith("<root>") and k != "dynamo.config"}
