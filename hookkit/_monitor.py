@@ -5,11 +5,14 @@ How it connects: ``Monitor`` owns two views on the hook engine (``_engine.Engine
 a light one, entered for the whole block, whose listener (``_Finite``) takes one sum per selected layer's output
 on every step, so that the first NaN or Inf is found at its step and layer without a sync per layer; and a full one
 (``_Collect``), entered only for recorded steps (``every``), which takes the activation statistics and the gradient
-w.r.t. each layer's output. Parameter gradients come from ``register_post_accumulate_grad_hook`` and update ratios
-from a copy of the weights taken when a recorded step begins; all of these exist only during recorded steps. Each
-recorded step (and each step with an alert) becomes one record, a plain dict (schema in ``_sinks``), reduced over
-ranks under ``torch.distributed`` and handed by rank 0 to the sinks (``_sinks.make_sinks``: JSONL, TensorBoard,
-W&B, callables). ``_plot.summary_table`` renders the run at the end.
+w.r.t. each layer's output. Parameter gradients are read from ``p.grad`` when a backward has finished (after DDP's
+and FSDP's own end-of-backward reductions: the gradient the optimizer steps with), and update ratios come from a copy
+of the weights taken when a recorded step begins; all of these exist only during recorded steps. Under
+``torch.distributed`` each recorded step's sums (counts, sums, squares, maxima; of each rank's own shard where a
+tensor is a DTensor) are reduced over ranks in one SUM and one MAX ``all_reduce`` before any statistic is finished
+(``_Reduction``), so that each statistic is the whole run's. Each recorded step (and each step with an alert)
+becomes one record, a plain dict (schema in ``_sinks``), handed by rank 0 to the sinks (``_sinks.make_sinks``:
+JSONL, TensorBoard, W&B, callables). ``_plot.summary_table`` renders the run at the end.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -30,6 +33,9 @@ from ._engine import Engine
 from ._errors import ArgumentError, ArgumentTypeError, NonFiniteError
 from ._ops import OpSite, call_name
 from ._select import Layers, resolve, unwrap
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["monitor", "Monitor", "LAYER_STATS", "PARAM_STATS"]
 
@@ -87,8 +93,16 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
             non-finite value (``'2.sqrt' (torch.sqrt)``) as well as its layer. Costs one sum per op per step.
         summary: print a table of the run (rich, to ``console``, default stderr) when the block ends.
 
-    Under ``torch.distributed`` each rank computes its statistics and rank 0 hands the reduced record to the sinks:
-    the mean over ranks, the max for ``act_absmax``, ``nan`` and ``inf``.
+    Under ``torch.distributed`` every statistic is the whole run's, and rank 0 hands the records to the sinks.
+    Data parallel (DDP, FSDP2, or a plain model whose ranks each take their part of the global batch): the layer
+    statistics are those of the global batch (counts, sums and squares added over ranks before they are finished),
+    a layer's ``grad_norm`` is that of the gradient of the mean of the ranks' losses (what DDP and FSDP average),
+    and a parameter's ``grad_norm`` is that of the gradient the optimizer steps with, after the reduction (with
+    ``no_sync()`` accumulation: the accumulated gradient of the backward that syncs). DTensor parameters (FSDP2,
+    tensor parallel): every parameter statistic is the whole parameter's (the shards' squares added up). Tensor
+    parallel (``parallelize_module``, every rank the same batch): a layer output that is the same on every rank
+    counts once, one sharded over the ranks counts as the whole. Two-dimensional meshes (HSDP, FSDP2 with tensor
+    parallel) and pipeline parallel are not supported yet.
 
     Raises:
         LayerNotFoundError: a layer that the model does not have, before any hook is registered.
@@ -97,6 +111,8 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
             hook is registered or any file is written.
         NonFiniteError: with ``on_nonfinite="raise"``, at the ``step()`` that ends the step with the first
             non-finite output.
+        ArgumentError: a model whose parameters are DTensors on a mesh of more than one dimension, or with a
+            ``Partial`` placement (not supported yet), before any hook is registered.
     """
     return Monitor(model, layers, every=every, log=log, sinks=sinks, params=params, histograms=histograms,
                    on_nonfinite=on_nonfinite, ops=ops, summary=summary, console=console)
@@ -124,6 +140,7 @@ class Monitor:
                 for pname, p in self._modules[name].named_parameters():
                     if p.requires_grad:
                         self.params.setdefault(f"{prefix}.{pname}" if prefix else pname, p)
+        self._data_parallel = _check_layout(model)
         from ._sinks import make_sinks  # checks the sinks before any hook is registered
 
         self._sinks = make_sinks(log, sinks) if _rank() == 0 else []  # rank 0 writes the reduced records
@@ -145,6 +162,7 @@ class Monitor:
         self._param_hooks: list[Any] = []
         self._before: dict[str, torch.Tensor] = {}
         self._grad_sq: dict[str, float] = {}
+        self._backward_pending = False
         self._entered = self._closed = False
 
     # -- the block ---------------------------------------------------------------------------------------------------
@@ -229,19 +247,33 @@ class Monitor:
 
     def _arm(self) -> None:
         """Begin a recorded step: the full engine, parameter gradient hooks, the weights before the step."""
-        self._collect = _Collect(self.histograms)
+        self._collect = _Collect(self.histograms, on_backward=self._on_backward)
         self._full = Engine(self.model, self.names, listener=self._collect, keep=False, grads=True)
         self._full.__enter__()
         self._grad_sq = {}
+        self._backward_pending = False
         for name, p in self.params.items():
-            self._before[name] = p.detach().clone()
-            self._param_hooks.append(p.register_post_accumulate_grad_hook(self._param_grad(name)))
+            self._before[name] = _local(p).detach().clone()
+            self._param_hooks.append(p.register_post_accumulate_grad_hook(self._on_backward))
 
-    def _param_grad(self, name: str) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
+    def _on_backward(self, *_: Any) -> None:
+        """A backward of a recorded step is running (a parameter's gradient is accumulated, or a layer's output
+        gradient is seen; FSDP2's sharded parameters get their gradients without hooks): read the parameters'
+        gradients once it has finished, DDP's and FSDP's reductions included."""
+        if self._backward_pending:
+            return
+        self._backward_pending = True
+        _queue_callback(lambda: _queue_callback(self._read_grads))
+
+    def _read_grads(self) -> None:
+        """At the end of a backward, after the callbacks queued before this one's outer callback ran: DDP queues its
+        all-reduce's finalizer when the last bucket is ready and FSDP2 its reduce-scatter's wait at the root's
+        pre-backward, both before the end of the backward, so ``p.grad`` is now what the optimizer steps with (the
+        last backward of a step wins: with ``no_sync()``, the accumulated gradient of the one that syncs)."""
+        self._backward_pending = False
+        for name, p in self.params.items():
             if p.grad is not None:
-                self._grad_sq[name] = _sq_norm(p.grad)  # the last accumulation wins
-        return hook
+                self._grad_sq[name] = _sq_norm(_local(p.grad))
 
     def _disarm(self) -> None:
         for handle in self._param_hooks:
@@ -259,24 +291,30 @@ class Monitor:
         self._disarm()
         record = self._empty_record(step)
         assert collect is not None  # noqa: S101 - armed implies collected
-        for name in self.names:
-            record["layers"][name.removeprefix("module.")] = collect.stats(name)
+        red = _Reduction(data_parallel=self._data_parallel)
+        layers = [(name.removeprefix("module."), collect.sums.get(name), collect.grad_sq.get(name))
+                  for name in self.names]
+        for _, acc, grad in layers:
+            red.add_layer(acc, grad)
         record["histograms"].update(collect.hists)
+        params = []
         with torch.no_grad():
             for name, p in self.params.items():
-                w = p.detach()
-                norm = math.sqrt(_sq_norm(w))
+                w = _local(p.detach())
                 before = self._before.pop(name, None)
                 # w - before in w's dtype: rounds each difference once (2**-24 relative in float32), far below what
                 # an update ratio is read for; the norm is accumulated in float64 without a float64 copy of w
-                ratio = None if before is None else math.sqrt(_sq_norm(w - before)) / norm if norm else None
-                grad_sq = self._grad_sq.get(name)
-                record["params"][name] = {"grad_norm": None if grad_sq is None else math.sqrt(grad_sq),
-                                          "weight_norm": norm, "update_ratio": ratio}
-                if self.histograms:
-                    record["histograms"][f"{name}/weight"] = _sample(p.detach())
+                params.append((name, red.add_param(p, _sq_norm(w), None if before is None else _sq_norm(w - before),
+                                                   self._grad_sq.get(name))))
+                if self.histograms:  # this rank's shard where the parameter is a DTensor
+                    record["histograms"][f"{name}/weight"] = _sample(w)
                     if p.grad is not None:
-                        record["histograms"][f"{name}/grad"] = _sample(p.grad.detach())
+                        record["histograms"][f"{name}/grad"] = _sample(_local(p.grad.detach()))
+        red.reduce()
+        for i, (name, _, _) in enumerate(layers):
+            record["layers"][name] = red.layer_stats(i)
+        for name, j in params:
+            record["params"][name] = red.param_stats(j)
         self._before = {}
         self._collect = None
         return record
@@ -369,11 +407,12 @@ class _Finite:
 class _Collect:
     """Recorded steps: the statistics of each layer's output and of the gradient w.r.t. it, summed over calls."""
 
-    def __init__(self, histograms: bool) -> None:
+    def __init__(self, histograms: bool, *, on_backward: Callable[[], None]) -> None:
         self.sums: dict[str, list[float]] = {}  # n, sum, sum of squares, absmax, zeros, nan, inf
         self.grad_sq: dict[str, float] = {}
         self.histograms = histograms
         self.hists: dict[str, Any] = {}
+        self.on_backward = on_backward
 
     def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
         pass
@@ -381,7 +420,10 @@ class _Collect:
     def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
         name = where[0]
         t = next((t for t in _tree.leaves(output) if t.is_floating_point()), None)
-        if t is None or t.numel() == 0:
+        if t is None:
+            return
+        t = _local(t)  # a DTensor output (tensor parallel): this rank's part; the ranks' sums are reduced later
+        if t.numel() == 0:
             return
         with torch.no_grad():
             x = t.detach()  # float64 sums without a float64 copy; max and counts are exact in x's own dtype
@@ -402,23 +444,84 @@ class _Collect:
     def grad(self, where: tuple[str, Any, int], which: str, i: int, n: int, grad: torch.Tensor) -> None:
         if which != "output":
             return
+        self.on_backward()
         with torch.no_grad():
-            sq = _sq_norm(grad)
+            sq = _sq_norm(_local(grad))
         self.grad_sq[where[0]] = self.grad_sq.get(where[0], 0.0) + sq
 
-    def stats(self, name: str) -> dict[str, Any]:
-        acc = self.sums.get(name)
-        grad = self.grad_sq.get(name)
+
+class _Reduction:
+    """One recorded step's sums, of every watched layer and parameter, reduced over ranks and finished into
+    statistics: added (counts, sums, squares) in one SUM ``all_reduce`` and maximised in one MAX ``all_reduce``,
+    the same two calls in the same order on every rank; nothing is called outside ``torch.distributed`` or with one
+    rank. Statistics are finished only from the reduced sums, never averaged over ranks."""
+
+    _SUMS = 8  # per layer: n, sum, sum of squares, zeros, nan, inf, the output gradient's squared norm, gradients
+
+    def __init__(self, *, data_parallel: bool) -> None:
+        self.data_parallel = data_parallel
+        self.world = _world_size()
+        self.sums: list[float] = []
+        self.maxes: list[float] = []
+        self.layers: list[tuple[int, int]] = []  # where each layer's numbers start in sums and in maxes
+        self.params: list[int] = []  # where each parameter's numbers start in sums
+
+    def add_layer(self, acc: list[float] | None, grad_sq: float | None) -> None:
+        n, total, sq, absmax, zeros, nan, inf = acc if acc is not None else (0.0, 0.0, 0.0, -math.inf, 0.0, 0.0, 0.0)
+        vals = [n, total, sq, zeros, nan, inf, grad_sq or 0.0, 0.0 if grad_sq is None else 1.0]
+        self.layers.append((len(self.sums), len(self.maxes)))
+        self.sums += vals
+        # the max of each sum and of its negative (minus the min): under tensor parallel, whether a layer's output
+        # is the same on every rank (counted once) or sharded over them (added)
+        self.maxes += [-math.inf if math.isnan(absmax) else absmax, *vals, *(-v for v in vals)]
+
+    def add_param(self, p: torch.Tensor, w_sq: float, delta_sq: float | None, grad_sq: float | None) -> int:
+        """Squares of this rank's part of ``p`` (its shard where ``p`` is a DTensor), weighted so that their sum
+        over all ranks counts each element of the whole parameter once; returns the parameter's index."""
+        copies = self.world / _distinct_shards(p)
+        self.params.append(len(self.sums))
+        self.sums += [w_sq / copies, (delta_sq or 0.0) / copies, float(delta_sq is not None),
+                      (grad_sq or 0.0) / copies, float(grad_sq is not None)]
+        return len(self.params) - 1
+
+    def reduce(self) -> None:
+        if self.world == 1:
+            return
+        dist = torch.distributed
+        device = _collective_device()
+        for values, op in ((self.sums, dist.ReduceOp.SUM), (self.maxes, dist.ReduceOp.MAX)):
+            if values:  # the same layers and parameters, so the same lengths, on every rank
+                t = torch.tensor(values, dtype=torch.float64, device=device)
+                dist.all_reduce(t, op=op)
+                values[:] = t.tolist()
+
+    def layer_stats(self, i: int) -> dict[str, Any]:
+        s, m = self.layers[i]
+        n, total, sq, zeros, nan, inf, grad_sq, grads = self.sums[s:s + self._SUMS]
+        absmax = self.maxes[m]
+        hi = self.maxes[m + 1:m + 1 + self._SUMS]
+        lo = [-v for v in self.maxes[m + 1 + self._SUMS:m + 1 + 2 * self._SUMS]]
+        if self.world > 1 and not self.data_parallel:  # tensor parallel: every rank the same batch
+            same = hi[:6] == lo[:6] if hi[0] > 0 else hi[6] == lo[6]
+            if same:  # a replicated output: each rank holds all of it
+                n, total, sq, zeros, nan, inf, grad_sq = hi[:7]
+        elif self.world > 1:  # the gradient of the mean of the ranks' losses, which DDP and FSDP average
+            grad_sq /= self.world ** 2
         out: dict[str, Any] = dict.fromkeys(LAYER_STATS)
-        out["grad_norm"] = None if grad is None else math.sqrt(grad)
-        if acc is None:
+        out["grad_norm"] = math.sqrt(grad_sq) if grads else None
+        if not n:
             return out
-        n, total, sq, absmax, zeros, nan, inf = acc
-        mean = total / n
         var = (sq - total * total / n) / (n - 1) if n > 1 else math.nan
-        out.update(act_mean=mean, act_std=math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan,
-                   act_absmax=absmax, zero_frac=zeros / n, nan=int(nan), inf=int(inf))
+        out.update(act_mean=total / n, act_std=math.sqrt(max(var, 0.0)) if not math.isnan(var) else math.nan,
+                   act_absmax=math.nan if nan else absmax, zero_frac=zeros / n, nan=int(nan), inf=int(inf))
         return out
+
+    def param_stats(self, j: int) -> dict[str, Any]:
+        s = self.params[j]
+        w_sq, delta_sq, deltas, grad_sq, grads = self.sums[s:s + 5]
+        norm = math.sqrt(w_sq)
+        return {"grad_norm": math.sqrt(grad_sq) if grads else None, "weight_norm": norm,
+                "update_ratio": math.sqrt(delta_sq) / norm if deltas and norm else None}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
@@ -446,31 +549,68 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _reduced(record: dict[str, Any]) -> dict[str, Any] | None:
-    """Under torch.distributed: the record with its statistics reduced over ranks (mean; max for ``act_absmax``,
-    ``nan``, ``inf``), on rank 0, and None on the others; else the record itself."""
+def _world_size() -> int:
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return record
-    slots: list[tuple[dict[str, Any], str]] = [(stats, key) for group in ("layers", "params")
-                                               for _, stats in sorted(record[group].items())
-                                               for key in sorted(stats)]
-    is_max = [key in ("act_absmax", "nan", "inf") for _, key in slots]
-    present = torch.tensor([stats[key] is not None for stats, key in slots], dtype=torch.float64)
-    values = torch.tensor([0.0 if stats[key] is None else float(stats[key]) for stats, key in slots],
-                          dtype=torch.float64)
-    summed = values.clone()
-    maxed = torch.where(present.bool(), values, torch.full_like(values, -math.inf))
-    for t, op in ((summed, dist.ReduceOp.SUM), (present, dist.ReduceOp.SUM), (maxed, dist.ReduceOp.MAX)):
-        dist.all_reduce(t, op=op)
-    if dist.get_rank() != 0:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _collective_device() -> torch.device:
+    """Where the reduction's tensors live: the CPU for gloo (also a ``cpu:gloo,cuda:nccl`` group), else the current
+    accelerator (NCCL reduces only device tensors)."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _dtensor_type() -> type[DTensor] | None:
+    if not torch.distributed.is_available():
         return None
-    for (stats, key), s, k, m, mx in zip(slots, summed.tolist(), present.tolist(), maxed.tolist(), is_max,
-                                        strict=True):
-        if k == 0:
-            stats[key] = None
-        elif mx:
-            stats[key] = int(m) if key in ("nan", "inf") else m
-        else:
-            stats[key] = s / k
-    return record
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel), with no collective; any other tensor itself."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _distinct_shards(p: torch.Tensor) -> int:
+    """Into how many distinct parts a parameter is split over the ranks: the product of its mesh's sizes along the
+    dimensions where it is sharded (1 for a plain tensor: every rank holds all of it)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor):
+        return 1
+    return math.prod(p.device_mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
+
+
+def _check_layout(model: nn.Module) -> bool:
+    """Whether the ranks split the batch (data parallel: DDP, FSDP2, a plain model) rather than share it (tensor
+    parallel: DTensor parameters without FSDP2); refuses what the reduction does not cover yet."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not torch.distributed.is_initialized():
+        return True
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [(n, p) for n, p in model.named_parameters() if isinstance(p, dtensor)]
+    for name, p in sharded:
+        if p.device_mesh.ndim > 1:
+            raise ArgumentError(f"parameter {name!r} is a DTensor on a {p.device_mesh.ndim}-dimensional device "
+                                "mesh (HSDP, or FSDP2 with tensor parallel): monitor reduces statistics over "
+                                "one-dimensional meshes only (DDP, FSDP2, tensor parallel) for now.")
+        if any(pl.is_partial() for pl in p.placements):
+            raise ArgumentError(f"parameter {name!r} is a DTensor with a Partial placement: monitor cannot tell "
+                                "its whole value from its parts; redistribute it to Shard or Replicate.")
+    return not sharded or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _queue_callback(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the running backward has finished (after the callbacks queued before it)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def _reduced(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record on rank 0 (its statistics are already the whole run's: ``_Reduction``), None on the other ranks."""
+    return record if _rank() == 0 else None

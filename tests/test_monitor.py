@@ -222,7 +222,10 @@ def test_no_nonfinite_no_warning_and_the_summary_is_printed_at_the_end():
     assert all(math.isfinite(r["layers"]["0"]["act_mean"]) for r in mon.records)
 
 
-def test_under_ddp_rank_0_logs_the_mean_over_ranks_and_the_max_of_absmax_and_counts(tmp_path):
+def test_under_ddp_every_rank_finishes_the_same_reduced_statistics_and_only_rank_0_writes(tmp_path):
+    """Each rank's numbers (each its own data) are reduced before any statistic is finished, so every rank holds the
+    same record; rank 0 alone hands it to the sinks (the values against one process on the global batch:
+    tests/test_monitor_distributed.py)."""
     import json
     import os
     import socket
@@ -239,23 +242,22 @@ def test_under_ddp_rank_0_logs_the_mean_over_ranks_and_the_max_of_absmax_and_cou
     procs = [subprocess.Popen([sys.executable, str(here / "_monitor_worker.py"), str(tmp_path)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert all(p.returncode == 0 for p in procs), outs
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[1]["sunk"] == []  # only rank 0 writes
     sunk = ranks[0]["sunk"]
     assert [r["step"] for r in sunk] == [0, 2]
     for i, record in enumerate(sunk):
-        own = [ranks[r]["own"][i] for r in range(2)]
-        assert own[0]["layers"]["0"]["act_absmax"] != own[1]["layers"]["0"]["act_absmax"]  # the ranks differ
-        for layer, stats in record["layers"].items():
-            for key, value in stats.items():
-                values = [o["layers"][layer][key] for o in own]
-                want = max(values) if key in ("act_absmax", "nan", "inf") else sum(values) / 2
-                assert value == pytest.approx(want), (layer, key)
-        for name, stats in record["params"].items():
-            for key, value in stats.items():
-                assert value == pytest.approx(sum(o["params"][name][key] for o in own) / 2), (name, key)
+        for r in range(2):
+            own = ranks[r]["own"][i]
+            assert own["layers"] == record["layers"] and own["params"] == record["params"], r
+        assert all(v is not None for stats in record["layers"].values() for v in stats.values())
 
 
 class SqrtBlock(nn.Module):
