@@ -51,7 +51,24 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def refuse_2d() -> dict:
+    """FSDP2 on a two-dimensional mesh (HSDP, 1 x world): refused before any hook, naming the parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard")))
+    census = hookkit.hook_census(model)
+    try:
+        hookkit.monitor(model, ["fc1"], summary=False)
+    except hookkit.ArgumentError as e:
+        return {"error": str(e), "census_kept": hookkit.hook_census(model) == census}
+    return {"error": None}
+
+
 def run(mode: str, batch: int) -> dict:
+    if mode == "refuse_2d":
+        return refuse_2d()
     rank, world = dist.get_rank(), dist.get_world_size()
     model: nn.Module = make_model()
     data_parallel = mode != "tp"

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _monitor_dist_worker as worker  # noqa: E402
 
-MODES = ["ddp", "ddp_nosync", "fsdp", "fsdp_bf16", "tp"]
+MODES = ["ddp", "ddp_nosync", "fsdp", "fsdp_bf16", "tp", "refuse_2d"]
 
 
 def launch(tmp: Path, nproc: int, batch: int, modes: list[str]) -> dict[str, dict]:
@@ -107,3 +107,9 @@ def test_fsdp2_with_bfloat16_mixed_precision_logs_the_fp32_reference_within_bf16
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "tp"])
 def test_three_ranks_and_an_uneven_split_log_the_global_batchs_statistics(three_ranks, mode):
     check(three_ranks[mode], 10, 1, rel=1e-4)
+
+
+def test_a_two_dimensional_mesh_is_refused_before_any_hook_naming_the_parameter(two_ranks):
+    got = two_ranks["refuse_2d"]
+    assert got["error"] is not None and "'fc1.weight'" in got["error"] and "2-dimensional" in got["error"]
+    assert got["census_kept"]
