@@ -63,7 +63,7 @@ def refuse_2d() -> dict:
         hookkit.monitor(model, ["fc1"], summary=False)
     except hookkit.ArgumentError as e:
         return {"error": str(e), "census_kept": hookkit.hook_census(model) == census}
-    return {"error": None}
+    return {"error": None, "census_kept": True}
 
 
 def run(mode: str, batch: int) -> dict:
@@ -93,6 +93,10 @@ def run(mode: str, batch: int) -> dict:
     sunk: list[dict] = []
     stepped: list[dict] = []
     micros = MICRO if mode == "ddp_nosync" else 1
+    if mode.startswith("fsdp"):  # FSDP2 adds its own state_dict hooks at its first forward
+        with torch.no_grad():
+            model(torch.zeros(1, 6))
+    census = hookkit.hook_census(model)
     with hookkit.monitor(model, ["fc1", "act", "fc2"], every=EVERY, sinks=[sunk.append], summary=False) as mon:
         for step, xs in enumerate(global_batches(batch)):
             for i, x in enumerate(xs[:micros]):
@@ -110,7 +114,7 @@ def run(mode: str, batch: int) -> dict:
             opt.zero_grad()
             mon.step()
     strip = [{k: v for k, v in r.items() if k != "histograms"} for r in sunk]
-    return {"sunk": strip, "stepped": stepped, "rank": rank}
+    return {"sunk": strip, "stepped": stepped, "rank": rank, "census_kept": hookkit.hook_census(model) == census}
 
 
 class _null:

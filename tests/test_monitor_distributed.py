@@ -42,7 +42,11 @@ def launch(tmp: Path, nproc: int, batch: int, modes: list[str]) -> dict[str, dic
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the ranks hung: {e.output!r:.2000}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((tmp / "rank-0.json").read_text())
+    ranks = [json.loads((tmp / f"rank-{r}.json").read_text()) for r in range(nproc)]
+    for r, results in enumerate(ranks):  # every hook off on every rank, and only rank 0 writes
+        assert all(got["census_kept"] for got in results.values()), r
+        assert r == 0 or all(got.get("sunk") in (None, []) for got in results.values()), r
+    return ranks[0]
 
 
 @pytest.fixture(scope="module")
