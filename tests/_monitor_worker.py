@@ -1,5 +1,6 @@
 """Run by tests/test_monitor.py as two torchrun-style ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT): a DDP
-model trained under hookkit.monitor; each rank saves its own record before the reduction, rank 0 what its sink got.
+model trained under hookkit.monitor; each rank saves the record it finished (its statistics reduced over the ranks),
+rank 0 what its sink got.
 
     python _monitor_worker.py OUT_DIR
 """
