@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -564,11 +565,10 @@ def _collective_device() -> torch.device:
 
 
 def _dtensor_type() -> type[DTensor] | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    """DTensor, where it may exist: no DTensor can exist before its module is imported (so a process that never
+    uses one never pays for importing it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
