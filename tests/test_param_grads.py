@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 import torch.nn as nn
 
 import hookkit
 
+from _ranks import needs_gloo, two_ranks
 from conftest import hook_census
 
 
@@ -64,39 +58,12 @@ def test_frozen_parameters_are_skipped():
     assert set(cap.param_grads["0"]) == {"bias"}
 
 
-def _two_ranks(worker: str, out: Path) -> None:
-    """Run ``tests/<worker>`` as 2 gloo ranks (torchrun's environment set by hand); each has 180 s, and its process
-    group a 30 s timeout, so a hang fails the test."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / worker), str(out)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="needs torch.distributed with the gloo backend")
-
 
 @needs_gloo
 def test_under_ddp_param_grads_are_the_reduced_grad_the_optimizer_steps_with(tmp_path):
     from _param_grads_worker import LAYERS, global_batches, loss, model
 
-    _two_ranks("_param_grads_worker.py", tmp_path)
+    two_ranks("_param_grads_worker.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
     assert all(r["census_unchanged"] for r in ranks)
     net = model()  # one process on the global batches: the reference
@@ -104,7 +71,7 @@ def test_under_ddp_param_grads_are_the_reduced_grad_the_optimizer_steps_with(tmp
 
     def reference(batches: list[torch.Tensor], rows: slice = slice(None)) -> dict[str, torch.Tensor]:
         grads = torch.autograd.grad(sum(loss(net(x[rows])) for x in batches), list(net.parameters()))
-        return dict(zip([n for n, _ in net.named_parameters()], grads))
+        return dict(zip([n for n, _ in net.named_parameters()], grads, strict=True))
 
     for stage, want in (("synced", reference(xs[:1])), ("accumulated", reference(xs[1:]))):
         for rank in ranks:
