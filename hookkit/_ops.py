@@ -14,7 +14,9 @@ Naming (torchvision's ``get_graph_node_names``): an op is named after the innerm
 repeats counted per full name within one forward of the model; a leaf module's calls share the counter of its own
 name (the 2nd call of ``layer1.0.relu`` is ``"layer1.0.relu_1"``, and ``F.relu`` in ``layer1.0``'s forward counts
 there too). Leaf modules are FX's (classes of ``torch.nn``, except ``nn.Sequential``) and torchvision's defaults
-(every module class of ``torchvision.ops``); ops inside them are not nodes.
+(every module class of ``torchvision.ops``); ops inside them are not nodes. Nor are the parallel machinery's ops
+(``caller``, ``_is_parallel_op``): FSDP2's all-gather into buffers it allocated uninitialised, DTensor's
+redistributions, collectives are not the model's, so they are neither named nor handed on (to ``check_finite``).
 
 Wrapped torch (``_Wrappers``): a library may have replaced torch's functions and Tensor methods with Python wrappers
 that call the originals (torchlens does, process-wide). An op is then named where the model called the wrapper (its
