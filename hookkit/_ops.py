@@ -80,7 +80,7 @@ def _own_class(cls: type) -> type:
     if not cls.__module__.startswith("torch.distributed."):
         return cls
     own = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed.")), nn.Module)
-    return cls if own is nn.Module or own is object else own
+    return cls if own is nn.Module else own
 
 
 def _torchvision_leaves() -> tuple[type, ...]:
