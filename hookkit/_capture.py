@@ -318,9 +318,12 @@ def capture(
             the dtype applies to floating-point tensors only.
         stop: end the forward pass as soon as every selected layer has run once; the ``with`` block swallows the
             stop, so code after the model call inside the block does not run.
-        param_grads: also keep, after each backward inside the block, a copy of the accumulated ``.grad`` of
-            every parameter of each selected module: ``cap.param_grads[layer][param_name]`` (parameter names are
-            relative to the layer, e.g. ``"weight"``, ``"0.bias"``).
+        param_grads: also keep, at the end of each backward inside the block, a copy of the accumulated ``.grad``
+            of every parameter of each selected module: ``cap.param_grads[layer][param_name]`` (parameter names are
+            relative to the layer, e.g. ``"weight"``, ``"0.bias"``). The copy is ``p.grad`` as the backward leaves
+            it: under DDP the all-reduced average (the same on every rank; inside ``no_sync()`` the rank's own
+            accumulated gradient, which the next synced backward averages), under FSDP2 the rank's shard (a
+            DTensor: ``.full_tensor()`` gathers it).
 
     Returns:
         A ``Capture``: ``cap[name]`` (the value of the node FX names ``name``, in the last forward of the model: a

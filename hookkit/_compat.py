@@ -6,6 +6,7 @@ through these functions, so that a torch release that moves one of them breaks o
 | what                                                | used by                  | since | fallback here         |
 |-----------------------------------------------------|--------------------------|-------|-----------------------|
 | ``torch._C._current_graph_task_id``                 | engine (checkpointing)   | 2.1   | -1: "not in backward" |
+| ``Variable._execution_engine.queue_callback``       | engine (``param_grads``) | 1.0   | required              |
 | ``torch.utils.checkpoint``'s frames (see below)     | edits (checkpointing)    | 2.1   | no region found       |
 | ``torch._dynamo.config.skip_nnmodule_hook_guards``  | engine (compile)         | 2.1   | nothing to switch     |
 | ``torch._dynamo.utils.counters``                    | engine (compile warning) | 2.0   | "nothing compiled"    |
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 __all__ = [
     "current_graph_task_id",
+    "at_end_of_backward",
     "checkpoint_regions",
     "dynamo_config",
     "dynamo_has_compiled",
@@ -54,6 +56,14 @@ def _not_in_backward() -> int:
 
 # -1 unless autograd is running a backward pass (a forward then is activation checkpointing recomputing it).
 current_graph_task_id = getattr(torch._C, "_current_graph_task_id", _not_in_backward)
+
+
+def at_end_of_backward(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the running backward pass has finished its graph, after the end-of-backward callbacks queued
+    before it (autograd runs them in order: DDP's reducer queues the one that writes the averaged gradients into
+    ``.grad`` as soon as its last bucket is ready, FSDP2 its root's at the first pre-backward hook). Only inside a
+    backward (``current_graph_task_id() != -1``)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 def _checkpoint_codes() -> tuple[str, Any, Any]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import _tree
-from ._compat import current_graph_task_id, dynamo_config, dynamo_has_compiled, eager
+from ._compat import at_end_of_backward, current_graph_task_id, dynamo_config, dynamo_has_compiled, eager
 from ._handles import HandleGroup
 from ._ops import OpTaps, writer_roots
 from ._select import Layers, resolve_nodes, unwrap
@@ -243,6 +243,9 @@ class Engine:
         self._want_inputs = bool(inputs)
         self._want_grads = bool(grads)
         self._want_param_grads = bool(param_grads)
+        # param_grads: per running backward (its graph task), the parameters whose gradient arrived in it
+        self._param_waiting: dict[int, list[tuple[torch.Tensor, str, list[str]]]] = {}
+        self._param_lock = threading.Lock()
         self._stop = bool(stop)
         self._op_input_grads = bool(op_input_grads) and listener is not None
         inner, wrapped = unwrap(model)
@@ -307,6 +310,8 @@ class Engine:
         """Remove every hook this engine made; safe to call twice."""
         self._active = False
         self._handles.remove()
+        with self._param_lock:
+            self._param_waiting.clear()  # a backward that raised never reached its end: hold no parameter
         if self._ops is not None:
             self._ops.close()
             self._ops = None  # it holds the model
@@ -375,19 +380,53 @@ class Engine:
             self._hook_params(module, names)
 
     def _hook_params(self, module: nn.Module, names: list[str]) -> None:
-        """``param_grads``: after each backward accumulates into ``p.grad``, keep a copy, under every name of the
-        module (``register_post_accumulate_grad_hook``; the value is ``.grad`` as it stands then)."""
+        """``param_grads``: once a backward has accumulated into ``p.grad``, keep a copy of ``p.grad`` as it stands at
+        the end of that backward, under every name of the module."""
         for pname, p in module.named_parameters():
             if not p.requires_grad:
                 continue
 
             def hook(param: torch.Tensor, pname: str = pname) -> None:
                 if self._active and param.grad is not None:
-                    g = self._snap.copy(param.grad)
-                    for n in names:
-                        self.recording.param_grads.setdefault(n, {})[pname] = g
+                    self._param_grad_arrived(param, pname, names)
 
             self._handles.add(p.register_post_accumulate_grad_hook(hook))
+
+    def _param_grad_arrived(self, param: torch.Tensor, pname: str, names: list[str]) -> None:
+        """``register_post_accumulate_grad_hook`` runs when autograd has accumulated this rank's own gradient into
+        ``.grad``: under DDP that is before the all-reduce, whose average the reducer writes into ``.grad`` in an
+        end-of-backward callback. So the copy is taken at the end of the backward instead, after the callbacks queued
+        before it: two hops, since the first of ours may be queued (at the first parameter's hook) before DDP's (at
+        its last bucket's). Under FSDP2, which calls the hook itself once the reduce-scattered shard is in
+        ``.grad``, the end of the backward holds that same shard. Outside any backward (a hook called by hand),
+        ``.grad`` as it stands."""
+        task = current_graph_task_id()
+        if task == -1:
+            self._store_param_grads([(param, pname, names)])
+            return
+        with self._param_lock:
+            first = task not in self._param_waiting
+            self._param_waiting.setdefault(task, []).append((param, pname, names))
+        if first:
+            at_end_of_backward(lambda: at_end_of_backward(lambda: self._end_of_backward(task)))
+
+    def _end_of_backward(self, task: int) -> None:
+        with self._param_lock:
+            waiting = self._param_waiting.pop(task, [])
+        if self._active:
+            self._store_param_grads(waiting)
+
+    def _store_param_grads(self, arrived: list[tuple[torch.Tensor, str, list[str]]]) -> None:
+        copies: dict[int, torch.Tensor] = {}  # a parameter shared by several selected modules is copied once
+        for param, pname, names in arrived:
+            grad = param.grad
+            if grad is None:  # set to None after the hook (by a callback of the user's)
+                continue
+            g = copies.get(id(param))
+            if g is None:
+                g = copies[id(param)] = self._snap.copy(grad)
+            for n in names:
+                self.recording.param_grads.setdefault(n, {})[pname] = g
 
     def _pre_hook(self, name: str, pending: list[Call]) -> Any:
         want_inputs = self._want_inputs

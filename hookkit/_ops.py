@@ -14,7 +14,9 @@ Naming (torchvision's ``get_graph_node_names``): an op is named after the innerm
 repeats counted per full name within one forward of the model; a leaf module's calls share the counter of its own
 name (the 2nd call of ``layer1.0.relu`` is ``"layer1.0.relu_1"``, and ``F.relu`` in ``layer1.0``'s forward counts
 there too). Leaf modules are FX's (classes of ``torch.nn``, except ``nn.Sequential``) and torchvision's defaults
-(every module class of ``torchvision.ops``); ops inside them are not nodes.
+(every module class of ``torchvision.ops``); ops inside them are not nodes. Nor are the parallel machinery's ops
+(``caller``, ``_is_parallel_op``): FSDP2's all-gather into buffers it allocated uninitialised, DTensor's
+redistributions, collectives are not the model's, so they are neither named nor handed on (to ``check_finite``).
 
 Wrapped torch (``_Wrappers``): a library may have replaced torch's functions and Tensor methods with Python wrappers
 that call the originals (torchlens does, process-wide). An op is then named where the model called the wrapper (its
@@ -63,10 +65,22 @@ class OpSite(NamedTuple):
 # -- leaves and writers ----------------------------------------------------------------------------------------------
 def is_leaf(module: nn.Module) -> bool:
     """FX's leaf rule (``torch.fx.Tracer.is_leaf_module``) plus torchvision's default leaf modules (every module class
-    in ``torchvision.ops``): ops inside a leaf are not nodes."""
-    if type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
+    in ``torchvision.ops``): ops inside a leaf are not nodes. A module that ``fully_shard`` (or composable
+    ``replicate``) gave a class of its own (``FSDPLinear``, of ``FSDPModule`` and ``nn.Linear``) is judged by the
+    class it had."""
+    if _own_class(type(module)).__module__.startswith(("torch.nn", "torch.ao.nn")):
         return not isinstance(module, nn.Sequential)
     return isinstance(module, _torchvision_leaves())
+
+
+def _own_class(cls: type) -> type:
+    """The class a module had before the parallel machinery put a class of its own in front of it (torch.distributed's
+    ``FSDP<name>`` / ``DDP<name>``): the first in its MRO from outside torch.distributed, unless that is
+    ``nn.Module`` itself (a wrapper module of torch.distributed's, such as ``CheckpointWrapper``, is its own)."""
+    if not cls.__module__.startswith("torch.distributed."):
+        return cls
+    own = next((c for c in cls.__mro__ if not c.__module__.startswith("torch.distributed.")), nn.Module)
+    return cls if own is nn.Module else own
 
 
 def _torchvision_leaves() -> tuple[type, ...]:
@@ -221,13 +235,34 @@ def _operator_at(frame: Any) -> str | None:
 _PASS_THROUGH: set[Any] = set()  # code of the mode's own handler: a nested hookkit mode sees the op come from it
 
 
+# The parallel machinery: FSDP's and DTensor's hooks and dispatch, collectives, tensor parallel's styles, DDP. An op
+# it runs is not the model's, and its values are not the model's either (FSDP2 allocates its all-gather buffers
+# uninitialised and fills them afterwards): such ops are no nodes, neither named nor checked.
+_PARALLEL_DIRS = tuple(os.path.join(_TORCH_DIR, *d) + os.sep for d in (("distributed",), ("nn", "parallel")))
+_PARALLEL_OPS = tuple(f"torch._ops.{ns}" for ns in ("fsdp", "c10d", "_c10d_functional", "_dtensor"))
+_PARALLEL = object()  # what ``caller`` returns for an op that the parallel machinery ran
+
+
 def caller(depth: int = 1) -> Any:
     """The first frame above the caller outside torch and outside another hookkit mode's handler: the code that
-    called the op (the model's, or hookkit's own when a hook of hookkit runs an op)."""
+    called the op (the model's, or hookkit's own when a hook of hookkit runs an op); ``_PARALLEL`` when torch code on
+    the way there is the parallel machinery's (``_PARALLEL_DIRS``)."""
     f: Any = sys._getframe(depth + 1)
-    while f is not None and (f.f_code.co_filename.startswith(_TORCH_DIR) or f.f_code in _PASS_THROUGH):
+    while f is not None:
+        code = f.f_code
+        if code.co_filename.startswith(_TORCH_DIR):
+            if code.co_filename.startswith(_PARALLEL_DIRS):
+                return _PARALLEL
+        elif code not in _PASS_THROUGH:
+            break
         f = f.f_back
     return f
+
+
+def _is_parallel_op(func: Any) -> bool:
+    """An op of the parallel machinery's own namespaces (``torch.ops.fsdp``, ``c10d``, ``_c10d_functional``,
+    ``_dtensor``), wherever it is called from."""
+    return (getattr(func, "__module__", None) or "").startswith(_PARALLEL_OPS)
 
 
 class _Wrappers:
@@ -583,6 +618,8 @@ class OpTaps:
             # torch._assert(<a Python bool>), torch.zeros(3): FX runs these while tracing; they are not nodes
             return func(*args, **kwargs)
         f = caller(2)
+        if f is _PARALLEL or _is_parallel_op(func):
+            return func(*args, **kwargs)  # the parallel machinery's own work (FSDP's all-gather): not the model's
         if f is not None:
             code = f.f_code
             if code not in _Wrappers.plain and code not in _Wrappers.codes:
@@ -667,7 +704,7 @@ def _fast_path_modules(model: nn.Module) -> list[nn.Module]:
         fast = _FAST_PATH.get(cls)
         if fast is None:
             code = getattr(getattr(cls, "forward", None), "__code__", None)
-            fast = _FAST_PATH[cls] = (cls.__module__.startswith("torch.nn.") and code is not None
+            fast = _FAST_PATH[cls] = (_own_class(cls).__module__.startswith("torch.nn.") and code is not None
                                       and "has_torch_function" in code.co_names)
         if fast:
             found.append(m)

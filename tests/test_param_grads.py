@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import hookkit
 
+from _ranks import needs_gloo, two_ranks
 from conftest import hook_census
 
 
@@ -55,3 +56,37 @@ def test_frozen_parameters_are_skipped():
     with hookkit.capture(model, ["0"], param_grads=True) as cap:
         model(x).sum().backward()
     assert set(cap.param_grads["0"]) == {"bias"}
+
+
+
+@needs_gloo
+def test_under_ddp_param_grads_are_the_reduced_grad_the_optimizer_steps_with(tmp_path):
+    from _param_grads_worker import LAYERS, global_batches, loss, model
+
+    two_ranks("_param_grads_worker.py", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
+    assert all(r["census_unchanged"] for r in ranks)
+    net = model()  # one process on the global batches: the reference
+    xs = global_batches()
+
+    def reference(batches: list[torch.Tensor], rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+        grads = torch.autograd.grad(sum(loss(net(x[rows])) for x in batches), list(net.parameters()))
+        return dict(zip([n for n, _ in net.named_parameters()], grads, strict=True))
+
+    for stage, want in (("synced", reference(xs[:1])), ("accumulated", reference(xs[1:]))):
+        for rank in ranks:
+            got = rank[stage]
+            for layer in LAYERS:
+                for pname, g in got["captured"][layer].items():
+                    torch.testing.assert_close(g, got["grad"][f"{layer}.{pname}"], rtol=0, atol=0)  # p.grad itself
+                    torch.testing.assert_close(g, want[f"{layer}.{pname}"])  # DDP's average: the global batch's
+        assert set(ranks[0][stage]["captured"]["0"]) == {"weight", "bias"}
+    # Under no_sync() the gradient stays local until the next synced backward: each rank holds its own.
+    for r, rank in enumerate(ranks):
+        own = reference(xs[1:2], slice(8 * r, 8 * r + 8))
+        for layer in LAYERS:
+            for pname, g in rank["local"]["captured"][layer].items():
+                torch.testing.assert_close(g, rank["local"]["grad"][f"{layer}.{pname}"], rtol=0, atol=0)
+                torch.testing.assert_close(g, own[f"{layer}.{pname}"])
+    assert not torch.allclose(ranks[0]["local"]["captured"]["0"]["weight"],
+                              ranks[1]["local"]["captured"]["0"]["weight"])  # the ranks' data differ
