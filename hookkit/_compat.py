@@ -33,6 +33,7 @@ import torch.nn as nn
 __all__ = [
     "current_graph_task_id",
     "at_end_of_backward",
+    "after_gradient_reduction",
     "checkpoint_regions",
     "dynamo_config",
     "dynamo_has_compiled",
@@ -64,6 +65,14 @@ def at_end_of_backward(fn: Callable[[], None]) -> None:
     ``.grad`` as soon as its last bucket is ready, FSDP2 its root's at the first pre-backward hook). Only inside a
     backward (``current_graph_task_id() != -1``)."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def after_gradient_reduction(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the running backward has finished and the end-of-backward callbacks queued *during* it have run
+    too: DDP queues its finalizer (which writes the averaged gradients into ``.grad``) only when its last bucket is
+    ready, after a callback queued at the first gradient; so a callback is queued that queues ``fn``, and ``fn``
+    sees ``p.grad`` as the optimizer will."""
+    at_end_of_backward(lambda: at_end_of_backward(fn))
 
 
 def _checkpoint_codes() -> tuple[str, Any, Any]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import _tree
-from ._compat import at_end_of_backward, current_graph_task_id, dynamo_config, dynamo_has_compiled, eager
+from ._compat import after_gradient_reduction, current_graph_task_id, dynamo_config, dynamo_has_compiled, eager
 from ._handles import HandleGroup
 from ._ops import OpTaps, writer_roots
 from ._select import Layers, resolve_nodes, unwrap
@@ -408,7 +408,7 @@ class Engine:
             first = task not in self._param_waiting
             self._param_waiting.setdefault(task, []).append((param, pname, names))
         if first:
-            at_end_of_backward(lambda: at_end_of_backward(lambda: self._end_of_backward(task)))
+            after_gradient_reduction(lambda: self._end_of_backward(task))
 
     def _end_of_backward(self, task: int) -> None:
         with self._param_lock:

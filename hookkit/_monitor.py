@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import _tree
+from ._compat import after_gradient_reduction
 from ._engine import Engine
 from ._errors import ArgumentError, ArgumentTypeError, NonFiniteError
 from ._ops import OpSite, call_name
@@ -264,7 +265,7 @@ class Monitor:
         if self._backward_pending:
             return
         self._backward_pending = True
-        _queue_callback(lambda: _queue_callback(self._read_grads))
+        after_gradient_reduction(self._read_grads)
 
     def _read_grads(self) -> None:
         """At the end of a backward, after the callbacks queued before this one's outer callback ran: DDP queues its
@@ -604,11 +605,6 @@ def _check_layout(model: nn.Module) -> bool:
             raise ArgumentError(f"parameter {name!r} is a DTensor with a Partial placement: monitor cannot tell "
                                 "its whole value from its parts; redistribute it to Shard or Replicate.")
     return not sharded or any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _queue_callback(fn: Callable[[], None]) -> None:
-    """Run ``fn`` when the running backward has finished (after the callbacks queued before it)."""
-    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 def _reduced(record: dict[str, Any]) -> dict[str, Any] | None:
