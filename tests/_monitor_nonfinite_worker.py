@@ -51,6 +51,7 @@ def scenario(name: str, mode: str, out: str, rank: int) -> dict:
             return None
         net[int(how)].register_forward_hook(inject)
     model = nn.parallel.DistributedDataParallel(net)
+    census = hookkit.hook_census(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(10 + rank)  # each rank its own data
     log = os.path.join(out, f"log-{name}")
@@ -92,7 +93,8 @@ def scenario(name: str, mode: str, out: str, rank: int) -> dict:
     total = torch.ones(1)
     dist.all_reduce(total)
     params = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-    return {**seen, "loop_steps": loop_steps, "mon_steps": mon.steps, "should_stop": mon.should_stop,
+    return {**seen, "census_kept": hookkit.hook_census(model) == census, "loop_steps": loop_steps,
+            "mon_steps": mon.steps, "should_stop": mon.should_stop,
             "warnings": [str(w.message) for w in caught if "NaN" in str(w.message)],
             "alerts": mon.alerts, "records": [{"step": r["step"], "alerts": r["alerts"]} for r in mon.records],
             "jsonl": [{"step": r["step"], "alerts": r["alerts"]} for r in read_jsonl(os.path.join(log, JSONL_NAME))]

@@ -62,6 +62,7 @@ def test_a_nan_on_one_rank_never_hangs_and_every_rank_takes_the_same_decision(tm
         # the job went on together: both ranks reached the collective after the loop, in step
         assert r0["all_reduce"] == r1["all_reduce"] == 2.0, ctx
         assert r0["params"] == r1["params"], ctx  # DDP kept the replicas equal: the same steps on each rank
+        assert r0["census_kept"] and r1["census_kept"], ctx  # every hook off on every rank, also after a raise
         for key in ("loop_steps", "mon_steps", "should_stop", "warnings", "error", "error_layer", "error_rank",
                     "caught_at", "saved"):
             assert r0[key] == r1[key], (ctx, key, r0[key], r1[key])
