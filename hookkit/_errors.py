@@ -65,14 +65,17 @@ class UnsupportedModelError(HookkitError, TypeError):
 class NonFiniteError(HookkitError, FloatingPointError):
     """A module produced NaN or Inf: ``layer``, ``phase`` (``"forward"`` / ``"backward"``), ``call`` (which call
     of the layer in its forward of the model, from 0; the message names it as FX does: ``relu_1`` for call 1) and
-    the ``stats`` of the offending tensor tell where and what."""
+    the ``stats`` of the offending tensor tell where and what; ``rank``: under ``torch.distributed``, the rank whose
+    data made it (``monitor`` raises it on every rank together), else None."""
 
-    def __init__(self, message: str, *, layer: str, phase: str, call: int, stats: Any) -> None:
+    def __init__(self, message: str, *, layer: str, phase: str, call: int, stats: Any,
+                 rank: int | None = None) -> None:
         super().__init__(message)
         self.layer = layer
         self.phase = phase
         self.call = call
         self.stats = stats
+        self.rank = rank
 
 
 class ExtractError(HookkitError, RuntimeError):

@@ -12,7 +12,9 @@ of the weights taken when a recorded step begins; all of these exist only during
 tensor is a DTensor) are reduced over ranks in one SUM and one MAX ``all_reduce`` before any statistic is finished
 (``_Reduction``), so that each statistic is the whole run's. Each recorded step (and each step with an alert)
 becomes one record, a plain dict (schema in ``_sinks``), handed by rank 0 to the sinks (``_sinks.make_sinks``:
-JSONL, TensorBoard, W&B, callables). ``_plot.summary_table`` renders the run at the end.
+JSONL, TensorBoard, W&B, callables). ``_plot.summary_table`` renders the run at the end. Under ``torch.distributed``
+the ranks agree on each step's non-finite verdict in ``step()`` (``_agreed_alerts``; never inside a hook, whose calls
+depend on a rank's data), so that every rank calls the same collectives and warns, raises or stops at the same step.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
         histograms: also hand histograms to the sinks (TensorBoard, W&B; the JSONL file keeps bin counts).
         on_nonfinite: at the first NaN or Inf in a selected layer's output, on any step: ``"warn"`` (a warning
             naming the step and layer), ``"raise"`` (``NonFiniteError``; the hooks come off), or ``"stop"`` (stop
-            watching and set ``mon.should_stop``, for the loop to ``break``). The alert is also a record.
+            watching and set ``mon.should_stop``, for the loop to ``break``). The alert is also a record. Under
+            ``torch.distributed`` the ranks agree on it at each ``step()``: every rank warns, raises (naming the
+            rank and layer, ``NonFiniteError.rank``) or stops at the same step, whichever rank's data made it.
         ops: also check, on every step, each functional op and tensor method in the selected layers' own
             ``forward`` code (as ``check_finite(ops=True)``), so that the alert names the op that made the first
             non-finite value (``'2.sqrt' (torch.sqrt)``) as well as its layer. Costs one sum per op per step.
@@ -105,6 +109,10 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
     parallel (``parallelize_module``, every rank the same batch): a layer output that is the same on every rank
     counts once, one sharded over the ranks counts as the whole. Two-dimensional meshes (HSDP, FSDP2 with tensor
     parallel) and pipeline parallel are not supported yet.
+    Every rank runs the monitor and calls ``step()`` once per step: each ``step()`` takes one all_reduce of one
+    number, until the run's first non-finite step (whose alerts every rank then gathers: rank 0's records and every
+    rank's ``mon.alerts`` hold the alert of each rank that saw one, ``alert["rank"]`` naming it), and recorded steps
+    their reduction (one SUM and one MAX all_reduce).
 
     Raises:
         LayerNotFoundError: a layer that the model does not have, before any hook is registered.
@@ -156,6 +164,7 @@ class Monitor:
         self.records: list[dict[str, Any]] = []
         self.alerts: list[dict[str, Any]] = []
         self.should_stop = False
+        self._alerted = False  # the run had its first non-finite step, the same on every rank
         self.steps = 0  # mon.step() calls so far: the current step's number
         self._finite = _Finite()
         self._light: Engine | None = None
@@ -221,29 +230,38 @@ class Monitor:
         if not self._entered or self._closed:
             raise RuntimeError("mon.step() is called inside `with hookkit.monitor(...) as mon:`.")
         step = self.steps
-        alert = self._finite.end_step(step)
-        record = self._finish_record(step) if self.recording else None
-        if alert is not None and not self.alerts:  # the first non-finite output of the run
-            self.alerts.append(alert)
+        alert = self._finite.end_step(step, rank=_rank() if _world_size() > 1 else None)
+        # Every rank takes the same path whatever its own data showed: the verdict is agreed between ranks here, at
+        # a point each rank reaches once per step in the same order (never inside a hook), until the run's first
+        # non-finite step; after it, as in one process, later ones are not reported.
+        alerts = [] if self._alerted else _agreed_alerts(alert)
+        self._alerted = bool(alerts) or self._alerted
+        recorded = self.recording
+        record = self._finish_record(step) if recorded else None
+        if alerts:  # the first non-finite step of the run: every rank's alert of that step, in rank order
+            self.alerts.extend(alerts)
             if record is None:
                 record = self._empty_record(step)
-            record["alerts"].append(alert)
+            record["alerts"].extend(alerts)
         if record is not None:
-            record = _reduced(record)
+            # an alert-only record has no statistics to reduce; every rank holds the same alerts
+            record = _reduced(record) if recorded else record if _rank() == 0 else None
             if record is not None:  # rank 0
                 self.records.append({k: v for k, v in record.items() if k != "histograms"})
                 for sink in self._sinks:
                     sink.write(record)
         self.steps += 1
-        if alert is not None and alert is self.alerts[0]:
+        if alerts:
+            first, message = alerts[0], _verdict(alerts)
             if self.on_nonfinite == "raise":
                 self.close()
-                raise NonFiniteError(alert["message"], layer=alert["where"], phase="forward", call=0, stats=None)
+                raise NonFiniteError(message, layer=first["where"], phase="forward", call=0, stats=None,
+                                     rank=first["rank"] if _world_size() > 1 else None)
             if self.on_nonfinite == "stop":
                 self.should_stop = True
                 self.close()
                 return
-            warnings.warn(alert["message"], stacklevel=2)
+            warnings.warn(message, stacklevel=2)
         if self.steps % self.every == 0:
             self._arm()
 
@@ -384,26 +402,29 @@ class _Finite:
                 self.sums.append((name, site if isinstance(site, OpSite) else None, call, total))
                 return
 
-    def end_step(self, step: int) -> dict[str, Any] | None:
+    def end_step(self, step: int, *, rank: int | None) -> dict[str, Any] | None:
         """The alert for the first non-finite output of this step (in execution order: an op inside a layer comes
-        before the layer's own output), else None."""
+        before the layer's own output), else None. ``rank``: this process's, named in the message, under
+        ``torch.distributed`` with more than one rank; else None (the alert's ``"rank"`` is 0)."""
         sums, self.sums = self.sums, []
         if not sums or bool(torch.isfinite(torch.stack([s[-1] for s in sums]).cpu()).all()):
             return None
         name, site, call, _ = next(item for item in sums if not bool(torch.isfinite(item[-1])))
         name = name.removeprefix("module.")
+        when = f"step {step}" if rank is None else f"step {step}, rank {rank}"
+        this = "this step" if rank is None else "this step on this rank"
+        alert = {"kind": "nonfinite", "step": step, "rank": rank or 0}
         if site is None:
-            return {"kind": "nonfinite", "step": step, "where": name, "op": None, "what": "activation",
-                    "message": f"step {step}: {call_name(name, call)!r} produced NaN or Inf in forward, the first "
-                               "of the watched layers to do so in this step. monitor(..., ops=True) names the op "
+            return {**alert, "where": name, "op": None, "what": "activation",
+                    "message": f"{when}: {call_name(name, call)!r} produced NaN or Inf in forward, the first "
+                               f"of the watched layers to do so in {this}. monitor(..., ops=True) names the op "
                                "too, or hookkit.check_finite(model) on this step's batch."}
         where = site.scope.removeprefix("module.")
         scope = f"{where!r} ({site.scope_cls})" if where else f"the model's own forward ({site.scope_cls})"
-        return {"kind": "nonfinite", "step": step, "where": where, "op": f"{name} ({site.label})",
-                "what": "activation",
-                "message": f"step {step}: {call_name(name, call)!r} ({site.label}) in {scope} produced NaN or "
+        return {**alert, "where": where, "op": f"{name} ({site.label})", "what": "activation",
+                "message": f"{when}: {call_name(name, call)!r} ({site.label}) in {scope} produced NaN or "
                            "Inf in forward, the first of the watched layers and their ops to do "
-                           "so in this step."}
+                           f"so in {this}."}
 
 
 class _Collect:
@@ -610,3 +631,31 @@ def _check_layout(model: nn.Module) -> bool:
 def _reduced(record: dict[str, Any]) -> dict[str, Any] | None:
     """The record on rank 0 (its statistics are already the whole run's: ``_Reduction``), None on the other ranks."""
     return record if _rank() == 0 else None
+
+
+def _agreed_alerts(alert: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """This step's alerts of every rank, in rank order, the same list on every rank; ``[]`` when no rank saw a
+    non-finite output. Under ``torch.distributed`` (more than one rank) every rank calls this at every step, whatever
+    its own data showed: one all_reduce of one number (the lowest rank that saw one, or the world size), and only
+    when some rank did, an ``all_gather_object`` of the alerts, which every rank then calls too."""
+    if _world_size() == 1:
+        return [] if alert is None else [alert]
+    dist = torch.distributed
+    world = dist.get_world_size()
+    first = torch.tensor([world if alert is None else dist.get_rank()], dtype=torch.int64,
+                         device=_collective_device())
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if int(first.item()) == world:
+        return []
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, alert)
+    return [a for a in gathered if a is not None]
+
+
+def _verdict(alerts: list[dict[str, Any]]) -> str:
+    """The warning or error of a non-finite step: the first rank's alert, naming the other ranks that saw one."""
+    message = alerts[0]["message"]
+    if len(alerts) > 1:
+        others = ", ".join(f"rank {a['rank']} too ({a['where']!r})" for a in alerts[1:])
+        message += f" Non-finite outputs in the same step on {others}; mon.alerts holds every rank's alert."
+    return message

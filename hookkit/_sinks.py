@@ -14,11 +14,14 @@ The record (a plain dict; built by ``_monitor``)::
      "params": {"layer1.0.conv1.weight": {"grad_norm": float | None, "weight_norm": float,
                                           "update_ratio": float | None}},
      "histograms": {"layer1/activation": np.ndarray, "layer1.0.conv1.weight/grad": np.ndarray},  # or {}
-     "alerts": [{"kind": "nonfinite", "step": 100, "where": "layer1", "op": None, "what": "activation",
-                 "message": str}]}
+     "alerts": [{"kind": "nonfinite", "step": 100, "rank": 0, "where": "layer1", "op": None,
+                 "what": "activation", "message": str}]}
 
 ``alerts[i]["where"]`` is the layer; ``"op"`` is None, or with ``monitor(..., ops=True)`` the op inside that layer's
 ``forward`` that made the first non-finite value, as its node name and label: ``"layer1.0.add (Tensor.add_)"``.
+``"rank"`` is the ``torch.distributed`` rank whose data made it (0 in one process); under ``torch.distributed`` the
+record holds the alert of every rank that saw a non-finite value in that step, in rank order, and the message names
+the rank.
 
 The JSON Lines schema (``monitor.jsonl``, read back by ``read_jsonl``) is the record itself, one per line, with:
 
