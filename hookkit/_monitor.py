@@ -398,7 +398,9 @@ class _Finite:
         for t in _tree.leaves(output):
             if (t.is_floating_point() or t.is_complex()) and t.numel() and t.device.type != "meta":
                 with torch.no_grad():
-                    total = t.detach().sum(dtype=torch.complex128 if t.is_complex() else torch.float64)
+                    # this rank's shard of a DTensor output (tensor parallel): a DTensor's sum would be a Partial
+                    # one, reduced by a collective later; the ranks agree on the verdict in Monitor.step()
+                    total = _local(t.detach()).sum(dtype=torch.complex128 if t.is_complex() else torch.float64)
                 self.sums.append((name, site if isinstance(site, OpSite) else None, call, total))
                 return
 

@@ -71,7 +71,7 @@ def run(mode: str, batch: int) -> dict:
         return refuse_2d()
     rank, world = dist.get_rank(), dist.get_world_size()
     model: nn.Module = make_model()
-    data_parallel = mode != "tp"
+    data_parallel = not mode.startswith("tp")
     if mode in ("ddp", "ddp_nosync"):
         model = nn.parallel.DistributedDataParallel(model)
     elif mode in ("fsdp", "fsdp_bf16"):
@@ -81,12 +81,14 @@ def run(mode: str, batch: int) -> dict:
         fully_shard(model.fc1, mp_policy=mp)
         fully_shard(model.fc2, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-    elif mode == "tp":
+    elif mode in ("tp", "tp_dtensor"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+        # tp_dtensor: fc1 and act hand DTensors on (use_local_output=False), sharded over the hidden features
+        dtensors = mode == "tp_dtensor"
         parallelize_module(model, init_device_mesh("cpu", (world,)),
-                           {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+                           {"fc1": ColwiseParallel(use_local_output=not dtensors), "fc2": RowwiseParallel()})
     else:
         raise SystemExit(f"unknown mode {mode}")
     opt = torch.optim.SGD(model.parameters(), lr=LR)

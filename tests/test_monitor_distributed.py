@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _monitor_dist_worker as worker  # noqa: E402
 
-MODES = ["ddp", "ddp_nosync", "fsdp", "fsdp_bf16", "tp", "refuse_2d"]
+MODES = ["ddp", "ddp_nosync", "fsdp", "fsdp_bf16", "tp", "tp_dtensor", "refuse_2d"]
 
 
 def launch(tmp: Path, nproc: int, batch: int, modes: list[str]) -> dict[str, dict]:
@@ -97,7 +97,7 @@ def check(got: dict, batch: int, micros: int, *, rel: float, zero_abs: float = 1
             assert stepped[name] == pytest.approx(ref["stepped"][name], rel=rel), name
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp_nosync", "fsdp", "tp"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp_nosync", "fsdp", "tp", "tp_dtensor"])
 def test_two_ranks_log_the_global_batchs_statistics(two_ranks, mode):
     check(two_ranks[mode], 8, worker.MICRO if mode == "ddp_nosync" else 1, rel=1e-4)
 
