@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Cost of op-node capture and of copy-on-write snapshots (issue 10), vs a bare forward, raw hooks and torchlens (CPU).
+"""Cost of op-node capture and of copy-on-write snapshots, vs a bare forward, raw hooks and torchlens (CPU).
 
 Run by hand (not part of the test suite):
 
