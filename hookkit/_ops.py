@@ -563,7 +563,7 @@ class OpTaps:
                 state.counts[path] = n + 1
                 k = state.calls[path] = state.calls.get(path, 0) + 1  # this module's own k-th call
                 if n:
-                    name = f"{path}_{n}"
+                    name = call_name(path, n)
                     if self.on_name is not None:
                         self.on_name(name, Node("call", m, path, k))
                     if name in self.wanted and self.begin is not None:
@@ -640,7 +640,7 @@ class OpTaps:
         counts = self.state.counts
         n = counts.get(key, 0)
         counts[key] = n + 1
-        name = key if n == 0 else f"{key}_{n}"
+        name = call_name(key, n)
         if self.on_name is not None:
             self.on_name(name, Node("op", OpSite(func, frame.path, type(frame.module).__name__), frame.path, 0))
         if (name not in self.wanted and not self.tap_all) or self.begin is None or self.end is None:
