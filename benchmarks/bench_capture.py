@@ -350,7 +350,7 @@ def bench_tiny(cfg: dict[str, Any], results: dict[str, Any]) -> None:
 
 def _tiny_breakdown(model: nn.Module, x: torch.Tensor, linears: list, make: Callable, cfg: dict, results: dict) -> None:
     """Precise per-piece costs: one hook call, and the pieces of a `with hookkit.capture(...)` block."""
-    from hookkit._select import check_model, resolve  # private, only to attribute the cost
+    from hookkit.core.select import check_model, resolve  # private, only to attribute the cost
 
     n_calls, rep = cfg["micro_number"], cfg["micro_repeat"]
     n_blk = max(20, n_calls // 200)

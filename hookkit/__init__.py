@@ -3,14 +3,21 @@
     with hookkit.capture(model, ["conv1", "layer4"]) as cap:
         model(x)
     cap["conv1"]
+
+This file is the whole public API. The package's map:
+
+    core/        the engine: every hook registration (engine, handles, op taps), layer selection, snapshots,
+                 nested outputs, hook census, torch shims, argument checks, stats, atomic file writing
+    record/      capture() and its result; save / load / merge and the checks of saved files
+    debug/       trace(), check_finite(), summary(), graph()
+    extraction/  extract(): row stores, token files, ranks, resume, the background writer; feature grids
+    monitoring/  monitor(): statistics per step, sinks (JSON Lines, TensorBoard, W&B), plots
+    intervene/   hooks(), patch / add / ablate, patching_sweep()
+    cli/         the ``hookkit`` command and its loaders of models, images and texts
+    _errors.py   every hookkit exception; _version.py the version
 """
 
-__version__ = "0.1.0"
-
-from ._capture import Capture, Store, capture, concat_calls
-from ._census import hook_census
-from ._edits import Edits, ablate, add, edits, patch
-from ._errors import (
+from hookkit._errors import (
     ArgumentError,
     ArgumentTypeError,
     CommandLineError,
@@ -29,17 +36,21 @@ from ._errors import (
     SummaryError,
     UnsupportedModelError,
 )
-from ._extract import Features, extract
-from ._graph import AutogradGraph, GraphNode, graph
-from ._grid import feature_grid, save_feature_grid
-from ._hooks import Hooks, hooks
-from ._monitor import Monitor, monitor
-from ._plot import plot_run
-from ._saved import ReadOnlyCapture, load, merge
-from ._select import layer_names
-from ._summary import Summary, SummaryRow, summary
-from ._sweep import Sweep, patching_sweep
-from ._trace import CheckFinite, Trace, TraceEvent, check_finite, trace
+from hookkit._version import __version__
+from hookkit.core.census import hook_census
+from hookkit.core.select import layer_names
+from hookkit.debug.graph import AutogradGraph, GraphNode, graph
+from hookkit.debug.summary import Summary, SummaryRow, summary
+from hookkit.debug.trace import CheckFinite, Trace, TraceEvent, check_finite, trace
+from hookkit.extraction.extract import Features, extract
+from hookkit.extraction.grid import feature_grid, save_feature_grid
+from hookkit.intervene.edits import Edits, ablate, add, edits, patch
+from hookkit.intervene.hooks import Hooks, hooks
+from hookkit.intervene.sweep import Sweep, patching_sweep
+from hookkit.monitoring.monitor import Monitor, monitor
+from hookkit.monitoring.plot import plot_run
+from hookkit.record.capture import Capture, Store, capture, concat_calls
+from hookkit.record.saved import ReadOnlyCapture, load, merge
 
 __all__ = [
     "capture",

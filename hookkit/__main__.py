@@ -1,6 +1,6 @@
 """``python -m hookkit``: the same command as the ``hookkit`` console script."""
 
-from .cli import main
+from hookkit.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import hookkit
-from hookkit import _monitor
+from hookkit.monitoring import monitor as _monitor
 
 
 def train(rank: int) -> dict:

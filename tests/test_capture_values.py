@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import hookkit
-from hookkit._tree import map_leaves
+from hookkit.core.tree import map_leaves
 
 from _optional import needs_torchvision, torchvision
 from conftest import NestedOutputs, Out, Pair, SharedReLU, hook_census

@@ -15,8 +15,8 @@ import torch.nn as nn
 from rich.console import Console
 
 import hookkit
-from hookkit._models import ModelSpecError, load_model
 from hookkit.cli import DEMO_LAYERS, demo_image, main, run, run_demo
+from hookkit.cli.models import ModelSpecError, load_model
 
 from _optional import needs_torchvision, torchvision
 from conftest import hook_count

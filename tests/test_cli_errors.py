@@ -75,7 +75,7 @@ def test_library_value_and_lookup_errors_are_bugs_too(error, leaf_model, monkeyp
 
 def test_a_bug_in_a_hook_hookkit_registered_is_not_blamed_on_the_users_input(leaf_model, monkeypatch, capsys):
     # The forward runs inside hookkit.trace(); the model is fine, hookkit's own hook fails.
-    monkeypatch.setattr(hookkit._trace, "tensor_stats", internal_type_error)
+    monkeypatch.setattr(hookkit.debug.trace, "tensor_stats", internal_type_error)
     code = main(["trace", leaf_model, "--input-shape", "2,3"])
     err = capsys.readouterr().err
     assert_reported_as_a_bug(code, err, "TypeError: unsupported operand")
@@ -96,7 +96,7 @@ def test_raised_by_hookkit_tells_hookkit_frames_from_the_users():
     def in_hookkit(module, args):
         raise TypeError("hookkit's bug")
 
-    # The hook's code claims to live in hookkit/_capture.py, as a hook hookkit registered would.
+    # The hook's code claims to live in hookkit/record/capture.py, as a hook hookkit registered would.
     in_hookkit.__code__ = in_hookkit.__code__.replace(co_filename=str(Path(hookkit.__file__).parent / "_capture.py"))
     for hook, ours in [(user_forward, False), (in_hookkit, True)]:
         model = nn.Linear(2, 2)

@@ -18,8 +18,8 @@ importorskip_torchvision()
 from PIL import Image  # noqa: E402  (comes with torchvision)
 
 import hookkit  # noqa: E402
-from hookkit._images import ImageFiles  # noqa: E402
 from hookkit.cli import run  # noqa: E402
+from hookkit.cli.images import ImageFiles  # noqa: E402
 
 
 def make_images(root: Path, n: int = 7) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import hookkit._images
 import hookkit.cli
+import hookkit.cli.images
 from hookkit.cli import main, run
 
 from _optional import needs_torchvision
@@ -159,7 +159,7 @@ def test_the_input_limit_is_half_the_physical_memory(monkeypatch, leaf_models, c
 def test_an_image_size_too_large_for_memory_is_refused_before_any_image_is_decoded(tmp_path, capsys, monkeypatch,
                                                                                  no_model_built):
     data = make_images(tmp_path / "imgs")
-    monkeypatch.setattr(hookkit._images.ImageFiles, "__getitem__",
+    monkeypatch.setattr(hookkit.cli.images.ImageFiles, "__getitem__",
                         lambda self, i: pytest.fail("an image was decoded before the size was checked"))
     out = tmp_path / "out"
     assert main(extract_args(data, out, "--image-size", "100000")) == 2

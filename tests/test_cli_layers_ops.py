@@ -268,7 +268,7 @@ class Net(nn.Module):
 @needs_torchvision
 @pytest.mark.parametrize("spec", ["netmodels:make", "colliding:Net", "torchvision:resnet18"])
 def test_each_node_is_an_op_exactly_where_fx_makes_a_function_or_method_node(spec, netmodels, user_module):
-    from hookkit._models import load_model
+    from hookkit.cli.models import load_model
 
     user_module("colliding", COLLIDING_MODULE)
     shape = "1,3,32,32" if spec.startswith("torchvision:") else "2,4"

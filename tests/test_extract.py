@@ -307,7 +307,7 @@ def test_progress_bar_only_on_a_terminal_with_rate_and_bytes():
 
     from rich.console import Console
 
-    from hookkit._extract import _progress
+    from hookkit.extraction.extract import _progress
 
     assert _progress(True, 3, Console(file=io.StringIO())) is None  # a file / pipe / CI: silent
     assert _progress(False, 3, Console(file=io.StringIO(), force_terminal=True)) is None

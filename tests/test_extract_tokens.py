@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 import hookkit
-from hookkit import _fs, _npy, _rowstore
+from hookkit.core import fs as _fs
+from hookkit.extraction import npy as _npy
+from hookkit.extraction import rowstore as _rowstore
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ["net.1", "net.3"]

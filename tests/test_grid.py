@@ -23,7 +23,7 @@ torchvision = importorskip_torchvision()
 from PIL import Image
 
 import hookkit
-from hookkit._grid import _VIRIDIS, feature_grid, save_feature_grid
+from hookkit.extraction.grid import _VIRIDIS, feature_grid, save_feature_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "feature_maps.py"

@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from hookkit import HookkitError
-from hookkit._images import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, ImageFolderError, write_file_list
+from hookkit.cli.images import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, ImageFolderError, write_file_list
 
 # Created in this order, which is not the sorted order, so a dataset that kept the filesystem's order would fail.
 EXPECTED_FILES = [

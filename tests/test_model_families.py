@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import hookkit
-from hookkit._tree import leaves
+from hookkit.core.tree import leaves
 
 from _optional import importorskip_torchvision
 from conftest import hook_census

@@ -2,9 +2,9 @@
 log scales for norms and ratios, marks non-finite values and alerts; ``summary_table`` shows last / range / first
 non-finite per layer; ``hookkit plot`` prints the table, writes the PNG, and turns every problem into exit code 2.
 
-The runs are synthetic ``monitor.jsonl`` files written here, in the format ``hookkit._sinks`` writes (non-finite
-floats as ``"nan"`` / ``"inf"`` strings or ``null``), so these tests do not depend on the monitor itself; the
-example that does is run at the end, once ``hookkit.monitor`` exists.
+The runs are synthetic ``monitor.jsonl`` files written here, in the format ``hookkit.monitoring.sinks`` writes
+(non-finite floats as ``"nan"`` / ``"inf"`` strings or ``null``), so these tests do not depend on the monitor itself;
+the example that does is run at the end, once ``hookkit.monitor`` exists.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from rich.console import Console
 import hookkit
 import hookkit.cli.plot
 from hookkit import HookkitError, PlotError
-from hookkit._plot import MAX_LINES, _draw, plot_run, read_run, summary_table
 from hookkit.cli import run
+from hookkit.monitoring.plot import MAX_LINES, _draw, plot_run, read_run, summary_table
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 needs_matplotlib = pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
@@ -420,7 +420,7 @@ def test_the_monitor_training_example_runs_and_its_bad_head_stands_out(tmp_path)
 
 # -- with the real writer and monitor ------------------------------------------------------------------------------
 def test_what_the_jsonl_sink_writes_is_read_back_with_its_non_finite_values(tmp_path):
-    from hookkit._sinks import JsonlSink
+    from hookkit.monitoring.sinks import JsonlSink
 
     sink = JsonlSink(tmp_path / "monitor.jsonl")
     for step, value in ((0, 1.0), (5, math.nan), (10, math.inf)):

@@ -1,5 +1,5 @@
-"""hookkit.monitor()'s sinks (hookkit/_sinks.py), on synthetic records: the JSON Lines schema read back (also after
-kill -9), TensorBoard events read back by tensorboard's own EventAccumulator, a W&B offline run read back from its
+"""hookkit.monitor()'s sinks (hookkit/monitoring/sinks.py), on synthetic records: the JSON Lines schema read back (also
+after kill -9), TensorBoard events read back by tensorboard's own EventAccumulator, a W&B offline run read back from its
 own .wandb file with wandb's own protobuf schema, callables, and make_sinks' choices and errors.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hookkit._sinks import (
+from hookkit.monitoring.sinks import (
     CallableSink,
     JsonlSink,
     Sink,
@@ -162,7 +162,7 @@ _WRITER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, sys.argv[2])
     from test_monitor_sinks import record
-    from hookkit._sinks import JsonlSink
+    from hookkit.monitoring.sinks import JsonlSink
     sink = JsonlSink(sys.argv[1])
     step = 0
     while True:

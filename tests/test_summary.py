@@ -16,7 +16,7 @@ from rich.console import Console
 
 import hookkit
 from hookkit import Summary, SummaryError, SummaryRow, summary
-from hookkit._stats import describe
+from hookkit.core.stats import describe
 
 from _optional import needs_torchvision, torchvision
 from conftest import NestedOutputs, SharedReLU, hook_census
@@ -41,7 +41,7 @@ def raw_calls(model: nn.Module, *inputs, **kwargs) -> list[dict]:
         def post(mod, args, output):
             call = stack.pop()
             assert call["module"] is mod
-            tensors = [output] if isinstance(output, torch.Tensor) else hookkit._tree.leaves(output)
+            tensors = [output] if isinstance(output, torch.Tensor) else hookkit.core.tree.leaves(output)
             call["shapes"] = tuple(tuple(t.shape) for t in tensors)
             call["text"] = describe(output, stats=False)
             first = tensors[0].detach().double() if tensors else None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hookkit
-from hookkit._tree import map_leaves
+from hookkit.core.tree import map_leaves
 
 from _optional import importorskip_torchvision
 from conftest import hook_census

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hookkit import _tree
+from hookkit.core import tree as _tree
 
 Point = namedtuple("Point", ["x", "y"])
 

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from .._errors import HookkitError
-from .._models import load_model
-from ._inputs import Interrupted, one_line
-from ._parser import build_parser
-from .demo import DEMO_LAYERS, demo_image, run_demo
+from hookkit._errors import HookkitError
+from hookkit.cli._inputs import Interrupted, one_line
+from hookkit.cli._parser import build_parser
+from hookkit.cli.demo import DEMO_LAYERS, demo_image, run_demo
+from hookkit.cli.models import load_model
 
 __all__ = ["main", "run", "run_demo", "demo_image", "DEMO_LAYERS", "load_model"]
 

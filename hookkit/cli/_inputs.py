@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._errors import CommandLineError, HookkitError
-from .._models import load_model
-from .._stats import fmt_bytes
+from hookkit._errors import CommandLineError, HookkitError
+from hookkit.cli.models import load_model
+from hookkit.core.stats import fmt_bytes
 
 __all__ = [
     "MODEL_HELP",
@@ -155,6 +155,8 @@ def forward(model: nn.Module, x: torch.Tensor) -> Any:
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # hookkit/
 _CLI = Path(__file__).resolve().parent  # hookkit/cli/
+# The CLI's loaders are hookkit's code too: a failure inside them is a bug, not the user's model or input.
+_CLI_LOADERS = {_CLI / "images.py", _CLI / "texts.py", _CLI / "models.py"}
 
 
 def raised_by_hookkit(exc: BaseException) -> bool:
@@ -164,7 +166,7 @@ def raised_by_hookkit(exc: BaseException) -> bool:
         return True
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         path = Path(frame.f_code.co_filename).resolve()
-        if path.is_relative_to(_PACKAGE) and not path.is_relative_to(_CLI):
+        if path.is_relative_to(_PACKAGE) and (not path.is_relative_to(_CLI) or path in _CLI_LOADERS):
             return True
     return False
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import __version__
-from . import demo, extract, layers, plot, summary, trace
+from hookkit._version import __version__
+from hookkit.cli import demo, extract, layers, plot, summary, trace
 
 __all__ = ["build_parser"]
 

@@ -19,14 +19,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .. import _tree
-from .._capture import capture
-from .._census import hook_census
-from .._errors import CommandLineError
-from .._images import IMAGENET_MEAN, IMAGENET_STD
-from .._select import Layers, resolve
-from .._stats import fmt_num, tensor_stats
-from ._inputs import MODEL_HELP, build_model, raised_by_hookkit, seed, weights_note
+from hookkit._errors import CommandLineError
+from hookkit.cli._inputs import MODEL_HELP, build_model, raised_by_hookkit, seed, weights_note
+from hookkit.cli.images import IMAGENET_MEAN, IMAGENET_STD
+from hookkit.core import tree as _tree
+from hookkit.core.census import hook_census
+from hookkit.core.select import Layers, resolve
+from hookkit.core.stats import fmt_num, tensor_stats
+from hookkit.record.capture import capture
 
 __all__ = ["run_demo", "demo_image", "DEMO_LAYERS"]
 

@@ -7,8 +7,8 @@ image; ``DIR/lines.txt``: its input line).
 ``hookkit._images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit._texts``
 (``read_documents``, the Hugging Face model folder's tokenizer and model, ``TokenizedTexts`` with its padding
 collate; transformers imported when used). Every option is checked, the input read and the index compared with the
-one in ``--out`` before a file is written; ``_extract`` then hands a DataLoader to ``extract`` and prints what it
-wrote (and how many rows an earlier run had written). Ctrl-C keeps the rows written and raises ``Interrupted``
+one in ``--out`` before a file is written; ``extraction.extract`` then hands a DataLoader to ``extract`` and prints what
+it wrote (and how many rows an earlier run had written). Ctrl-C keeps the rows written and raises ``Interrupted``
 with their number and the command that resumes; ``hookkit.cli.run`` prints it as one line, exit code 130.
 """
 
@@ -25,9 +25,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .._errors import CommandLineError, HookkitError
-from .._select import resolve
-from ._inputs import MODEL_HELP, Interrupted, build_model, check_fits, count, positive_int, seed, writable_folder
+from hookkit._errors import CommandLineError, HookkitError
+from hookkit.cli._inputs import (
+    MODEL_HELP,
+    Interrupted,
+    build_model,
+    check_fits,
+    count,
+    positive_int,
+    seed,
+    writable_folder,
+)
+from hookkit.core.select import resolve
 
 __all__: list[str] = []  # run through `hookkit extract`
 
@@ -103,7 +112,7 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
 def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
     from torch.utils.data import DataLoader
 
-    from .._images import ImageFiles, write_file_list
+    from hookkit.cli.images import ImageFiles, write_file_list
 
     side = args.image_size or _IMAGE_SIZE
     images = ImageFiles(args.data, image_size=side)
@@ -127,7 +136,7 @@ def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
 def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
     from torch.utils.data import DataLoader
 
-    from .. import _texts
+    from hookkit.cli import texts as _texts
 
     if args.pool not in _TEXT_POOLS:
         raise CommandLineError(f"--pool {args.pool} with --text: a document's tokens do not flatten into rows of "
@@ -176,8 +185,8 @@ def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, rows:
     """``extract`` into ``out``, and what an earlier run of the command had done there (a note for the summary:
     resumed from k rows, or already finished). Ctrl-C becomes ``Interrupted``: the rows kept and the command that
     resumes."""
-    from .._extract import extract
-    from .._rowstore import rows_written
+    from hookkit.extraction.extract import extract
+    from hookkit.extraction.rowstore import rows_written
 
     done, finished = rows_written(out)
     try:

@@ -23,9 +23,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .._errors import CommandLineError, LayerNotFoundError
-from .._select import _GLOB_CHARS, _glob_regex, resolve, resolve_nodes
-from ._inputs import (
+from hookkit._errors import CommandLineError, LayerNotFoundError
+from hookkit.cli._inputs import (
     add_model_and_input_args,
     build_model,
     forward,
@@ -33,6 +32,7 @@ from ._inputs import (
     positive_int,
     weights_note,
 )
+from hookkit.core.select import _GLOB_CHARS, _glob_regex, resolve, resolve_nodes
 
 __all__: list[str] = []  # run through `hookkit layers`
 
@@ -111,7 +111,7 @@ def _discover(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str | None, 
     call, ``(name, path, k)`` for the k-th call of the leaf module ``path``, ``(name, None, 0)`` for an op node.
     (The name alone cannot tell: an op shares a leaf module's counter, so FX names ``F.relu`` after a call of module
     ``S.relu`` in ``S``'s forward ``"S.relu_1"``, as it would the module's second call.)"""
-    from .._ops import discover_nodes  # the op machinery loads only when a forward is asked for
+    from hookkit.core.ops import discover_nodes  # the op machinery loads only when a forward is asked for
 
     kinds = {"module": lambda n: (None, 1), "call": lambda n: (n.path, n.call), "op": lambda n: (None, 0)}
     return [(name, *kinds[node.kind](node)) for name, node in discover_nodes(model, (x,), {})]

@@ -17,8 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .._errors import CommandLineError, PlotError
-from .._plot import STATS, check_png, check_stats, matplotlib_figure, read_run, save_png, summary_table
+from hookkit._errors import CommandLineError, PlotError
+from hookkit.monitoring.plot import STATS, check_png, check_stats, matplotlib_figure, read_run, save_png, summary_table
 
 __all__: list[str] = []  # run through `hookkit plot`
 

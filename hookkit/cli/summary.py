@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from ._inputs import add_model_and_input_args, forward, model_and_input, positive_int
+from hookkit.cli._inputs import add_model_and_input_args, forward, model_and_input, positive_int
 
 __all__: list[str] = []  # run through `hookkit summary`
 
@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_summary(args: argparse.Namespace, console: Console) -> int:
-    from .._summary import summary
+    from hookkit.debug.summary import summary
 
     model, x = model_and_input(args)
     forward(model, x)  # a clear one-line error for an input the model rejects, before the table

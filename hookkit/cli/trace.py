@@ -13,9 +13,9 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .. import _tree
-from .._errors import CommandLineError
-from ._inputs import add_model_and_input_args, forward, model_and_input
+from hookkit._errors import CommandLineError
+from hookkit.cli._inputs import add_model_and_input_args, forward, model_and_input
+from hookkit.core import tree as _tree
 
 __all__: list[str] = []  # run through `hookkit trace`
 
@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
-    from .._trace import trace
+    from hookkit.debug.trace import trace
 
     model, x = model_and_input(args)
     with trace(model, args.layers, console=console, backward=args.backward, stats=not args.no_stats) as t:

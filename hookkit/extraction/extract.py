@@ -1,0 +1,575 @@
+"""``extract()``: features of a whole dataset, streamed to ``.npy`` files, resumable, and split across torchrun ranks.
+
+``extract()`` reads as its steps: check the options (``_checked_layers``), fingerprint the call
+(``extraction.fingerprint``), open a store (``extraction.rowstore``: ``MemoryRows``, or the ``.npy`` folder
+``NpyFolder`` with its manifest, progress files and lock), take this rank's share of the batches
+(``extraction.shards.share``), run the loop (``_run``), finish the store. This module owns what turns a layer's output
+into rows: the listener ``_Rows`` (select, pool, dtype, at hook time) and ``_forward_rows``, the one place that builds
+and enters the hook engine for a forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, HookkitError
+from hookkit.core import check as _check
+from hookkit.core import tree as _tree
+from hookkit.core.engine import Engine
+from hookkit.core.select import check_model, resolve
+from hookkit.core.snapshot import shares_memory
+from hookkit.core.stats import fmt_bytes
+from hookkit.extraction.fingerprint import call_settings
+from hookkit.extraction.rowstore import Features, MemoryRows, NpyFolder, Rows, RowStore, TokenRows
+from hookkit.extraction.shards import Batch, RoundRobin, ranks, sample_count, share
+from hookkit.extraction.writer import Background
+
+__all__ = ["extract", "Features"]
+
+Pool = None | str | Callable[[torch.Tensor], torch.Tensor]
+Select = None | int | str | Callable[[Any], torch.Tensor] | Mapping[str, Any]
+Mask = None | bool | str | Callable[[Any], torch.Tensor]
+_POOLS = (None, "avg", "max", "flatten", "cls")
+
+
+def extract(
+    model: nn.Module,
+    layers: str | list[str],
+    data: Iterable[Any],
+    *,
+    out: str | os.PathLike | None = None,
+    pool: Pool = None,
+    select: Select = None,
+    dtype: torch.dtype | str | None = None,
+    mask: Mask = None,
+    dataset_id: str | None = None,
+    progress: bool = True,
+    stop: bool = True,
+) -> Features:
+    """Features of every sample of ``data`` at the given layers, in dataset order; streamed to ``out`` if given.
+
+    Example:
+        >>> import torch, torch.nn as nn, hookkit
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> data = [torch.randn(3, 4) for _ in range(5)]           # 5 batches of 3 samples
+        >>> feats = hookkit.extract(model, ["1"], data, progress=False)
+        >>> feats["1"].shape
+        (15, 8)
+
+    Args:
+        model: the ``nn.Module``; run in eval mode under ``torch.inference_mode()`` (its mode is restored after,
+            also on error), on the device of its parameters.
+        layers: layer names or globs (as ``capture``); each must run once per forward.
+        data: a DataLoader or any iterable of batches: a tensor, a tuple/list whose first item is the model input
+            (labels etc. are ignored), or a dict of keyword inputs (Hugging Face style). Empty batches are skipped.
+        out: a folder: one ``.npy`` per layer (N rows, readable by ``numpy.load(path, mmap_mode="r")`` without
+            hookkit; named after the layer, ``feats.path(layer)``) and ``manifest.json``. Written batch by batch;
+            an interrupted run, called again the same way (any batch size, any number of ranks), computes only
+            the rows still missing; a finished run returns at once; another model, other options or other data
+            (length, first sample, ``dataset_id``) are refused. One process per rank may write into ``out`` at a
+            time. A background thread writes batch k while batch k + 1 runs (at most 2 batches wait); a batch is
+            recorded as done only once its rows are synced to disk, so a crash or a power cut loses at most the
+            batches not yet recorded, and those are computed again.
+        pool: per sample, keep the whole activation (``None``), ``"avg"`` / ``"max"`` over spatial dims
+            ([N, C, H, W]) or tokens ([N, T, D]), ``"flatten"``, ``"cls"`` (first token), or a callable. With a
+            mask (see ``mask``), ``"avg"`` and ``"max"`` over tokens use only the valid tokens (``"avg"`` is
+            sentence-transformers' mean pooling: the sum of the valid token states over their number), so a
+            sample's features do not depend on what it was batched with (a sample with no valid token, its mask
+            all zeros, is refused with an ``ExtractError`` naming it: it has no max and no mean); ``"cls"``,
+            ``"flatten"`` and callables are unchanged; and ``None`` stores only the valid tokens, flat (a ragged
+            layer: ``feats[layer]`` is [total valid tokens, ...], ``feats.offsets(layer)`` the N + 1 offsets,
+            ``feats.tokens(layer, i)`` sample i's tokens; on disk ``<layer>.npy`` and ``<layer>.offsets.npy``,
+            plain numpy).
+        select: which tensor of a structured output (tuple, dict, ModelOutput): an index, a key, a callable, or a
+            ``{layer: choice}`` dict. Default: the first tensor.
+        dtype: storage dtype, e.g. ``torch.float16`` (halves the disk). numpy has no bfloat16: a bfloat16 layer
+            is stored as float32 unless ``dtype`` says otherwise, and ``dtype=torch.bfloat16`` is refused.
+        mask: which tokens of a batch are valid, [N, T] (nonzero = valid). Default (``None``): a dict batch's
+            ``"attention_mask"`` (Hugging Face style), if it has one. A key of dict batches, or a callable that
+            gets the batch as the data yielded it and returns the mask; ``False``: no mask (pool over padding
+            too). A mask applies to outputs whose first two dims are the mask's [N, T].
+        dataset_id: your name for the data (e.g. ``"imagenet-val@2024-05"``), kept in the manifest; a resumed
+            run with another ``dataset_id`` is refused. hookkit checks the data's length and first sample only.
+        progress: a rich progress bar on a terminal (never in CI or a pipe).
+        stop: end each forward once every selected layer has run (early layers cost only what they cost). The
+            first batch a call computes runs the whole forward, to refuse a layer that runs twice.
+
+    Under ``torchrun``, rank r computes batches r, r + W, r + 2W, ... and writes only its rows; the files are
+    identical to a one-process run. If torchrun started the processes (``WORLD_SIZE`` > 1) and the default process
+    group is not initialised, ``extract`` joins it (gloo on CPU, NCCL on a GPU) and leaves it joined. With a
+    DataLoader over a map-style dataset each rank loads only the batches it computes (and the first batch, to check
+    sample 0), with the loader's own batches, collate_fn and workers; a resumed run loads only what is missing.
+    Other data is read by every rank, which skips what it does not compute (a warning says so).
+
+    Returns:
+        ``Features``: ``feats[layer]`` -> numpy array (memmap with ``out``), ``feats.manifest``.
+
+    Raises:
+        ExtractError: empty data, a batch the model rejects (naming its index), a layer that never runs or runs
+            twice, a sample with no valid token under ``pool="avg"``/``"max"`` (naming the sample), rows whose
+            shape changes, an unwritable or full disk, ``out`` holding a run with other arguments or data, or
+            another process writing into ``out``. Rows already written stay.
+        LayerNotFoundError, TypeError, ValueError: bad layers or options, before anything runs or is written.
+    """
+    check_model(model)
+    _check.instance("hookkit.extract", "data", data, Iterable, "an iterable of batches (a DataLoader, a list)")
+    _check.path("hookkit.extract", "out", out, none=True)
+    _check.flag("hookkit.extract", progress=progress, stop=stop)
+    torch_dtype = _checked_options(pool, dtype, dataset_id, mask)
+    rank, world, dist = ranks(_device(model))
+    names = _checked_layers(model, layers, select, out=out, world=world)
+    listener = _Rows(select, pool, torch_dtype, mask)
+    store: RowStore
+    if out is None:
+        store = MemoryRows(names)
+    else:
+        settings = call_settings(model, names, pool=pool, select=select, dtype=torch_dtype, stop=stop,
+                                 dataset_id=dataset_id, mask=mask)
+        store = NpyFolder(Path(out), names, settings, sample_count(data), rank=rank, world=world, dist=dist)
+    with store:
+        finished = store.resume()
+        if finished is not None:
+            return finished
+        batches = share(data, rank=rank, world=world, done=store.done_rows())
+        _run(model, names, batches, listener, store, stop=stop, progress=progress and rank == 0)
+        return store.finish(*batches.totals())
+
+
+# -- options ----------------------------------------------------------------------------------------------------------
+
+def _checked_options(pool: Pool, dtype: Any, dataset_id: Any, mask: Any) -> torch.dtype | None:
+    """The options that need no model: ``pool``, ``dtype`` (returned as a torch dtype), ``dataset_id``, ``mask``."""
+    if not (mask is None or mask is False or isinstance(mask, str) or (callable(mask) and mask is not True)):
+        raise ArgumentTypeError(f"mask={mask!r}: use None (a dict batch's 'attention_mask', if any), a key of dict "
+                                "batches, a callable that returns the batch's [N, T] mask, or False for no mask.")
+    if not callable(pool) and not any(pool is p or pool == p for p in _POOLS):
+        raise ArgumentError(f"pool={pool!r}: use None, 'avg', 'max', 'flatten', 'cls' or a callable.")
+    torch_dtype = _torch_dtype(dtype)
+    if dataset_id is not None and not isinstance(dataset_id, str):
+        raise ArgumentTypeError(f"dataset_id={dataset_id!r}: use a string that names your data, e.g. "
+                                "'imagenet-val@v2'.")
+    return torch_dtype
+
+
+def _checked_layers(model: nn.Module, layers: str | list[str], select: Select, *, out: Any, world: int) -> list[str]:
+    """The layer names (model and names checked first), ``select``'s keys against them, and ``out`` under
+    torchrun: everything is refused before anything runs or is written."""
+    names = [n for ns in resolve(model, layers).values() for n in ns]
+    if any(n == "" for n in names):
+        raise ArgumentError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
+    _check_select(select, names)
+    if world > 1 and out is None:
+        raise ArgumentError("under torchrun each rank computes only its share of the batches: pass out=DIR so that "
+                            "every rank writes its rows into the same files.")
+    return names
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        result = dtype
+    else:
+        try:
+            result = getattr(torch, np.dtype(dtype).name)
+        except (TypeError, AttributeError):
+            result = None
+    if result is not None:
+        try:
+            torch.empty(0, dtype=result).numpy()
+        except TypeError:
+            result = None
+    if result is None:
+        raise ArgumentError(f"dtype={dtype!r} is not a dtype numpy (and so a .npy file) can hold; use e.g. "
+                            "torch.float16 (half the size; bfloat16 has no numpy type) or torch.float32.")
+    return result
+
+
+def _check_select(select: Select, names: list[str]) -> None:
+    """Types and layer keys of ``select``, before anything runs (what it picks is seen on the first batch)."""
+    if isinstance(select, Mapping):
+        for key, choice in select.items():
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=3)
+                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ArgumentError(f"select has a key {key!r} that is not one of the extracted layers "
+                                    f"({', '.join(map(repr, names))}); key it by layer name.{hint}")
+            _check_choice(choice, f"select[{key!r}]")
+    else:
+        _check_choice(select, "select")
+
+
+def _check_choice(choice: Any, where: str) -> None:
+    if choice is None or callable(choice) or (isinstance(choice, (int, str)) and not isinstance(choice, bool)):
+        return
+    raise ArgumentTypeError(f"{where}={choice!r}: use an index (int), a key (str), a callable, or a "
+                            "{layer: choice} dict.")
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------------
+
+def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Rows, store: RowStore, *, stop: bool,
+         progress: bool) -> None:
+    """Every batch of ``batches`` goes through the model if this rank computes it (eval mode, inference mode;
+    each module's mode restored after, also on error) and its rows to ``store.write``, in a background writer for a
+    store on disk (``extraction.writer``) while the next batch runs; the data's first batch also goes to
+    ``store.first_sample``."""
+    device = _device(model)
+    images = written = 0
+    whole_forward_done = False
+    bar = _progress(progress, batches.total)
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode: a wrapper may differ from its model
+    host = _HostCopies(device)
+    writer = Background() if store.background else None
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                # once per batch it needs (a mask= callable runs once), not for batches only read to be skipped
+                mask = _batch_mask(listener.mask_option, batch, device) if batch.first or batch.mine else None
+                if batch.first:
+                    store.first_sample(batch.args, batch.kwargs, batch.n, mask)
+                if not batch.mine:
+                    if bar is not None:
+                        bar.update(batch.index + 1, images, written)
+                    continue
+                # The first batch runs the whole forward even with stop=True: a layer that runs again later in
+                # the forward is refused instead of having its first call extracted silently.
+                rows = _batch_rows(model, names, listener, batch, device, mask, stop=stop,
+                                   stop_now=stop and whole_forward_done)
+                whole_forward_done = True
+                job = functools.partial(_write, store, batch.first_row, host.start(rows), batch.index)
+                if writer is None:
+                    job()
+                else:
+                    writer.submit(job)
+                images += batch.n
+                written += sum(_nbytes(v) for v in rows.values())
+                if bar is not None:
+                    bar.update(batch.index + 1, images, written)
+        if writer is not None:
+            closing: Background = writer
+            writer = None
+            closing.close()  # every queued batch written; a writer's error is raised here
+    finally:
+        if writer is not None:  # an error in the loop: still write the batches computed before it, then raise it
+            with contextlib.suppress(Exception):
+                writer.close()
+        for m, mode in modes:
+            m.training = mode
+        if bar is not None:
+            bar.stop()
+
+
+def _write(store: RowStore, first_row: int, rows: Callable[[], dict[str, Rows]], index: int) -> None:
+    store.write(first_row, rows(), batch=index)
+
+
+def _nbytes(value: torch.Tensor | _Tokens) -> int:
+    if isinstance(value, _Tokens):
+        return value.flat.nbytes + value.counts.nbytes
+    return value.nbytes
+
+
+class _HostCopies:
+    """Each batch's rows to the host. On CPU there is nothing to copy. On a GPU the copies go into pinned buffers on
+    a side stream (after the work that made the rows), so that batch k's copy and write overlap batch k + 1's
+    forward; ``start`` returns a function the writer calls, which waits for the copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, rows: dict[str, torch.Tensor | _Tokens]) -> Callable[[], dict[str, Rows]]:
+        if self.stream is None:
+            return functools.partial(_numpy, {k: _tree.map_leaves(lambda t: t.cpu(), v) for k, v in rows.items()})
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        host: dict[str, torch.Tensor | _Tokens] = {}
+        with torch.cuda.stream(stream):
+            for name, value in rows.items():
+                host[name] = _tree.map_leaves(lambda t: _pinned_copy(t, stream), value)
+        event = torch.cuda.Event()
+        event.record(stream)
+
+        def ready() -> dict[str, Rows]:
+            event.synchronize()
+            return _numpy(host)
+        return ready
+
+
+def _pinned_copy(t: torch.Tensor, stream: Any) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # the caching allocator must not hand t's memory out before the copy ran
+    return out
+
+
+def _numpy(rows: dict[str, torch.Tensor | _Tokens]) -> dict[str, Rows]:
+    return {name: TokenRows(v.flat.numpy(), v.counts.numpy()) if isinstance(v, _Tokens) else v.numpy()
+            for name, v in rows.items()}
+
+
+def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batch, device: torch.device,
+                mask: torch.Tensor | None, *, stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _Tokens]:
+    """One batch's rows of every layer (``mask``: its valid tokens), where the model made them; a failing model or
+    a layer that did not run is an ExtractError naming the batch."""
+    listener.start_batch(batch, mask)
+    try:
+        _forward_rows(model, names, listener, stop_now, _to_device(batch.args, device),
+                      _to_device(batch.kwargs, device))
+    except HookkitError:
+        raise
+    except Exception as exc:
+        past_the_layers = stop and not stop_now and all(name in listener.batch for name in names)
+        if not past_the_layers:  # else: a failure after the last layer, where stop would have ended
+            raise ExtractError(f"the model failed on batch {batch.index} ({batch.n} samples): "
+                               f"{type(exc).__name__}: {exc}") from exc
+    missing = [name for name in names if name not in listener.batch]
+    if missing:
+        raise ExtractError(f"{', '.join(map(repr, missing))} did not run on batch {batch.index}: nothing was "
+                           "written for it. Check that the layer is on the forward path for this input.")
+    return dict(listener.batch)
+
+
+def _forward_rows(model: nn.Module, names: list[str], listener: _Rows, stop: bool, args: tuple, kwargs: dict) -> None:
+    """One forward of ``model`` with ``listener`` told of ``names``' outputs, keeping nothing (``stop``: end the
+    forward once they all ran). The one place that builds and enters the hook engine for extract."""
+    cap = Engine(model, names, listener=listener, keep=False, stop=stop)
+    with cap:
+        model(*args, **kwargs)
+
+
+# -- from a layer's output to rows ------------------------------------------------------------------------------------
+
+class _Tokens(NamedTuple):
+    """A ragged layer's rows of one batch, where the model made them: the valid tokens, flat, and how many each
+    sample has."""
+
+    flat: torch.Tensor
+    counts: torch.Tensor
+
+
+def _batch_mask(option: Mask, batch: Batch, device: torch.device) -> torch.Tensor | None:
+    """The batch's [N, T] mask of valid tokens (bool, on ``device``), as ``mask=`` says; None for no mask."""
+    if option is False:
+        return None
+    where = f"mask={option!r}"
+    if option is None:
+        mask = batch.kwargs.get("attention_mask")
+        if mask is None:
+            return None
+        where = "its 'attention_mask'"
+    elif isinstance(option, str):
+        if not isinstance(batch.raw, Mapping):
+            raise ExtractError(f"mask={option!r} is a key of dict batches, but batch {batch.index} is a "
+                               f"{type(batch.raw).__name__}: pass a callable that returns its [N, T] mask.")
+        if option not in batch.kwargs:
+            raise ExtractError(f"mask={option!r}: batch {batch.index} has no such key (it has "
+                               f"{', '.join(map(repr, batch.kwargs))}); name the key of its [N, T] mask.")
+        mask = batch.kwargs[option]
+    else:
+        mask = option(batch.raw)  # type: ignore[operator]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch.n:
+        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ExtractError(f"the mask of batch {batch.index} ({where}) is {found}; expected [N, T] with N = "
+                           f"{batch.n} samples (nonzero = a valid token). Pass mask= a key or a callable that gives "
+                           "one, or mask=False to use every token.")
+    return (mask != 0).to(device, non_blocking=True)
+
+
+def _masked(t: torch.Tensor, pool: Pool, mask: torch.Tensor | None, layer: str,
+            no_valid_token: Callable[[str], None]) -> torch.Tensor | _Tokens | None:
+    """``pool`` over the valid tokens of ``t`` when the mask applies (``t`` is [N, T, ...] with the mask's [N, T]),
+    else None (pooled as if there were no mask). ``"avg"`` and ``"max"`` first call ``no_valid_token(layer)``, which
+    refuses a sample whose mask is all zeros."""
+    if mask is None or not (pool is None or pool == "avg" or pool == "max"):
+        return None
+    if t.dim() < 2 or t.shape[:2] != mask.shape:
+        if t.dim() == 3 and pool is not None:
+            raise ExtractError(
+                f"{layer!r} gives tokens {tuple(t.shape)}, but the batch's mask is {tuple(mask.shape)}: pool={pool!r} "
+                "cannot tell its padding. Pass mask= a callable that gives this layer's [N, T] mask, or mask=False "
+                "to pool over every token.")
+        return None
+    if pool is None:
+        return _Tokens(t[mask], mask.sum(dim=1))  # a sample without valid tokens has none: well defined
+    no_valid_token(layer)
+    if pool == "avg":  # sentence-transformers' mean pooling, op for op
+        expanded = mask.view(*mask.shape, *(1,) * (t.dim() - 2)).expand(t.shape).to(t.dtype)
+        return torch.sum(t * expanded, 1) / torch.clamp(expanded.sum(1), min=1e-9)
+    lowest = torch.finfo(t.dtype).min if t.is_floating_point() else torch.iinfo(t.dtype).min
+    return t.masked_fill(~mask.view(*mask.shape, *(1,) * (t.dim() - 2)), lowest).amax(dim=1)
+
+
+def _pool(t: torch.Tensor, pool: Pool, layer: str) -> torch.Tensor:
+    if pool is None:
+        return t
+    if callable(pool):
+        return pool(t)
+    if pool == "flatten":
+        return t.reshape(t.shape[0], -1)
+    if t.dim() <= 2:
+        if pool == "cls":
+            raise ExtractError(f"pool='cls' needs token outputs [N, T, D]; {layer!r} gives {tuple(t.shape)}.")
+        return t
+    if pool == "cls":
+        if t.dim() != 3:
+            raise ExtractError(f"pool='cls' needs token outputs [N, T, D]; {layer!r} gives {tuple(t.shape)}.")
+        return t[:, 0]
+    # [N, T, D] tokens: reduce T; [N, C, *spatial]: reduce the spatial dims.
+    dims = (1,) if t.dim() == 3 else tuple(range(2, t.dim()))
+    return t.mean(dim=dims) if pool == "avg" else t.amax(dim=dims)
+
+
+def _selector(select: Select, layer: str) -> Callable[[Any], Any]:
+    choice = select.get(layer) if isinstance(select, Mapping) else select
+    if choice is None:
+        return lambda out: out
+    if callable(choice):
+        return choice
+
+    def pick(out: Any) -> Any:
+        try:
+            return out[choice]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(choice, str) and hasattr(out, choice):
+                return getattr(out, choice)
+            raise ExtractError(f"select={choice!r} does not pick anything from {layer!r}'s output, a "
+                               f"{type(out).__name__}.") from None
+    return pick
+
+
+def _first_tensor(value: Any, layer: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    found = _tree.leaves(value)
+    if not found:
+        raise ExtractError(f"{layer!r} produced no tensor ({type(value).__name__}); pick one with select=.")
+    return found[0]
+
+
+class _Rows:
+    """The listener: turns each selected layer's output into this batch's rows, at hook time (before any later
+    in-place op can change it)."""
+
+    def __init__(self, select: Select, pool: Pool, dtype: torch.dtype | None, mask: Mask) -> None:
+        self.select = select
+        self.pool = pool
+        self.dtype = dtype
+        self.mask_option = mask
+        self.selectors: dict[str, Callable[[Any], Any]] = {}
+        self.batch: dict[str, torch.Tensor | _Tokens] = {}
+        self.n = 0
+        self.mask: torch.Tensor | None = None  # this batch's
+        self._where: Batch | None = None
+        self._empty: list[int] | None = None  # rows of this batch whose mask is all zeros, once asked for
+
+    def start_batch(self, batch: Batch, mask: torch.Tensor | None) -> None:
+        self.batch = {}
+        self.n = batch.n
+        self.mask = mask
+        self._where = batch
+        self._empty = None
+
+    def _no_valid_token(self, layer: str) -> None:
+        """Refuse to pool (avg or max over the valid tokens) a batch in which a sample has none: its max would be
+        the dtype's lowest number and its mean 0 / 0, neither a feature of the sample. Raised at hook time, so
+        nothing of this batch is written; one sync per batch, only when such a pool meets a mask."""
+        if self._empty is None:
+            assert self.mask is not None  # noqa: S101 - called only when a mask applies
+            self._empty = torch.nonzero(~self.mask.any(dim=1)).flatten().tolist()
+        if not self._empty or self._where is None:
+            return
+        batch, rows = self._where, self._empty
+        samples = ", ".join(str(batch.first_row + r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ExtractError(
+            f"sample{'s' * (len(rows) > 1)} {samples} (row {rows[0]} of batch {batch.index}) "
+            f"{'have' if len(rows) > 1 else 'has'} no valid token: {'their' if len(rows) > 1 else 'its'} mask is all "
+            f"zeros, so pool={self.pool!r} over the valid tokens of {layer!r} has no value (the max of no token, "
+            "the mean 0 / 0). Nothing of this batch was written; the rows before it are kept. Leave empty samples "
+            "out of the data, or pass mask=False to pool over every token, or pool=None to keep each sample's valid "
+            "tokens (none for such a sample).")
+
+    def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
+        pass
+
+    def grad(self, *args: Any) -> None:  # pragma: no cover - extract never records gradients
+        pass
+
+    def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
+        name = where[0]
+        if name in self.batch:
+            raise ExtractError(
+                f"{name!r} ran more than once in one forward pass, and extract stores one row per sample. Pick a "
+                "layer that runs once (hookkit.trace shows the calls), or use hookkit.capture for every call.")
+        pick = self.selectors.get(name) or self.selectors.setdefault(name, _selector(self.select, name))
+        t = _first_tensor(pick(output), name)
+        masked = _masked(t, self.pool, self.mask, name, self._no_valid_token)
+        if isinstance(masked, _Tokens):
+            flat = masked.flat.float() if masked.flat.dtype == torch.bfloat16 and self.dtype is None else masked.flat
+            self.batch[name] = _Tokens(flat if self.dtype is None else flat.to(self.dtype), masked.counts)
+            return  # t[mask] is a copy: no later in-place op reaches it
+        rows = _pool(t, self.pool, name) if masked is None else masked
+        if not isinstance(rows, torch.Tensor) or rows.dim() == 0 or rows.shape[0] != self.n:
+            raise ExtractError(f"{name!r}: expected a tensor with one row per sample ({self.n}), got "
+                               f"{getattr(rows, 'shape', type(rows).__name__)}; check pool= / select=.")
+        if rows.dtype == torch.bfloat16 and self.dtype is None:
+            rows = rows.float()  # numpy has no bfloat16
+        if self.dtype is not None:
+            rows = rows.to(self.dtype)
+        if shares_memory(rows, t):
+            rows = rows.clone()  # a view of the live activation (at any offset): copy before an in-place op
+        self.batch[name] = rows
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return _tree.map_leaves(lambda t: t.to(device, non_blocking=True), value)
+
+
+# -- the progress bar -------------------------------------------------------------------------------------------------
+
+class _Bar:
+    """A rich progress bar on a terminal: batches done of total, ETA, images/s and bytes written."""
+
+    def __init__(self, total: int | None, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self._task = self._progress.add_task("extract", total=total, info="")
+        self._start = time.perf_counter()
+        self._progress.start()
+
+    def update(self, batches: int, images: int, written: int) -> None:
+        rate = images / max(time.perf_counter() - self._start, 1e-9)
+        self._progress.update(self._task, completed=batches,
+                              info=f"{rate:,.0f} images/s · {fmt_bytes(written)} written")
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _progress(enabled: bool, total: int | None, console: Any = None) -> _Bar | None:
+    """The bar, only when asked for and writing to a terminal: silent in CI, pipes and files."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    return _Bar(total, console) if enabled and console.is_terminal else None

@@ -1,0 +1,329 @@
+"""The data side of ``extract()``: how a batch becomes model input and a range of rows, which batches this rank
+computes, and which process group it belongs to.
+
+``_extract.extract()`` asks ``ranks(device)`` for (rank, world, ``torch.distributed``): under torchrun a process
+that has not joined its process group yet joins it here (or is refused), so that a job is never run whole on every
+rank. ``extract()`` then builds one share per call with ``share(data, rank=, world=, done=)``, ``done`` being the
+row ranges its store (``extraction.rowstore``) already holds, and ``extraction.extract._run`` iterates it: it gets a
+``Batch`` for each non-empty batch this rank loads: its index, its rows ``[first_row, stop_row)``, the model's ``args``
+/ ``kwargs``, ``mine`` (whether this rank computes it) and ``first`` (the data's first non-empty batch, whose sample 0
+the store checks against its manifest). After the loop, ``totals()`` gives the number of batches and rows the whole data
+held, which the store needs to finish its files.
+
+Batch i is computed by rank ``i % world`` unless its rows are all in ``done``; two shares make that assignment:
+
+* ``Sampled``, for a ``torch.utils.data.DataLoader`` over a map-style dataset with automatic batching (the common
+  case): the index lists of ``loader.batch_sampler`` give every batch's rows without loading anything, and a new
+  DataLoader with the user's settings loads only the batches this rank computes, plus the data's first batch for the
+  sample-0 check. A sampler whose order changes from pass to pass (``shuffle=True``) is refused here.
+* ``RoundRobin``, for anything else (lists, generators, ``IterableDataset``, ``batch_size=None``, DataLoader
+  subclasses): every rank reads every batch, as that is the only way to know where its rows go; ``share()`` warns
+  once when that means reading batches only to skip them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from hookkit._errors import ExtractError
+from hookkit.core import tree as _tree
+
+__all__ = ["Batch", "RoundRobin", "Sampled", "share", "ranks", "model_input", "sample_count"]
+
+
+# -- ranks ------------------------------------------------------------------------------------------------------------
+
+def ranks(device: torch.device | None = None) -> tuple[int, int, Any]:
+    """(rank, world size, ``torch.distributed``) under torchrun; (0, 1, None) in a plain process.
+
+    A process that torchrun started (``WORLD_SIZE`` > 1 in its environment) but that has not called
+    ``torch.distributed.init_process_group`` joins its group here: backend ``nccl`` when ``device`` (where the model
+    runs) is a GPU, else ``gloo``. The group stays joined after ``extract()`` returns (leaving and joining again on
+    the same port is fragile); ``torch.distributed.destroy_process_group()`` leaves it. If the group cannot be joined
+    this is an ``ExtractError``: running the whole job on every rank would write every row ``WORLD_SIZE`` times.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist
+    world = _launched_world()
+    if world <= 1:
+        return 0, 1, None
+    _join(world, device)
+    return dist.get_rank(), dist.get_world_size(), dist
+
+
+def _launched_world() -> int:
+    """``WORLD_SIZE`` as torchrun sets it; 1 when unset."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    try:
+        return int(value)
+    except ValueError:
+        raise ExtractError(f"WORLD_SIZE={value!r} in the environment is not a number of processes: torchrun sets "
+                           "it to one; unset it to run a single process.") from None
+
+
+def _join(world: int, device: torch.device | None) -> None:
+    dist = torch.distributed
+    said = (f"WORLD_SIZE={world} in the environment says torchrun started {world} processes, and this one has not "
+            "joined their process group")
+    fix = ("Call torch.distributed.init_process_group() yourself before extract() (torchrun sets RANK, "
+           "MASTER_ADDR and MASTER_PORT for it), or unset WORLD_SIZE to run a single process.")
+    if not dist.is_available():
+        raise ExtractError(f"{said}, and this torch has no torch.distributed to join it with: every rank would "
+                           f"compute the whole data. Install a torch built with distributed support, or unset "
+                           "WORLD_SIZE to run a single process.")
+    cuda = device is not None and device.type == "cuda"
+    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    options: dict[str, Any] = {}
+    # device_id (torch >= 2.3) binds the NCCL communicator to the model's GPU at once instead of guessing it from
+    # the rank at the first collective.
+    if cuda and backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+        options["device_id"] = torch.device("cuda", index)
+    try:
+        dist.init_process_group(backend, **options)
+    except Exception as exc:
+        raise ExtractError(f"{said}; joining it failed: init_process_group({backend!r}) raised "
+                           f"{type(exc).__name__}: {exc}. {fix}") from exc
+
+
+# -- batches ----------------------------------------------------------------------------------------------------------
+
+def model_input(batch: Any, index: int) -> tuple[tuple, dict, int]:
+    """A batch as the model's (args, kwargs) and its number of samples."""
+    args: tuple
+    kwargs: dict
+    if isinstance(batch, torch.Tensor):
+        args, kwargs = (batch,), {}
+    elif isinstance(batch, dict):
+        args, kwargs = (), dict(batch)
+    elif isinstance(batch, (tuple, list)) and batch:
+        args, kwargs = (batch[0],), {}
+    else:
+        raise ExtractError(f"batch {index} is a {type(batch).__name__}: expected a tensor, a tuple/list whose first "
+                           "item is the model input, or a dict of keyword inputs.")
+    tensors = _tree.leaves((args, kwargs))
+    if not tensors or tensors[0].dim() == 0:
+        raise ExtractError(f"batch {index} holds no batched tensor to count its samples.")
+    return args, kwargs, int(tensors[0].shape[0])
+
+
+def sample_count(data: Any) -> int | None:
+    """How many samples ``data`` holds, when that is known without iterating (a DataLoader's map-style dataset)."""
+    dataset = getattr(data, "dataset", None)
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+@dataclass
+class Batch:
+    """One non-empty batch of the data: rows ``[first_row, stop_row)`` of the output, and whether this rank
+    computes them (``mine``)."""
+
+    index: int
+    first_row: int
+    args: tuple
+    kwargs: dict
+    n: int
+    mine: bool
+    first: bool = False  # the data's first non-empty batch: its first sample is checked against the manifest
+    raw: Any = None  # the batch as the data gave it (for a mask= callable)
+
+    @property
+    def stop_row(self) -> int:
+        return self.first_row + self.n
+
+
+def _covers(ranges: list[list[int]], a: int, b: int) -> bool:
+    return any(lo <= a and b <= hi for lo, hi in ranges)
+
+
+# -- shares -----------------------------------------------------------------------------------------------------------
+
+class RoundRobin:
+    """Batch i is computed by rank ``i % world``, unless its rows are all in ``done`` (sorted, disjoint
+    ``[start, stop)`` ranges). Every batch is read, by every rank: that is how a rank knows where its rows go."""
+
+    def __init__(self, data: Iterable[Any], *, rank: int, world: int, done: list[list[int]]) -> None:
+        self.data = data
+        self.rank = rank
+        self.world = world
+        self.done = done
+        try:
+            self.total: int | None = len(data)  # type: ignore[arg-type]  # batches, for a progress bar
+        except TypeError:
+            self.total = None
+        self.batches = 0  # read so far, empty ones included
+        self.rows = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        first = True
+        for index, batch in enumerate(self.data):
+            self.batches += 1
+            args, kwargs, n = model_input(batch, index)
+            first_row = self.rows
+            self.rows += n
+            if n == 0:
+                continue  # an empty batch: no rows
+            mine = index % self.world == self.rank and not _covers(self.done, first_row, self.rows)
+            yield Batch(index, first_row, args, kwargs, n, mine, first, batch)
+            first = False
+
+    def totals(self) -> tuple[int, int]:
+        """(batches, rows) of the whole data, once iterated; empty data is refused."""
+        if self.batches == 0:
+            raise ExtractError("data yielded no batches: nothing to extract (is the dataset empty?).")
+        if self.rows == 0:
+            raise ExtractError(f"all {self.batches} batches of data were empty: nothing to extract.")
+        return self.batches, self.rows
+
+
+@dataclass
+class _Planned:
+    """A batch ``Sampled`` loads: its place in the data and its index list."""
+
+    index: int
+    first_row: int
+    indices: Any
+    mine: bool
+    first: bool
+
+
+# The DataLoader settings a rebuilt loader copies: everything but what says which samples form a batch (dataset,
+# batch_size, shuffle, sampler, batch_sampler, drop_last), which the chosen index lists replace. The list follows
+# DataLoader.__init__ of torch 2.13 / 2.14 (each is stored under its own name; ``multiprocessing_context`` is a
+# property giving the context back) and accelerate's ``skip_first_batches`` (accelerate/data_loader.py, which
+# copies ``_PYTORCH_DATALOADER_KWARGS`` minus the same sampler options). A setting this torch's DataLoader does not
+# take (``in_order`` before 2.6) is left out.
+_LOADER_SETTINGS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                    "generator", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
+
+
+class Sampled(RoundRobin):
+    """The same assignment as ``RoundRobin``, for a DataLoader over a map-style dataset with a ``batch_sampler``:
+    the index lists say where every batch's rows go, so this rank loads only the batches it computes, and the
+    data's first non-empty batch (``first=True``, ``mine=False`` unless it computes it) so that every rank checks
+    sample 0 before it writes. Built before anything runs (a sampler with another order on each pass is refused
+    then), so ``total`` and ``totals()`` are known before any batch is loaded. A ``RoundRobin`` for the loop
+    (``extraction.extract._run`` takes one): the same ``__iter__`` / ``total`` / ``totals()``, another way to load."""
+
+    def __init__(self, loader: DataLoader, *, rank: int, world: int, done: list[list[int]]) -> None:
+        super().__init__(loader, rank=rank, world=world, done=done)
+        self.loader = loader
+        self.plan: list[_Planned] = []
+        batches = rows = 0
+        first = True
+        index_lists = cast(Iterable[Any], loader.batch_sampler)  # share() sends only a DataLoader that has one
+        for index, indices in enumerate(_one_order(index_lists, loader)):
+            n = len(indices)
+            batches += 1
+            first_row, rows = rows, rows + n
+            if n == 0:
+                continue  # an empty index list: no rows, nothing to load
+            mine = index % world == rank and not _covers(done, first_row, rows)
+            if mine or first:
+                self.plan.append(_Planned(index, first_row, indices, mine, first))
+            first = False
+        self.total, self.batches, self.rows = batches, batches, rows
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.plan:
+            return
+        settings = inspect.signature(DataLoader.__init__).parameters
+        options = {k: getattr(self.loader, k) for k in _LOADER_SETTINGS if k in settings and hasattr(self.loader, k)}
+        part = DataLoader(self.loader.dataset, batch_sampler=[p.indices for p in self.plan], **options)
+        for planned, batch in zip(self.plan, part, strict=True):
+            args, kwargs, n = model_input(batch, planned.index)
+            if n != len(planned.indices):
+                raise ExtractError(
+                    f"batch {planned.index} holds {n} samples, but the DataLoader's batch_sampler gave it "
+                    f"{len(planned.indices)} indices: a collate_fn that changes the number of samples (drops, adds "
+                    "or splits them) cannot be split across ranks or resumed, since each batch's rows are placed "
+                    "from its index list without loading the batches before it. Make collate_fn return one sample "
+                    "per index (filter bad samples in the Dataset instead), or pass the batches as a plain iterable "
+                    "(e.g. `(b for b in loader)`) to have every batch read on every rank.")
+            yield Batch(planned.index, planned.first_row, args, kwargs, n, planned.mine, planned.first, batch)
+
+
+def _one_order(sampler: Iterable[Any], loader: DataLoader) -> Iterator[Any]:
+    """The items of one pass over ``sampler``, checked against a second pass taken alongside (so nothing is held):
+    an order that differs (``shuffle=True``, a ``RandomSampler``) is refused."""
+    end = object()
+    for position, (a, b) in enumerate(itertools.zip_longest(iter(sampler), iter(sampler), fillvalue=end)):
+        if a is end or b is end or _as_list(a) != _as_list(b):
+            raise ExtractError(
+                f"the DataLoader's sampler ({type(loader.sampler).__name__}) gives another order on each pass "
+                f"(they differ at item {position}): shuffle=True or a random sampler. extract() keeps the "
+                "sampler's order (row i is the i-th sample it gives), and a run must see the same order again to "
+                "be split across ranks or resumed. Pass shuffle=False, or a sampler with a fixed order.")
+        yield a
+
+
+def _as_list(item: Any) -> Any:
+    return list(item) if isinstance(item, (list, tuple)) else item
+
+
+def _not_split(data: Any) -> str | None:
+    """Why ``data`` is not a DataLoader that ``Sampled`` can split (None when it is)."""
+    if not isinstance(data, DataLoader):
+        kind = "a list" if isinstance(data, list) else "a generator" if inspect.isgenerator(data) else \
+            f"a {type(data).__name__}"
+        return f"the data is {kind}, not a DataLoader"
+    if type(data) is not DataLoader:
+        return f"the data is a DataLoader subclass ({type(data).__name__}), whose loading hookkit cannot rebuild"
+    if isinstance(data.dataset, IterableDataset):
+        return "the DataLoader's dataset is an IterableDataset, which has no index to load a batch by"
+    if data.batch_sampler is None:
+        return "the DataLoader has batch_size=None, so it has no batch_sampler to say which samples form a batch"
+    return None
+
+
+def _check_distributed_sampler(loader: DataLoader) -> None:
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    for sampler in samplers:
+        if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
+            raise ExtractError(
+                f"the DataLoader's sampler is a DistributedSampler over {sampler.num_replicas} replicas: it gives "
+                "each rank another part of the data, and extract() splits the data between ranks itself (rank r "
+                "computes batches r, r + W, ...), so rows would land in the wrong places. Pass a DataLoader over "
+                "the whole dataset without a DistributedSampler.")
+
+
+def share(data: Iterable[Any], *, rank: int, world: int, done: list[list[int]]) -> RoundRobin:
+    """This rank's share of ``data``: the batches it computes, and the data's first batch where it checks it.
+
+    A DataLoader over a map-style dataset with a batch size is split without loading the other ranks' batches
+    (``Sampled``); anything else is read whole on every rank (``RoundRobin``), with one warning, pointing at the
+    caller of ``extract()``, when that reads batches only to skip them (``world > 1``, or a resumed run).
+    """
+    why = _not_split(data)
+    if isinstance(data, DataLoader) and type(data) is DataLoader and not isinstance(data.dataset, IterableDataset):
+        _check_distributed_sampler(data)
+        if why is None:
+            return Sampled(data, rank=rank, world=world, done=done)
+        for _ in _one_order(data.sampler, data):  # batch_size=None: each sample is a batch, in the sampler's order
+            pass
+    if world > 1 or done:
+        skipped = " and ".join((["the other ranks' batches"] if world > 1 else [])
+                               + (["the batches already written"] if done else []))
+        warnings.warn(
+            f"extract() reads every batch of this data on every rank, and skips {skipped}, because {why}: that "
+            "loading is repeated work. Pass a torch.utils.data.DataLoader over a map-style dataset (one with "
+            "__len__ and __getitem__) with a batch_size, and each rank loads only the batches it computes.",
+            stacklevel=3)  # extract() -> share() -> warn: the warning names the line that called extract()
+    return RoundRobin(data, rank=rank, world=world, done=done)

@@ -1,0 +1,185 @@
+"""Ragged layers on disk: each sample's valid tokens, flat, with offsets saying whose they are.
+
+A finished ragged layer is two plain ``.npy`` files: ``<layer>.npy`` of shape [total valid tokens, ...] and
+``<layer>.offsets.npy`` (N + 1 int64): sample i's tokens are rows ``offsets[i]:offsets[i + 1]``.
+
+While a run is unfinished the tokens cannot be at their final place: where sample i's tokens start depends on the
+length of every sample before it, which another rank (or a later run) may compute. So ``extraction.rowstore.NpyFolder``
+keeps, per ragged layer and rank, a ``TokenFiles``: the rank appends its tokens to its own chunk
+``<file>.rank-R.partial`` and writes, at row i of the shared ``<file>.index.partial`` ([N, 3] int64), where sample
+i's tokens are: (rank, first token in that chunk, count). Both are written (and synced) before the rank's progress
+file says row i is done. ``chunk_end`` (on resume) finds where a rank appends next; ``lost_from`` finds rows whose
+tokens a cut or deleted file lost; ``assemble`` (rank 0, finishing) turns the index into offsets and copies the
+chunks into one file in row order: a one-process run, whose chunk is already in row order, is used as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hookkit.extraction.npy import RowFile, finish_file
+
+__all__ = ["TokenRows", "TokenFiles", "chunk_name", "index_name", "offsets_name", "chunk_end", "lost_from",
+           "assemble", "leftovers"]
+
+_INDEX = np.dtype(np.int64)
+
+
+@dataclass
+class TokenRows:
+    """One batch's rows of a ragged layer: ``flat`` [sum(counts), ...] holds the valid tokens of its ``n`` samples in
+    order, ``counts`` [n] (int64) how many each has."""
+
+    flat: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.nbytes + self.counts.nbytes)
+
+
+def chunk_name(file: str, rank: int) -> str:
+    return f"{file}.rank-{rank}.partial"
+
+
+def index_name(file: str) -> str:
+    return f"{file}.index.partial"
+
+
+def offsets_name(file: str) -> str:
+    """``x.npy`` -> ``x.offsets.npy``."""
+    return f"{file.removesuffix('.npy')}.offsets.npy"
+
+
+def leftovers(out: Path, file: str) -> list[Path]:
+    """The working files of a ragged layer (chunks, index), deleted once it is finished."""
+    return [*out.glob(f"{file}.rank-*.partial"), out / index_name(file)]
+
+
+class TokenFiles:
+    """One ragged layer's files as rank ``rank`` writes them: its chunk (appended from token ``end``) and the
+    shared index."""
+
+    def __init__(self, out: Path, file: str, rank: int, dtype: np.dtype, token_shape: tuple[int, ...],
+                 end: int) -> None:
+        self.rank = rank
+        self.end = end
+        self.index = RowFile(out / index_name(file), _INDEX, (3,))
+        try:
+            self.chunk = RowFile(out / chunk_name(file, rank), dtype, token_shape)
+        except BaseException:
+            self.index.close()
+            raise
+
+    def write(self, first_row: int, rows: TokenRows) -> None:
+        counts = rows.counts.astype(np.int64, copy=False)
+        self.chunk.write(self.end, rows.flat)
+        starts = self.end + np.cumsum(counts) - counts
+        self.index.write(first_row, np.stack([np.full_like(counts, self.rank), starts, counts], axis=1))
+        self.end += int(counts.sum())
+
+    def sync(self) -> None:
+        self.chunk.sync()
+        self.index.sync()
+
+    def close(self) -> None:
+        self.chunk.close()
+        self.index.close()
+
+
+def _done_mask(done: list[list[int]], rows: int) -> np.ndarray:
+    mask = np.zeros(rows, dtype=bool)
+    for a, b in done:
+        mask[a:min(b, rows)] = True
+    return mask
+
+
+def _read_index(out: Path, file: str, rows: int) -> tuple[np.ndarray, int]:
+    """The first ``rows`` entries of the index (zeros where none was written) and how many whole entries the file
+    holds."""
+    path = out / index_name(file)
+    if not path.exists():
+        return np.zeros((rows, 3), dtype=_INDEX), 0
+    f = RowFile(path, _INDEX, (3,))
+    try:
+        return f.read(0, rows).copy(), f.held()
+    finally:
+        f.close()
+
+
+def chunk_end(out: Path, file: str, rank: int, done: list[list[int]]) -> int:
+    """Where rank ``rank`` appends its next tokens: past every token of a done row in its chunk (anything beyond was
+    written by a run killed before its progress said so, and is overwritten)."""
+    rows = done[-1][1] if done else 0
+    index, _ = _read_index(out, file, rows)
+    entries = index[_done_mask(done, rows) & (index[:, 0] == rank)]
+    return int((entries[:, 1] + entries[:, 2]).max()) if len(entries) else 0
+
+
+def lost_from(out: Path, file: str, dtype: np.dtype, token_shape: list[int], done: list[list[int]]) -> int | None:
+    """The first done row whose index entry or tokens are no longer in the files (cut or deleted by hand), else
+    None."""
+    rows = done[-1][1] if done else 0
+    index, held_rows = _read_index(out, file, rows)
+    bad = _done_mask(done, rows) & (np.arange(rows) >= held_rows)
+    held: dict[int, int] = {}
+    for rank in np.unique(index[:, 0]).tolist():
+        path = out / chunk_name(file, int(rank))
+        if path.exists():
+            chunk = RowFile(path, dtype, tuple(token_shape))
+            held[rank] = chunk.held()
+            chunk.close()
+        else:
+            held[rank] = 0
+        beyond = (index[:, 0] == rank) & (index[:, 1] + index[:, 2] > held[rank])
+        bad |= _done_mask(done, rows) & beyond
+    where = np.flatnonzero(bad)
+    return int(where[0]) if len(where) else None
+
+
+def assemble(out: Path, file: str, rows: int, dtype: np.dtype, token_shape: list[int]) -> tuple[str, int]:
+    """Rank 0, finishing: the layer's tokens in row order in one finished ``.npy`` (its name inside ``out`` is
+    returned, with the number of tokens) and ``offsets_name(file) + ".partial"`` finished beside it."""
+    index, _ = _read_index(out, file, rows)
+    counts = index[:, 2]
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    total = int(offsets[-1])
+    shape = tuple(token_shape)
+    if (index[:, 0] == 0).all() and (index[:, 1] == offsets[:-1]).all():
+        source = chunk_name(file, 0)  # already in row order: finished in place, no copy
+    else:
+        source = f"{file}.partial"
+        target = RowFile(out / source, dtype, shape)
+        chunks: dict[int, RowFile] = {}
+        try:
+            row = 0
+            while row < rows:  # runs of rows whose tokens lie one after the other in one chunk: one copy each
+                rank, start, _ = (int(v) for v in index[row])
+                stop = row + 1
+                while stop < rows and index[stop, 0] == rank and index[stop, 1] == start + offsets[stop] - offsets[row]:
+                    stop += 1
+                if rank not in chunks:
+                    chunks[rank] = RowFile(out / chunk_name(file, rank), dtype, shape)
+                target.copy_rows(chunks[rank], start, int(offsets[row]), int(offsets[stop] - offsets[row]))
+                row = stop
+            target.sync()
+        finally:
+            target.close()
+            for chunk in chunks.values():
+                chunk.close()
+    finish_file(out / source, np.dtype(dtype), (total, *shape))
+    offsets_path = out / f"{offsets_name(file)}.partial"
+    offsets_file = RowFile(offsets_path, np.dtype(np.int64), ())
+    try:
+        offsets_file.write(0, offsets)
+    finally:
+        offsets_file.close()
+    finish_file(offsets_path, np.dtype(np.int64), (rows + 1,))
+    return source, total
