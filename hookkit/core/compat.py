@@ -24,6 +24,7 @@ through these functions, so that a torch release that moves one of them breaks o
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "after_gradient_reduction",
     "checkpoint_regions",
     "dynamo_config",
+    "hook_guards",
     "dynamo_has_compiled",
     "eager",
     "keep_dynamo_out",
@@ -186,6 +188,41 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args)
 
     return hook
+
+
+class HookGuards:
+    """While any capture is open, make torch.compile guard on module hooks, so that code compiled inside a block
+    sees them (and is recompiled when they change); only when dynamo is already in use.
+
+    Counted rather than saved per block: captures may be exited in any order (A opens, B opens, A exits, B
+    exits), and dynamo's flag must be back at the user's value exactly when the last one closes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._saved: Any = None
+        self._config: Any = None
+
+    def acquire(self) -> Callable[[], None] | None:
+        config = dynamo_config()
+        if config is None:
+            return None
+        with self._lock:
+            if self._open == 0:
+                self._config, self._saved = config, config.skip_nnmodule_hook_guards
+            self._open += 1
+            config.skip_nnmodule_hook_guards = False
+        return self._release
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                self._config.skip_nnmodule_hook_guards = self._saved
+                self._config = self._saved = None
+
+
+hook_guards = HookGuards()
 
 
 def full_backward_flag(module: nn.Module) -> bool | None:

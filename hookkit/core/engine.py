@@ -7,7 +7,8 @@ construction and ask it to keep nothing. Values are snapshotted through ``core.s
 come from ``core.compat``.
 
 Taps, two kinds: module hooks (``_attach_module``: a pre-hook that opens a ``Call``, a forward hook that records
-it, an always-called hook that closes it, tensor hooks for gradients), and op taps (``core.ops.OpTaps``: a torch
+it, an always-called hook that closes it; gradients through ``core.gradtaps.GradTaps``; the default capture through
+``core.fastpath``), and op taps (``core.ops.OpTaps``: a torch
 function mode entered inside the modules whose ops were asked for), which record through ``node_begin`` /
 ``node_end`` into the same ``Recording`` with the same ``Call`` records, snapshotter and listener, and register their
 hooks in the same ``HandleGroup``. Stored tensors that were not copied are watched (``core.snapshot.Watch``): the op
@@ -21,202 +22,49 @@ and listeners are told each call's index within its forward.
 from __future__ import annotations
 
 import itertools
-import threading
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from hookkit.core import tree as _tree
-from hookkit.core.compat import (
-    after_gradient_reduction,
-    current_graph_task_id,
-    dynamo_config,
-    dynamo_has_compiled,
-    eager,
-)
+from hookkit.core.calls import Call, Recording, Where, count_slots
+from hookkit.core.checkpointing import recomputing
+from hookkit.core.compat import dynamo_has_compiled, eager, hook_guards
+from hookkit.core.fastpath import NOT_WATCHED, Forwards, fast_hook, store_output
+from hookkit.core.gradtaps import GradTaps
 from hookkit.core.handles import HandleGroup
+from hookkit.core.listener import Listener
 from hookkit.core.ops import OpTaps, writer_roots
 from hookkit.core.select import Layers, resolve_nodes, unwrap
-from hookkit.core.snapshot import Snapshotter, To, Untappable, Watch
+from hookkit.core.snapshot import Snapshotter, To, Watch
 
-__all__ = ["Engine", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
-
-Where = tuple  # (layer name, module, index of this call among the module's calls in its forward)
-
-
-class Listener(Protocol):
-    """Told of every hook event as it happens (how ``trace``, ``check_finite`` and ``extract`` are built)."""
-
-    def forward_pre(self, where: Where, args: tuple, kwargs: dict) -> None: ...
-
-    def forward(self, where: Where, args: tuple, output: Any) -> None: ...
-
-    def grad(self, where: Where, which: str, i: int, n: int, grad: torch.Tensor) -> None: ...
+# Call, Recording, Where and count_slots live in core.calls; named here too for the modules that read them with it.
+__all__ = ["Engine", "Options", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
 
 
-class _Alias(NamedTuple):
-    """A view made of one input that needs grad, so that this module's share of its gradient can be told apart."""
+@dataclass(frozen=True)
+class Options:
+    """What an engine records. ``keep=False`` stores nothing (the listener has what it needs); ``inputs`` /
+    ``grads`` / ``param_grads``: also inputs, gradients, parameter gradients; ``detach`` / ``clone`` / ``to``: how
+    values are stored (``core.snapshot.Snapshotter``); ``stop``: end the forward once every selected layer ran;
+    ``ops``: tap every op for the listener; ``op_input_grads``: also tell the listener the gradients each tapped op's
+    backward passes to its inputs (``which="input"``, taken where the op's autograd node hands them on), so that it
+    can name the op whose backward made a gradient non-finite."""
 
-    view: torch.Tensor
-    version: int
-    base: torch.Tensor
-    base_grad_fn: Any
-    slot: int
-    n_slots: int
-    handle: Any
-
-
-class Call:
-    """Everything recorded about one forward call of one module: the one record type the stores read.
-
-    A field that was never set reads as its default (``_CALL_DEFAULTS``): the default capture's hook, which runs on
-    every call of every hooked module, sets three fields and allocates nothing else."""
-
-    __slots__ = ("output", "version", "forward", "guards", "args", "kwargs", "in_guards", "grad_out", "grad_in",
-                 "grad_in_skel", "grad_in_error", "grad_out_error", "aliases", "where", "in_nodes")
-
-    output: Any
-    version: int | None  # the version of ``output`` (a tensor stored without a copy) when it was recorded
-    forward: int | None  # which forward of the model the call ran in (``_Forwards``); None: unknown (an old file)
-    guards: Any  # (tensor, version) for each other stored tensor that was not copied
-    args: Any
-    kwargs: Any
-    in_guards: Any
-    grad_out: list[Any] | None  # one slot per output tensor, once a gradient arrived
-    grad_in: list[Any] | None  # one slot per positional input tensor
-    grad_in_skel: Any
-    grad_in_error: str | None
-    grad_out_error: str | None  # why a gradient w.r.t. the output could not be stored
-    aliases: list[_Alias] | None
-    where: Where  # (name, module, call index), for a listener
-    in_nodes: Any  # an op's inputs' autograd nodes, from node_begin to node_end (``op_input_grads``)
-
-    def __init__(self, output: Any = None, version: int | None = None, forward: int | None = None) -> None:
-        self.output = output
-        self.version = version
-        self.forward = forward
-
-    def __getattr__(self, name: str) -> Any:  # only reached for a slot never set
-        try:
-            return _CALL_DEFAULTS[name]
-        except KeyError:
-            raise AttributeError(f"'Call' record has no field {name!r}") from None
-
-    # -- copy-on-write (``core.snapshot.Watch``) -----------------------------------------------------------------------
-    def uncopied(self, field: str) -> Any:
-        """The ``(tensor, version)`` pairs stored without a copy in ``field`` ("output" or "inputs")."""
-        if field == "output":
-            return ((self.output, self.version),) if self.version is not None else self.guards
-        return self.in_guards
-
-    def replace(self, field: str, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Store ``new`` (a copy) where ``old`` was, and stop guarding ``old``."""
-
-        def swap(t: torch.Tensor) -> torch.Tensor:
-            return new if t is old else t
-
-        if field == "output":
-            if self.version is not None and self.output is old:
-                self.output, self.version = new, None
-                return
-            self.output = _tree.map_leaves(swap, self.output)
-            self.guards = [(t, v) for t, v in self.guards if t is not old]
-        else:
-            self.args = _tree.map_leaves(swap, self.args)
-            self.kwargs = _tree.map_leaves(swap, self.kwargs)
-            self.in_guards = [(t, v) for t, v in self.in_guards if t is not old]
-
-
-_CALL_DEFAULTS: dict[str, Any] = {
-    "guards": (), "args": None, "kwargs": None, "in_guards": (), "grad_out": None, "grad_in": None,
-    "grad_in_skel": None, "grad_in_error": None, "grad_out_error": None, "aliases": None, "where": (),
-    "in_nodes": None,
-}
-
-
-class Recording:
-    """What an engine recorded, for the stores to read: calls by layer name, the order of first calls, parameter
-    gradients, and what was asked for. Holds no module: it outlives the block without keeping the model."""
-
-    __slots__ = ("records", "order", "selected_names", "want_inputs", "want_grads", "wrapped", "param_grads")
-
-    def __init__(self, selected: dict[nn.Module, list[str]], nodes: dict[str, str], want_inputs: bool,
-                 want_grads: bool, wrapped: bool) -> None:
-        self.records: dict[str, list[Call]] = {}
-        for names in selected.values():
-            calls: list[Call] = []
-            for n in names:
-                self.records[n] = calls  # aliases of a shared module share one list
-        for n in nodes:
-            self.records[n] = []
-        self.order: list[str] = []
-        self.selected_names = [n for names in selected.values() for n in names] + list(nodes)
-        self.want_inputs = want_inputs
-        self.want_grads = want_grads
-        self.wrapped = wrapped
-        self.param_grads: dict[str, dict[str, torch.Tensor]] = {}
-
-    @classmethod
-    def from_calls(cls, records: dict[str, list[Call]], *, order: list[str], selected_names: list[str],
-                   want_inputs: bool, want_grads: bool, wrapped: bool,
-                   param_grads: dict[str, dict[str, torch.Tensor]] | None = None) -> Recording:
-        """A recording made of calls recorded elsewhere (``hookkit.load`` reads them from a file, ``hookkit.merge``
-        joins several captures'); names of one module share one list, as in a live recording."""
-        rec = cls({}, {}, want_inputs, want_grads, wrapped)
-        rec.records = records
-        rec.order = order
-        rec.selected_names = selected_names
-        rec.param_grads = param_grads or {}
-        return rec
-
-
-class _HookGuards:
-    """While any capture is open, make torch.compile guard on module hooks, so that code compiled inside a block
-    sees them (and is recompiled when they change); only when dynamo is already in use.
-
-    Counted rather than saved per block: captures may be exited in any order (A opens, B opens, A exits, B
-    exits), and dynamo's flag must be back at the user's value exactly when the last one closes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = 0
-        self._saved: Any = None
-        self._config: Any = None
-
-    def acquire(self) -> Callable[[], None] | None:
-        config = dynamo_config()
-        if config is None:
-            return None
-        with self._lock:
-            if self._open == 0:
-                self._config, self._saved = config, config.skip_nnmodule_hook_guards
-            self._open += 1
-            config.skip_nnmodule_hook_guards = False
-        return self._release
-
-    def _release(self) -> None:
-        with self._lock:
-            self._open -= 1
-            if self._open == 0:
-                self._config.skip_nnmodule_hook_guards = self._saved
-                self._config = self._saved = None
-
-
-_hook_guards = _HookGuards()
-
-
-
-
-class _Forwards(threading.local):
-    """Which forward of the model the running code belongs to, per thread (DataParallel runs its replicas in
-    threads): ``current`` while ``depth`` (open calls of the model) is above 0, else 0."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.current = 0
+    keep: bool = True
+    inputs: bool = False
+    grads: bool = False
+    detach: bool = True
+    clone: bool = False
+    to: To = None
+    stop: bool = False
+    param_grads: bool = False
+    ops: bool = False
+    op_input_grads: bool = False
 
 
 class StopForward(Exception):
@@ -230,35 +78,24 @@ class StopForward(Exception):
 class Engine:
     """Hooks on the selected modules of one model, for one ``with`` block; see the module docstring.
 
-    ``listener`` is told of every event; ``keep=False`` stores nothing (the listener has what it needs).
-    ``op_input_grads``: also tell the listener the gradients each tapped op's backward passes to its inputs
-    (``which="input"``, taken where the op's autograd node hands them on), for every op it is told of, so that it
-    can name the op whose backward made a gradient non-finite.
+    ``listener`` is told of every event; the keyword switches are ``Options``' fields.
     """
 
-    def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None, keep: bool = True,
-                 inputs: bool = False, grads: bool = False, detach: bool = True, clone: bool = False, to: To = None,
-                 stop: bool = False, param_grads: bool = False, ops: bool = False,
-                 op_input_grads: bool = False) -> None:
+    def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None,
+                 **switches: Any) -> None:
+        opts = self._opts = Options(**switches)
         # checks the model; raises before anything is registered
         walked: list[tuple[str, nn.Module]] = []
         self._selected, nodes = resolve_nodes(model, layers, walked)
-        self._snap = Snapshotter(detach=detach, clone=clone, to=to)
+        self._snap = Snapshotter(detach=opts.detach, clone=opts.clone, to=opts.to)
         self._listener = listener
-        self._keep = keep
-        self._want_inputs = bool(inputs)
-        self._want_grads = bool(grads)
-        self._want_param_grads = bool(param_grads)
-        # param_grads: per running backward (its graph task), the parameters whose gradient arrived in it
-        self._param_waiting: dict[int, list[tuple[torch.Tensor, str, list[str]]]] = {}
-        self._param_lock = threading.Lock()
-        self._stop = bool(stop)
-        self._op_input_grads = bool(op_input_grads) and listener is not None
         inner, wrapped = unwrap(model)
-        self.recording = Recording(self._selected, nodes, self._want_inputs, self._want_grads, wrapped)
+        self.recording = Recording(self._selected, nodes, opts.inputs, opts.grads, wrapped)
         self._handles = HandleGroup()
+        self._grads = GradTaps(handles=self._handles, snap=self._snap, recording=self.recording, listener=listener,
+                               keep=opts.keep)
+        self._op_input_grads = opts.op_input_grads and listener is not None
         self._entered = False
-        self._active = False
         self._ran: set[Any] = set()
         self._n_selected = len(self._selected) + len(nodes)
         self._node_started: dict[str, tuple[int, int]] = {}  # node name -> (forward, calls so far in it)
@@ -268,16 +105,17 @@ class Engine:
         # forward. A call made outside any forward of the model (a submodule called directly) is one of its own.
         self._root: nn.Module | None = inner
         self._ids = itertools.count(1)
-        self._fw = _Forwards()
+        self._fw = Forwards()
         self._dynamo_guard: Callable[[], None] | None = None
         # Copy-on-write: stored tensors that were not copied are watched, and copied before an in-place write
         # inside the modules whose forward may write (none in a stack of torch.nn layers: then nothing is watched,
         # and a write from elsewhere is still caught on read by the version counter).
-        writers = writer_roots(walked) if keep and not clone else []
+        writers = writer_roots(walked) if opts.keep and not opts.clone else []
         self._watch = Watch() if writers else None
+        self._watched = self._watch.outputs if self._watch is not None else NOT_WATCHED
         self._ops: OpTaps | None = None
-        if nodes or ops or writers:
-            self._ops = OpTaps(inner, handles=self._handles, wanted=nodes, name_all=ops, tap_all=ops,
+        if nodes or opts.ops or writers:
+            self._ops = OpTaps(inner, handles=self._handles, wanted=nodes, name_all=opts.ops, tap_all=opts.ops,
                                watch=self._watch, writers=writers, begin=self.node_begin, end=self.node_end)
 
     @property
@@ -287,14 +125,14 @@ class Engine:
 
     @property
     def active(self) -> bool:
-        return self._active
+        return self._grads.active
 
     def __enter__(self) -> Engine:
         if self._entered:
             raise RuntimeError("a hookkit block can be entered once; call hookkit.capture(...) (or trace, ...) again "
                                "for a new block.")
         self._entered = True
-        self._dynamo_guard = _hook_guards.acquire()
+        self._dynamo_guard = hook_guards.acquire()
         try:
             for module, names in self._selected.items():
                 self._attach_module(module, names)
@@ -304,7 +142,7 @@ class Engine:
         except BaseException:
             self.remove()
             raise
-        self._active = True
+        self._grads.active = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -314,10 +152,8 @@ class Engine:
 
     def remove(self) -> None:
         """Remove every hook this engine made; safe to call twice."""
-        self._active = False
+        self._grads.close()
         self._handles.remove()
-        with self._param_lock:
-            self._param_waiting.clear()  # a backward that raised never reached its end: hold no parameter
         if self._ops is not None:
             self._ops.close()
             self._ops = None  # it holds the model
@@ -350,14 +186,14 @@ class Engine:
         assert root is not None  # noqa: S101 - removed only by remove()
 
         def begin(module: nn.Module, args: tuple) -> None:
-            if current_graph_task_id() != -1:
+            if recomputing():
                 return  # activation checkpointing recomputing a forward: not a new one
             if fw.depth == 0:
                 fw.current = next(ids)
             fw.depth += 1
 
         def end(module: nn.Module, args: tuple, output: Any) -> None:
-            if current_graph_task_id() == -1 and fw.depth:
+            if fw.depth and not recomputing():
                 fw.depth -= 1
                 if fw.depth == 0:
                     fw.current = 0
@@ -371,76 +207,29 @@ class Engine:
 
     # -- module taps ---------------------------------------------------------------------------------------------
     def _attach_module(self, module: nn.Module, names: list[str]) -> None:
+        opts = self._opts
         calls = self.recording.records[names[0]]
         pending: list[Call] = []
-        paired = bool(self._want_inputs or self._want_grads or self._listener)
+        paired = bool(opts.inputs or opts.grads or self._listener)
         if paired:
             self._handles.forward_pre(module, eager(self._pre_hook(names[0], pending)), with_kwargs=True)
-        fast = not (self._want_inputs or self._want_grads or self._stop or self._snap.custom or self._listener)
-        hook = self._fast_hook(names, calls) if fast else self._forward_hook(names, calls, pending)
+        if not (paired or opts.stop or self._snap.custom):
+            hook = fast_hook(names, calls, self.recording.order, self._snap, self._watched, self._fw, self._ids)
+        else:
+            hook = self._forward_hook(names, calls, pending)
         self._handles.forward(module, eager(hook))
         if paired:
             self._handles.forward(module, eager(_end_of_call(pending)), always_call=True)
-        if self._want_param_grads:
-            self._hook_params(module, names)
-
-    def _hook_params(self, module: nn.Module, names: list[str]) -> None:
-        """``param_grads``: once a backward has accumulated into ``p.grad``, keep a copy of ``p.grad`` as it stands at
-        the end of that backward, under every name of the module."""
-        for pname, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-
-            def hook(param: torch.Tensor, pname: str = pname) -> None:
-                if self._active and param.grad is not None:
-                    self._param_grad_arrived(param, pname, names)
-
-            self._handles.param_grad(p, hook)
-
-    def _param_grad_arrived(self, param: torch.Tensor, pname: str, names: list[str]) -> None:
-        """``register_post_accumulate_grad_hook`` runs when autograd has accumulated this rank's own gradient into
-        ``.grad``: under DDP that is before the all-reduce, whose average the reducer writes into ``.grad`` in an
-        end-of-backward callback. So the copy is taken at the end of the backward instead, after the callbacks queued
-        before it: two hops, since the first of ours may be queued (at the first parameter's hook) before DDP's (at
-        its last bucket's). Under FSDP2, which calls the hook itself once the reduce-scattered shard is in
-        ``.grad``, the end of the backward holds that same shard. Outside any backward (a hook called by hand),
-        ``.grad`` as it stands."""
-        task = current_graph_task_id()
-        if task == -1:
-            self._store_param_grads([(param, pname, names)])
-            return
-        with self._param_lock:
-            first = task not in self._param_waiting
-            self._param_waiting.setdefault(task, []).append((param, pname, names))
-        if first:
-            after_gradient_reduction(lambda: self._end_of_backward(task))
-
-    def _end_of_backward(self, task: int) -> None:
-        with self._param_lock:
-            waiting = self._param_waiting.pop(task, [])
-        if self._active:
-            self._store_param_grads(waiting)
-
-    def _store_param_grads(self, arrived: list[tuple[torch.Tensor, str, list[str]]]) -> None:
-        copies: dict[int, torch.Tensor] = {}  # a parameter shared by several selected modules is copied once
-        for param, pname, names in arrived:
-            grad = param.grad
-            if grad is None:  # set to None after the hook (by a callback of the user's)
-                continue
-            g = copies.get(id(param))
-            if g is None:
-                g = copies[id(param)] = self._snap.copy(grad)
-            for n in names:
-                self.recording.param_grads.setdefault(n, {})[pname] = g
+        if opts.param_grads:
+            self._grads.hook_params(module, names)
 
     def _pre_hook(self, name: str, pending: list[Call]) -> Any:
-        want_inputs = self._want_inputs
-        want_grads = self._want_grads
+        want_inputs, want_grads = self._opts.inputs, self._opts.grads
         listener = self._listener
         started = [0, 0]  # the forward of the module's last call, and its calls in that forward so far
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if current_graph_task_id() != -1:
+            if recomputing():
                 return None  # activation checkpointing recomputing a forward: not a new call
             forward = self._forward_id()
             call = Call(forward=forward)
@@ -454,7 +243,7 @@ class Engine:
             if want_inputs:
                 self._store_inputs(call, args, kwargs)
             if want_grads and torch.is_grad_enabled():
-                new_args = self._alias_inputs(call, args)
+                new_args = self._grads.alias_inputs(call, args)
                 if new_args is not None:
                     return new_args, kwargs
             return None
@@ -470,127 +259,9 @@ class Engine:
         if guards and self._watch is not None:
             self._watch.inputs.append(call)
 
-    def _alias_inputs(self, call: Call, args: tuple) -> tuple | None:
-        """Give each positional input that needs grad a view of its own, hooked, so that the gradient this module
-        sends back to it can be told apart from what other users of the same tensor send."""
-        # Top-level arguments that are not tensors or containers (ints, flags) get None, as in torch's grad_input.
-        call.grad_in_skel = _tree.skeleton(tuple(a if isinstance(a, torch.Tensor) or _tree.is_container(a) else None
-                                                 for a in args))
-        n = count_slots(call.grad_in_skel)
-        aliases: list = []
-        slot = iter(range(n))
-
-        def alias(t: torch.Tensor) -> torch.Tensor:
-            i = next(slot)
-            if not t.requires_grad:
-                return t
-            try:
-                a = t.view_as(t)
-            except (RuntimeError, NotImplementedError) as exc:  # e.g. sparse tensors have no views: step aside
-                call.grad_in_error = (
-                    f"input {i} is a {str(t.layout).replace('torch.', '')} tensor, of which hookkit cannot make the "
-                    f"view it taps ({type(exc).__name__}), so its gradient was not recorded; the user's computation "
-                    "ran unchanged. Gradients w.r.t. the output are recorded as usual.")
-                return t
-            handle = self._handles.tensor(a, self._grad_in_hook(call, i, n))
-            aliases.append(_Alias(a, a._version, t, t.grad_fn, i, n, handle))
-            return a
-
-        new_args = _tree.map_leaves(alias, args)
-        if not aliases:
-            return None
-        call.aliases = aliases
-        return new_args
-
-    def _grad_in_hook(self, call: Call, i: int, n: int) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if self._active:
-                self._store_grad(call, "grad_in", i, n, grad)
-
-        return hook
-
-    def _grad_out_hook(self, call: Call, i: int, n: int) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if self._active:
-                self._store_grad(call, "grad_out", i, n, grad)
-
-        return hook
-
-    def _store_grad(self, call: Call, field: str, i: int, n: int, grad: torch.Tensor) -> None:
-        if self._listener is not None:
-            self._listener.grad(call.where, "output" if field == "grad_out" else "input", i, n, grad)
-        if not self._keep:
-            return
-        try:
-            g = self._snap.copy(grad)
-        except Untappable as why:
-            setattr(call, f"{field}_error", str(why))
-            return
-        slots = getattr(call, field)
-        if slots is None:
-            slots = [None] * n
-            setattr(call, field, slots)
-        slots[i] = g if slots[i] is None else slots[i] + g  # repeated backward() accumulates, like .grad
-
-    def _fix_inplace_inputs(self, call: Call) -> None:
-        """The module changed an input in place: the alias's own hook is gone with the old view, so take the
-        gradient where the in-place op hands it to the input's previous value instead."""
-        for a, version, base, base_fn, i, n, handle in call.aliases or ():
-            if a._version == version:
-                continue
-            handle.remove()
-            node = base.grad_fn
-            edges = node.next_functions if node is not None else ()
-            if (node is not None and base_fn is not None and len(edges) >= 1 and edges[0][0] is base_fn
-                    and a._version == version + 1):
-
-                def node_hook(grad_inputs: tuple, grad_outputs: tuple, i: int = i, n: int = n) -> None:
-                    if self._active and grad_inputs[0] is not None:
-                        self._store_grad(call, "grad_in", i, n, grad_inputs[0])
-
-                self._handles.tensor(node, node_hook)
-            else:
-                call.grad_in_error = (
-                    "the module modified that input in place more than once (or through a path hookkit cannot "
-                    "follow), so the gradient w.r.t. the value it received cannot be isolated. Use the "
-                    "module's out-of-place form (e.g. inplace=False) for gradient capture."
-                )
-        call.aliases = None
-
-    def _fast_hook(self, names: list[str], calls: list[Any]) -> Any:
-        """The default case (outputs only, no options), kept short: a hook runs on every call of the module."""
-        order = self.recording.order
-        snap = self._snap
-        tensor = torch.Tensor
-        watched = self._watch.outputs if self._watch is not None else _NOT_WATCHED
-        fw, ids = self._fw, self._ids
-
-        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if current_graph_task_id() != -1:
-                return  # activation checkpointing recomputing a forward: not a new call
-            if not calls:
-                order.extend(names)
-            forward = fw.current or next(ids)
-            if type(output) is tensor:
-                t = output.detach() if output.requires_grad else output  # no graph, nothing to detach
-                if t.is_inference():
-                    calls.append(Call(t.clone(), None, forward))  # keeps no version counter: copy
-                else:
-                    call = Call(t, t._version, forward)
-                    calls.append(call)
-                    watched.append(call)
-            else:
-                call = Call(None, None, forward)
-                call.output, call.guards = snap(output)
-                calls.append(call)
-                if call.guards:
-                    watched.append(call)
-
-        return forward_hook
-
     def _forward_hook(self, names: list[str], calls: list[Call], pending: list[Call]) -> Any:
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if current_graph_task_id() != -1:
+            if recomputing():
                 return  # activation checkpointing recomputing a forward: not a new call
             call = pending[-1] if pending else Call(forward=self._forward_id())  # popped by _end_of_call, next
             self._finish(call, names, calls, id(module), args, output)
@@ -599,24 +270,13 @@ class Engine:
 
     def _finish(self, call: Call, names: list[str], calls: list[Call], key: Any, args: tuple, output: Any) -> None:
         """Record a call's output, tell the listener, hook its gradients, and stop when everything selected ran."""
-        if self._keep:
-            call.output, call.guards = self._snap(output)
-            if not calls:
-                self.recording.order.extend(names)
-            calls.append(call)
-            if call.guards and self._watch is not None:
-                self._watch.outputs.append(call)
+        if self._opts.keep:
+            store_output(call, output, names, calls, self.recording.order, self._snap, self._watched)
         if self._listener is not None:
             self._listener.forward(call.where, args, output)
-        if self._want_grads and torch.is_grad_enabled():
-            if call.aliases:
-                self._fix_inplace_inputs(call)
-            outs = _tree.leaves(output)
-            n = len(outs)
-            for i, t in enumerate(outs):
-                if t.requires_grad:
-                    self._handles.tensor(t, self._grad_out_hook(call, i, n))
-        if self._stop:
+        if self._opts.grads and torch.is_grad_enabled():
+            self._grads.hook_outputs(call, output)
+        if self._opts.stop:
             self._ran.add(key)
             if len(self._ran) == self._n_selected:
                 raise StopForward(self)
@@ -636,9 +296,9 @@ class Engine:
         call.where = (name, site, i)
         if self._listener is not None:
             self._listener.forward_pre(call.where, args, kwargs)
-        if self._want_inputs:
+        if self._opts.inputs:
             self._store_inputs(call, args, kwargs)
-        if not (self._want_grads and torch.is_grad_enabled()):
+        if not (self._opts.grads and torch.is_grad_enabled()):
             return call, None
         if name not in self.recording.records:
             if self._op_input_grads:
@@ -652,47 +312,14 @@ class Engine:
                 "recorded (its output's gradient is: read grads[...]). For input gradients, capture an "
                 "out-of-place copy of the model.")
             return call, None
-        return call, self._alias_inputs(call, args)  # (not for every op a listener sees: only those asked for)
+        return call, self._grads.alias_inputs(call, args)  # (not for every op a listener sees: only those asked for)
 
     def node_end(self, call: Call, args: tuple, output: Any) -> None:
         name = call.where[0]
         in_nodes, call.in_nodes = call.in_nodes, None
         self._finish(call, [name], self.recording.records.get(name, []), name, args, output)
         if in_nodes is not None:
-            self._hook_op_backward(call, in_nodes, output)
-
-    def _hook_op_backward(self, call: Call, in_nodes: tuple, output: Any) -> None:
-        """``op_input_grads``: hook the autograd nodes this op made (not those of its inputs: ``x.contiguous()`` may
-        return ``x`` itself), to tell the listener what each one's backward passes on, right after it ran."""
-        seen = {id(node) for node in in_nodes}  # (alive: in_nodes holds them)
-        for t in _tree.leaves(output):
-            node = t.grad_fn
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            self._handles.tensor(node, self._op_grad_in_hook(call))
-
-    def _op_grad_in_hook(self, call: Call) -> Any:
-        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
-            listener = self._listener
-            if self._active and listener is not None:
-                n = len(grad_inputs)
-                for i, g in enumerate(grad_inputs):
-                    if g is not None:
-                        listener.grad(call.where, "input", i, n, g)
-
-        return hook
-
-class _NotWatched:
-    """Stands for ``Watch.outputs`` where nothing is watched: the fast hook appends without a test."""
-
-    __slots__ = ()
-
-    def append(self, call: Call) -> None:
-        pass
-
-
-_NOT_WATCHED = _NotWatched()
+            self._grads.hook_op_backward(call, in_nodes, output)
 
 
 def _end_of_call(pending: list[Call]) -> Any:
@@ -701,19 +328,7 @@ def _end_of_call(pending: list[Call]) -> Any:
     with its own inputs: the failed call is dropped here, so the outer call's hook finds its own record on top."""
 
     def end_of_call(module: nn.Module, args: tuple, output: Any) -> None:
-        if current_graph_task_id() == -1 and pending:
+        if pending and not recomputing():
             pending.pop()
 
     return end_of_call
-
-
-def count_slots(skel: Any) -> int:
-    """How many slots ``core.tree.skeleton`` left in ``skel``."""
-    n = 0
-
-    def count(_s: Any) -> None:
-        nonlocal n
-        n += 1
-
-    _tree.map_leaves(count, skel, leaf_type=_tree._Slot)
-    return n

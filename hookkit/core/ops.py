@@ -40,7 +40,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from hookkit._errors import EditError
-from hookkit.core.compat import current_graph_task_id, eager, pop_function_mode, push_function_mode
+from hookkit.core.checkpointing import recomputing
+from hookkit.core.compat import eager, pop_function_mode, push_function_mode
 
 __all__ = ["OpTaps", "OpSite", "Node", "discover", "discover_nodes", "op_name", "is_leaf", "writes_in_place",
            "known_op_names", "written", "split_node_name", "call_name"]
@@ -522,7 +523,7 @@ class OpTaps:
         what it computes without hookkit (nothing inside a torch.nn leaf is a node or writes a stored tensor)."""
         state = self.state
         # (not again inside one already taken off for: nn.TransformerEncoderLayer holds a MultiheadAttention)
-        off = state.pushed is not None and current_graph_task_id() == -1 and not any(state.suspended)
+        off = state.pushed is not None and not recomputing() and not any(state.suspended)
         if off:
             pop_function_mode(state.pushed)
         state.suspended.append(off)
@@ -538,7 +539,7 @@ class OpTaps:
         leaf = frame and is_leaf(module)
 
         def pre(m: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if current_graph_task_id() != -1:
+            if recomputing():
                 return None  # activation checkpointing recomputing a forward
             if pushes:
                 if state.depth == 0:
@@ -579,7 +580,7 @@ class OpTaps:
         state = self.state
 
         def post(m: nn.Module, args: tuple, output: Any) -> Any:
-            if current_graph_task_id() != -1:
+            if recomputing():
                 return None
             try:
                 if frame and state.frames:

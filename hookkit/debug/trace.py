@@ -21,6 +21,7 @@ from hookkit.core import check as _check
 from hookkit.core import tree as _tree
 from hookkit.core.compat import current_graph_task_id
 from hookkit.core.engine import Engine
+from hookkit.core.listener import Listener
 from hookkit.core.ops import OpSite, call_name
 from hookkit.core.select import Layers
 from hookkit.core.stats import TensorStats, describe, shorten_name, tensor_stats
@@ -80,7 +81,7 @@ class TraceEvent:
         return text
 
 
-class Trace:
+class Trace(Listener):
     """What ``trace()`` yields: prints each event while open, and keeps them in ``.events``."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, console: Console | None, backward: bool,
@@ -207,7 +208,7 @@ def trace(
 
 # -- check_finite ----------------------------------------------------------------------------------------------------
 
-class CheckFinite:
+class CheckFinite(Listener):
     """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
@@ -229,9 +230,6 @@ class CheckFinite:
         self._last = None
         self._reached.clear()
         self._engine.__exit__(*exc)
-
-    def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
-        pass
 
     def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         for t in _tree.leaves(output):

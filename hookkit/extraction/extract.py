@@ -27,6 +27,7 @@ from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, Hook
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
 from hookkit.core.engine import Engine
+from hookkit.core.listener import Listener
 from hookkit.core.select import check_model, resolve
 from hookkit.core.snapshot import shares_memory
 from hookkit.core.stats import fmt_bytes
@@ -462,7 +463,7 @@ def _first_tensor(value: Any, layer: str) -> torch.Tensor:
     return found[0]
 
 
-class _Rows:
+class _Rows(Listener):
     """The listener: turns each selected layer's output into this batch's rows, at hook time (before any later
     in-place op can change it)."""
 
@@ -503,12 +504,6 @@ class _Rows:
             "the mean 0 / 0). Nothing of this batch was written; the rows before it are kept. Leave empty samples "
             "out of the data, or pass mask=False to pool over every token, or pool=None to keep each sample's valid "
             "tokens (none for such a sample).")
-
-    def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
-        pass
-
-    def grad(self, *args: Any) -> None:  # pragma: no cover - extract never records gradients
-        pass
 
     def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         name = where[0]

@@ -4,7 +4,7 @@ An edit is a forward hook that is not yet tied to a layer. ``hooks()`` (``interv
 (as ``__hookkit_bind__``, the name it looks for on the class) for each layer it goes to and registers the
 ``BoundEdit`` that returns (which counts the layer's calls, edits the chosen ones out of place, and remembers how
 many it edited; a call that activation checkpointing recomputes in backward is paired with the call it repeats,
-through the regions ``core.compat.checkpoint_regions`` reads, and gets the same edit); after removing its hooks on a
+through ``core.checkpointing.CallNumbers``, and gets the same edit); after removing its hooks on a
 clean exit, ``Hooks`` calls each bound edit's ``check()`` (as ``__hookkit_check__``), which raises ``EditError``
 for an edit that never applied. ``edits()`` is ``hooks()`` with edits only, plus ``applied``. ``patch(capture)``
 reads the clean run's values through the capture's public ``Store`` surface (``store.calls(name)``).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import numbers
-import weakref
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ import torch.nn as nn
 
 from hookkit._errors import ArgumentError, ArgumentTypeError, EditError, NotRecordedError
 from hookkit.core import check as _check
-from hookkit.core.compat import checkpoint_regions, current_graph_task_id
+from hookkit.core.checkpointing import CallNumbers
 from hookkit.core.select import LayerSpec
 from hookkit.intervene.hooks import Hooks, hooks
 from hookkit.record.capture import Store
@@ -321,43 +320,6 @@ class _Ablate(Edit):
         return f"hookkit.ablate({self.kind!r}{what}{self._options()})"
 
 
-class _CallNumbers:
-    """Numbers one layer's forward calls since the block began, as the user's forwards made them; a call that
-    ``torch.utils.checkpoint`` makes again while backward recomputes a region gets the number of the call it
-    repeats (``core.compat.checkpoint_regions`` names the region in both runs, and a recomputation replays the region's
-    calls in their order), or None where the region ran before the block (nothing to repeat)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        # region -> the numbers of the calls made inside it; region -> {graph task: calls replayed so far}. Weak:
-        # a region lives as long as the autograd graph that can recompute it.
-        self._made: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
-        self._replayed: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
-
-    def next(self) -> tuple[int | None, bool]:
-        """``(number of this call, whether it is a recomputation)``."""
-        regions = checkpoint_regions()
-        again = next((i for i, (recomputing, _, _) in enumerate(regions) if recomputing), None)
-        call: int | None
-        if again is None:
-            call = self.count
-            self.count += 1
-            inside = regions
-        else:
-            region = regions[again][1]
-            sessions = self._replayed.setdefault(region, {})
-            task = current_graph_task_id()
-            k = sessions.get(task, 0)
-            sessions[task] = k + 1
-            made = self._made.get(region, ())
-            call = made[k] if k < len(made) else None
-            inside = regions[:again]  # regions entered again inside the recomputation (nested checkpoints)
-        if call is not None:
-            for _, region, _ in inside:
-                self._made.setdefault(region, []).append(call)
-        return call, again is not None
-
-
 class BoundEdit:
     """An edit tied to one layer name: the forward hook ``(module, args, output)`` that ``hooks()`` registers.
 
@@ -370,7 +332,7 @@ class BoundEdit:
     def __init__(self, edit: Edit, name: str) -> None:
         self.edit = edit
         self.name = name
-        self._numbers = _CallNumbers()
+        self._numbers = CallNumbers()  # one call identity with the engine: core.checkpointing
         self.applied = 0
 
     @property

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from hookkit._errors import ArgumentError, ArgumentTypeError, EditError
 from hookkit.core import check as _check
-from hookkit.core.compat import checkpoint_regions
+from hookkit.core.checkpointing import inside_checkpoint
 from hookkit.core.handles import HandleGroup
 from hookkit.core.ops import OpTaps
 from hookkit.core.select import LayerSpec, check_model, resolve_nodes, unwrap
@@ -235,8 +234,7 @@ def _refuse_in_checkpoint(name: str, what: str) -> None:
     is not), so the gradients would be those of the unedited region. Refuse instead of computing them. Without
     grad no backward follows, except that a ``use_reentrant=True`` region always runs without grad the first time
     (and hookkit cannot tell whether its caller had grad): there it refuses always."""
-    regions = checkpoint_regions()
-    if regions and (torch.is_grad_enabled() or any(reentrant for _, _, reentrant in regions)):
+    if inside_checkpoint():
         raise EditError(
             f"{name!r} is an op (or a repeated call) inside a block run by torch.utils.checkpoint, and a hook replaced "
             f"its {what}: the recomputation in backward cannot repeat an edit of an op node, so the gradients would "

@@ -37,6 +37,7 @@ from hookkit.core import tree as _tree
 from hookkit.core.compat import after_gradient_reduction
 from hookkit.core.engine import Engine
 from hookkit.core.handles import HandleGroup
+from hookkit.core.listener import Listener
 from hookkit.core.ops import OpSite, call_name
 from hookkit.core.select import Layers, resolve, unwrap
 
@@ -380,18 +381,12 @@ def _check_options(*, every: Any, log: Any, params: Any, histograms: Any, on_non
 
 # -- listeners ---------------------------------------------------------------------------------------------------------
 
-class _Finite:
+class _Finite(Listener):
     """Every step: one sum per selected layer's output (and per op in their own code, with ``ops=True``; float64,
     so that only NaN or Inf, never an overflow, makes it non-finite), checked together once at the end of the step."""
 
     def __init__(self) -> None:
         self.sums: list[tuple[str, OpSite | None, int, torch.Tensor]] = []  # (name, op site, call, sum)
-
-    def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
-        pass
-
-    def grad(self, *args: Any) -> None:  # pragma: no cover - the light engine records no gradients
-        pass
 
     def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
         name, site, call = where  # call: which call of the layer in its forward, as FX numbers them
@@ -429,7 +424,7 @@ class _Finite:
                            f"so in {this}."}
 
 
-class _Collect:
+class _Collect(Listener):
     """Recorded steps: the statistics of each layer's output and of the gradient w.r.t. it, summed over calls."""
 
     def __init__(self, histograms: bool, *, on_backward: Callable[[], None]) -> None:
@@ -438,9 +433,6 @@ class _Collect:
         self.histograms = histograms
         self.hists: dict[str, Any] = {}
         self.on_backward = on_backward
-
-    def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
-        pass
 
     def forward(self, where: tuple[str, Any, int], args: tuple, output: Any) -> None:
         name = where[0]
