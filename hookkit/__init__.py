@@ -35,6 +35,7 @@ from hookkit._errors import (
     SavedCaptureError,
     SummaryError,
     UnsupportedModelError,
+    UsageError,
 )
 from hookkit._version import __version__
 from hookkit.core.census import hook_census
@@ -106,5 +107,6 @@ __all__ = [
     "SavedCaptureError",
     "ArgumentError",
     "ArgumentTypeError",
+    "UsageError",
     "__version__",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "PlotError",
     "ArgumentError",
     "ArgumentTypeError",
+    "UsageError",
 ]
 
 
@@ -111,7 +112,13 @@ class SavedCaptureError(HookkitError, ValueError):
     hookkit, of a newer format) or a tensor that a capture file cannot hold; the message names the path or layer."""
 
 
+class UsageError(HookkitError, RuntimeError):
+    """A hookkit object used in an order that cannot work: a ``with`` block entered a second time; the message
+    says what to call instead."""
+
+
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError):
+             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError,
+             UsageError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

@@ -87,3 +87,18 @@ def test_every_hook_stores_an_output_one_way(switches):
     (call,) = engine.recording.records["0"]
     assert call.version is not None and call.guards == ()
     assert engine.recording.order == ["0"]
+
+
+@pytest.mark.parametrize("open_block", [
+    lambda m: hookkit.capture(m, "0"),
+    lambda m: hookkit.trace(m, console=None),
+    lambda m: hookkit.hooks(m, forward={"0": lambda mod, args, out: None}),
+])
+def test_entering_a_block_twice_is_a_usage_error(open_block):
+    model = nn.Sequential(nn.Linear(2, 2))
+    block = open_block(model)
+    with block:
+        pass
+    with pytest.raises(hookkit.UsageError, match="entered once"), block:
+        pass
+    assert hookkit.hook_census(model) == hookkit.hook_census(nn.Sequential(nn.Linear(2, 2)))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hookkit._errors import UsageError
 from hookkit.core import tree as _tree
 from hookkit.core.calls import Call, Recording, Where, count_slots
 from hookkit.core.checkpointing import recomputing
@@ -129,7 +130,7 @@ class Engine:
 
     def __enter__(self) -> Engine:
         if self._entered:
-            raise RuntimeError("a hookkit block can be entered once; call hookkit.capture(...) (or trace, ...) again "
+            raise UsageError("a hookkit block can be entered once; call hookkit.capture(...) (or trace, ...) again "
                                "for a new block.")
         self._entered = True
         self._dynamo_guard = hook_guards.acquire()

@@ -74,6 +74,18 @@ class HandleGroup:
             self._undo.append(restore)
         return handle
 
+    def module(self, kind: str, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
+        """The module hook of ``kind``: "forward", "forward_pre", "backward" (full) or "backward_pre"."""
+        if kind == "forward":
+            return self.forward(module, hook, **kwargs)
+        if kind == "forward_pre":
+            return self.forward_pre(module, hook, **kwargs)
+        if kind == "backward":
+            return self.full_backward_hook(module, hook, **kwargs)
+        if kind == "backward_pre":
+            return self.backward_pre(module, hook, **kwargs)
+        raise AssertionError(f"hookkit bug: no module hook of kind {kind!r}")
+
     def __len__(self) -> int:
         return len(self._handles)
 

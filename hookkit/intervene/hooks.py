@@ -1,7 +1,9 @@
 """``hooks()``: the user's own hook functions on named layers, with torch's signatures, removed on exit.
 
-Module names go to torch's own ``register_*_hook``; op and repeated-call nodes (``"layer1.0.add"``) to an
-``core.ops.OpTaps`` whose ``begin`` / ``end`` call the user's forward-pre / forward functions around the op.
+A thin client of core: module names get the user's functions through ``core.handles.HandleGroup`` (torch's own
+``register_*_hook``, with its options); op and repeated-call nodes (``"layer1.0.add"``) go to a ``core.ops.OpTaps``
+whose ``begin`` / ``end`` call the user's forward-pre / forward functions around the op; whether a replacement sits
+inside a checkpointed region is asked of ``core.checkpointing``. Edits (``intervene/edits.py``) are such functions.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from hookkit._errors import ArgumentError, ArgumentTypeError, EditError
+from hookkit._errors import ArgumentError, ArgumentTypeError, EditError, UsageError
 from hookkit.core import check as _check
 from hookkit.core.checkpointing import inside_checkpoint
 from hookkit.core.handles import HandleGroup
@@ -60,7 +62,7 @@ class Hooks:
 
     def __enter__(self) -> Hooks:
         if self._entered:
-            raise RuntimeError("a Hooks object can be entered once; call hookkit.hooks(...) again.")
+            raise UsageError("a Hooks object can be entered once; call hookkit.hooks(...) again.")
         self._entered = True
         try:
             for kind, module, names, fn in self._plan:
@@ -106,15 +108,12 @@ class Hooks:
         return replaced
 
     def _register(self, kind: str, module: nn.Module, fn: Callable[..., Any]) -> Any:
+        options: dict[str, bool] = {"prepend": self._prepend}  # torch's options, as each kind of hook takes them
+        if kind.startswith("forward"):
+            options["with_kwargs"] = self._with_kwargs
         if kind == "forward":
-            return self._group.forward(
-                module, fn, with_kwargs=self._with_kwargs, always_call=self._always_call, prepend=self._prepend)
-        if kind == "forward_pre":
-            return self._group.forward_pre(
-                module, fn, with_kwargs=self._with_kwargs, prepend=self._prepend)
-        if kind == "backward":
-            return self._group.full_backward_hook(module, fn, prepend=self._prepend)
-        return self._group.backward_pre(module, fn, prepend=self._prepend)
+            options["always_call"] = self._always_call
+        return self._group.module(kind, module, fn, **options)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.remove()
