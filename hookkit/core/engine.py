@@ -7,12 +7,14 @@ construction and ask it to keep nothing. Values are snapshotted through ``core.s
 come from ``core.compat``.
 
 Taps, two kinds: module hooks (``_attach_module``: a pre-hook that opens a ``Call``, a forward hook that records
-it, an always-called hook that closes it; gradients through ``core.gradtaps.GradTaps``; the default capture through
-``core.fastpath``), and op taps (``core.ops.OpTaps``: a torch
-function mode entered inside the modules whose ops were asked for), which record through ``node_begin`` /
-``node_end`` into the same ``Recording`` with the same ``Call`` records, snapshotter and listener, and register their
-hooks in the same ``HandleGroup``. Stored tensors that were not copied are watched (``core.snapshot.Watch``): the op
-taps copy one just before an in-place op writes into it (copy-on-write).
+it, an always-called hook that closes it; the default capture's one hook is ``core.fastpath.fast_hook``), and op taps
+(``core.ops.OpTaps``: a torch function mode entered inside the modules whose ops were asked for), which record
+through ``node_begin`` / ``node_end`` into the same ``Recording`` with the same ``Call`` records (``core.calls``),
+snapshotter and listener (``core.listener.Listener``), and register their hooks in the same ``HandleGroup``. Both
+finish a call through ``core.fastpath.store_output``; gradients are tapped by ``core.gradtaps.GradTaps``; a forward
+that activation checkpointing recomputes is skipped (``core.checkpointing.recomputing``). Stored tensors that were
+not copied are watched (``core.snapshot.Watch``): the op taps copy one just before an in-place op writes into it
+(copy-on-write).
 
 Forwards: two hooks on the model count its forwards, and each ``Call`` keeps the number of the forward it ran in,
 so that the stores read ``name`` as FX does (a module's first call in the last forward; ``name_1`` its second)
@@ -47,7 +49,7 @@ from hookkit.core.snapshot import Snapshotter, To, Watch
 __all__ = ["Engine", "Options", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Options:
     """What an engine records. ``keep=False`` stores nothing (the listener has what it needs); ``inputs`` /
     ``grads`` / ``param_grads``: also inputs, gradients, parameter gradients; ``detach`` / ``clone`` / ``to``: how
