@@ -5,9 +5,9 @@ through these functions, so that a torch release that moves one of them breaks o
 
 | what                                                | used by                  | since | fallback here         |
 |-----------------------------------------------------|--------------------------|-------|-----------------------|
-| ``torch._C._current_graph_task_id``                 | engine (checkpointing)   | 2.1   | -1: "not in backward" |
-| ``Variable._execution_engine.queue_callback``       | engine (``param_grads``) | 1.0   | required              |
-| ``torch.utils.checkpoint``'s frames (see below)     | edits (checkpointing)    | 2.1   | no region found       |
+| ``torch._C._current_graph_task_id``                 | checkpointing, gradtaps  | 2.1   | -1: "not in backward" |
+| ``Variable._execution_engine.queue_callback``       | gradtaps (param_grads)   | 1.0   | required              |
+| ``torch.utils.checkpoint``'s frames (see below)     | checkpointing (edits)    | 2.1   | no region found       |
 | ``torch._dynamo.config.skip_nnmodule_hook_guards``  | engine (compile)         | 2.1   | nothing to switch     |
 | ``torch._dynamo.utils.counters``                    | engine (compile warning) | 2.0   | "nothing compiled"    |
 | ``torch._dynamo.trace_rules.add``                   | engine, ops (hooks run   | 2.1   | required              |
