@@ -70,7 +70,8 @@ class Edit:
 
     def _replacement(self, region: torch.Tensor, target: torch.Tensor, name: str, call: int,
                      where: str) -> torch.Tensor | float:
-        raise NotImplementedError
+        raise NotImplementedError(f"a bug in hookkit: {type(self).__name__} does not say what replaces the "
+                                  "output")
 
     def _apply(self, name: str, call: int, output: Any) -> Any:
         where = f"hookkit.{self._kind} on {name!r} (call {call})"
@@ -307,7 +308,7 @@ def patch(value: torch.Tensor | Store, *, index: Index = None, call: int | None 
         An ``Edit``: give it to ``hookkit.edits`` or ``hookkit.hooks(model, forward=...)``.
 
     Raises:
-        TypeError, ValueError: a bad argument (before any hook is registered).
+        ArgumentTypeError, ArgumentError: a bad argument (before any hook is registered).
         EditError: in the forward, a value whose shape does not broadcast to ``output[index]`` or a capture
             without this layer's call; on a clean exit, an edit that never applied.
     """
@@ -335,7 +336,7 @@ def add(vector: torch.Tensor, *, scale: float = 1.0, index: Index = None, call: 
         An ``Edit``.
 
     Raises:
-        TypeError, ValueError: a bad argument (before any hook is registered).
+        ArgumentTypeError, ArgumentError: a bad argument (before any hook is registered).
         EditError: in the forward, a vector whose shape does not broadcast to ``output[index]``; on a clean exit,
             an edit that never applied.
     """
@@ -366,8 +367,8 @@ def ablate(kind: Literal["zero", "mean"] = "zero", *, over: int | tuple[int, ...
         An ``Edit``.
 
     Raises:
-        ValueError: ``kind`` is not ``"zero"`` / ``"mean"``, or ``mean=`` without ``kind="mean"``.
-        TypeError: a bad ``over``, ``mean``, ``index``, ``call`` or ``out`` (before any hook is registered).
+        ArgumentError: ``kind`` is not ``"zero"`` / ``"mean"``, or ``mean=`` without ``kind="mean"``.
+        ArgumentTypeError: a bad ``over``, ``mean``, ``index``, ``call`` or ``out`` (before any hook is registered).
         EditError: in the forward, a ``mean`` that does not broadcast to ``output[index]`` or dims ``over`` it
             lacks; on a clean exit, an edit that never applied.
     """
