@@ -90,27 +90,35 @@ class Trace:
                                     f"{console!r}. For standard output leave it out; for text, "
                                     "Console(file=io.StringIO(), color_system=None).")
         _check.flag("hookkit.trace", backward=backward, inputs=inputs, stats=stats, ops=ops)
-        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
-                              ops=ops)
-        self._console = console
-        self._inputs = inputs
-        self._stats = stats
-        self._stack: list[nn.Module] = []
-        self._depth: dict[tuple[str, int], int] = {}
-        self._needs_input_grad: dict[tuple[str, int], bool] = {}
-        self.events: list[TraceEvent] = []
+        self._printer = _TracePrinter(console, inputs=inputs, stats=stats)
+        self._engine = Engine(model, _default_layers(model, layers), listener=self._printer, keep=False,
+                              grads=backward, ops=ops)
+        self.events: list[TraceEvent] = self._printer.events
 
     def __enter__(self) -> Trace:
-        if self._console is None:
-            self._console = Console()
+        if self._printer.console is None:
+            self._printer.console = Console()
         self._engine.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._engine.__exit__(*exc)
-        self._stack.clear()
+        self._printer.stack.clear()
 
-    # -- the listener ----------------------------------------------------------------------------------------------
+
+class _TracePrinter:
+    """The engine's listener for ``trace``: turns each hook event into a ``TraceEvent``, prints its line to the
+    console and keeps it in ``events`` (the list ``Trace.events`` shows)."""
+
+    def __init__(self, console: Console | None, *, inputs: bool, stats: bool) -> None:
+        self.console = console  # (``Trace.__enter__`` opens standard output if this is None)
+        self._inputs = inputs
+        self._stats = stats
+        self.stack: list[nn.Module] = []
+        self._depth: dict[tuple[str, int], int] = {}
+        self._needs_input_grad: dict[tuple[str, int], bool] = {}
+        self.events: list[TraceEvent] = []
+
     def _emit(self, kind: EventKind, where: tuple[str, nn.Module, int], value: Any, depth: int,
               index: int | None = None) -> None:
         name, module, call = where
@@ -118,13 +126,13 @@ class Trace:
         event = TraceEvent(kind, name, cls, call, depth, describe(value, stats=self._stats),
                            _stats_of(value) if self._stats else (), index)
         self.events.append(event)
-        assert self._console is not None
-        self._console.print(event.line(), no_wrap=True, overflow="ellipsis", crop=True, soft_wrap=False)
+        assert self.console is not None, "a bug in hookkit: Trace.__enter__ sets the console"
+        self.console.print(event.line(), no_wrap=True, overflow="ellipsis", crop=True, soft_wrap=False)
 
     def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
         name, module, call = where
-        depth = len(self._stack)
-        self._stack.append(module)
+        depth = len(self.stack)
+        self.stack.append(module)
         self._depth[(name, call)] = depth
         self._needs_input_grad[(name, call)] = torch.is_grad_enabled() and any(
             t.requires_grad for t in _tree.leaves(args))
@@ -136,7 +144,7 @@ class Trace:
 
     def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         name, module, call = where
-        while self._stack and self._stack.pop() is not module:
+        while self.stack and self.stack.pop() is not module:
             pass  # a child that raised and was caught inside its parent left its entry behind
         self._emit("forward", where, output, self._depth.get((name, call), 0))
 
@@ -212,8 +220,24 @@ class CheckFinite:
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
         _check.flag("hookkit.check_finite", backward=backward, ops=ops)
-        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
-                              ops=ops, op_input_grads=True)
+        self._checker = _FiniteChecker(ops=ops)
+        self._engine = Engine(model, _default_layers(model, layers), listener=self._checker, keep=False,
+                              grads=backward, ops=ops, op_input_grads=True)
+
+    def __enter__(self) -> CheckFinite:
+        self._engine.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._checker.forget()
+        self._engine.__exit__(*exc)
+
+
+class _FiniteChecker:
+    """The engine's listener for ``check_finite``: raises ``NonFiniteError`` at the first non-finite output or
+    gradient, naming where it was made."""
+
+    def __init__(self, *, ops: bool) -> None:
         self._ops = ops
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
         # In the backward pass running now (autograd's graph task): the checked layers whose output received a
@@ -221,14 +245,10 @@ class CheckFinite:
         self._task = -1
         self._reached: dict[str, tuple[int, str]] = {}
 
-    def __enter__(self) -> CheckFinite:
-        self._engine.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def forget(self) -> None:
+        """Drop what the block saw (the last tensor checked, the layers reached in backward) when it closes."""
         self._last = None
         self._reached.clear()
-        self._engine.__exit__(*exc)
 
     def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
         pass

@@ -155,10 +155,11 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
     Raises:
         LayerNotFoundError: a spec matched no layer (before anything runs).
         ArgumentError: a module of the model is in training mode (before anything runs: call ``model.eval()``).
-        ValueError: clean and corrupt differ in structure or shape, a bad ``batch`` / ``positions``, a layer
+        ArgumentError: clean and corrupt differ in structure or shape, a bad ``batch`` / ``positions``, a layer
             whose output has no position ``p`` along ``dim``, or a layer that ran in the clean run but not in a
             patched one (or the other way round).
-        TypeError: ``metric`` did not return a single number.
+        ArgumentTypeError: ``metric`` did not return a single number, or a bad ``metric`` / ``forward`` / ``dim``
+            / ``batch`` (before anything runs).
     """
     where = "hookkit.patching_sweep"
     _check.function(where, "metric", metric, meaning=" (the model's output -> one number)")
