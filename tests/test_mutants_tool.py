@@ -31,11 +31,12 @@ def f(x, items):
             total += 1
         elif item not in items:
             break
-    label = "× wide"  # non-ASCII before the end of a statement
+    label = "×××"  # non-ASCII before the end of a statement
     keep = True  # pragma: no mutate
     while total < 3:
         total = total + 1
     return total if not keep else -total
+    if label == "××": label = None
 '''
 
 
@@ -64,6 +65,7 @@ def test_the_operators_expected_are_there():
     assert (12, "0 -> 1", "total = 0") not in found and (12, "0 -> 1", "total = 1") in found
     assert (22, "return x -> return None", "return None") in found
     assert (22, "not x -> x", "return total if keep else -total") in found
+    assert (23, "if c -> if not c", 'if not (label == "××"): label = None') in found  # columns in bytes
 
 
 def test_docstrings_type_checking_blocks_all_and_marked_lines_are_left_alone():
