@@ -164,9 +164,13 @@ def _statement_mutants(tree: ast.AST, lines: list[str]) -> list[tuple[int, str, 
 
 
 def _skipped_lines(tree: ast.AST, lines: list[str]) -> set[int]:
-    """Lines no mutant touches: `if TYPE_CHECKING:` blocks, `__all__`, and lines marked `# pragma: no mutate`."""
-    skipped = {i for i, text in enumerate(lines, 1) if "pragma: no mutate" in text}
+    """Lines no mutant touches: `if TYPE_CHECKING:` blocks, `__all__`, lines marked `# pragma: no mutate`, and what
+    coverage is told to leave out (`# pragma: no cover` on a line, or on the first line of a block: the whole block),
+    which no test is meant to reach."""
+    skipped = {i for i, text in enumerate(lines, 1) if "pragma: no mutate" in text or "pragma: no cover" in text}
     for node in ast.walk(tree):
+        if getattr(node, "lineno", None) and "pragma: no cover" in lines[node.lineno - 1]:
+            skipped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skipped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
