@@ -361,7 +361,7 @@ class Runner:
 ORDER = ["killed", "survived", "timed out", "not compiled", "baseline failed", "error"]
 
 
-def report(outcomes: list[Outcome], out=sys.stdout) -> None:
+def report(outcomes: list[Outcome], root: Path = ROOT, out=sys.stdout) -> None:
     counts = {s: sum(o.status == s for o in outcomes) for s in ORDER}
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ORDER[:4]), file=out)
     judged = counts["killed"] + counts["survived"] + counts["timed out"]
@@ -374,7 +374,7 @@ def report(outcomes: list[Outcome], out=sys.stdout) -> None:
             print(f"\n{o.status.upper()}  {m.where()}  [{m.operator}]  {o.detail}".rstrip(), file=out)
             print(f"  - {m.original.rstrip()}", file=out)
             print(f"  + {m.mutated.rstrip()}", file=out)
-            print(f"  tests: {' '.join(tests_for(ROOT, m.path))}", file=out)
+            print(f"  tests: {' '.join(tests_for(root, m.path))}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{o.seconds:.0f}s {o.detail}".rstrip(), flush=True)
     finally:
         runner.close()
-    report(outcomes)
+    report(outcomes, root)
     return 0
 
 
