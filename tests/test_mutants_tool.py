@@ -96,3 +96,16 @@ def test_the_map_names_existing_tests_and_every_core_glob_matches_a_file():
     for pattern in mutants.CORE:
         for path in ROOT.glob(pattern):
             assert mutants.tests_for(ROOT, path.relative_to(ROOT).as_posix())
+
+
+def test_a_survivor_killed_by_the_whole_suite_is_reported_as_outside_the_map():
+    class WholeSuite:
+        def test(self, mutant, tests):
+            assert tests == ["tests"]
+            return mutants.Outcome(mutant, "killed", 1.0, "FAILED tests/test_x.py::test_y")
+
+    m = mutants.mutants_of(SOURCE, "m.py")[0]
+    again = mutants._recheck(WholeSuite(), mutants.Outcome(m, "survived"))
+    assert (again.status, again.detail) == ("killed", "outside the map: FAILED tests/test_x.py::test_y")
+    killed = mutants.Outcome(m, "killed", 2.0, "FAILED tests/test_a.py::test_b")
+    assert mutants._recheck(WholeSuite(), killed) is killed

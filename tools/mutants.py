@@ -56,7 +56,7 @@ CORE = [
 # Which test files exercise a core file: glob of the file -> test files. A file that matches no glob gets the test
 # files that name its module (hookkit.core.engine, or `engine` imported from hookkit.core), else DEFAULT_TESTS.
 TESTS: dict[str, list[str]] = {
-    "hookkit/core/engine*.py": ["test_capture_values", "test_capture_grads", "test_checkpointing",
+    "hookkit/core/engine*.py": ["test_capture_values", "test_capture_grads", "test_param_grads", "test_checkpointing",
                                 "test_hooks_come_off", "test_trace"],
     "hookkit/core/snapshot*.py": ["test_capture_values", "test_copy_on_write", "test_hostile_core"],
     "hookkit/core/ops*.py": ["test_op_nodes", "test_op_nodes_fx", "test_copy_on_write"],
@@ -70,13 +70,14 @@ TESTS: dict[str, list[str]] = {
     "hookkit/core/fs*.py": ["test_file_modes", "test_saved", "test_extract_crash"],
     "hookkit/core/stats*.py": ["test_summary", "test_trace", "test_monitor"],
     "hookkit/record/saved*.py": ["test_saved", "test_saved_untrusted"],
-    "hookkit/monitoring/monitor*.py": ["test_monitor", "test_monitor_ranks"],
+    "hookkit/monitoring/monitor*.py": ["test_monitor", "test_monitor_ranks", "test_monitor_distributed"],
     "hookkit/monitoring/sinks*.py": ["test_monitor_sinks", "test_file_modes"],
     "hookkit/monitoring/plot*.py": ["test_monitor_plot"],
     "hookkit/intervene/edits*.py": ["test_edits", "test_checkpointing"],
     "hookkit/extraction/rowstore*.py": ["test_extract", "test_extract_tokens", "test_extract_crash",
                                         "test_extract_shards"],
-    "hookkit/extraction/extract*.py": ["test_extract", "test_extract_hostile", "test_extract_tokens"],
+    "hookkit/extraction/extract*.py": ["test_extract", "test_extract_hostile", "test_extract_tokens",
+                                       "test_extract_shards"],
 }
 DEFAULT_TESTS = ["test_capture_values", "test_hooks_come_off"]
 
@@ -333,8 +334,8 @@ class Runner:
                 self.baselines[key] = (code == 0, seconds, _first_failure(out))
         return self.baselines[key]
 
-    def test(self, mutant: Mutant) -> Outcome:
-        tests = tests_for(self.root, mutant.path)
+    def test(self, mutant: Mutant, tests: list[str] | None = None) -> Outcome:
+        tests = tests or tests_for(self.root, mutant.path)
         passed, seconds, failure = self.baseline(tests, mutant.path)
         if not passed:
             return Outcome(mutant, "baseline failed", seconds, failure)
@@ -356,6 +357,17 @@ class Runner:
         status = {0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(code, "error")
         detail = _first_failure(out) if status != "survived" else ""
         return Outcome(mutant, status, took, f"pytest exit {code}: {detail}" if status == "error" else detail)
+
+
+def _recheck(runner: Runner, outcome: Outcome) -> Outcome:
+    """A survivor tested again by the whole suite: killed there, the map missed the test that kills it."""
+    if outcome.status != "survived":
+        return outcome
+    again = runner.test(outcome.mutant, ["tests"])
+    print(f"recheck {outcome.mutant.where()}: {again.status} by the whole suite {again.detail}".rstrip(), flush=True)
+    if again.status == "killed":
+        return Outcome(outcome.mutant, "killed", again.seconds, f"outside the map: {again.detail}")
+    return outcome
 
 
 ORDER = ["killed", "survived", "timed out", "not compiled", "baseline failed", "error"]
@@ -390,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a mutant times out after this many times the unchanged tests' time (default 3)")
     parser.add_argument("--min-timeout", type=float, default=60.0, help="seconds, at least (default 60)")
     parser.add_argument("--list", action="store_true", help="print the sampled mutants and their tests; run nothing")
+    parser.add_argument("--recheck", action="store_true",
+                        help="run each survivor again against the whole of tests/: a kill there means a test file "
+                             "is missing from TESTS (costs a run of the whole suite per survivor)")
     args = parser.parse_args(argv)
     if args.count < 1 or args.jobs < 1:
         parser.error("--count and --jobs must be at least 1")
@@ -412,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{o.seconds:.0f}s {o.detail}".rstrip(), flush=True)
     finally:
         runner.close()
+        if args.recheck:
+            outcomes = [_recheck(runner, o) for o in outcomes]
     report(outcomes, root)
     return 0
 
