@@ -156,9 +156,9 @@ def _statement_mutants(tree: ast.AST, lines: list[str]) -> list[tuple[int, str, 
             found.append((node.lineno, "return x -> return None", f"{indent}return None\n"))
     for node in ast.walk(tree):
         if isinstance(node, ast.If | ast.While) and node.test.lineno == node.test.end_lineno == node.lineno:
-            line = lines[node.lineno - 1].encode()
+            raw = lines[node.lineno - 1].encode()
             start, end = node.test.col_offset, node.test.end_col_offset
-            negated = (line[:start] + b"not (" + line[start:end] + b")" + line[end:]).decode()
+            negated = (raw[:start] + b"not (" + raw[start:end] + b")" + raw[end:]).decode()
             found.append((node.lineno, f"{type(node).__name__.lower()} c -> {type(node).__name__.lower()} not c",
                           negated))
     return found
@@ -170,8 +170,9 @@ def _skipped_lines(tree: ast.AST, lines: list[str]) -> set[int]:
     which no test is meant to reach."""
     skipped = {i for i, text in enumerate(lines, 1) if "pragma: no mutate" in text or "pragma: no cover" in text}
     for node in ast.walk(tree):
-        if getattr(node, "lineno", None) and "pragma: no cover" in lines[node.lineno - 1]:
-            skipped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+        first = getattr(node, "lineno", None)
+        if first and "pragma: no cover" in lines[first - 1]:
+            skipped.update(range(first, (getattr(node, "end_lineno", None) or first) + 1))
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skipped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
