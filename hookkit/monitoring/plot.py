@@ -6,7 +6,7 @@ renders them as a rich table.
             ...; opt.step(); opt.zero_grad(); mon.step()
     hookkit.plot_run("runs/exp1")          # runs/exp1/monitor.png
 
-The seams: ``hookkit._monitor`` records and ``hookkit._sinks`` writes ``<run>/monitor.jsonl``, one JSON object per
+The seams: ``monitoring.monitor`` records and ``monitoring.sinks`` writes ``<run>/monitor.jsonl``, one JSON object per
 recorded step (``{"step", "time", "layers": {name: {stat: value}}, "params": {name: {stat: value}}, "alerts": [...]}``;
 a non-finite float is ``"nan"`` / ``"inf"`` / ``"-inf"`` or ``null``). This module only reads that file
 (``read_run``), so it draws a finished run, one still being written, or one copied from another machine, and it never
@@ -32,7 +32,7 @@ from rich.text import Text
 
 from hookkit._errors import ArgumentError, PlotError
 from hookkit.core import check as _check
-from hookkit.monitoring.sinks import JSONL_NAME, BadLine, read_jsonl
+from hookkit.monitoring.records import JSONL_NAME, LAYER_STATS, PARAM_STATS, BadLine, read_jsonl
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,8 +42,6 @@ __all__ = ["plot_run", "save_png", "summary_table", "read_run", "check_stats", "
 _INSTALL = "pip install 'hookkit[plot]'"
 _PNG_FILE = "monitor.png"
 
-LAYER_STATS = ("act_mean", "act_std", "act_absmax", "zero_frac", "nan", "inf", "grad_norm")
-PARAM_STATS = ("grad_norm", "weight_norm", "update_ratio")
 # Every name --stats / stats= takes; grad_norm is both a layer's (its output gradient) and a parameter's, and
 # "layer:grad_norm" / "param:grad_norm" choose.
 STATS = (*dict.fromkeys([*LAYER_STATS, *PARAM_STATS]), "layer:grad_norm", "param:grad_norm")
@@ -70,7 +68,8 @@ def _log_path(run: str | os.PathLike[str]) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` (``monitoring.sinks.read_jsonl``, which owns the format and checks each record's shape).
+    """The records of ``path`` (``monitoring.records.read_jsonl``, which owns the format and checks each record's
+    shape).
     A last line cut short (a run killed while writing) is left out with a warning; any other line that is not a monitor
     record (not JSON, or a field of the wrong shape) is a ``PlotError`` naming the line and what is wrong."""
 
