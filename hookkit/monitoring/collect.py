@@ -9,7 +9,6 @@ for ``monitoring.ranks.Reduction`` to add over ranks and finish) and the squared
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,12 +74,11 @@ class Finite:
 class Collect:
     """Recorded steps: the statistics of each layer's output and of the gradient w.r.t. it, summed over calls."""
 
-    def __init__(self, histograms: bool, *, on_backward: Callable[[], None]) -> None:
+    def __init__(self, histograms: bool) -> None:
         self.sums: dict[str, list[float]] = {}  # n, sum, sum of squares, absmax, zeros, nan, inf
         self.grad_sq: dict[str, float] = {}
         self.histograms = histograms
         self.hists: dict[str, Any] = {}
-        self.on_backward = on_backward
 
     def forward_pre(self, where: Any, args: tuple, kwargs: dict) -> None:
         pass
@@ -112,7 +110,6 @@ class Collect:
     def grad(self, where: tuple[str, Any, int], which: str, i: int, n: int, grad: torch.Tensor) -> None:
         if which != "output":
             return
-        self.on_backward()
         with torch.no_grad():
             sq = sq_norm(local(grad))
         self.grad_sq[where[0]] = self.grad_sq.get(where[0], 0.0) + sq

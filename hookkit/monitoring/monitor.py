@@ -5,9 +5,10 @@ How it connects: ``Monitor`` owns two views on the hook engine (``core.engine.En
 a light one, entered for the whole block, whose listener (``Finite``) takes one sum per selected layer's output
 on every step, so that the first NaN or Inf is found at its step and layer without a sync per layer; and a full one
 (``Collect``), entered only for recorded steps (``every``), which takes the activation statistics and the gradient
-w.r.t. each layer's output. Parameter gradients are read from ``p.grad`` when a backward has finished (after DDP's
-and FSDP's own end-of-backward reductions: the gradient the optimizer steps with), and update ratios come from a copy
-of the weights taken when a recorded step begins; all of these exist only during recorded steps. Under
+w.r.t. each layer's output, and with ``params`` copies the parameters' gradients (the engine's ``param_grads``:
+``p.grad`` when a backward has finished, after DDP's and FSDP's own end-of-backward reductions, i.e. the gradient the
+optimizer steps with), of which ``step()`` keeps the norms. Update ratios come from a copy of the weights taken when
+a recorded step begins; all of these exist only during recorded steps. Under
 ``torch.distributed`` each recorded step's sums (counts, sums, squares, maxima; of each rank's own shard where a
 tensor is a DTensor) are reduced over ranks in one SUM and one MAX ``all_reduce`` before any statistic is finished
 (``Reduction``), so that each statistic is the whole run's. Each recorded step (and each step with an alert)
@@ -32,9 +33,7 @@ import torch
 import torch.nn as nn
 
 from hookkit._errors import ArgumentError, ArgumentTypeError, NonFiniteError
-from hookkit.core.compat import after_gradient_reduction
 from hookkit.core.engine import Engine
-from hookkit.core.handles import HandleGroup
 from hookkit.core.select import Layers, resolve, unwrap
 from hookkit.monitoring import ranks as _ranks
 from hookkit.monitoring.collect import Collect, Finite, sample, sq_norm
@@ -140,12 +139,15 @@ class Monitor:
         self.names = [n for ns in found.values() for n in ns]
         self._modules = {n: m for m, ns in found.items() for n in ns}
         self.params: dict[str, nn.Parameter] = {}
+        self._param_keys: dict[str, tuple[str, str]] = {}  # where the engine files each one's gradient
         if params:
             for name in self.names:
                 prefix = name.removeprefix("module.")
                 for pname, p in self._modules[name].named_parameters():
-                    if p.requires_grad:
-                        self.params.setdefault(f"{prefix}.{pname}" if prefix else pname, p)
+                    key = f"{prefix}.{pname}" if prefix else pname
+                    if p.requires_grad and key not in self.params:
+                        self.params[key] = p
+                        self._param_keys[key] = (name, pname)
         self._data_parallel = _ranks.check_layout(model)
         from hookkit.monitoring.sinks import make_sinks  # checks the sinks before any hook is registered
 
@@ -166,10 +168,7 @@ class Monitor:
         self._light: Engine | None = None
         self._collect: Collect | None = None
         self._full: Engine | None = None
-        self._param_hooks = HandleGroup()
         self._before: dict[str, torch.Tensor] = {}
-        self._grad_sq: dict[str, float] = {}
-        self._backward_pending = False
         self._entered = self._closed = False
 
     # -- the block ---------------------------------------------------------------------------------------------------
@@ -262,37 +261,23 @@ class Monitor:
             self._arm()
 
     def _arm(self) -> None:
-        """Begin a recorded step: the full engine, parameter gradient hooks, the weights before the step."""
-        self._collect = Collect(self.histograms, on_backward=self._on_backward)
-        self._full = Engine(self.model, self.names, listener=self._collect, keep=False, grads=True)
+        """Begin a recorded step: the full engine (output statistics, output gradients, and with ``params`` the
+        parameters' gradients as they stand at the end of each backward, DDP's and FSDP's reductions included: the
+        gradient the optimizer steps with; the last backward of a step wins), and the weights before the step."""
+        self._collect = Collect(self.histograms)
+        self._full = Engine(self.model, self.names, listener=self._collect, keep=False, grads=True,
+                            param_grads=bool(self.params))
         self._full.__enter__()
-        self._grad_sq = {}
-        self._backward_pending = False
         for name, p in self.params.items():
             self._before[name] = _ranks.local(p).detach().clone()
-            self._param_hooks.param_grad(p, self._on_backward)
 
-    def _on_backward(self, *_: Any) -> None:
-        """A backward of a recorded step is running (a parameter's gradient is accumulated, or a layer's output
-        gradient is seen; FSDP2's sharded parameters get their gradients without hooks): read the parameters'
-        gradients once it has finished, DDP's and FSDP's reductions included."""
-        if self._backward_pending:
-            return
-        self._backward_pending = True
-        after_gradient_reduction(self._read_grads)
-
-    def _read_grads(self) -> None:
-        """At the end of a backward, after the callbacks queued before this one's outer callback ran: DDP queues its
-        all-reduce's finalizer when the last bucket is ready and FSDP2 its reduce-scatter's wait at the root's
-        pre-backward, both before the end of the backward, so ``p.grad`` is now what the optimizer steps with (the
-        last backward of a step wins: with ``no_sync()``, the accumulated gradient of the one that syncs)."""
-        self._backward_pending = False
-        for name, p in self.params.items():
-            if p.grad is not None:
-                self._grad_sq[name] = sq_norm(_ranks.local(p.grad))
+    def _param_grad_sq(self, grads: dict[str, dict[str, torch.Tensor]], name: str) -> float | None:
+        """The squared norm of the gradient of parameter ``name`` that the engine copied (this rank's shard)."""
+        layer, pname = self._param_keys[name]
+        g = grads.get(layer, {}).get(pname)
+        return None if g is None else sq_norm(_ranks.local(g))
 
     def _disarm(self) -> None:
-        self._param_hooks.remove()
         if self._full is not None:
             full, self._full = self._full, None
             full.__exit__(None, None, None)
@@ -302,6 +287,8 @@ class Monitor:
 
     def _finish_record(self, step: int) -> dict[str, Any]:
         collect = self._collect
+        assert self._full is not None  # noqa: S101 - armed implies an engine
+        grads = self._full.recording.param_grads  # {layer: {parameter: a copy of its gradient}}
         self._disarm()
         record = self._empty_record(step)
         assert collect is not None  # noqa: S101 - armed implies collected
@@ -319,7 +306,7 @@ class Monitor:
                 # w - before in w's dtype: rounds each difference once (2**-24 relative in float32), far below what
                 # an update ratio is read for; the norm is accumulated in float64 without a float64 copy of w
                 params.append((name, red.add_param(p, sq_norm(w), None if before is None else sq_norm(w - before),
-                                                   self._grad_sq.get(name))))
+                                                   self._param_grad_sq(grads, name))))
                 if self.histograms:  # this rank's shard where the parameter is a DTensor
                     record["histograms"][f"{name}/weight"] = sample(w)
                     if p.grad is not None:
