@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from hookkit._errors import ArgumentTypeError, PlotError
+from hookkit._errors import ArgumentTypeError
 
 __all__ = ["Record", "LAYER_STATS", "PARAM_STATS", "JSONL_NAME", "HISTOGRAM_BINS", "BadLine", "read_jsonl", "encode",
            "finite_values"]
@@ -112,7 +112,7 @@ def _decode(record: Record) -> Record:
     return record
 
 
-class BadLine(PlotError):
+class BadLine(ValueError):
     """A line of a JSON Lines file that is not a record, other than a torn last one: ``number``, ``text``, and the
     ``reason``: the parser's, or (``json_ok``: the line is a JSON object) which field of the record has the wrong
     shape."""
@@ -197,7 +197,7 @@ def read_jsonl(path: str | os.PathLike[str], *, torn: Callable[[int, str], None]
         One dict per complete line, in file order. Histograms stay ``{"edges", "counts", "nonfinite"}``.
 
     Raises:
-        BadLine (a PlotError, a ValueError): a line other than an unterminated last one is not a JSON object, or
+        BadLine (a ValueError): a line other than an unterminated last one is not a JSON object, or
             is one whose fields are not shaped as a record's (no integer ``step``; ``layers`` or ``params`` not an
             object of objects of numbers; ``alerts`` not a list of objects...): the file is not a ``JsonlSink`` file.
         OSError: the file cannot be read.
