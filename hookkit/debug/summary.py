@@ -26,7 +26,7 @@ from rich.text import Text
 from hookkit._errors import SummaryError
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
-from hookkit.core.engine import Engine, Where
+from hookkit.core.engine import Engine
 from hookkit.core.ops import call_name
 from hookkit.core.select import Layers, check_model, resolve, unwrap
 from hookkit.core.state import restore, save
@@ -256,7 +256,7 @@ class _Recorder:
             self.sync()
         return time.perf_counter()
 
-    def forward_pre(self, where: Where, args: tuple, kwargs: dict) -> None:
+    def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
         _, module, index = where  # index: this call's among the module's calls in the forward, from 0
         call = _Call(self.names[id(module)], module, index + 1)
         self.calls.append(call)
@@ -264,7 +264,7 @@ class _Recorder:
         call.overhead0 = self.overhead
         call.start = self.now()  # last, so that the bookkeeping above is not timed
 
-    def forward(self, where: Where, args: tuple, output: Any) -> None:
+    def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         end = self.now()
         call = self._pop(where[1])
         if call is None:  # pragma: no cover - a call that started before the hooks were registered
@@ -280,7 +280,7 @@ class _Recorder:
         if self.timing:
             self.overhead += time.perf_counter() - end
 
-    def grad(self, where: Where, which: str, i: int, n: int, grad: torch.Tensor) -> None:  # pragma: no cover
+    def grad(self, where: tuple, which: str, i: int, n: int, grad: torch.Tensor) -> None:  # pragma: no cover
         pass  # the engine taps no gradient here (grads=False)
 
     def _pop(self, module: nn.Module) -> _Call | None:
