@@ -9,7 +9,7 @@ the medians of the rounds:
 
 - ``bare DDP``: forward, loss, backward (DDP's gradient all-reduce), SGD step, zero_grad;
 - ``+ agreement only``: the same loop plus, per step, exactly the agreement ``mon.step()`` makes on a healthy step
-  (``hookkit.monitoring.monitor._agreed_alerts(None)``: one all_reduce of one int64), nothing else;
+  (``hookkit.monitoring.ranks.agreed_alerts(None)``: one all_reduce of one int64), nothing else;
 - ``monitor(every=100)``: the loop under ``hookkit.monitor`` (default layers, ``mon.step()`` per step: the light
   hooks' sums, their finiteness check, the agreement, and the recorded step 1 in 100 with its reduction).
 
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import interleaved  # noqa: E402
 
 import hookkit  # noqa: E402
-from hookkit.monitoring import monitor as _monitor  # noqa: E402
+from hookkit.monitoring import ranks as _ranks  # noqa: E402
 
 
 def make_model(name: str) -> tuple[nn.Module, Callable[[torch.Generator], torch.Tensor]]:
@@ -89,7 +89,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
                 loop(mon.step)
 
     variants: dict[str, Callable[[], None]] = {
-        "bare DDP": loop, "+ agreement only": lambda: loop(lambda: _monitor._agreed_alerts(None)),
+        "bare DDP": loop, "+ agreement only": lambda: loop(lambda: _ranks.agreed_alerts(None)),
         "monitor(every=100)": monitored}
     times = interleaved(variants, args.rounds)
     if rank == 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hookkit.monitoring.records import read_jsonl
 from hookkit.monitoring.sinks import (
     CallableSink,
     JsonlSink,
@@ -26,7 +27,6 @@ from hookkit.monitoring.sinks import (
     TensorBoardSink,
     WandbSink,
     make_sinks,
-    read_jsonl,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
