@@ -20,7 +20,7 @@ import torch.nn as nn
 import hookkit
 from hookkit.core import fs as _fs
 from hookkit.extraction import npy as _npy
-from hookkit.extraction import rowstore as _rowstore
+from hookkit.extraction import npyfolder as _npyfolder
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ["net.1", "net.3"]
@@ -292,14 +292,14 @@ def test_the_next_forward_runs_while_a_batch_is_written(model, tmp_path, monkeyp
     timeout fails the test)."""
     second_forward = threading.Event()
     overlapped = []
-    real_write = _rowstore.NpyFolder.write
+    real_write = _npyfolder.NpyFolder.write
 
     def slow_write(self, first_row, rows, *, batch):
         if batch == 0:
             overlapped.append(second_forward.wait(timeout=10))
         return real_write(self, first_row, rows, batch=batch)
 
-    monkeypatch.setattr(_rowstore.NpyFolder, "write", slow_write)
+    monkeypatch.setattr(_npyfolder.NpyFolder, "write", slow_write)
     calls = fail_on(model, 0)
     model.net[0].register_forward_pre_hook(lambda m, a: second_forward.set() if len(calls) == 2 else None)
     hookkit.extract(model, LAYERS, padded(sequences(), 8), out=tmp_path / "f", progress=False)
@@ -341,7 +341,6 @@ def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_p
         events.append("sync json" if Path(path).name.startswith(".rank-0.json.") else f"sync {path}")
         real_sync(fd)
     monkeypatch.setattr(_fs, "sync", sync)
-    monkeypatch.setattr(_npy, "sync", sync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
     hookkit.extract(model, LAYERS, padded(sequences(24), 8), out=tmp_path / "f", progress=False)
     records = [i for i, e in enumerate(events) if e == "replace rank-0.json"]

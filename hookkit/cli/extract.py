@@ -34,14 +34,14 @@ from hookkit.cli._inputs import (
     count,
     positive_int,
     seed,
-    writable_folder,
 )
 from hookkit.core.select import resolve
+from hookkit.extraction.options import POOLS, check_out_folder
 
 __all__: list[str] = []  # run through `hookkit extract`
 
 _IMAGE_SIZE = 224
-_TEXT_POOLS = (None, "avg", "max", "cls")
+_TEXT_POOLS = tuple(p for p in POOLS if p != "flatten")  # a document's tokens do not flatten to one width
 _IMAGE_ONLY = (("image_size", "--image-size"), ("weights", "--weights"))
 _TEXT_ONLY = (("field", "--field"), ("max_length", "--max-length"), ("no_truncation", "--no-truncation"))
 
@@ -70,7 +70,7 @@ def register(sub: Any) -> None:
                       help="a UTF-8 text file, one document per line (blank lines skipped), or JSON Lines with "
                       "--field")
     extract_cmd.add_argument("--out", required=True, metavar="DIR", help="where the .npy files go")
-    extract_cmd.add_argument("--pool", choices=["avg", "max", "flatten", "cls"],
+    extract_cmd.add_argument("--pool", choices=[p for p in POOLS if p is not None],
                              help="per sample: average / max over space or tokens (text: over the real tokens, "
                              "not the padding), flatten (images only), or the first token; text without --pool "
                              "keeps every real token (DIR/<layer>.npy [tokens, ...] and DIR/<layer>.offsets.npy)")
@@ -105,7 +105,8 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     if "" in args.layers:
         raise CommandLineError("--layers '': name the model's layers (see `hookkit layers MODEL`), not the model "
                                "itself.")
-    out = writable_folder(args.out)  # this and the checks below fail before anything is written
+    check_out_folder(args.out, option="--out")  # extract's own check of out=; it and those below fail before anything
+    out = Path(args.out)  # is written
     return _text(args, out, console) if text else _images(args, out, console)
 
 
@@ -186,7 +187,7 @@ def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, rows:
     resumed from k rows, or already finished). Ctrl-C becomes ``Interrupted``: the rows kept and the command that
     resumes."""
     from hookkit.extraction.extract import extract
-    from hookkit.extraction.rowstore import rows_written
+    from hookkit.extraction.manifest import rows_written
 
     done, finished = rows_written(out)
     try:
