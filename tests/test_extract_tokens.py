@@ -332,6 +332,24 @@ def test_a_failed_write_surfaces_at_once_and_every_batch_recorded_as_done_stays(
     assert (tmp_path / "f" / "net.3.npy").read_bytes() == (tmp_path / "ref" / "net.3.npy").read_bytes()
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_ragged_tokens_of_a_bfloat16_model_without_dtype_are_stored_as_float32_exactly(model, on_disk, tmp_path):
+    """numpy has no bfloat16: a ragged layer of a bfloat16 model is stored as float32 (every bfloat16 value is one
+    float32 exactly), as pooled rows are, unless dtype= says otherwise."""
+    model = model.to(torch.bfloat16)
+    batches = [{**b, "x": b["x"].to(torch.bfloat16)} for b in padded(sequences(20), 8)]
+    out = tmp_path / "f" if on_disk else None
+    feats = hookkit.extract(model, LAYERS, batches, out=out, progress=False)
+    for layer in LAYERS:
+        depth = {"net.1": 2, "net.3": 4}[layer]
+        with torch.no_grad():
+            want = torch.cat([model.net[:depth](b["x"])[b["attention_mask"].bool()] for b in batches])
+        assert feats[layer].dtype == np.float32
+        np.testing.assert_array_equal(feats[layer], want.float().numpy())
+    if on_disk:
+        assert np.load(tmp_path / "f" / "net.3.npy").dtype == np.float32
+
+
 def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_path, monkeypatch):
     events: list[str] = []
     real_sync, real_replace = _fs.sync, os.replace
