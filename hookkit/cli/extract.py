@@ -4,12 +4,14 @@
 image; ``DIR/lines.txt``: its input line).
 
 ``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds. Images come from
-``hookkit._images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit._texts``
+``hookkit.cli.images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit.cli.texts``
 (``read_documents``, the Hugging Face model folder's tokenizer and model, ``TokenizedTexts`` with its padding
 collate; transformers imported when used). Every option is checked, the input read and the index compared with the
-one in ``--out`` before a file is written; ``extraction.extract`` then hands a DataLoader to ``extract`` and prints what
-it wrote (and how many rows an earlier run had written). Ctrl-C keeps the rows written and raises ``Interrupted``
-with their number and the command that resumes; ``hookkit.cli.run`` prints it as one line, exit code 130.
+one in ``--out`` before a file is written; what ``extract`` itself checks (``--out``, the pool names) is checked by its
+own functions (``hookkit.extraction.options``), with the option's name in the message. ``_extract`` then hands a
+DataLoader to ``hookkit.extract`` and prints what it wrote (and how many rows an earlier run had written). Ctrl-C
+keeps the rows written and raises ``Interrupted`` with their number and the command that resumes;
+``hookkit.cli.run`` prints it as one line, exit code 130.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hookkit._errors import CommandLineError, HookkitError
+from hookkit._errors import ArgumentError, CommandLineError, HookkitError
 from hookkit.cli._inputs import (
     MODEL_HELP,
     Interrupted,
@@ -217,7 +219,7 @@ def _show(feats: Any, console: Console, note: str) -> None:
         path = feats.path(name)
         try:
             offsets = feats.offsets(name)
-        except ValueError:  # one row per sample
+        except ArgumentError:  # one row per sample
             table.add_row(name, str(path), " × ".join(map(str, array.shape)), str(array.dtype))
             continue
         ragged = True
