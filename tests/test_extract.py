@@ -287,6 +287,18 @@ def test_the_final_renames_are_followed_by_a_sync_of_the_folder(tmp_path, monkey
     assert f"sync {tmp_path / 'f'}" in events[last + 1:]
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_model_runs(tmp_path):
+    """extract checks out= as the command line checks --out (one function, each naming its own option)."""
+    model, x, batches = model_and_data(8, 4)
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(hookkit.ExtractError, match=r"out='.*notes.txt' is a file, not a folder; pass a folder"):
+        hookkit.extract(model, ["1"], batches, out=target, progress=False)
+    assert calls == [] and target.read_text() == "keep me"
+
+
 def test_unwritable_out_and_layer_that_never_runs(tmp_path):
     model, x, batches = model_and_data(8, 4)
     blocker = tmp_path / "file"

@@ -1,7 +1,7 @@
 """What identifies an ``extract()`` call without storing its model, options or data: hashes kept in a manifest.
 
-``_extract.extract()`` calls ``call_settings()`` once, before anything is written, and hands the dict to the
-``.npy`` folder store (``extraction.rowstore.NpyFolder``), which writes it into ``manifest.json`` and refuses a resumed
+``extraction.extract.extract()`` calls ``call_settings()`` once, before anything is written, and hands the dict to the
+``.npy`` folder store (``extraction.npyfolder.NpyFolder``), which writes it into ``manifest.json`` and refuses a resumed
 call whose settings differ. The store calls ``sample0_digest()`` on the first sample of the data, the cheap check that a
 resumed run reads the same data. Nothing here writes files or raises for bad input: it only hashes.
 """
