@@ -158,16 +158,7 @@ def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: li
 
 
 def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
-    ran = args.input_shape is not None
-    if ran:
-        model, x = model_and_input(args)
-        with torch.no_grad():
-            forward(model, x)  # a shape the model rejects: one line naming it, before hookkit runs the model
-        module_rows = _layer_rows(model)
-        rows = _run_rows(model, x, module_rows)
-    else:
-        model = build_model(args)
-        rows = module_rows = _layer_rows(model)
+    model, rows, module_rows, ran = _collect(args)
     shown = [r.name for r in rows]
     matched: set[str] = set(shown)
     if args.filter is not None:
@@ -182,7 +173,35 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         shown = [n for n in shown if n.count(".") < args.depth]
     by_name = {r.name: r for r in rows}
     visible = [by_name[n] for n in shown]
+    header = _header(args, model, rows, module_rows, matched, ran)
+    if args.table:
+        body: Any = _layers_table(visible, matched)
+        console.print(header)
+    else:
+        body = _layers_tree(header, visible, matched)
+    console.print(body)
+    _print_notes(args, console, model, rows, module_rows, shown, visible, ran)
+    return 0
 
+
+def _collect(args: argparse.Namespace) -> tuple[nn.Module, list[_Row], list[_Row], bool]:
+    """The model, the rows to list (with --input-shape: what ran, in execution order), every module's row, and
+    whether the model ran."""
+    ran = args.input_shape is not None
+    if ran:
+        model, x = model_and_input(args)
+        with torch.no_grad():
+            forward(model, x)  # a shape the model rejects: one line naming it, before hookkit runs the model
+        module_rows = _layer_rows(model)
+        return model, _run_rows(model, x, module_rows), module_rows, True
+    model = build_model(args)
+    module_rows = _layer_rows(model)
+    return model, module_rows, module_rows, False
+
+
+def _header(args: argparse.Namespace, model: nn.Module, rows: list[_Row], module_rows: list[_Row],
+            matched: set[str], ran: bool) -> Text:
+    """The model's line: class, spec, weights, parameter counts, names (and matches); what ran, when it ran."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     header = Text.assemble(
@@ -199,19 +218,19 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         header.append(f"\nOne forward on a random {'×'.join(map(str, args.input_shape))} input, in execution order: "
                       f"{_plural(kinds.count('module'), 'module')}, {_plural(kinds.count('op'), 'op node')}, "
                       f"{_plural(kinds.count('call'), 'repeated call')}", style="dim")
-    if args.table:
-        body: Any = _layers_table(visible, matched)
-        console.print(header)
-    else:
-        body = _layers_tree(header, visible, matched)
-    console.print(body)
+    return header
+
+
+def _print_notes(args: argparse.Namespace, console: Console, model: nn.Module, rows: list[_Row],
+                 module_rows: list[_Row], shown: list[str], visible: list[_Row], ran: bool) -> None:
+    """The dim lines under the listing: what --depth hid, modules that did not run, how to use the names."""
     if args.depth is not None and len(shown) < len(rows) and args.filter is None:
         console.print(Text(f"{len(rows) - len(shown)} deeper names hidden by --depth {args.depth}.", style="dim"))
     if not rows:
         ops = " and its forward ran no op node outside torch's own modules" if ran else ""
         console.print(Text(f"{type(model).__name__} has no submodules{ops}: there is no layer name to capture.",
                            style="yellow"))
-        return 0
+        return
     if ran:
         listed = {r.name for r in rows}
         idle = [r.name for r in module_rows if r.name not in listed and r.alias_of not in listed]
@@ -224,7 +243,6 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
     if ran and any(r.kind != "module" for r in rows):
         console.print(Text("Pass op and repeated-call names to capture() exactly as listed: its globs match module "
                            "names only.", style="dim"))
-    return 0
 
 
 def _plural(n: int, noun: str) -> str:
