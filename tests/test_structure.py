@@ -57,8 +57,6 @@ _PLAIN_ERRORS = {"ValueError", "TypeError", "KeyError", "IndexError", "LookupErr
 _PLAIN_RAISES_ALLOWED = {
     # Raised where a user's mistake arrives, and still plain: to become hookkit errors (then leave this list).
     ("core/engine.py", "Engine.__enter__", "RuntimeError"): "converted separately",
-    ("extraction/npy.py", "header_bytes", "ValueError"): "converted separately",
-    ("extraction/npy.py", "RowFile.write", "ValueError"): "converted separately",
     ("extraction/rowstore.py", "Features.tokens", "IndexError"): "converted separately",
     ("intervene/hooks.py", "Hooks.__enter__", "RuntimeError"): "converted separately",
     ("monitoring/monitor.py", "Monitor.__enter__", "RuntimeError"): "converted separately",
