@@ -32,9 +32,11 @@ from hookkit._errors import (
     NonFiniteError,
     NotRecordedError,
     PlotError,
+    SampleIndexError,
     SavedCaptureError,
     SummaryError,
     UnsupportedModelError,
+    UsageError,
 )
 from hookkit._version import __version__
 from hookkit.core.census import hook_census
@@ -106,5 +108,7 @@ __all__ = [
     "SavedCaptureError",
     "ArgumentError",
     "ArgumentTypeError",
+    "UsageError",
+    "SampleIndexError",
     "__version__",
 ]

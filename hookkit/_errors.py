@@ -22,6 +22,8 @@ __all__ = [
     "PlotError",
     "ArgumentError",
     "ArgumentTypeError",
+    "UsageError",
+    "SampleIndexError",
 ]
 
 
@@ -48,6 +50,15 @@ class NotRecordedError(HookkitError, KeyError):
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class UsageError(HookkitError, RuntimeError):
+    """A hookkit object used out of order: a ``with`` block entered twice, ``step()`` outside its block, a sink
+    written after ``close()``; the message says what to call instead."""
+
+
+class SampleIndexError(HookkitError, IndexError):
+    """A sample index outside the rows a ``Features`` holds; the message gives the valid range."""
 
 
 class ModifiedInPlaceError(HookkitError, RuntimeError):
@@ -113,5 +124,6 @@ class SavedCaptureError(HookkitError, ValueError):
 
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError):
+             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError, UsageError,
+             SampleIndexError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

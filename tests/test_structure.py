@@ -57,13 +57,7 @@ _PLAIN_ERRORS = {"ValueError", "TypeError", "KeyError", "IndexError", "LookupErr
 _PLAIN_RAISES_ALLOWED = {
     # Raised where a user's mistake arrives, and still plain: to become hookkit errors (then leave this list).
     ("core/engine.py", "Engine.__enter__", "RuntimeError"): "converted separately",
-    ("extraction/rowstore.py", "Features.tokens", "IndexError"): "converted separately",
     ("intervene/hooks.py", "Hooks.__enter__", "RuntimeError"): "converted separately",
-    ("monitoring/monitor.py", "Monitor.__enter__", "RuntimeError"): "converted separately",
-    ("monitoring/monitor.py", "Monitor.step", "RuntimeError"): "converted separately",
-    ("monitoring/sinks.py", "JsonlSink.write", "ValueError"): "converted separately",
-    ("monitoring/sinks.py", "TensorBoardSink.write", "ValueError"): "converted separately",
-    ("monitoring/sinks.py", "WandbSink.write", "ValueError"): "converted separately",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, NotRecordedError
+from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, NotRecordedError, SampleIndexError
 from hookkit.extraction.tokens import TokenRows
 
 __all__ = ["Features", "RowStore", "MemoryRows", "TokenRows", "Rows", "RowShapes", "row_layout", "layout_mismatch"]
@@ -67,7 +67,7 @@ class Features(Mapping[str, np.ndarray]):
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise ArgumentTypeError(f"Features.tokens: i= takes a sample index (int), got {type(i).__name__} {i!r}.")
         if not -n <= i < n:
-            raise IndexError(f"sample {i!r} of {layer!r}: there are {n} samples (0 to {n - 1}).")
+            raise SampleIndexError(f"sample {i!r} of {layer!r}: there are {n} samples (0 to {n - 1}).")
         i = int(i) % n
         return self._arrays[layer][int(offsets[i]):int(offsets[i + 1])]
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from hookkit._errors import ArgumentError, ArgumentTypeError, NonFiniteError
+from hookkit._errors import ArgumentError, ArgumentTypeError, NonFiniteError, UsageError
 from hookkit.core.engine import Engine
 from hookkit.core.select import Layers, resolve, unwrap
 from hookkit.monitoring import ranks as _ranks
@@ -175,7 +175,7 @@ class Monitor:
 
     def __enter__(self) -> Monitor:
         if self._entered:
-            raise RuntimeError("a hookkit block can be entered once; call hookkit.monitor(...) again for a new run.")
+            raise UsageError("a hookkit block can be entered once; call hookkit.monitor(...) again for a new run.")
         self._entered = True
         try:
             self._light = Engine(self.model, self.names, listener=self._finite, keep=False, ops=self.ops)
@@ -223,7 +223,7 @@ class Monitor:
         """End the current step: check it for non-finite outputs, finish its record if it is recorded, hand the
         record to the sinks, and begin the next step."""
         if not self._entered or self._closed:
-            raise RuntimeError("mon.step() is called inside `with hookkit.monitor(...) as mon:`.")
+            raise UsageError("mon.step() is called inside `with hookkit.monitor(...) as mon:`.")
         step = self.steps
         alert = self._finite.end_step(step, rank=_ranks.rank() if _ranks.world_size() > 1 else None)
         # Every rank takes the same path whatever its own data showed: the verdict is agreed between ranks here, at

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from hookkit._errors import ArgumentError, ArgumentTypeError
+from hookkit._errors import ArgumentError, ArgumentTypeError, UsageError
 from hookkit.core.fs import NEW_FILE_MODE, sync, sync_folder
 from hookkit.monitoring.records import HISTOGRAM_BINS, JSONL_NAME, Record, encode, finite_values
 
@@ -82,7 +82,7 @@ class JsonlSink:
 
     def write(self, record: Record) -> None:
         if self._fd is None:
-            raise ValueError(f"JsonlSink({str(self.path)!r}) is closed; records can only be written before close()")
+            raise UsageError(f"JsonlSink({str(self.path)!r}) is closed; records can only be written before close()")
         view = memoryview(encode(record))
         while view:  # one write for a local file; the loop only guards the unusual short write
             view = view[os.write(self._fd, view) :]
@@ -139,7 +139,7 @@ class TensorBoardSink:
 
     def write(self, record: Record) -> None:
         if self._writer is None:
-            raise ValueError(f"TensorBoardSink({str(self.logdir)!r}) is closed; write records before close()")
+            raise UsageError(f"TensorBoardSink({str(self.logdir)!r}) is closed; write records before close()")
         step, walltime = int(record["step"]), record.get("time")
         for tag, value in _scalars(record):
             self._writer.add_scalar(tag, value, step, walltime=walltime)
@@ -197,7 +197,7 @@ class WandbSink:
 
     def write(self, record: Record) -> None:
         if self._closed:
-            raise ValueError("WandbSink is closed; records can only be written before close()")
+            raise UsageError("WandbSink is closed; records can only be written before close()")
         data: dict[str, Any] = dict(_scalars(record))
         for name, values in (record.get("histograms") or {}).items():
             finite, _ = finite_values(values)
