@@ -12,6 +12,8 @@ from rich.console import Console
 
 import hookkit
 
+from _optional import needs_torchvision, torchvision
+
 
 class Block(nn.Module):
     def __init__(self) -> None:
@@ -148,6 +150,24 @@ def test_op_and_repeated_call_nodes_in_monitor_get_captures_statistics_and_no_pa
         assert stats["act_mean"] == pytest.approx(value.mean().item(), abs=1e-12), name
         assert stats["zero_frac"] == pytest.approx((value == 0).double().mean().item()), name
         assert stats["grad_norm"] is not None and stats["grad_norm"] > 0, name
+
+
+@needs_torchvision
+def test_an_op_that_an_inplace_relu_overwrites_is_extracted_and_monitored_as_it_was_made():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    names = ["layer1.0.add", "layer1.0.relu_1", "flatten"]
+    with torch.no_grad(), hookkit.capture(model, names) as cap:
+        model(x)
+    assert cap["layer1.0.add"].min() < 0  # before the block's ReLU(inplace=True) ran over it
+    feats = hookkit.extract(model, names, [x], progress=False)
+    with hookkit.monitor(model, names, every=1, summary=False) as mon:
+        model(x).sum().backward()
+        mon.step()
+    for name in names:
+        assert torch.equal(torch.from_numpy(feats[name]), cap[name]), name
+        assert mon.records[0]["layers"][name]["act_absmax"] == cap[name].double().abs().max().item(), name
 
 
 def test_a_repeated_call_name_works_in_trace_check_finite_hooks_and_sweep():

@@ -31,7 +31,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def layer_names(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> list[str]:
-    """Every name that ``capture``, ``trace``, ``check_finite`` and ``hooks`` accept for ``model``.
+    """Every name that the functions taking ``layers`` accept for ``model`` (``capture``, ``trace``,
+    ``check_finite``, ``extract``, ``monitor``, ``hooks``, ``edits``, ``patching_sweep``; ``summary`` takes the
+    module names).
 
     Without example inputs: the module names, in ``named_modules`` order. With them, the model runs once (under
     ``no_grad``; every module's train / eval flag, the buffers and the RNG state restored afterwards) and the list
