@@ -247,13 +247,12 @@ def select(model: nn.Module, layers: Any, *, caller: str, every_if_none: bool = 
     """
     if isinstance(layers, Selection):
         return layers
-    if layers is None:
-        if not every_if_none:
-            raise layers_needed(caller, param)
-        layers = _every_submodule
+    every = layers is None
+    if every and not every_if_none:
+        raise layers_needed(caller, param)
     walked: list[tuple[str, nn.Module]] = []
-    modules, nodes = resolve_nodes(model, layers, walked)
-    if not modules and not nodes:  # None on a model without submodules: the model itself
+    modules, nodes = resolve_nodes(model, _every_submodule if every else layers, walked)
+    if every and not modules:  # a model without submodules (a bare nn.Linear): the model itself
         modules = {walked[0][1]: [""]}
     if nodes and no_nodes is not None:
         name = next(iter(nodes))
