@@ -10,7 +10,7 @@ the medians of the rounds:
 - ``bare DDP``: forward, loss, backward (DDP's gradient all-reduce), SGD step, zero_grad;
 - ``+ agreement only``: the same loop plus, per step, exactly the agreement ``mon.step()`` makes on a healthy step
   (``hookkit.monitoring.ranks.agreed_alerts(None)``: one all_reduce of one int64), nothing else;
-- ``monitor(every=100)``: the loop under ``hookkit.monitor`` (default layers, ``mon.step()`` per step: the light
+- ``monitor(every=100)``: the loop under ``hookkit.monitor`` (the model's children, ``mon.step()`` per step: the light
   hooks' sums, their finiteness check, the agreement, and the recorded step 1 in 100 with its reduction).
 
 ``--model mlp`` (Linear 64-256-256-10, batch 32 per rank) makes a step so short that the agreement is the
@@ -81,11 +81,13 @@ def worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             opt.zero_grad()
             after_step()
 
+    children = [name for name, _ in model.module.named_children()]  # what the figures above measured
+
     def monitored() -> None:
         folder = tempfile.TemporaryDirectory(dir=tmp) if rank == 0 else contextlib.nullcontext()
         with folder as log, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with hookkit.monitor(model, every=100, log=log, summary=False) as mon:
+            with hookkit.monitor(model, children, every=100, log=log, summary=False) as mon:
                 loop(mon.step)
 
     variants: dict[str, Callable[[], None]] = {

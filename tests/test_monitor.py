@@ -224,12 +224,17 @@ def test_the_every_step_check_keeps_no_layer_output_past_its_step(ops):
     assert [r["step"] for r in mon.records] == [0, 10, 20]
 
 
-def test_default_layers_are_the_models_children_and_bad_options_are_refused_before_any_hook():
+def test_default_layers_are_every_submodule_and_bad_options_are_refused_before_any_hook():
     model = small_model()
     with hookkit.monitor(model, every=1, summary=False) as mon:
         model(batches(1)[0]).sum().backward()
         mon.step()
     assert set(mon.records[0]["layers"]) == {"0", "1", "2", "3", "4"}
+    nested = nn.Sequential(small_model(), nn.Sigmoid())  # every submodule, as trace and summary: not the children
+    with hookkit.monitor(nested, every=1, summary=False) as mon:
+        nested(batches(1)[0]).sum().backward()
+        mon.step()
+    assert set(mon.records[0]["layers"]) == {"0", "0.0", "0.1", "0.2", "0.3", "0.4", "1"}
     before = hook_census(model)
     for kwargs, error, match in [({"every": 0}, ValueError, "every=0"), ({"on_nonfinite": "ignore"}, ValueError,
                                  "on_nonfinite"), ({"layers": ["nope"]}, hookkit.LayerNotFoundError, "nope")]:

@@ -37,7 +37,7 @@ from hookkit.cli._inputs import (
     positive_int,
     seed,
 )
-from hookkit.core.select import resolve
+from hookkit.core.select import select
 from hookkit.extraction.options import POOLS, check_out_folder
 
 __all__: list[str] = []  # run through `hookkit extract`
@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
                              help=f"{MODEL_HELP}; with --text, a local Hugging Face model folder (config.json, "
                              "weights, tokenizer files)")
     extract_cmd.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
-                             help="layer names or globs (see `hookkit layers MODEL`)")
+                             help="layer names, globs or op nodes (see `hookkit layers MODEL`)")
     data = extract_cmd.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", metavar="IMAGE_FOLDER",
                       help="a folder of images (ImageFolder-style class subfolders or flat)")
@@ -128,7 +128,7 @@ def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
     if listing.exists() and listing.read_text().splitlines() != images.files:
         raise CommandLineError(f"{listing} lists other images than {args.data} holds now, so resuming would mix "
                                "rows. Use another --out, or delete it to start over.")
-    resolve(model, args.layers)  # a bad layer name fails before anything is written
+    select(model, args.layers, caller="hookkit extract")  # a bad layer name fails before anything is written
     _write_index(args, lambda: write_file_list(images.files, listing))
     loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     feats, before = _extract(args, model, loader, out, len(images), pool=args.pool)
@@ -158,7 +158,7 @@ def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
     listing = out / "lines.txt"
     _texts.check_line_index(docs, listing)
     model = _texts.load_text_model(args.model)
-    resolve(model, args.layers)  # a bad layer name fails before anything is written
+    select(model, args.layers, caller="hookkit extract")  # a bad layer name fails before anything is written
     if args.workers:
         # Workers fork after the tokenizer ran here (--no-truncation): tokenizers would warn and go serial anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -32,7 +32,7 @@ from hookkit.cli._inputs import (
     positive_int,
     weights_note,
 )
-from hookkit.core.select import _GLOB_CHARS, _glob_regex, resolve, resolve_nodes
+from hookkit.core.select import _GLOB_CHARS, _glob_regex, resolve_nodes
 
 __all__: list[str] = []  # run through `hookkit layers`
 
@@ -90,7 +90,8 @@ def _layer_rows(model: nn.Module) -> list[_Row]:
 
 def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> list[_Row]:
     """The nodes of one forward on ``x``, in execution order: each module's row at its first call, then an op row
-    (``cls``: "op") or a repeated-call row ("call 2 of layer1.0.relu") for every other name."""
+    (``cls``: "op") or a repeated-call row ("2nd call of layer1.0.relu": which call of the module it is, an ordinal,
+    since FX's name counts ops too) for every other name."""
     by_name = {r.name: r for r in module_rows}
     rows = []
     for name, call_of, call in _discover(model, x):
@@ -102,8 +103,14 @@ def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> lis
             rows.append(_Row(name, "op (capture() takes this name as the module)" if name in by_name else "op",
                              0, 0, None, kind="op"))
         else:
-            rows.append(_Row(name, f"call {call} of {call_of}", 0, 0, None, kind="call"))
+            rows.append(_Row(name, f"{_ordinal(call)} call of {call_of}", 0, 0, None, kind="call"))
     return rows
+
+
+def _ordinal(k: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 11 -> "11th": a module's k-th call, in words that no layer name looks like."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
 
 
 def _discover(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str | None, int]]:
@@ -137,7 +144,7 @@ def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: li
     if matched:
         return matched
     try:
-        known = {n for names in resolve(model, spec).values() for n in names}
+        known = {n for names in resolve_nodes(model, spec)[0].values() for n in names}  # modules only
     except LayerNotFoundError:
         known = set()
     model_name = type(model).__name__

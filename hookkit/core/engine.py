@@ -39,7 +39,7 @@ from hookkit.core.compat import (
 )
 from hookkit.core.handles import HandleGroup
 from hookkit.core.ops import OpTaps, writer_roots
-from hookkit.core.select import Layers, resolve_nodes, unwrap
+from hookkit.core.select import Layers, Selection, resolve_nodes, unwrap
 from hookkit.core.snapshot import Snapshotter, To, Untappable, Watch
 
 __all__ = ["Engine", "Call", "Recording", "Listener", "Where", "StopForward", "count_slots"]
@@ -236,7 +236,8 @@ class Engine:
     can name the op whose backward made a gradient non-finite.
     """
 
-    def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None, keep: bool = True,
+    def __init__(self, model: nn.Module, layers: Layers | Selection, *, listener: Listener | None = None,
+                 keep: bool = True,
                  inputs: bool = False, grads: bool = False, detach: bool = True, clone: bool = False, to: To = None,
                  stop: bool = False, param_grads: bool = False, ops: bool = False,
                  op_input_grads: bool = False) -> None:

@@ -28,7 +28,7 @@ from hookkit.core import check as _check
 from hookkit.core import tree as _tree
 from hookkit.core.engine import Engine
 from hookkit.core.ops import call_name
-from hookkit.core.select import Layers, check_model, resolve, unwrap
+from hookkit.core.select import Layers, check_model, select
 from hookkit.core.state import restore, save
 from hookkit.core.stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
 
@@ -36,6 +36,8 @@ __all__ = ["summary", "Summary", "SummaryRow"]
 
 _NAME_LIMIT = 40  # longer layer names keep their first and last dotted parts, with "…" between
 _TEXT_WIDTH = 120  # the width of str(summary)
+_NO_NODES = ("summary's table has one row per module call, so it takes modules only (hookkit.trace(model, "
+             "ops=True) shows ops)")
 _EXECUTED_SHOWN = 5  # how many executed layers a SummaryError names
 
 
@@ -157,8 +159,10 @@ def summary(
         model: the ``nn.Module`` to run. TorchScript and ``torch.compile``-d models are refused (their module
             hooks do not run).
         *example_inputs: the positional inputs of one forward pass, e.g. ``torch.randn(1, 3, 224, 224)``.
-        layers: only these layers get rows (names, globs, classes, module objects or predicates, as in
-            ``hookkit.capture``). Default ``None``: every submodule.
+        layers: only these layers get rows (names, globs, classes, module objects, predicates or lists, as in
+            ``hookkit.capture``). Default ``None``: every submodule (a DDP / DataParallel wrapper is seen
+            through). Modules only: a row is a module call, so an op or repeated-call node (``"layer1.0.add"``,
+            ``"relu_1"``) is an ``ArgumentError``; ``hookkit.trace(model, ops=True)`` shows ops.
         depth: the table shows only rows of depth <= ``depth`` (``"layer1"`` has depth 1, ``"layer1.0.conv1"``
             depth 3); ``rows`` still holds every call. Default ``None``: show all.
         timing: record the wall time of each call (column "Time (ms)"). Default ``True``; turn off for output that
@@ -173,16 +177,15 @@ def summary(
         SummaryError: the forward raised; the message names the module it failed in and the layers that ran
             before it, and the original error is chained as ``__cause__``. No hook is left behind.
         LayerNotFoundError: a ``layers`` spec matched nothing (a ``LookupError``); nothing has run.
+        ArgumentError: an op or repeated-call node in ``layers``; nothing has run.
         UnsupportedModelError: a TorchScript or compiled model.
         ValueError: ``depth`` is below 1.
     """
     check_model(model)
     _check.whole("hookkit.summary", "depth", depth, minimum=1, none=True, meaning=" (1 shows only top-level layers)")
     _check.flag("hookkit.summary", timing=timing)
-    if layers is None:  # the model inside a DataParallel / DDP wrapper, as the engine hooks it
-        targets = [(name, module) for name, module in unwrap(model)[0].named_modules() if name]
-    else:
-        targets = [(names[0], module) for module, names in resolve(model, layers).items() if names[0]]
+    chosen = select(model, layers, caller="hookkit.summary", every_if_none=True, no_nodes=_NO_NODES)
+    targets = [(names[0], module) for module, names in chosen.modules.items() if names[0]]
 
     recorder = _Recorder(targets, timing=timing, sync=_needs_sync(model, example_inputs, forward_kwargs, timing))
     # The engine hooks each target (given as module objects: a name is never read as a glob) and tells the recorder

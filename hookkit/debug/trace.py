@@ -22,7 +22,7 @@ from hookkit.core import tree as _tree
 from hookkit.core.compat import current_graph_task_id
 from hookkit.core.engine import Engine
 from hookkit.core.ops import OpSite, call_name
-from hookkit.core.select import Layers
+from hookkit.core.select import Layers, select
 from hookkit.core.stats import TensorStats, describe, shorten_name, tensor_stats
 
 __all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite"]
@@ -33,19 +33,6 @@ _GLYPH = {"forward_pre": "▷", "forward": "◁", "grad_output": "◀", "grad_in
 _LABEL = {"forward_pre": "in", "forward": "out", "grad_output": "grad_output", "grad_input": "grad_input"}
 _STYLE = {"forward_pre": "cyan", "forward": "green", "grad_output": "magenta", "grad_input": "magenta"}
 _NAME_WIDTH = 40
-
-
-def _all_submodules(name: str, module: nn.Module) -> bool:
-    return True
-
-
-def _default_layers(model: nn.Module, layers: Layers | None) -> Layers:
-    """``layers=None``: every submodule, or the model itself when it has none (a bare ``nn.Linear``)."""
-    if layers is not None:
-        return layers
-    if isinstance(model, nn.Module) and next(iter(model.children()), None) is None:
-        return ""
-    return _all_submodules
 
 
 def _stats_of(value: Any) -> tuple[TensorStats, ...]:
@@ -91,8 +78,8 @@ class Trace:
                                     "Console(file=io.StringIO(), color_system=None).")
         _check.flag("hookkit.trace", backward=backward, inputs=inputs, stats=stats, ops=ops)
         self._printer = _TracePrinter(console, inputs=inputs, stats=stats)
-        self._engine = Engine(model, _default_layers(model, layers), listener=self._printer, keep=False,
-                              grads=backward, ops=ops)
+        chosen = select(model, layers, caller="hookkit.trace", every_if_none=True)
+        self._engine = Engine(model, chosen, listener=self._printer, keep=False, grads=backward, ops=ops)
         self.events: list[TraceEvent] = self._printer.events
 
     def __enter__(self) -> Trace:
@@ -193,7 +180,8 @@ def trace(
 
     Args:
         model: the ``nn.Module`` to trace.
-        layers: anything ``capture`` accepts; ``None`` traces every submodule (the model itself if it has none).
+        layers: anything ``capture`` accepts, op nodes included; ``None`` (default): every submodule, modules
+            only (the model itself if it has none; a DDP / DataParallel wrapper is seen through).
         console: the ``rich.console.Console`` to write to (default: standard output). For plain, testable text:
             ``Console(file=io.StringIO(), color_system=None)``.
         backward: also show the gradients w.r.t. each module's output and inputs during ``backward()``.
@@ -221,8 +209,9 @@ class CheckFinite:
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
         _check.flag("hookkit.check_finite", backward=backward, ops=ops)
         self._checker = _FiniteChecker(ops=ops)
-        self._engine = Engine(model, _default_layers(model, layers), listener=self._checker, keep=False,
-                              grads=backward, ops=ops, op_input_grads=True)
+        chosen = select(model, layers, caller="hookkit.check_finite", every_if_none=True)
+        self._engine = Engine(model, chosen, listener=self._checker, keep=False, grads=backward, ops=ops,
+                              op_input_grads=True)
 
     def __enter__(self) -> CheckFinite:
         self._engine.__enter__()
@@ -392,7 +381,8 @@ def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bo
 
     Args:
         model: the ``nn.Module`` to watch.
-        layers: anything ``capture`` accepts; ``None`` watches every submodule (the model itself if it has none).
+        layers: anything ``capture`` accepts, op nodes included; ``None`` (default): every submodule, modules
+            only (the model itself if it has none; a DDP / DataParallel wrapper is seen through).
         backward: also check gradients during ``backward()`` inside the block.
         ops: also check every functional op and tensor method in the watched modules' own ``forward`` code, so
             that the error names the op (``"'2.sqrt' (torch.sqrt) in '2' (Block) produced 243 NaN of 512 values

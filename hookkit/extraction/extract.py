@@ -26,7 +26,8 @@ from hookkit._errors import ArgumentError, ExtractError, HookkitError
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
 from hookkit.core.engine import Engine
-from hookkit.core.select import check_model, resolve
+from hookkit.core.select import Layers, check_model
+from hookkit.core.select import select as _select_layers
 from hookkit.core.snapshot import shares_memory
 from hookkit.core.stats import fmt_bytes
 from hookkit.extraction import rows as _rows
@@ -43,7 +44,7 @@ __all__ = ["extract", "Features"]
 
 def extract(
     model: nn.Module,
-    layers: str | list[str],
+    layers: Layers,
     data: Iterable[Any],
     *,
     out: str | os.PathLike | None = None,
@@ -68,7 +69,9 @@ def extract(
     Args:
         model: the ``nn.Module``; run in eval mode under ``torch.inference_mode()`` (its mode is restored after,
             also on error), on the device of its parameters.
-        layers: layer names or globs (as ``capture``); each must run once per forward.
+        layers: anything ``capture`` accepts: names, globs, module classes (``nn.Linear``), module objects,
+            predicates, op and repeated-call nodes (``"layer1.0.add"``, ``"relu_1"``), or a list of these; each
+            must run once per forward. Required: ``None`` is an ``ArgumentError``.
         data: a DataLoader or any iterable of batches: a tensor, a tuple/list whose first item is the model input
             (labels etc. are ignored), or a dict of keyword inputs (Hugging Face style). Empty batches are skipped.
         out: a folder: one ``.npy`` per layer (N rows, readable by ``numpy.load(path, mmap_mode="r")`` without
@@ -147,10 +150,10 @@ def extract(
 
 # -- options ----------------------------------------------------------------------------------------------------------
 
-def _checked_layers(model: nn.Module, layers: str | list[str], select: Select, *, out: Any, world: int) -> list[str]:
+def _checked_layers(model: nn.Module, layers: Layers, select: Select, *, out: Any, world: int) -> list[str]:
     """The layer names (model and names checked first), ``select``'s keys against them, and ``out`` under
     torchrun: everything is refused before anything runs or is written."""
-    names = [n for ns in resolve(model, layers).values() for n in ns]
+    names = _select_layers(model, layers, caller="hookkit.extract").names
     if any(n == "" for n in names):
         raise ArgumentError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
     _check_select(select, names)

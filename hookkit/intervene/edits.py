@@ -24,7 +24,7 @@ import torch.nn as nn
 from hookkit._errors import ArgumentError, ArgumentTypeError, EditError, NotRecordedError
 from hookkit.core import check as _check
 from hookkit.core.compat import checkpoint_regions, current_graph_task_id
-from hookkit.core.select import LayerSpec
+from hookkit.core.select import LayerSpec, layers_needed
 from hookkit.intervene.hooks import Hooks, hooks
 from hookkit.intervene.target import (
     Index,
@@ -409,6 +409,8 @@ class Edits:
             raise ArgumentError("hookkit.edits: edits={} holds no edit; give {layer: edit}, e.g. "
                                 "{'layer1': hookkit.ablate()}.")
         for spec, edit in edits.items():
+            if spec is None:
+                raise layers_needed("hookkit.edits", "a key of edits=")
             if not isinstance(edit, Edit):
                 raise ArgumentTypeError(f"hookkit.edits: the value for {spec!r} is {type(edit).__name__}, not an edit "
                                         "(hookkit.patch / add / ablate); for your own functions use hookkit.hooks().")
@@ -452,7 +454,7 @@ def edits(model: nn.Module, edits: Mapping[LayerSpec, Edit]) -> Edits:
         model: the ``nn.Module`` to edit.
         edits: ``{layer spec: edit}``; a spec is anything ``hooks`` takes (a name from
             ``hookkit.layer_names(model, x)``, op nodes such as ``"layer1.0.add"`` included, a glob, a class...),
-            an edit is what ``patch``, ``add`` or ``ablate`` returns.
+            an edit is what ``patch``, ``add`` or ``ablate`` returns. A ``None`` key is an ``ArgumentError``.
 
     Returns:
         An ``Edits`` context manager; ``applied`` is ``{layer name: number of calls edited}``.

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from hookkit._errors import ArgumentError, ArgumentTypeError, NonFiniteError, UsageError
 from hookkit.core.engine import Engine
-from hookkit.core.select import Layers, resolve, unwrap
+from hookkit.core.select import Layers, select
 from hookkit.monitoring import ranks as _ranks
 from hookkit.monitoring.collect import Collect, Finite, sample, sq_norm
 from hookkit.monitoring.records import LAYER_STATS, PARAM_STATS
@@ -75,14 +75,17 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
 
     Args:
         model: the ``nn.Module`` being trained (a DDP wrapper is seen through).
-        layers: anything ``capture`` accepts; ``None``: the model's direct children.
+        layers: anything ``capture`` accepts; ``None`` (default): every submodule, modules only (the model itself
+            if it has none; a DDP wrapper is seen through). Op and repeated-call nodes (``"layer1.0.add"``,
+            ``"relu_1"``) get the layer statistics and the non-finite check; they own no parameter, so they add no
+            parameter statistics (select their module for those).
         every: record every ``every``-th step.
         log: a folder: records go to ``<log>/monitor.jsonl`` (one JSON line per recorded step, flushed and synced,
             so a crash leaves it complete up to the last recorded step), and ``hookkit plot <log>`` draws them.
         sinks: more places for the records: ``"jsonl"``, ``"tensorboard"``, ``"wandb"``, a sink object or a
-            callable taking each record (see ``hookkit.monitoring.sinks``). Neither ``log`` nor ``sinks``: records
-            are kept in ``mon.records`` only (they always are).
-        params: also watch the parameters of the selected layers.
+            callable taking each record (see ``hookkit.monitoring.sinks``). Neither ``log`` nor ``sinks``:
+            records are kept in ``mon.records`` only (they always are).
+        params: also watch the parameters of the selected modules (op nodes have none).
         histograms: also hand histograms to the sinks (TensorBoard, W&B; the JSONL file keeps bin counts).
         on_nonfinite: at the first NaN or Inf in a selected layer's output, on any step: ``"warn"`` (a warning
             naming the step and layer), ``"raise"`` (``NonFiniteError``; the hooks come off), or ``"stop"`` (stop
@@ -135,13 +138,13 @@ class Monitor:
                                     "(the model being trained, or its DDP wrapper).")
         _check_options(every=every, log=log, params=params, histograms=histograms, on_nonfinite=on_nonfinite,
                        ops=ops, summary=summary, console=console)
-        found = resolve(model, _default_layers(model) if layers is None else layers)
-        self.names = [n for ns in found.values() for n in ns]
-        self._modules = {n: m for m, ns in found.items() for n in ns}
+        chosen = select(model, layers, caller="hookkit.monitor", every_if_none=True)
+        self.names = chosen.names  # modules, then op / repeated-call nodes (which own no parameter)
+        self._modules = {n: m for m, ns in chosen.modules.items() for n in ns}
         self.params: dict[str, nn.Parameter] = {}
         self._param_keys: dict[str, tuple[str, str]] = {}  # where the engine files each one's gradient
         if params:
-            for name in self.names:
+            for name in self._modules:
                 prefix = name.removeprefix("module.")
                 for pname, p in self._modules[name].named_parameters():
                     key = f"{prefix}.{pname}" if prefix else pname
@@ -359,6 +362,3 @@ def _check_options(*, every: Any, log: Any, params: Any, histograms: Any, on_non
                                 "created if missing), e.g. a new name next to it.")
 
 
-def _default_layers(model: nn.Module) -> list[str]:
-    names = [n for n, _ in unwrap(model)[0].named_children()]
-    return names or [""]

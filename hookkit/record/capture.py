@@ -17,7 +17,7 @@ from hookkit._errors import ArgumentError, ArgumentTypeError, GradientUnavailabl
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
 from hookkit.core.engine import Call, Engine, Recording, count_slots
-from hookkit.core.select import Layers
+from hookkit.core.select import Layers, select
 from hookkit.core.snapshot import To, check_guards, refuse_unstored
 
 __all__ = ["capture", "Capture", "Recorded", "Store", "concat_calls"]
@@ -252,7 +252,8 @@ class Capture(Recorded):
     ) -> None:
         _check.flag("hookkit.capture", inputs=inputs, grads=grads, detach=detach, clone=clone, stop=stop,
                     param_grads=param_grads)
-        self._engine = Engine(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to,
+        chosen = select(model, layers, caller="hookkit.capture")
+        self._engine = Engine(model, chosen, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to,
                               stop=stop, param_grads=param_grads)
         super().__init__(self._engine.recording)
 
@@ -307,7 +308,9 @@ def capture(
         model: the ``nn.Module`` to hook (not compiled, not TorchScript).
         layers: a name from ``hookkit.layer_names(model)``, a glob (``"layer*.0.conv1"``; ``*`` stays inside one
             dotted part, ``**`` crosses parts), a module class (``nn.Conv2d``), a module object, a predicate
-            ``(name, module) -> bool``, or a list of these.
+            ``(name, module) -> bool``, an op or repeated-call node from ``hookkit.layer_names(model, x)``
+            (``"layer1.0.add"``, ``"relu_1"``: FX's names), or a list of these. Required: ``None`` is an
+            ``ArgumentError`` (the functions that keep or change values per layer need the layers named).
         inputs: also record each call's positional inputs (``cap.inputs``) and keyword inputs (``cap.kwargs``).
         grads: also record gradients w.r.t. each call's output (``cap.grads``) and inputs (``cap.grad_inputs``)
             for every backward that runs while the block is open. Uses tensor hooks, not
@@ -335,6 +338,7 @@ def capture(
 
     Raises:
         LayerNotFoundError: a spec matched no module (before any hook is registered).
+        ArgumentError: ``layers=None``.
         TypeError: ``model`` is not an ``nn.Module``.
         UnsupportedModelError: TorchScript or compiled modules, whose hooks torch would not run.
     """
