@@ -199,6 +199,8 @@ _LEAVES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {  # node typ
     "size": {"value": (_is_ints, "a list of sizes")},  # a torch.Size a module made may hold -1
     "not_stored": {"class": (_is_name, "a class name")},
     "not_saved": {"class": (_is_name, "a class name"), "repr": (_is_text, "a repr")},
+    "enum": {"module": (_is_name, "a module name"), "qualname": (_is_name, "a class name"),
+             "name": (_is_name, "a member's name"), "repr": (_is_text, "a repr")},
 }
 
 
