@@ -34,6 +34,8 @@ def _describe(node: Any) -> str:
         kind = node["type"]
         if kind == "tensor":
             return f"a {node['dtype']} tensor of {node['ndim']} dim(s)"
+        if kind == "enum":
+            return str(node["repr"])
         name = node.get("qualname", kind)
         if "items" in node:
             return f"a {name} of {len(node['items'])} item(s)"
