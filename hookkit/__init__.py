@@ -44,7 +44,7 @@ from hookkit.debug.summary import Summary, SummaryRow, summary
 from hookkit.debug.trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 from hookkit.extraction.extract import Features, extract
 from hookkit.extraction.grid import feature_grid, save_feature_grid
-from hookkit.intervene.edits import Edits, ablate, add, edits, patch
+from hookkit.intervene.edits import Edit, Edits, ablate, add, edits, patch
 from hookkit.intervene.hooks import Hooks, hooks
 from hookkit.intervene.sweep import Sweep, patching_sweep
 from hookkit.monitoring.monitor import Monitor, monitor
@@ -80,6 +80,7 @@ __all__ = [
     "CaptureBlock",
     "Store",
     "Hooks",
+    "Edit",
     "Edits",
     "Trace",
     "TraceEvent",
