@@ -46,7 +46,8 @@ class CaptureBlock:
                     param_grads=param_grads)
         self._engine = Engine(model, layers, inputs=inputs, grads=grads, detach=detach, clone=clone, to=to,
                               stop=stop, param_grads=param_grads)
-        self.capture = Capture(self._engine.recording, source="captured", hooks=self)
+        # the capture holds the engine, not this block: no reference cycle, so a finished block is freed at once
+        self.capture = Capture(self._engine.recording, source="captured", hooks=self._engine)
 
     def __enter__(self) -> Capture:
         self._engine.__enter__()

@@ -184,7 +184,7 @@ class Store:
 
 
 class _Hooks(Protocol):
-    """What a live capture asks of the ``with`` block that fills it (``record.capture.CaptureBlock``)."""
+    """What a live capture asks of the hooks that fill it (the engine of a ``record.capture.CaptureBlock``)."""
 
     @property
     def copies(self) -> int: ...
