@@ -42,6 +42,7 @@ def test_the_with_block_is_a_separate_object_that_fills_a_capture():
     assert hookkit.hook_census(model) == before
     assert repr(cap).startswith("<hookkit.Capture (closed) of 2 layer(s)")
     assert cap["2"].shape == (3, 2) and list(cap) == ["0", "2"]
+    assert cap.outputs["2"] is cap["2"] and list(cap.outputs) == list(cap)  # the outputs, a store like the others
     # the block reads as the capture it filled: `block = capture(...)`, `with block: ...`, `block[name]`
     assert block["2"] is cap["2"] and list(block) == ["0", "2"] and "0" in block and len(block) == 2
     assert block.calls("0")[0] is cap.calls("0")[0] and block.copies == cap.copies

@@ -196,8 +196,9 @@ class _Hooks(Protocol):
 
 
 class Capture(Store):
-    """What a capture recorded: the outputs by layer name (``cap[name]``, ``cap.calls(name)``, ``list(cap)``), plus
-    the stores ``inputs``, ``kwargs``, ``grads``, ``grad_inputs`` (read the same way) and ``param_grads``.
+    """What a capture recorded: the outputs by layer name (``cap[name]``, ``cap.calls(name)``, ``list(cap)``: the
+    same as ``cap.outputs[name]`` ...), plus the stores ``inputs``, ``kwargs``, ``grads``, ``grad_inputs`` (read the
+    same way) and ``param_grads``.
 
     ``with hookkit.capture(model, layers) as cap:`` gives one, filled while the block runs; ``hookkit.load(path)``
     and ``hookkit.merge(captures)`` give one too, the same class without hooks behind it. Every one reads, saves
@@ -207,6 +208,7 @@ class Capture(Store):
 
     def __init__(self, recording: Recording, *, source: str, hooks: _Hooks | None = None) -> None:
         super().__init__(recording, "outputs")
+        self.outputs = Store(recording, "outputs")  # what cap[name] reads, as a store beside the other four
         self.inputs = Store(recording, "inputs")
         self.kwargs = Store(recording, "kwargs")
         self.grads = Store(recording, "grads")
