@@ -35,6 +35,7 @@ def _find(rec: Recording, name: str) -> list[Call] | None:
         calls = rec.records.get(name[len("module."):])  # DataParallel / DDP: the prefix is optional
     return calls
 
+
 def _calls_of(rec: Recording, name: str, kind: str) -> list[Call]:
     if not isinstance(name, str):
         raise ArgumentTypeError(f"layer names are strings, got {_check.shown(name)}.")
