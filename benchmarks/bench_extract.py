@@ -28,10 +28,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 import hookkit
-from hookkit.extraction import npy as _npy  # only to switch the syncs off for one variant, to measure what they cost
-from hookkit.extraction import (
-    rowstore as _rowstore,  # only to switch the syncs off for one variant, to measure what they cost
-)
+from hookkit.core import fs as _fs  # only to switch the syncs off for one variant, to measure what they cost
 
 
 class Images(Dataset):
@@ -82,12 +79,12 @@ def throughput(rounds: int, n: int) -> None:
             if durable:
                 hookkit.extract(model, layers, data, out=d, pool=pool, progress=False)
                 return
-            real = _npy.sync, _rowstore.sync, _rowstore.sync_folder
-            _npy.sync = _rowstore.sync = _rowstore.sync_folder = lambda fd: None  # durability's cost: no syncs
+            real = _fs.sync, _fs.sync_folder
+            _fs.sync = _fs.sync_folder = lambda fd: None  # durability's cost: no syncs (every write goes through fs)
             try:
                 hookkit.extract(model, layers, data, out=d, pool=pool, progress=False)
             finally:
-                _npy.sync, _rowstore.sync, _rowstore.sync_folder = real
+                _fs.sync, _fs.sync_folder = real
 
     variants = {
         "bare loop (whole model)": bare,

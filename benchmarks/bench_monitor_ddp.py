@@ -9,8 +9,8 @@ the medians of the rounds:
 
 - ``bare DDP``: forward, loss, backward (DDP's gradient all-reduce), SGD step, zero_grad;
 - ``+ agreement only``: the same loop plus, per step, exactly the agreement ``mon.step()`` makes on a healthy step
-  (``hookkit.monitoring.monitor._agreed_alerts(None)``: one all_reduce of one int64), nothing else;
-- ``monitor(every=100)``: the loop under ``hookkit.monitor`` (default layers, ``mon.step()`` per step: the light
+  (``hookkit.monitoring.ranks.agreed_alerts(None)``: one all_reduce of one int64), nothing else;
+- ``monitor(every=100)``: the loop under ``hookkit.monitor`` (the model's children, ``mon.step()`` per step: the light
   hooks' sums, their finiteness check, the agreement, and the recorded step 1 in 100 with its reduction).
 
 ``--model mlp`` (Linear 64-256-256-10, batch 32 per rank) makes a step so short that the agreement is the
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import interleaved  # noqa: E402
 
 import hookkit  # noqa: E402
-from hookkit.monitoring import monitor as _monitor  # noqa: E402
+from hookkit.monitoring import ranks as _ranks  # noqa: E402
 
 
 def make_model(name: str) -> tuple[nn.Module, Callable[[torch.Generator], torch.Tensor]]:
@@ -81,15 +81,17 @@ def worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             opt.zero_grad()
             after_step()
 
+    children = [name for name, _ in model.module.named_children()]  # what the figures above measured
+
     def monitored() -> None:
         folder = tempfile.TemporaryDirectory(dir=tmp) if rank == 0 else contextlib.nullcontext()
         with folder as log, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with hookkit.monitor(model, every=100, log=log, summary=False) as mon:
+            with hookkit.monitor(model, children, every=100, log=log, summary=False) as mon:
                 loop(mon.step)
 
     variants: dict[str, Callable[[], None]] = {
-        "bare DDP": loop, "+ agreement only": lambda: loop(lambda: _monitor._agreed_alerts(None)),
+        "bare DDP": loop, "+ agreement only": lambda: loop(lambda: _ranks.agreed_alerts(None)),
         "monitor(every=100)": monitored}
     times = interleaved(variants, args.rounds)
     if rank == 0:

@@ -8,7 +8,7 @@ This file is the whole public API. The package's map:
 
     core/        the engine: every hook registration (engine, handles, op taps), layer selection, snapshots,
                  nested outputs, hook census, torch shims, argument checks, stats, atomic file writing
-    record/      capture() and its result; save / load / merge and the checks of saved files
+    record/      Capture, the one result type (recording); capture() fills it, load() / merge() make one
     debug/       trace(), check_finite(), summary(), graph()
     extraction/  extract(): row stores, token files, ranks, resume, the background writer; feature grids
     monitoring/  monitor(): statistics per step, sinks (JSON Lines, TensorBoard, W&B), plots
@@ -32,6 +32,7 @@ from hookkit._errors import (
     NonFiniteError,
     NotRecordedError,
     PlotError,
+    SampleIndexError,
     SavedCaptureError,
     SummaryError,
     UnsupportedModelError,
@@ -45,13 +46,15 @@ from hookkit.debug.summary import Summary, SummaryRow, summary
 from hookkit.debug.trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 from hookkit.extraction.extract import Features, extract
 from hookkit.extraction.grid import feature_grid, save_feature_grid
-from hookkit.intervene.edits import Edits, ablate, add, edits, patch
+from hookkit.intervene.edits import Edit, Edits, ablate, add, edits, patch
 from hookkit.intervene.hooks import Hooks, hooks
 from hookkit.intervene.sweep import Sweep, patching_sweep
 from hookkit.monitoring.monitor import Monitor, monitor
 from hookkit.monitoring.plot import plot_run
-from hookkit.record.capture import Capture, Store, capture, concat_calls
-from hookkit.record.saved import ReadOnlyCapture, load, merge
+from hookkit.record.capture import CaptureBlock, capture
+from hookkit.record.join import concat_calls
+from hookkit.record.merge import merge
+from hookkit.record.recording import Capture, Store, load
 
 __all__ = [
     "capture",
@@ -76,9 +79,10 @@ __all__ = [
     "save_feature_grid",
     "summary",
     "Capture",
+    "CaptureBlock",
     "Store",
-    "ReadOnlyCapture",
     "Hooks",
+    "Edit",
     "Edits",
     "Trace",
     "TraceEvent",
@@ -108,5 +112,6 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "UsageError",
+    "SampleIndexError",
     "__version__",
 ]

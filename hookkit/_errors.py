@@ -23,6 +23,7 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "UsageError",
+    "SampleIndexError",
 ]
 
 
@@ -49,6 +50,15 @@ class NotRecordedError(HookkitError, KeyError):
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class UsageError(HookkitError, RuntimeError):
+    """A hookkit object used out of order: a ``with`` block entered twice, ``step()`` outside its block, a sink
+    written after ``close()``; the message says what to call instead."""
+
+
+class SampleIndexError(HookkitError, IndexError):
+    """A sample index outside the rows a ``Features`` holds; the message gives the valid range."""
 
 
 class ModifiedInPlaceError(HookkitError, RuntimeError):
@@ -112,13 +122,8 @@ class SavedCaptureError(HookkitError, ValueError):
     hookkit, of a newer format) or a tensor that a capture file cannot hold; the message names the path or layer."""
 
 
-class UsageError(HookkitError, RuntimeError):
-    """A hookkit object used in an order that cannot work: a ``with`` block entered a second time; the message
-    says what to call instead."""
-
-
 for _cls in (HookkitError, LayerNotFoundError, NotRecordedError, ModifiedInPlaceError, GradientUnavailableError,
              UnsupportedModelError, NonFiniteError, ExtractError, SummaryError, ModelSpecError, ImageFolderError,
-             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError,
-             UsageError):
+             CommandLineError, PlotError, EditError, SavedCaptureError, ArgumentError, ArgumentTypeError, UsageError,
+             SampleIndexError):
     _cls.__module__ = "hookkit"  # tracebacks say hookkit.NonFiniteError, the name users import

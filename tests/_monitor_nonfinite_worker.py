@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import hookkit
-from hookkit.monitoring.sinks import JSONL_NAME, read_jsonl
+from hookkit.monitoring.records import JSONL_NAME, read_jsonl
 
 PG_TIMEOUT_S = 20
 STEPS = 6

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import hookkit
-from hookkit.monitoring import monitor as _monitor
+from hookkit.monitoring import ranks as _ranks
 
 
 def train(rank: int) -> dict:
@@ -26,13 +26,13 @@ def train(rank: int) -> dict:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1)))
     own: list[dict] = []
-    reduce = _monitor._reduced
+    reduce = _ranks.reduced
 
     def keep_own(record):
         own.append(copy.deepcopy({k: v for k, v in record.items() if k != "histograms"}))
         return reduce(record)
 
-    _monitor._reduced = keep_own
+    _ranks.reduced = keep_own
     sunk: list[dict] = []
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(10 + rank)  # each rank its own data
@@ -42,7 +42,7 @@ def train(rank: int) -> dict:
             opt.step()
             opt.zero_grad()
             mon.step()
-    _monitor._reduced = reduce
+    _ranks.reduced = reduce
     return {"own": own, "sunk": [{k: v for k, v in r.items() if k != "histograms"} for r in sunk]}
 
 

@@ -233,10 +233,10 @@ CALLS: dict[str, Callable[..., Any]] = {
 }
 
 # Classes a user builds through the function of the same name: the same table covers their constructors.
-CONSTRUCTORS = {"Capture": "capture", "Edits": "edits", "Trace": "trace", "CheckFinite": "check_finite",
+CONSTRUCTORS = {"CaptureBlock": "capture", "Edits": "edits", "Trace": "trace", "CheckFinite": "check_finite",
                 "Monitor": "monitor"}
 # Result types: hookkit builds them and hands them to the user, whose methods are in the table above.
-RESULTS = {"Store", "ReadOnlyCapture", "Hooks", "TraceEvent", "AutogradGraph", "GraphNode", "Features", "Sweep",
+RESULTS = {"Capture", "Store", "Edit", "Hooks", "TraceEvent", "AutogradGraph", "GraphNode", "Features", "Sweep",
            "Summary", "SummaryRow"}
 # Parameters handed on to the user's own model or function, unchecked by hookkit (the model's forward judges them).
 HANDED_ON = {("layer_names", "example_args"), ("layer_names", "example_kwargs"), ("summary", "example_inputs"),

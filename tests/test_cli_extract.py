@@ -211,3 +211,17 @@ def written(progress: Path) -> bool:
         return bool(json_of(progress)["rows"])
     except (OSError, ValueError, KeyError):
         return False
+
+
+def test_op_nodes_in_layers_are_read_as_the_library_reads_them(tmp_path, capsys):
+    """--layers goes through the library's one reading of a layer argument: extract takes op and repeated-call
+    nodes (FX's names), summary refuses them saying why."""
+    make_images(tmp_path / "imgs", n=3)
+    out = tmp_path / "out"
+    code, text = invoke(["extract", "torchvision:resnet18", "--layers", "layer1.0.add", "layer1.0.relu_1", "flatten",
+                         "--pool", "avg", "--data", str(tmp_path / "imgs"), "--out", str(out), "--image-size", "32"])
+    assert code == 0, text
+    assert np.load(out / "layer1.0.add.npy").shape == (3, 64)
+    assert np.load(out / "flatten.npy").shape == (3, 512)
+    assert invoke(["summary", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--layers", "layer1.0.add"])[0] == 2
+    assert "'layer1.0.add' is an op or repeated-call node, and summary's table" in capsys.readouterr().err

@@ -67,7 +67,7 @@ One forward on a random 2×4 input, in execution order: 4 modules, 5 op nodes, 1
 │   ├── block.relu  ReLU  0
 │   ├── block.sub  op
 │   ├── block.relu_1  op
-│   ├── block.relu_2  call 2 of block.relu
+│   ├── block.relu_2  2nd call of block.relu
 │   └── block.add  op
 ├── flatten  op
 ├── head  Linear  10
@@ -128,7 +128,7 @@ def test_an_op_sharing_a_modules_counter_is_an_op_and_the_modules_second_call_a_
     rows = table_rows(out)
     assert list(rows) == NET_ORDER
     assert rows["block.relu_1"] == ["op"]  # F.relu, numbered after the module block.relu
-    assert rows["block.relu_2"] == ["call", "2", "of", "block.relu"]
+    assert rows["block.relu_2"] == ["2nd", "call", "of", "block.relu"]
     assert rows["block.sub"] == rows["flatten"] == rows["relu"] == ["op"]
     assert rows["block.relu"] == ["ReLU", "0", "0"]
     assert rows["head"] == ["Linear", "10", "10"]
@@ -151,7 +151,7 @@ def test_without_input_shape_nothing_runs_and_no_op_is_listed(netmodels):
     assert code == 0
     assert netmodels.FORWARDS == []
     assert tree_names(out) == ["block", "block.fc", "block.relu", "head", "unused", "also_head"]
-    assert " op" not in out and "call 2" not in out and "did not run" not in out
+    assert " op" not in out and " call of " not in out and "did not run" not in out
     assert out.splitlines()[0].endswith("· 50 params · 6 names")
 
 
@@ -287,7 +287,7 @@ def test_an_op_named_like_a_module_says_capture_takes_the_module(user_module):
     rows = table_rows(out)
     assert list(rows) == ["b", "b.relu", "b.fc", "b.relu_1", "b.relu_2"]
     assert " ".join(rows["b.relu"]) == "op (capture() takes this name as the module)"
-    assert rows["b.relu_1"] == ["call", "1", "of", "b.relu"] and rows["b.relu_2"] == ["call", "2", "of", "b.relu"]
+    assert rows["b.relu_1"] == ["1st", "call", "of", "b.relu"] and rows["b.relu_2"] == ["2nd", "call", "of", "b.relu"]
 
 
 @needs_torchvision
@@ -313,7 +313,7 @@ def test_resnet18_block_filter_shows_its_add_and_second_relu_call():
     assert "7 match 'layer1.0.*'" in lines[0]
     assert tree_names(out) == ["layer1", "layer1.0", "layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu",
                                "layer1.0.conv2", "layer1.0.bn2", "layer1.0.add", "layer1.0.relu_1"]
-    assert "layer1.0.add  op" in out and "layer1.0.relu_1  call 2 of layer1.0.relu" in out
+    assert "layer1.0.add  op" in out and "layer1.0.relu_1  2nd call of layer1.0.relu" in out
     assert max(len(line) for line in lines) <= 120
 
 

@@ -612,3 +612,23 @@ def test_hooks_on_an_in_place_op_that_cannot_carry_a_replacement_are_refused():
     with hookkit.hooks(model, forward_pre={"add_": lambda site, args: (args[0], 2)}):  # the other argument: fine
         torch.testing.assert_close(model(x), (torch.cat([torch.full((1, 3), 5.0), x[1:]]) + 2) * 2)
     assert hook_census(model) == before and torch._C._len_torch_function_stack() == depth
+
+
+def _captured_linear():
+    model = nn.Sequential(nn.Linear(3, 3))
+    with hookkit.capture(model, ["0"]) as cap:
+        model(torch.ones(1, 3))
+    return cap
+
+
+@pytest.mark.parametrize("make", [
+    lambda call: hookkit.patch(torch.zeros(3), call=call),
+    lambda call: hookkit.patch(_captured_linear(), index=(..., 0), call=call),
+    lambda call: hookkit.add(torch.ones(3), scale=2, call=call),
+    lambda call: hookkit.ablate(call=call),
+    lambda call: hookkit.ablate("mean", over=1, call=call, out=1),
+], ids=["patch", "patch-capture", "add", "ablate", "ablate-mean"])
+def test_an_edits_repr_shows_its_call_so_edits_differing_only_in_call_read_differently(make):
+    assert "call=1" in repr(make(1)), repr(make(1))
+    assert "call=" not in repr(make(None))  # every call: the default, not shown
+    assert len({repr(make(call)) for call in (None, 0, 1, 2)}) == 4

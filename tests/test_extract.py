@@ -271,11 +271,39 @@ def test_a_batch_the_model_rejects_is_named_and_earlier_rows_stay(tmp_path):
     assert done == [[0, 8]]  # rows, not batches: a resumed run may use another batch size
 
 
+def test_the_final_renames_are_followed_by_a_sync_of_the_folder(tmp_path, monkeypatch):
+    """The finished files get their final names by renames, which a power cut could undo unless the folder is
+    synced after them."""
+    from hookkit.core import fs as _fs
+
+    events: list[str] = []
+    real_replace, real_sync_folder = os.replace, _fs.sync_folder
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
+    monkeypatch.setattr(_fs, "sync_folder", lambda folder: (events.append(f"sync {Path(folder)}"),
+                                                            real_sync_folder(folder))[1])
+    model, x, batches = model_and_data(8, 4)
+    hookkit.extract(model, ["1", "3"], batches, out=tmp_path / "f", progress=False)
+    last = max(events.index(f"replace {n}.npy") for n in ["1", "3"])
+    assert f"sync {tmp_path / 'f'}" in events[last + 1:]
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_runs(tmp_path):
+    """extract checks out= as the command line checks --out (one function, each naming its own option)."""
+    model, x, batches = model_and_data(8, 4)
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(hookkit.ExtractError, match=r"out='.*notes.txt' is a file, not a folder; pass a folder"):
+        hookkit.extract(model, ["1"], batches, out=target, progress=False)
+    assert calls == [] and target.read_text() == "keep me"
+
+
 def test_unwritable_out_and_layer_that_never_runs(tmp_path):
     model, x, batches = model_and_data(8, 4)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(hookkit.ExtractError, match="not a writable folder"):
+    with pytest.raises(hookkit.ExtractError, match=r"out=.*lies below .*, which is a file and so cannot hold"):
         hookkit.extract(model, ["1"], batches, out=blocker / "sub", progress=False)
 
     class Skips(nn.Module):

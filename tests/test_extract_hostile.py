@@ -228,6 +228,48 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
         np.testing.assert_allclose(feats[n], ref[n], rtol=1e-6, atol=1e-6)
 
 
+def folder_state(out: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``out``: its inode, modification time and bytes (a file replaced or rewritten shows)."""
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(out.rglob("*")) if p.is_file() and p.suffix != ".lock"}
+
+
+def test_a_folder_another_writer_finished_while_this_run_wrote_is_returned_as_it_is(tmp_path, monkeypatch):
+    """Where the lock cannot keep a second writer out (a file system without flock), one that finishes the folder
+    first wins: the run that finishes after it finds the folder marked complete and returns those files unchanged,
+    never finishing (rewriting headers, the manifest, renaming) over them."""
+    from hookkit.extraction import manifest as _manifest
+    from hookkit.extraction import npyfolder as _npyfolder
+
+    monkeypatch.setattr(_manifest, "fcntl", None)  # no advisory locks: the second writer is not noticed
+    model, x, batches = model_and_data(24, 4)
+    out = tmp_path / "feats"
+    real_finish = _npyfolder.NpyFolder.finish
+    seen: dict[str, object] = {}
+
+    def finish_after_another_writer(self, batches_done, rows):
+        if not seen:  # this run computed every row; another writer finishes the folder before it does
+            seen["other"] = None
+            seen["other"] = hookkit.extract(model, ["1", "3"], batches, out=out, progress=False)
+            seen["state"] = folder_state(out)
+        return real_finish(self, batches_done, rows)
+
+    monkeypatch.setattr(_npyfolder.NpyFolder, "finish", finish_after_another_writer)
+    calls, handle = forwards(model)
+    feats = hookkit.extract(model, ["1", "3"], batches, out=out, progress=False)
+    handle.remove()
+    assert len(calls) == len(batches)  # this run's; the other writer found every row written and computed none
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    assert folder_state(out) == seen["state"]  # nothing rewritten, replaced or renamed after the other finished
+    ref = reference(model, ["1", "3"], x)
+    for n in ["1", "3"]:
+        np.testing.assert_array_equal(feats[n], seen["other"][n])
+        np.testing.assert_allclose(feats[n], ref[n], rtol=1e-6, atol=1e-6)
+    assert_exact_files(out, feats)
+    again = hookkit.extract(model, ["1", "3"], batches, out=out, progress=False)  # finished: returned at once
+    assert folder_state(out) == seen["state"] and again.manifest == feats.manifest
+
+
 # -- 5. a changed dataset ----------------------------------------------------------------------------------------------
 
 def test_a_shrunken_dataset_is_refused_and_leaves_no_rows_past_the_end(tmp_path):

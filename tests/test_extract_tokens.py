@@ -20,7 +20,7 @@ import torch.nn as nn
 import hookkit
 from hookkit.core import fs as _fs
 from hookkit.extraction import npy as _npy
-from hookkit.extraction import rowstore as _rowstore
+from hookkit.extraction import npyfolder as _npyfolder
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ["net.1", "net.3"]
@@ -292,14 +292,14 @@ def test_the_next_forward_runs_while_a_batch_is_written(model, tmp_path, monkeyp
     timeout fails the test)."""
     second_forward = threading.Event()
     overlapped = []
-    real_write = _rowstore.NpyFolder.write
+    real_write = _npyfolder.NpyFolder.write
 
     def slow_write(self, first_row, rows, *, batch):
         if batch == 0:
             overlapped.append(second_forward.wait(timeout=10))
         return real_write(self, first_row, rows, batch=batch)
 
-    monkeypatch.setattr(_rowstore.NpyFolder, "write", slow_write)
+    monkeypatch.setattr(_npyfolder.NpyFolder, "write", slow_write)
     calls = fail_on(model, 0)
     model.net[0].register_forward_pre_hook(lambda m, a: second_forward.set() if len(calls) == 2 else None)
     hookkit.extract(model, LAYERS, padded(sequences(), 8), out=tmp_path / "f", progress=False)
@@ -332,6 +332,24 @@ def test_a_failed_write_surfaces_at_once_and_every_batch_recorded_as_done_stays(
     assert (tmp_path / "f" / "net.3.npy").read_bytes() == (tmp_path / "ref" / "net.3.npy").read_bytes()
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_ragged_tokens_of_a_bfloat16_model_without_dtype_are_stored_as_float32_exactly(model, on_disk, tmp_path):
+    """numpy has no bfloat16: a ragged layer of a bfloat16 model is stored as float32 (every bfloat16 value is one
+    float32 exactly), as pooled rows are, unless dtype= says otherwise."""
+    model = model.to(torch.bfloat16)
+    batches = [{**b, "x": b["x"].to(torch.bfloat16)} for b in padded(sequences(20), 8)]
+    out = tmp_path / "f" if on_disk else None
+    feats = hookkit.extract(model, LAYERS, batches, out=out, progress=False)
+    for layer in LAYERS:
+        depth = {"net.1": 2, "net.3": 4}[layer]
+        with torch.no_grad():
+            want = torch.cat([model.net[:depth](b["x"])[b["attention_mask"].bool()] for b in batches])
+        assert feats[layer].dtype == np.float32
+        np.testing.assert_array_equal(feats[layer], want.float().numpy())
+    if on_disk:
+        assert np.load(tmp_path / "f" / "net.3.npy").dtype == np.float32
+
+
 def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_path, monkeypatch):
     events: list[str] = []
     real_sync, real_replace = _fs.sync, os.replace
@@ -341,7 +359,6 @@ def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_p
         events.append("sync json" if Path(path).name.startswith(".rank-0.json.") else f"sync {path}")
         real_sync(fd)
     monkeypatch.setattr(_fs, "sync", sync)
-    monkeypatch.setattr(_npy, "sync", sync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
     hookkit.extract(model, LAYERS, padded(sequences(24), 8), out=tmp_path / "f", progress=False)
     records = [i for i, e in enumerate(events) if e == "replace rank-0.json"]

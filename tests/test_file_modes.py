@@ -120,3 +120,14 @@ def test_a_saved_capture_follows_the_umask(tmp_path, umask):
     cap.save(tmp_path / "saved" / "cap.safetensors")
     assert_umask_modes(tmp_path / "saved", umask, "cap.safetensors")
     assert torch.equal(hookkit.load(tmp_path / "saved" / "cap.safetensors")["1"], cap["1"])
+
+
+def test_create_once_makes_the_file_whole_once_with_the_umask_mode_and_leaves_no_temporary_file(tmp_path, umask):
+    from hookkit.core import fs
+
+    path = tmp_path / "first.layout"
+    assert fs.create_once(path, b"first") is True
+    assert fs.create_once(path, b"second") is False  # there already: left as it is
+    assert path.read_bytes() == b"first"
+    assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(0o666 & ~umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.layout"]

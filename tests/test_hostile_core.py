@@ -158,8 +158,10 @@ def test_captures_exited_out_of_order_restore_dynamos_flag():
 
     model = small()
     before = hook_census(model)
-    a = hookkit.capture(model, ["0"]).__enter__()
-    b = hookkit.capture(model, ["2"]).__enter__()
+    a = hookkit.capture(model, ["0"])  # the with blocks, entered and exited by hand
+    b = hookkit.capture(model, ["2"])
+    a.__enter__()
+    b.__enter__()
     a.__exit__(None, None, None)
     assert config.skip_nnmodule_hook_guards is False  # b is still open: compiled code must still see hooks
     b.__exit__(None, None, None)

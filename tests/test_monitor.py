@@ -187,12 +187,54 @@ def test_unrecorded_steps_keep_only_the_light_forward_hooks():
     assert hook_census(model) == before
 
 
-def test_default_layers_are_the_models_children_and_bad_options_are_refused_before_any_hook():
+class KeepsWeakRefs(nn.Module):
+    """``small_model``'s layers, noting a weak reference to the storage of every layer output of every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_model()
+        self.outputs: list = []
+
+    def forward(self, x):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        for layer in self.net:
+            x = layer(x)
+            self.outputs.append(StorageWeakRef(x.untyped_storage()))
+        return x
+
+
+@pytest.mark.parametrize("ops", [False, True])
+def test_the_every_step_check_keeps_no_layer_output_past_its_step(ops):
+    """The non-finite check of every step sums each output and keeps nothing else, so memory does not grow with the
+    run: after many steps, recorded or not, the output of every layer of every finished step has been freed."""
+    import gc
+
+    model = KeepsWeakRefs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with hookkit.monitor(model, ["net.0", "net.1", "net.2", "net.3"], every=10, ops=ops, summary=False) as mon:
+        for x in batches(30):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step()
+        gc.collect()
+        alive = [i for i, ref in enumerate(model.outputs) if not ref.expired()]
+        assert len(model.outputs) == 30 * 5 and alive == [], f"{len(alive)} layer outputs outlived their step"
+    assert [r["step"] for r in mon.records] == [0, 10, 20]
+
+
+def test_default_layers_are_every_submodule_and_bad_options_are_refused_before_any_hook():
     model = small_model()
     with hookkit.monitor(model, every=1, summary=False) as mon:
         model(batches(1)[0]).sum().backward()
         mon.step()
     assert set(mon.records[0]["layers"]) == {"0", "1", "2", "3", "4"}
+    nested = nn.Sequential(small_model(), nn.Sigmoid())  # every submodule, as trace and summary: not the children
+    with hookkit.monitor(nested, every=1, summary=False) as mon:
+        nested(batches(1)[0]).sum().backward()
+        mon.step()
+    assert set(mon.records[0]["layers"]) == {"0", "0.0", "0.1", "0.2", "0.3", "0.4", "1"}
     before = hook_census(model)
     for kwargs, error, match in [({"every": 0}, ValueError, "every=0"), ({"on_nonfinite": "ignore"}, ValueError,
                                  "on_nonfinite"), ({"layers": ["nope"]}, hookkit.LayerNotFoundError, "nope")]:

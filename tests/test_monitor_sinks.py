@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import hookkit
+from hookkit.monitoring.records import read_jsonl
 from hookkit.monitoring.sinks import (
     CallableSink,
     JsonlSink,
@@ -26,7 +28,6 @@ from hookkit.monitoring.sinks import (
     TensorBoardSink,
     WandbSink,
     make_sinks,
-    read_jsonl,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def test_read_jsonl_rejects_a_line_that_is_json_but_not_an_object(tmp_path):
 def test_jsonl_write_after_close_raises(tmp_path):
     sink = JsonlSink(tmp_path / "m.jsonl")
     sink.close()
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(hookkit.UsageError, match="closed"):
         sink.write(record(0))
 
 

@@ -74,7 +74,7 @@ def assert_captures_equal(live: Any, other: Any) -> None:
     assert_same(live.param_grads, other.param_grads, "param_grads")
 
 
-def round_trip(cap: Any, tmp_path: Path) -> hookkit.ReadOnlyCapture:
+def round_trip(cap: Any, tmp_path: Path) -> hookkit.Capture:
     path = tmp_path / "cap.safetensors"
     cap.save(path)
     return hookkit.load(path)
@@ -281,7 +281,7 @@ def test_the_loaded_capture_reads_like_a_capture(tmp_path):
     loaded = hookkit.load(path)
     assert list(loaded) == ["0", "1", "2"] and len(loaded) == 3 and "1" in loaded
     assert loaded.selected == cap.selected
-    assert repr(loaded) == f"<hookkit.ReadOnlyCapture (loaded from {str(path)!r}) of 3 layer(s) that ran: 0, 1, 2>"
+    assert repr(loaded) == f"<hookkit.Capture (loaded from {str(path)!r}) of 3 layer(s) that ran: 0, 1, 2>"
     with pytest.raises(hookkit.NotRecordedError, match="not one of the captured layers"):
         loaded["3"]
     with pytest.raises(hookkit.NotRecordedError, match="inputs=True"):
@@ -701,7 +701,7 @@ def test_merged_batches_equal_a_capture_of_the_whole_batch():
     merged = hookkit.merge(caps)
     assert merged["0"].shape[0] == 6 and merged.grads["3"].shape[0] == 6
     assert_close_captures(whole, merged)
-    assert repr(merged).startswith("<hookkit.ReadOnlyCapture (merged from 3 captures)")
+    assert repr(merged).startswith("<hookkit.Capture (merged from 3 captures)")
 
 
 @needs_safetensors

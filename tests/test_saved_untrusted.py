@@ -109,7 +109,7 @@ def naming(classes: dict[str, tuple[str, str]]) -> Any:
     return edit
 
 
-def load_warning(path: Path, **options: Any) -> tuple[hookkit.ReadOnlyCapture, str]:
+def load_warning(path: Path, **options: Any) -> tuple[hookkit.Capture, str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = hookkit.load(path, **options)
@@ -441,7 +441,7 @@ def _mutated(manifest: dict[str, Any], place: tuple[Any, ...], value: Any) -> st
     return json.dumps(changed, separators=(",", ":")).replace(json.dumps(_DEEP), "[" * 5000 + "]" * 5000)
 
 
-def _read_everything(loaded: hookkit.ReadOnlyCapture) -> None:
+def _read_everything(loaded: hookkit.Capture) -> None:
     for kind in ("outputs", "inputs", "kwargs", "grads", "grad_inputs"):
         store = loaded if kind == "outputs" else getattr(loaded, kind)
         for name in store:

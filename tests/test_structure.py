@@ -48,3 +48,62 @@ def test_every_hook_is_registered_in_core_handles():
                     and node.func.attr.startswith("register_") and node.func.attr.endswith("hook")):
                 found.append((path, node.lineno, node.func.attr))
     assert {p for p, _, _ in found} == {home}, [(str(p.relative_to(package)), n, a) for p, n, a in found if p != home]
+
+
+# A user's mistake is a hookkit error (``hookkit/_errors.py``: ArgumentError is a ValueError, ArgumentTypeError a
+# TypeError...); a plain builtin error is raised only for hookkit's own bugs (a RuntimeError whose message says "bug"
+# passes by itself). Each other plain raise must be listed here, keyed (file, function, exception), with its reason.
+_PLAIN_ERRORS = {"ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError"}
+_PLAIN_RAISES_ALLOWED: dict[tuple[str, str, str], str] = {
+    # Raised where a user's mistake arrives, and still plain: to become hookkit errors (then leave this list).
+}
+
+
+def _plain_raises() -> list[tuple[str, str, str, int]]:
+    """``(file, function, exception, line)`` of each ``raise ValueError(...)`` (or ``TypeError``, ``KeyError``...)
+    in the package, a RuntimeError that says it is a bug excepted."""
+    import ast
+    from pathlib import Path
+
+    package = Path(hookkit.__file__).parent
+    found = []
+
+    class Visitor(ast.NodeVisitor):
+        def __init__(self, path: str) -> None:
+            self.path, self.scope = path, []
+
+        def _enter(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
+            self.scope.append(node.name)
+            self.generic_visit(node)
+            self.scope.pop()
+
+        visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _enter
+
+        def visit_Raise(self, node: ast.Raise) -> None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name) and exc.id in _PLAIN_ERRORS:
+                words = " ".join(n.value for n in ast.walk(node.exc)
+                                 if isinstance(n, ast.Constant) and isinstance(n.value, str))
+                if not (exc.id == "RuntimeError" and "bug" in words):
+                    found.append((self.path, ".".join(self.scope) or "<module>", exc.id, node.lineno))
+            self.generic_visit(node)
+
+    for path in sorted(package.rglob("*.py")):
+        Visitor(path.relative_to(package).as_posix()).visit(ast.parse(path.read_text(), str(path)))
+    return found
+
+
+def test_user_mistakes_raise_hookkit_errors_not_plain_builtin_ones():
+    """A new ``raise ValueError(...)`` / ``TypeError`` / ``RuntimeError`` (not saying "bug") anywhere in the package
+    fails here: raise the hookkit error that fits (``ArgumentError``, ``ArgumentTypeError``, ``EditError``...)."""
+    offenders = [f"{path}:{line} {function}: raise {exc}" for path, function, exc, line in _plain_raises()
+                 if (path, function, exc) not in _PLAIN_RAISES_ALLOWED]
+    assert not offenders, offenders
+
+
+def test_the_allow_list_of_plain_raises_names_only_raises_that_exist():
+    """An entry whose raise is gone (converted, or moved) leaves the list, so that it cannot let a new one in."""
+    present = {(path, function, exc) for path, function, exc, _ in _plain_raises()}
+    stale = sorted(set(_PLAIN_RAISES_ALLOWED) - present)
+    assert not stale, f"no longer raised, delete from _PLAIN_RAISES_ALLOWED: {stale}"
+    assert all(_PLAIN_RAISES_ALLOWED.values()), "every allowed plain raise says why"

@@ -361,6 +361,25 @@ def test_layers_limit_the_rows_to_the_selection():
     assert s.total_params == sum(p.numel() for p in model.parameters())  # totals stay the model's
 
 
+def test_a_data_parallel_wrapper_is_seen_through_with_the_rows_of_the_model_inside():
+    model = SmallConvNet().eval()
+    x = torch.randn(2, 1, 8, 8)
+    bare = summary(model, x, timing=False)
+    wrapped = summary(nn.DataParallel(model), x, timing=False)  # (on CPU DataParallel calls the model itself)
+    assert [r.name for r in wrapped.rows] == [r.name for r in bare.rows] == ["stem", "act", "block", "block.0",
+                                                                            "block.1", "act_1", "pool", "head"]
+    assert wrapped.rows == bare.rows
+    with pytest.raises(SummaryError, match=r"^forward failed in head \(Linear\): "):
+        summary(nn.DataParallel(Mismatch()), torch.randn(2, 3))
+
+
+def test_a_module_selected_by_its_second_name_gets_rows_of_that_name():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    model.add_module("again", model[1])  # the same ReLU under "1" and "again"
+    s = summary(model, torch.randn(1, 3), layers=["again"], timing=False)
+    assert [(r.name, r.layer, r.call) for r in s.rows] == [("again", "again", 1), ("again_1", "again", 2)]
+
+
 # -- time --------------------------------------------------------------------------------------------------------
 @needs_torchvision
 def test_time_includes_children_and_is_off_with_timing_false():

@@ -532,3 +532,16 @@ def test_check_finite_names_a_later_call_of_a_module_as_fx_does():
             model(x)
             mon.step()
     assert hook_census(model) == before
+
+
+def test_trace_and_check_finite_show_only_their_user_api_not_the_engines_listener_methods():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    listener = {"forward_pre", "forward", "grad"}
+    for cls in (hookkit.Trace, hookkit.CheckFinite):
+        assert not listener & set(dir(cls)), f"{cls.__name__} shows the engine's listener methods"
+    with hookkit.trace(model, console=plain_console()) as t:
+        model(torch.ones(1, 2))
+    assert [n for n in dir(t) if not n.startswith("_")] == ["events"] and len(t.events) == 4
+    with hookkit.check_finite(model) as c:
+        model(torch.ones(1, 2))
+    assert [n for n in dir(c) if not n.startswith("_")] == []

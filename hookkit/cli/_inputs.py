@@ -1,5 +1,5 @@
 """Command-line values -> checked objects, shared by the commands: whole-number and shape parsers, the memory limit
-for one input, ``--out`` folders, MODEL specs to models, and the forward pass on a user's model.
+for one input, MODEL specs to models, and the forward pass on a user's model.
 
 Every command module (``layers``, ``demo``, ``trace``, ``summary``, ``extract``) imports from here; nothing here
 imports a command. What a user typed wrong is raised as ``CommandLineError`` (or the ``HookkitError`` of the
@@ -38,7 +38,6 @@ __all__ = [
     "raised_by_hookkit",
     "check_fits",
     "physical_memory_bytes",
-    "writable_folder",
     "one_line",
     "Interrupted",
 ]
@@ -206,29 +205,3 @@ def check_fits(what: str, numel: int, fix: str) -> None:
             f"{what} ({numel:,} float32 numbers, {fmt_bytes(nbytes)}): more than half of this machine's "
             f"{fmt_bytes(memory)} of memory ({fmt_bytes(limit)}), the most hookkit allocates for one input; {fix}."
         )
-
-
-# -- files ---------------------------------------------------------------------------------------------------------
-def writable_folder(text: str) -> Path:
-    """``--out``: a folder that exists or can be created, on a writable file system; checked without writing."""
-    out = Path(text)
-    nearest = out  # the folder itself, or the nearest ancestor that exists: where mkdir would start
-    while not nearest.is_dir():
-        if os.path.lexists(nearest):
-            what = ("a file" if nearest.is_file() else "a broken symbolic link" if nearest.is_symlink()
-                    else "a special file")
-            if nearest == out:
-                raise CommandLineError(f"--out {text!r} is {what}, not a folder; pass a folder (it is created if "
-                                       "missing), e.g. a new name next to it.")
-            raise CommandLineError(f"--out {text!r} lies below {str(nearest)!r}, which is {what} and so cannot "
-                                   "hold the folder; pass a path outside it.")
-        if nearest.parent == nearest:
-            break
-        nearest = nearest.parent
-    where = "" if nearest == out else f" ({str(nearest)!r}, where it would be created, cannot be written)"
-    if hasattr(os, "statvfs") and os.statvfs(nearest).f_flag & os.ST_RDONLY:
-        raise CommandLineError(f"--out {text!r} is on a read-only file system{where}; choose a writable folder.")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise CommandLineError(f"--out {text!r} is not writable: no permission to create files in "
-                               f"{str(nearest)!r}; choose a writable folder.")
-    return out

@@ -24,13 +24,14 @@ from hookkit.cli._inputs import MODEL_HELP, build_model, raised_by_hookkit, seed
 from hookkit.cli.images import IMAGENET_MEAN, IMAGENET_STD
 from hookkit.core import tree as _tree
 from hookkit.core.census import hook_census
-from hookkit.core.select import Layers, resolve
+from hookkit.core.select import Layers, select
 from hookkit.core.stats import fmt_num, tensor_stats
 from hookkit.record.capture import capture
 
 __all__ = ["run_demo", "demo_image", "DEMO_LAYERS"]
 
 DEMO_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool")
+_NO_NODES = "the demo shows module outputs with their classes"
 # The hook dicts the demo counts in hookkit.hook_census's entries: a module's forward, forward-pre, backward and
 # backward-pre hooks (the census also holds flags and kwargs dicts keyed by the same hook ids, not counted again).
 _COUNTED_HOOK_DICTS = ("._forward_hooks", "._forward_pre_hooks", "._backward_hooks", "._backward_pre_hooks")
@@ -146,7 +147,7 @@ def run_demo(
     console = console if console is not None else Console()
     if x is None:
         x = _normalise(demo_image())
-    selected = resolve(model, layers)
+    selected = select(model, layers, caller="hookkit demo", no_nodes=_NO_NODES).modules
     classes = {n: type(m).__name__ for m, names in selected.items() for n in names}
     census_before = hook_census(model)
     # clone=True: later in-place ops (ResNet's ReLU(inplace=True)) must not change what we show.
@@ -239,7 +240,7 @@ def _stats_table(model_name: str, stats: dict[str, dict[str, Any]]) -> Table:
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     model = build_model(args)  # seeded: random weights, but the same ones every run, so the output is reproducible
-    resolve(model, args.layers)  # a bad layer name fails here, before anything is printed
+    select(model, args.layers, caller="hookkit demo", no_nodes=_NO_NODES)  # a bad name fails before any output
     note = weights_note(args.model, args.weights)
     console.print(Text.assemble(
         ("model: ", "bold"), f"{type(model).__name__} from {args.model}, ", (note, "yellow"),

@@ -4,12 +4,14 @@
 image; ``DIR/lines.txt``: its input line).
 
 ``register`` adds the subcommand to the parser ``hookkit.cli._parser`` builds. Images come from
-``hookkit._images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit._texts``
+``hookkit.cli.images.ImageFiles`` (torchvision and Pillow, imported when used), texts from ``hookkit.cli.texts``
 (``read_documents``, the Hugging Face model folder's tokenizer and model, ``TokenizedTexts`` with its padding
 collate; transformers imported when used). Every option is checked, the input read and the index compared with the
-one in ``--out`` before a file is written; ``extraction.extract`` then hands a DataLoader to ``extract`` and prints what
-it wrote (and how many rows an earlier run had written). Ctrl-C keeps the rows written and raises ``Interrupted``
-with their number and the command that resumes; ``hookkit.cli.run`` prints it as one line, exit code 130.
+one in ``--out`` before a file is written; what ``extract`` itself checks (``--out``, the pool names) is checked by its
+own functions (``hookkit.extraction.options``), with the option's name in the message. ``_extract`` then hands a
+DataLoader to ``hookkit.extract`` and prints what it wrote (and how many rows an earlier run had written). Ctrl-C
+keeps the rows written and raises ``Interrupted`` with their number and the command that resumes;
+``hookkit.cli.run`` prints it as one line, exit code 130.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hookkit._errors import CommandLineError, HookkitError
+from hookkit._errors import ArgumentError, CommandLineError, HookkitError
 from hookkit.cli._inputs import (
     MODEL_HELP,
     Interrupted,
@@ -34,14 +36,14 @@ from hookkit.cli._inputs import (
     count,
     positive_int,
     seed,
-    writable_folder,
 )
-from hookkit.core.select import resolve
+from hookkit.core.select import select
+from hookkit.extraction.options import POOLS, check_out_folder
 
 __all__: list[str] = []  # run through `hookkit extract`
 
 _IMAGE_SIZE = 224
-_TEXT_POOLS = (None, "avg", "max", "cls")
+_TEXT_POOLS = tuple(p for p in POOLS if p != "flatten")  # a document's tokens do not flatten to one width
 _IMAGE_ONLY = (("image_size", "--image-size"), ("weights", "--weights"))
 _TEXT_ONLY = (("field", "--field"), ("max_length", "--max-length"), ("no_truncation", "--no-truncation"))
 
@@ -62,7 +64,7 @@ def register(sub: Any) -> None:
                              help=f"{MODEL_HELP}; with --text, a local Hugging Face model folder (config.json, "
                              "weights, tokenizer files)")
     extract_cmd.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
-                             help="layer names or globs (see `hookkit layers MODEL`)")
+                             help="layer names, globs or op nodes (see `hookkit layers MODEL`)")
     data = extract_cmd.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", metavar="IMAGE_FOLDER",
                       help="a folder of images (ImageFolder-style class subfolders or flat)")
@@ -70,7 +72,7 @@ def register(sub: Any) -> None:
                       help="a UTF-8 text file, one document per line (blank lines skipped), or JSON Lines with "
                       "--field")
     extract_cmd.add_argument("--out", required=True, metavar="DIR", help="where the .npy files go")
-    extract_cmd.add_argument("--pool", choices=["avg", "max", "flatten", "cls"],
+    extract_cmd.add_argument("--pool", choices=[p for p in POOLS if p is not None],
                              help="per sample: average / max over space or tokens (text: over the real tokens, "
                              "not the padding), flatten (images only), or the first token; text without --pool "
                              "keeps every real token (DIR/<layer>.npy [tokens, ...] and DIR/<layer>.offsets.npy)")
@@ -105,7 +107,8 @@ def _cmd_extract(args: argparse.Namespace, console: Console) -> int:
     if "" in args.layers:
         raise CommandLineError("--layers '': name the model's layers (see `hookkit layers MODEL`), not the model "
                                "itself.")
-    out = writable_folder(args.out)  # this and the checks below fail before anything is written
+    check_out_folder(args.out, option="--out")  # extract's own check of out=; it and those below fail before anything
+    out = Path(args.out)  # is written
     return _text(args, out, console) if text else _images(args, out, console)
 
 
@@ -125,7 +128,7 @@ def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
     if listing.exists() and listing.read_text().splitlines() != images.files:
         raise CommandLineError(f"{listing} lists other images than {args.data} holds now, so resuming would mix "
                                "rows. Use another --out, or delete it to start over.")
-    resolve(model, args.layers)  # a bad layer name fails before anything is written
+    select(model, args.layers, caller="hookkit extract")  # a bad layer name fails before anything is written
     _write_index(args, lambda: write_file_list(images.files, listing))
     loader = DataLoader(images, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     feats, before = _extract(args, model, loader, out, len(images), pool=args.pool)
@@ -155,7 +158,7 @@ def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
     listing = out / "lines.txt"
     _texts.check_line_index(docs, listing)
     model = _texts.load_text_model(args.model)
-    resolve(model, args.layers)  # a bad layer name fails before anything is written
+    select(model, args.layers, caller="hookkit extract")  # a bad layer name fails before anything is written
     if args.workers:
         # Workers fork after the tokenizer ran here (--no-truncation): tokenizers would warn and go serial anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,7 +189,7 @@ def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, rows:
     resumed from k rows, or already finished). Ctrl-C becomes ``Interrupted``: the rows kept and the command that
     resumes."""
     from hookkit.extraction.extract import extract
-    from hookkit.extraction.rowstore import rows_written
+    from hookkit.extraction.manifest import rows_written
 
     done, finished = rows_written(out)
     try:
@@ -216,7 +219,7 @@ def _show(feats: Any, console: Console, note: str) -> None:
         path = feats.path(name)
         try:
             offsets = feats.offsets(name)
-        except ValueError:  # one row per sample
+        except ArgumentError:  # one row per sample
             table.add_row(name, str(path), " × ".join(map(str, array.shape)), str(array.dtype))
             continue
         ragged = True

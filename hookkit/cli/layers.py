@@ -32,7 +32,7 @@ from hookkit.cli._inputs import (
     positive_int,
     weights_note,
 )
-from hookkit.core.select import _GLOB_CHARS, _glob_regex, resolve, resolve_nodes
+from hookkit.core.select import _GLOB_CHARS, _glob_regex, resolve_nodes
 
 __all__: list[str] = []  # run through `hookkit layers`
 
@@ -90,7 +90,8 @@ def _layer_rows(model: nn.Module) -> list[_Row]:
 
 def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> list[_Row]:
     """The nodes of one forward on ``x``, in execution order: each module's row at its first call, then an op row
-    (``cls``: "op") or a repeated-call row ("call 2 of layer1.0.relu") for every other name."""
+    (``cls``: "op") or a repeated-call row ("2nd call of layer1.0.relu": which call of the module it is, an ordinal,
+    since FX's name counts ops too) for every other name."""
     by_name = {r.name: r for r in module_rows}
     rows = []
     for name, call_of, call in _discover(model, x):
@@ -102,8 +103,14 @@ def _run_rows(model: nn.Module, x: torch.Tensor, module_rows: list[_Row]) -> lis
             rows.append(_Row(name, "op (capture() takes this name as the module)" if name in by_name else "op",
                              0, 0, None, kind="op"))
         else:
-            rows.append(_Row(name, f"call {call} of {call_of}", 0, 0, None, kind="call"))
+            rows.append(_Row(name, f"{_ordinal(call)} call of {call_of}", 0, 0, None, kind="call"))
     return rows
+
+
+def _ordinal(k: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 11 -> "11th": a module's k-th call, in words that no layer name looks like."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
 
 
 def _discover(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str | None, int]]:
@@ -137,7 +144,7 @@ def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: li
     if matched:
         return matched
     try:
-        known = {n for names in resolve(model, spec).values() for n in names}
+        known = {n for names in resolve_nodes(model, spec)[0].values() for n in names}  # modules only
     except LayerNotFoundError:
         known = set()
     model_name = type(model).__name__
@@ -158,16 +165,7 @@ def _select_names(model: nn.Module, spec: str, rows: list[_Row], module_rows: li
 
 
 def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
-    ran = args.input_shape is not None
-    if ran:
-        model, x = model_and_input(args)
-        with torch.no_grad():
-            forward(model, x)  # a shape the model rejects: one line naming it, before hookkit runs the model
-        module_rows = _layer_rows(model)
-        rows = _run_rows(model, x, module_rows)
-    else:
-        model = build_model(args)
-        rows = module_rows = _layer_rows(model)
+    model, rows, module_rows, ran = _collect(args)
     shown = [r.name for r in rows]
     matched: set[str] = set(shown)
     if args.filter is not None:
@@ -182,7 +180,35 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         shown = [n for n in shown if n.count(".") < args.depth]
     by_name = {r.name: r for r in rows}
     visible = [by_name[n] for n in shown]
+    header = _header(args, model, rows, module_rows, matched, ran)
+    if args.table:
+        body: Any = _layers_table(visible, matched)
+        console.print(header)
+    else:
+        body = _layers_tree(header, visible, matched)
+    console.print(body)
+    _print_notes(args, console, model, rows, module_rows, shown, visible, ran)
+    return 0
 
+
+def _collect(args: argparse.Namespace) -> tuple[nn.Module, list[_Row], list[_Row], bool]:
+    """The model, the rows to list (with --input-shape: what ran, in execution order), every module's row, and
+    whether the model ran."""
+    ran = args.input_shape is not None
+    if ran:
+        model, x = model_and_input(args)
+        with torch.no_grad():
+            forward(model, x)  # a shape the model rejects: one line naming it, before hookkit runs the model
+        module_rows = _layer_rows(model)
+        return model, _run_rows(model, x, module_rows), module_rows, True
+    model = build_model(args)
+    module_rows = _layer_rows(model)
+    return model, module_rows, module_rows, False
+
+
+def _header(args: argparse.Namespace, model: nn.Module, rows: list[_Row], module_rows: list[_Row],
+            matched: set[str], ran: bool) -> Text:
+    """The model's line: class, spec, weights, parameter counts, names (and matches); what ran, when it ran."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     header = Text.assemble(
@@ -199,19 +225,19 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
         header.append(f"\nOne forward on a random {'×'.join(map(str, args.input_shape))} input, in execution order: "
                       f"{_plural(kinds.count('module'), 'module')}, {_plural(kinds.count('op'), 'op node')}, "
                       f"{_plural(kinds.count('call'), 'repeated call')}", style="dim")
-    if args.table:
-        body: Any = _layers_table(visible, matched)
-        console.print(header)
-    else:
-        body = _layers_tree(header, visible, matched)
-    console.print(body)
+    return header
+
+
+def _print_notes(args: argparse.Namespace, console: Console, model: nn.Module, rows: list[_Row],
+                 module_rows: list[_Row], shown: list[str], visible: list[_Row], ran: bool) -> None:
+    """The dim lines under the listing: what --depth hid, modules that did not run, how to use the names."""
     if args.depth is not None and len(shown) < len(rows) and args.filter is None:
         console.print(Text(f"{len(rows) - len(shown)} deeper names hidden by --depth {args.depth}.", style="dim"))
     if not rows:
         ops = " and its forward ran no op node outside torch's own modules" if ran else ""
         console.print(Text(f"{type(model).__name__} has no submodules{ops}: there is no layer name to capture.",
                            style="yellow"))
-        return 0
+        return
     if ran:
         listed = {r.name for r in rows}
         idle = [r.name for r in module_rows if r.name not in listed and r.alias_of not in listed]
@@ -224,7 +250,6 @@ def _cmd_layers(args: argparse.Namespace, console: Console) -> int:
     if ran and any(r.kind != "module" for r in rows):
         console.print(Text("Pass op and repeated-call names to capture() exactly as listed: its globs match module "
                            "names only.", style="dim"))
-    return 0
 
 
 def _plural(n: int, noun: str) -> str:

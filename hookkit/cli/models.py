@@ -32,7 +32,7 @@ def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> n
     """Build the model a spec names, optionally load a local state_dict into it, and return it in eval mode.
 
     Example:
-        >>> from hookkit._models import load_model
+        >>> from hookkit.cli.models import load_model
         >>> type(load_model("torchvision:resnet18")).__name__
         'ResNet'
 

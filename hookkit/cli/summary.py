@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
     add_model_and_input_args(summary_cmd)
     summary_cmd.add_argument("--depth", type=positive_int, metavar="N",
                              help="show modules with at most N dotted parts (the data keeps every row)")
-    summary_cmd.add_argument("--layers", nargs="+", metavar="LAYER", help="names or globs (default: every module)")
+    summary_cmd.add_argument("--layers", nargs="+", metavar="LAYER", help="names or globs (default: every submodule)")
     summary_cmd.add_argument("--no-timing", action="store_true", help="leave out the Time column")
     summary_cmd.set_defaults(command=_cmd_summary)
 

@@ -30,7 +30,8 @@ def register(sub: Any) -> None:
     )
     add_model_and_input_args(trace_cmd)
     trace_cmd.add_argument("--layers", nargs="+", metavar="LAYER",
-                           help="names or globs to trace (default: every module; see `hookkit layers MODEL`)")
+                           help="names, globs or op nodes to trace (default: every submodule; see "
+                           "`hookkit layers MODEL`)")
     trace_cmd.add_argument("--backward", action="store_true",
                            help="also run backward() on the sum of the output and show the gradients")
     trace_cmd.add_argument("--no-stats", action="store_true", help="types and shapes only (fastest)")

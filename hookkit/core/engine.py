@@ -42,7 +42,7 @@ from hookkit.core.gradtaps import GradTaps
 from hookkit.core.handles import HandleGroup
 from hookkit.core.listener import Listener
 from hookkit.core.ops import OpTaps, writer_roots
-from hookkit.core.select import Layers, resolve_nodes, unwrap
+from hookkit.core.select import Layers, Selection, resolve_nodes, unwrap
 from hookkit.core.snapshot import Snapshotter, To, Watch
 
 # Call, Recording, Where and count_slots live in core.calls; named here too for the modules that read them with it.
@@ -84,7 +84,7 @@ class Engine:
     ``listener`` is told of every event; the keyword switches are ``Options``' fields.
     """
 
-    def __init__(self, model: nn.Module, layers: Layers, *, listener: Listener | None = None,
+    def __init__(self, model: nn.Module, layers: Layers | Selection, *, listener: Listener | None = None,
                  **switches: Any) -> None:
         opts = self._opts = Options(**switches)
         # checks the model; raises before anything is registered

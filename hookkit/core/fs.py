@@ -7,9 +7,11 @@ Every file hookkit creates (the ``.npy`` rows of ``extract``, ``manifest.json`` 
 mode: temporary files are made here instead, by ``os.open`` with ``NEW_FILE_MODE``.
 
 ``replace_file`` / ``write_bytes`` write a new file beside the target, sync it, rename it over the target and sync
-the folder, so a reader (or a power cut) sees the old content or the new one, never half of one. ``sync`` and
-``sync_folder`` are the durability steps, also used by the writers that append in place (``extraction.npy.RowFile``,
-``monitoring.sinks.JsonlSink``, ``extraction.rowstore``).
+the folder, so a reader (or a power cut) sees the old content or the new one, never half of one. ``create_once``
+makes a file whole only where none exists yet (of several processes trying at once, exactly one wins). ``sync`` and
+``sync_folder`` are the durability steps, also used by the writers that append or rename in place
+(``extraction.npy.RowFile``, ``extraction.npyfolder``, ``monitoring.sinks.JsonlSink``). No other module of hookkit
+calls ``fsync`` or writes a temporary file of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["NEW_FILE_MODE", "sync", "sync_folder", "replace_file", "write_bytes"]
+__all__ = ["NEW_FILE_MODE", "sync", "sync_folder", "replace_file", "write_bytes", "create_once"]
 
 #: The mode every new file is created with, before the umask: what ``open(path, "w")`` asks for.
 NEW_FILE_MODE = 0o666
@@ -75,16 +77,44 @@ def replace_file(path: Path, write: Callable[[Path], None]) -> None:
     sync_folder(path.parent)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """``replace_file`` with ``data`` as the new content."""
 
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
         finally:
             os.close(fd)
 
     replace_file(path, write)
+
+
+def create_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data``, whole and durably, unless it exists: True if this call created it, False if
+    ``path`` was there already (then it is left as it is). The bytes go to a new file beside ``path``, synced, which is
+    then hard-linked to ``path`` (``os.link`` fails where ``path`` exists, so of several processes trying at once
+    exactly one wins, and no reader sees the file half written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+        try:
+            _write_all(fd, data)
+            sync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    sync_folder(path.parent)
+    return True

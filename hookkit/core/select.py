@@ -1,4 +1,12 @@
-"""Layer specs (names, globs, classes, module objects, predicates) -> modules, with helpful not-found errors."""
+"""The one reader of layer arguments: names, globs, classes, module objects, predicates, lists of these, and op /
+repeated-call node names (FX's: ``"layer1.0.add"``, ``"relu_1"``) -> a ``Selection``, with helpful not-found errors.
+
+Every public function that takes ``layers`` reads it through ``select()``: ``capture``, ``trace``, ``check_finite``,
+``summary``, ``extract``, ``monitor``, ``hooks`` / ``edits`` and ``patching_sweep``; the engine
+(``core/engine.py``) takes the ``Selection`` as it is. ``layers=None`` means one thing everywhere: functions that
+only look (``trace``, ``check_finite``, ``summary``, ``monitor``) take every submodule, modules only; functions that
+keep or change values per layer need the layers named, and refuse ``None`` naming ``hookkit.layer_names(model)``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ import torch.nn as nn
 from hookkit._errors import ArgumentError, ArgumentTypeError, LayerNotFoundError, UnsupportedModelError
 from hookkit.core.compat import is_compiled_in_place
 
-__all__ = ["LayerSpec", "Layers", "layer_names", "resolve", "resolve_nodes", "check_model", "unwrap"]
+__all__ = ["LayerSpec", "Layers", "Selection", "select", "layers_needed", "layer_names", "resolve", "resolve_nodes",
+           "check_model", "unwrap"]
 
 LayerSpec = str | type | nn.Module | Callable[[str, nn.Module], bool]
 Layers = LayerSpec | Iterable[LayerSpec]
@@ -22,7 +31,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def layer_names(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> list[str]:
-    """Every name that ``capture``, ``trace``, ``check_finite`` and ``hooks`` accept for ``model``.
+    """Every name that the functions taking ``layers`` accept for ``model`` (``capture``, ``trace``,
+    ``check_finite``, ``extract``, ``monitor``, ``hooks``, ``edits``, ``patching_sweep``; ``summary`` takes the
+    module names).
 
     Without example inputs: the module names, in ``named_modules`` order. With them, the model runs once (under
     ``no_grad``; every module's train / eval flag, the buffers and the RNG state restored afterwards) and the list
@@ -202,33 +213,98 @@ def _as_list(layers: Any) -> list[Any]:
     return specs
 
 
-def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
-    """Map each selected module to the selected names it goes by, in ``named_modules`` order.
+class Selection:
+    """A layer argument, read: the selected modules with the names they go by (``named_modules`` order), and the op /
+    repeated-call nodes with the path of the module whose forward names each. ``walked`` is the (unwrapped) model's
+    ``named_modules(remove_duplicate=False)``, so that the engine need not walk it again. Made by ``select()``,
+    handed to the engine as it is; short-lived (it holds modules)."""
+
+    __slots__ = ("modules", "nodes", "walked")
+
+    def __init__(self, modules: dict[nn.Module, list[str]], nodes: dict[str, str],
+                 walked: list[tuple[str, nn.Module]]) -> None:
+        self.modules = modules
+        self.nodes = nodes
+        self.walked = walked
+
+    @property
+    def names(self) -> list[str]:
+        """Every selected name: the modules' (``named_modules`` order), then the nodes' (as given)."""
+        return [n for ns in self.modules.values() for n in ns] + list(self.nodes)
+
+
+def select(model: nn.Module, layers: Any, *, caller: str, every_if_none: bool = False,
+           no_nodes: str | None = None, param: str = "layers") -> Selection:
+    """Read a layer argument: the one rule every public function follows.
+
+    ``layers=None``: with ``every_if_none``, every named submodule of the (unwrapped) model, modules only, or the
+    model itself when it has no submodule (a bare ``nn.Linear``); else an ``ArgumentError`` saying that ``caller``
+    needs the layers named (``param``: what the argument is called there). ``no_nodes``: why ``caller`` cannot act
+    on op / repeated-call nodes (then a node name is an ``ArgumentError`` saying so); None: nodes are selected as
+    capture selects them.
 
     Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
     """
-    selected, nodes = resolve_nodes(model, layers)
-    if nodes:
+    if isinstance(layers, Selection):
+        return layers
+    every = layers is None
+    if every and not every_if_none:
+        raise layers_needed(caller, param)
+    walked: list[tuple[str, nn.Module]] = []
+    modules, nodes = resolve_nodes(model, _every_submodule if every else layers, walked)
+    if every and not modules:  # a model without submodules (a bare nn.Linear): the model itself
+        modules = {walked[0][1]: [""]}
+    if nodes and no_nodes is not None:
         name = next(iter(nodes))
-        raise LayerNotFoundError(f"{name!r} is an op or repeated-call node, which only capture(), trace(), "
-                                 "check_finite() and hooks() take; give a module name here.")
-    return selected
+        raise ArgumentError(f"{caller}: {name!r} is an op or repeated-call node, and {no_nodes}. Give module names "
+                            "here (hookkit.layer_names(model) lists them).")
+    return Selection(modules, nodes, walked)
+
+
+def layers_needed(caller: str, param: str = "layers") -> ArgumentError:
+    """The error for ``layers=None`` given to a function that keeps or changes values per layer."""
+    return ArgumentError(
+        f"{caller}: {param} is None, but {caller} keeps or changes values per layer, so it needs the layers named: "
+        "a name, a glob ('layer*.0.conv1'), a module class (nn.Linear), a module object, a predicate "
+        "(name, module) -> bool, or a list of these. hookkit.layer_names(model) lists the names (and "
+        "hookkit.layer_names(model, example_input) the op nodes).")
+
+
+def _every_submodule(name: str, module: nn.Module) -> bool:
+    """``layers=None`` where a function takes every submodule (the predicate never sees the root)."""
+    return True
+
+
+def resolve(model: nn.Module, layers: Any) -> dict[nn.Module, list[str]]:
+    """Map each selected module to the selected names it goes by, in ``named_modules`` order (module names only).
+
+    Raises ``LayerNotFoundError`` for any spec that matches nothing, and ``ArgumentError`` for an op node, before
+    the caller changes anything.
+    """
+    return select(model, layers, caller="hookkit", no_nodes="only modules are taken here").modules
 
 
 def resolve_nodes(model: nn.Module, layers: Any, walked: list[tuple[str, nn.Module]] | None = None,
                   ) -> tuple[dict[nn.Module, list[str]], dict[str, str]]:
     """``resolve``, plus the names that are op or repeated-call nodes (``"layer1.0.add"``, ``"layer1.0.relu_1"``):
     ``{node name: the path of the module whose forward names it}``, checked as far as can be before a forward.
-    ``walked``, if given, receives the (unwrapped) model's ``named_modules(remove_duplicate=False)``.
+    ``walked``, if given, receives the (unwrapped) model's ``named_modules(remove_duplicate=False)``. ``layers``
+    may be a ``Selection`` (``select()``'s), taken as it is.
 
     Raises ``LayerNotFoundError`` for any spec that matches nothing, before the caller changes anything.
     """
+    if isinstance(layers, Selection):
+        if walked is not None:
+            walked.extend(layers.walked)
+        return dict(layers.modules), dict(layers.nodes)
     _require_module(model)
     model, wrapped = unwrap(model)
     named = list(model.named_modules(remove_duplicate=False))
     if walked is not None:
         walked.extend(named)
     check_model(model, named)
+    if layers is None:
+        raise ArgumentError("layers=None: name the layers (see hookkit.layer_names(model)).")
     specs = _as_list(layers)
     if wrapped:  # "module.layer1" and "layer1" both name the wrapped model's layer1
         specs = [s[len("module."):] if isinstance(s, str) and s.startswith("module.") else s for s in specs]
@@ -259,7 +335,7 @@ def resolve_nodes(model: nn.Module, layers: Any, walked: list[tuple[str, nn.Modu
                 f"cannot select layers with {type(spec).__name__} {spec!r}: use a name, a glob, a module class, "
                 "a module object or a predicate (name, module) -> bool."
             )
-        if not hits:
+        if not hits and spec is not _every_submodule:
             raise _not_found(model, spec, names)
         chosen.update(hits)
     selected: dict[nn.Module, list[str]] = {}

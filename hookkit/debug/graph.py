@@ -169,8 +169,9 @@ def graph(tensor: torch.Tensor, *, params: Params | None = None, max_depth: int 
         ``depth``; ``shape``, ``dtype``, ``param`` for leaves) and ``label``; print it with a rich ``Console``.
 
     Raises:
-        TypeError: ``tensor`` is not a tensor, or ``params`` is not a mapping / pairs of names and tensors.
-        ValueError: ``max_depth`` is not a whole number >= 0.
+        ArgumentTypeError: ``tensor`` is not a tensor, ``params`` is not a mapping / pairs of names and tensors,
+            or ``max_depth`` is not an int or None.
+        ArgumentError: ``max_depth`` is negative.
     """
     if not isinstance(tensor, torch.Tensor):
         raise ArgumentTypeError(f"hookkit.graph: tensor= takes a torch.Tensor (e.g. a loss or a model output), got "

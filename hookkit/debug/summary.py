@@ -1,11 +1,14 @@
 """``summary()``: one forward pass, one row per module call: output shapes, parameters, statistics and time.
 
 Capturing and rendering are separate: ``summary()`` records numbers and strings only (no tensor, no module), and
-the ``Summary`` it returns renders through rich as a table, to whatever console prints it.
+the ``Summary`` it returns renders through rich as a table, to whatever console prints it. The recording is a
+listener (``_Recorder``) on the hook engine (``core.engine.Engine``, keeping nothing itself), which places the hooks,
+sees through DataParallel / DDP wrappers and numbers each module's calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import time
@@ -23,9 +26,10 @@ from rich.text import Text
 from hookkit._errors import SummaryError
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
-from hookkit.core.handles import HandleGroup
+from hookkit.core.engine import Engine
+from hookkit.core.listener import Listener
 from hookkit.core.ops import call_name
-from hookkit.core.select import Layers, check_model, resolve
+from hookkit.core.select import Layers, check_model, select
 from hookkit.core.state import restore, save
 from hookkit.core.stats import describe, fmt_bytes, fmt_num, nonfinite_words, shorten_name, tensor_stats
 
@@ -33,6 +37,8 @@ __all__ = ["summary", "Summary", "SummaryRow"]
 
 _NAME_LIMIT = 40  # longer layer names keep their first and last dotted parts, with "…" between
 _TEXT_WIDTH = 120  # the width of str(summary)
+_NO_NODES = ("summary's table has one row per module call, so it takes modules only (hookkit.trace(model, "
+             "ops=True) shows ops)")
 _EXECUTED_SHOWN = 5  # how many executed layers a SummaryError names
 
 
@@ -139,11 +145,12 @@ def summary(
 
     In a notebook or with ``rich.print(s)`` the same table renders in colour, fitted to the console's width.
 
-    The forward runs under ``torch.no_grad()`` with a forward pre-hook and a forward hook on every submodule (the
-    root is not a row: its output and totals are in the footer). For each call the hooks record the output's
-    shapes, the first output tensor's mean / std / min / max and NaN / Inf counts, and the wall time from the
-    start of the call to its end, children included, less hookkit's own work in the children's hooks (on CUDA the
-    hooks synchronise, so the time covers the kernels). Only numbers and strings are kept.
+    The forward runs under ``torch.no_grad()`` with hookkit's hooks on every submodule (of the model inside a
+    DataParallel / DDP wrapper; the root is not a row: its output and totals are in the footer). For each call
+    the hooks record the output's shapes, the first output tensor's mean / std / min / max and NaN / Inf counts,
+    and the wall time from the start of the call to its end, children included, less the time hookkit spends on
+    the children's statistics (on CUDA the hooks synchronise, so the time covers the kernels). Only numbers and
+    strings are kept.
 
     The model is left as it was: its hooks (removed in ``finally``, whatever happens), ``model.training`` (the
     forward runs in the mode the model is in: call ``model.eval()`` first for inference behaviour), grad mode, and
@@ -153,8 +160,10 @@ def summary(
         model: the ``nn.Module`` to run. TorchScript and ``torch.compile``-d models are refused (their module
             hooks do not run).
         *example_inputs: the positional inputs of one forward pass, e.g. ``torch.randn(1, 3, 224, 224)``.
-        layers: only these layers get rows (names, globs, classes, module objects or predicates, as in
-            ``hookkit.capture``). Default ``None``: every submodule.
+        layers: only these layers get rows (names, globs, classes, module objects, predicates or lists, as in
+            ``hookkit.capture``). Default ``None``: every submodule (a DDP / DataParallel wrapper is seen
+            through). Modules only: a row is a module call, so an op or repeated-call node (``"layer1.0.add"``,
+            ``"relu_1"``) is an ``ArgumentError``; ``hookkit.trace(model, ops=True)`` shows ops.
         depth: the table shows only rows of depth <= ``depth`` (``"layer1"`` has depth 1, ``"layer1.0.conv1"``
             depth 3); ``rows`` still holds every call. Default ``None``: show all.
         timing: record the wall time of each call (column "Time (ms)"). Default ``True``; turn off for output that
@@ -169,32 +178,30 @@ def summary(
         SummaryError: the forward raised; the message names the module it failed in and the layers that ran
             before it, and the original error is chained as ``__cause__``. No hook is left behind.
         LayerNotFoundError: a ``layers`` spec matched nothing (a ``LookupError``); nothing has run.
+        ArgumentError: an op or repeated-call node in ``layers``; nothing has run.
         UnsupportedModelError: a TorchScript or compiled model.
         ValueError: ``depth`` is below 1.
     """
     check_model(model)
     _check.whole("hookkit.summary", "depth", depth, minimum=1, none=True, meaning=" (1 shows only top-level layers)")
     _check.flag("hookkit.summary", timing=timing)
-    if layers is None:
-        targets = [(name, module) for name, module in model.named_modules() if name]
-    else:
-        targets = [(names[0], module) for module, names in resolve(model, layers).items() if names[0]]
+    chosen = select(model, layers, caller="hookkit.summary", every_if_none=True, no_nodes=_NO_NODES)
+    targets = [(names[0], module) for module, names in chosen.modules.items() if names[0]]
 
-    recorder = _Recorder(timing=timing, sync=_needs_sync(model, example_inputs, forward_kwargs, timing))
+    recorder = _Recorder(targets, timing=timing, sync=_needs_sync(model, example_inputs, forward_kwargs, timing))
+    # The engine hooks each target (given as module objects: a name is never read as a glob) and tells the recorder
+    # of every call; it keeps nothing itself. A model without submodules has no row: nothing to hook.
+    engine = Engine(model, [m for _, m in targets], listener=recorder, keep=False) if targets else None
     saved = save(model)  # every module's flag and buffer: a train-mode BatchNorm's statistics are put back
-    group = HandleGroup()
     try:
-        for name, module in targets:
-            group.forward_pre(module, recorder.pre_hook(name, module))
-            group.forward(module, recorder.post_hook())
-        start = recorder.now()
-        with torch.no_grad():
-            output = model(*example_inputs, **forward_kwargs)
-        total_s = recorder.now() - start - recorder.overhead
+        with engine if engine is not None else contextlib.nullcontext():
+            start = recorder.now()
+            with torch.no_grad():
+                output = model(*example_inputs, **forward_kwargs)
+            total_s = recorder.now() - start - recorder.overhead
     except Exception as exc:
         raise SummaryError(recorder.failure_message(model, exc)) from exc
     finally:
-        group.remove()
         restore(saved)
 
     params = list(model.parameters())
@@ -234,16 +241,16 @@ class _Call:
         return call_name(self.name, self.call - 1)
 
 
-class _Recorder:
-    """The hooks' shared state: calls in start order, the stack of running calls, and hookkit's own time."""
+class _Recorder(Listener):
+    """The engine's listener: calls in start order, the stack of running calls, and hookkit's own time."""
 
-    def __init__(self, *, timing: bool, sync: Callable[[], None] | None) -> None:
+    def __init__(self, targets: list[tuple[str, nn.Module]], *, timing: bool, sync: Callable[[], None] | None) -> None:
+        self.names = {id(module): name for name, module in targets}  # a row's name: the one it was selected by
         self.timing = timing
         self.sync = sync
         self.calls: list[_Call] = []
         self.stack: list[_Call] = []
         self.finished: list[_Call] = []
-        self.counts: dict[int, int] = {}
         self.overhead = 0.0  # seconds spent in hookkit's statistics, subtracted from the enclosing calls' times
 
     def now(self) -> float:
@@ -253,35 +260,29 @@ class _Recorder:
             self.sync()
         return time.perf_counter()
 
-    def pre_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: Any) -> None:
-            count = self.counts[id(module)] = self.counts.get(id(module), 0) + 1
-            call = _Call(name, module, count)
-            self.calls.append(call)
-            self.stack.append(call)
-            call.overhead0 = self.overhead
-            call.start = self.now()  # last, so that the bookkeeping above is not timed
+    def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
+        _, module, index = where  # index: this call's among the module's calls in the forward, from 0
+        call = _Call(self.names[id(module)], module, index + 1)
+        self.calls.append(call)
+        self.stack.append(call)
+        call.overhead0 = self.overhead
+        call.start = self.now()  # last, so that the bookkeeping above is not timed
 
-        return pre
-
-    def post_hook(self) -> Callable[..., None]:
-        def post(mod: nn.Module, args: Any, output: Any) -> None:
-            end = self.now()
-            call = self._pop(mod)
-            if call is None:  # pragma: no cover - a call that started before the hooks were registered
-                return
-            if self.timing:
-                call.seconds = end - call.start - (self.overhead - call.overhead0)
-            call.output = describe(output, stats=False)
-            tensors = _tree.leaves(output)
-            call.shapes = tuple(tuple(t.shape) for t in tensors)
-            call.stats = tensor_stats(tensors[0]) if tensors else None
-            call.done = True
-            self.finished.append(call)
-            if self.timing:
-                self.overhead += time.perf_counter() - end
-
-        return post
+    def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
+        end = self.now()
+        call = self._pop(where[1])
+        if call is None:  # pragma: no cover - a call that started before the hooks were registered
+            return
+        if self.timing:
+            call.seconds = end - call.start - (self.overhead - call.overhead0)
+        call.output = describe(output, stats=False)
+        tensors = _tree.leaves(output)
+        call.shapes = tuple(tuple(t.shape) for t in tensors)
+        call.stats = tensor_stats(tensors[0]) if tensors else None
+        call.done = True
+        self.finished.append(call)
+        if self.timing:
+            self.overhead += time.perf_counter() - end
 
     def _pop(self, module: nn.Module) -> _Call | None:
         # The innermost running call of this module; calls above it that never finished (their forward raised

@@ -23,7 +23,7 @@ from hookkit.core.compat import current_graph_task_id
 from hookkit.core.engine import Engine
 from hookkit.core.listener import Listener
 from hookkit.core.ops import OpSite, call_name
-from hookkit.core.select import Layers
+from hookkit.core.select import Layers, select
 from hookkit.core.stats import TensorStats, describe, shorten_name, tensor_stats
 
 __all__ = ["trace", "Trace", "TraceEvent", "check_finite", "CheckFinite"]
@@ -34,19 +34,6 @@ _GLYPH = {"forward_pre": "▷", "forward": "◁", "grad_output": "◀", "grad_in
 _LABEL = {"forward_pre": "in", "forward": "out", "grad_output": "grad_output", "grad_input": "grad_input"}
 _STYLE = {"forward_pre": "cyan", "forward": "green", "grad_output": "magenta", "grad_input": "magenta"}
 _NAME_WIDTH = 40
-
-
-def _all_submodules(name: str, module: nn.Module) -> bool:
-    return True
-
-
-def _default_layers(model: nn.Module, layers: Layers | None) -> Layers:
-    """``layers=None``: every submodule, or the model itself when it has none (a bare ``nn.Linear``)."""
-    if layers is not None:
-        return layers
-    if isinstance(model, nn.Module) and next(iter(model.children()), None) is None:
-        return ""
-    return _all_submodules
 
 
 def _stats_of(value: Any) -> tuple[TensorStats, ...]:
@@ -81,7 +68,7 @@ class TraceEvent:
         return text
 
 
-class Trace(Listener):
+class Trace:
     """What ``trace()`` yields: prints each event while open, and keeps them in ``.events``."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, console: Console | None, backward: bool,
@@ -91,27 +78,35 @@ class Trace(Listener):
                                     f"{console!r}. For standard output leave it out; for text, "
                                     "Console(file=io.StringIO(), color_system=None).")
         _check.flag("hookkit.trace", backward=backward, inputs=inputs, stats=stats, ops=ops)
-        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
-                              ops=ops)
-        self._console = console
-        self._inputs = inputs
-        self._stats = stats
-        self._stack: list[nn.Module] = []
-        self._depth: dict[tuple[str, int], int] = {}
-        self._needs_input_grad: dict[tuple[str, int], bool] = {}
-        self.events: list[TraceEvent] = []
+        self._printer = _TracePrinter(console, inputs=inputs, stats=stats)
+        chosen = select(model, layers, caller="hookkit.trace", every_if_none=True)
+        self._engine = Engine(model, chosen, listener=self._printer, keep=False, grads=backward, ops=ops)
+        self.events: list[TraceEvent] = self._printer.events
 
     def __enter__(self) -> Trace:
-        if self._console is None:
-            self._console = Console()
+        if self._printer.console is None:
+            self._printer.console = Console()
         self._engine.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._engine.__exit__(*exc)
-        self._stack.clear()
+        self._printer.stack.clear()
 
-    # -- the listener ----------------------------------------------------------------------------------------------
+
+class _TracePrinter(Listener):
+    """The engine's listener for ``trace``: turns each hook event into a ``TraceEvent``, prints its line to the
+    console and keeps it in ``events`` (the list ``Trace.events`` shows)."""
+
+    def __init__(self, console: Console | None, *, inputs: bool, stats: bool) -> None:
+        self.console = console  # (``Trace.__enter__`` opens standard output if this is None)
+        self._inputs = inputs
+        self._stats = stats
+        self.stack: list[nn.Module] = []
+        self._depth: dict[tuple[str, int], int] = {}
+        self._needs_input_grad: dict[tuple[str, int], bool] = {}
+        self.events: list[TraceEvent] = []
+
     def _emit(self, kind: EventKind, where: tuple[str, nn.Module, int], value: Any, depth: int,
               index: int | None = None) -> None:
         name, module, call = where
@@ -119,13 +114,13 @@ class Trace(Listener):
         event = TraceEvent(kind, name, cls, call, depth, describe(value, stats=self._stats),
                            _stats_of(value) if self._stats else (), index)
         self.events.append(event)
-        assert self._console is not None
-        self._console.print(event.line(), no_wrap=True, overflow="ellipsis", crop=True, soft_wrap=False)
+        assert self.console is not None, "a bug in hookkit: Trace.__enter__ sets the console"
+        self.console.print(event.line(), no_wrap=True, overflow="ellipsis", crop=True, soft_wrap=False)
 
     def forward_pre(self, where: tuple[str, nn.Module, int], args: tuple, kwargs: dict) -> None:
         name, module, call = where
-        depth = len(self._stack)
-        self._stack.append(module)
+        depth = len(self.stack)
+        self.stack.append(module)
         self._depth[(name, call)] = depth
         self._needs_input_grad[(name, call)] = torch.is_grad_enabled() and any(
             t.requires_grad for t in _tree.leaves(args))
@@ -137,7 +132,7 @@ class Trace(Listener):
 
     def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         name, module, call = where
-        while self._stack and self._stack.pop() is not module:
+        while self.stack and self.stack.pop() is not module:
             pass  # a child that raised and was caught inside its parent left its entry behind
         self._emit("forward", where, output, self._depth.get((name, call), 0))
 
@@ -186,7 +181,8 @@ def trace(
 
     Args:
         model: the ``nn.Module`` to trace.
-        layers: anything ``capture`` accepts; ``None`` traces every submodule (the model itself if it has none).
+        layers: anything ``capture`` accepts, op nodes included; ``None`` (default): every submodule, modules
+            only (the model itself if it has none; a DDP / DataParallel wrapper is seen through).
         console: the ``rich.console.Console`` to write to (default: standard output). For plain, testable text:
             ``Console(file=io.StringIO(), color_system=None)``.
         backward: also show the gradients w.r.t. each module's output and inputs during ``backward()``.
@@ -208,13 +204,30 @@ def trace(
 
 # -- check_finite ----------------------------------------------------------------------------------------------------
 
-class CheckFinite(Listener):
+class CheckFinite:
     """What ``check_finite()`` returns: raises ``NonFiniteError`` at the first non-finite module while open."""
 
     def __init__(self, model: nn.Module, layers: Layers | None, *, backward: bool, ops: bool = True) -> None:
         _check.flag("hookkit.check_finite", backward=backward, ops=ops)
-        self._engine = Engine(model, _default_layers(model, layers), listener=self, keep=False, grads=backward,
-                              ops=ops, op_input_grads=True)
+        self._checker = _FiniteChecker(ops=ops)
+        chosen = select(model, layers, caller="hookkit.check_finite", every_if_none=True)
+        self._engine = Engine(model, chosen, listener=self._checker, keep=False, grads=backward, ops=ops,
+                              op_input_grads=True)
+
+    def __enter__(self) -> CheckFinite:
+        self._engine.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._checker.forget()
+        self._engine.__exit__(*exc)
+
+
+class _FiniteChecker(Listener):
+    """The engine's listener for ``check_finite``: raises ``NonFiniteError`` at the first non-finite output or
+    gradient, naming where it was made."""
+
+    def __init__(self, *, ops: bool) -> None:
         self._ops = ops
         self._last: tuple[torch.Tensor, int | None] | None = None  # the tensor checked last, and its version
         # In the backward pass running now (autograd's graph task): the checked layers whose output received a
@@ -222,14 +235,10 @@ class CheckFinite(Listener):
         self._task = -1
         self._reached: dict[str, tuple[int, str]] = {}
 
-    def __enter__(self) -> CheckFinite:
-        self._engine.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def forget(self) -> None:
+        """Drop what the block saw (the last tensor checked, the layers reached in backward) when it closes."""
         self._last = None
         self._reached.clear()
-        self._engine.__exit__(*exc)
 
     def forward(self, where: tuple[str, nn.Module, int], args: tuple, output: Any) -> None:
         for t in _tree.leaves(output):
@@ -370,7 +379,8 @@ def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bo
 
     Args:
         model: the ``nn.Module`` to watch.
-        layers: anything ``capture`` accepts; ``None`` watches every submodule (the model itself if it has none).
+        layers: anything ``capture`` accepts, op nodes included; ``None`` (default): every submodule, modules
+            only (the model itself if it has none; a DDP / DataParallel wrapper is seen through).
         backward: also check gradients during ``backward()`` inside the block.
         ops: also check every functional op and tensor method in the watched modules' own ``forward`` code, so
             that the error names the op (``"'2.sqrt' (torch.sqrt) in '2' (Block) produced 243 NaN of 512 values

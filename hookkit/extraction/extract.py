@@ -1,52 +1,51 @@
 """``extract()``: features of a whole dataset, streamed to ``.npy`` files, resumable, and split across torchrun ranks.
 
-``extract()`` reads as its steps: check the options (``_checked_layers``), fingerprint the call
-(``extraction.fingerprint``), open a store (``extraction.rowstore``: ``MemoryRows``, or the ``.npy`` folder
-``NpyFolder`` with its manifest, progress files and lock), take this rank's share of the batches
-(``extraction.shards.share``), run the loop (``_run``), finish the store. This module owns what turns a layer's output
-into rows: the listener ``_Rows`` (select, pool, dtype, at hook time) and ``_forward_rows``, the one place that builds
-and enters the hook engine for a forward.
+``extract()`` reads as its steps: check the options (``extraction.options``, and the layers in ``_checked_layers``),
+fingerprint the call (``extraction.fingerprint``), open a store (``extraction.rowstore.MemoryRows``, or the ``.npy``
+folder ``extraction.npyfolder.NpyFolder`` with its manifest, progress files and lock), take this rank's share of the
+batches (``extraction.shards.share``), run the loop (``_run``), finish the store. This module owns the listener
+``_Rows``, which turns a layer's output into rows at hook time (with the tensor functions of ``extraction.rows``:
+select, mask, pool; then dtype), and ``_forward_rows``, the one place that builds and enters the hook engine for a
+forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, HookkitError
+from hookkit._errors import ArgumentError, ExtractError, HookkitError
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
 from hookkit.core.engine import Engine
 from hookkit.core.listener import Listener
-from hookkit.core.select import check_model, resolve
+from hookkit.core.select import Layers, check_model
+from hookkit.core.select import select as _select_layers
 from hookkit.core.snapshot import shares_memory
 from hookkit.core.stats import fmt_bytes
+from hookkit.extraction import rows as _rows
 from hookkit.extraction.fingerprint import call_settings
-from hookkit.extraction.rowstore import Features, MemoryRows, NpyFolder, Rows, RowStore, TokenRows
+from hookkit.extraction.npyfolder import NpyFolder
+from hookkit.extraction.options import Mask, Pool, Select, check_out_folder, checked_options
+from hookkit.extraction.options import check_select as _check_select
+from hookkit.extraction.rowstore import Features, MemoryRows, Rows, RowStore, TokenRows
 from hookkit.extraction.shards import Batch, RoundRobin, ranks, sample_count, share
 from hookkit.extraction.writer import Background
 
 __all__ = ["extract", "Features"]
 
-Pool = None | str | Callable[[torch.Tensor], torch.Tensor]
-Select = None | int | str | Callable[[Any], torch.Tensor] | Mapping[str, Any]
-Mask = None | bool | str | Callable[[Any], torch.Tensor]
-_POOLS = (None, "avg", "max", "flatten", "cls")
-
 
 def extract(
     model: nn.Module,
-    layers: str | list[str],
+    layers: Layers,
     data: Iterable[Any],
     *,
     out: str | os.PathLike | None = None,
@@ -71,7 +70,9 @@ def extract(
     Args:
         model: the ``nn.Module``; run in eval mode under ``torch.inference_mode()`` (its mode is restored after,
             also on error), on the device of its parameters.
-        layers: layer names or globs (as ``capture``); each must run once per forward.
+        layers: anything ``capture`` accepts: names, globs, module classes (``nn.Linear``), module objects,
+            predicates, op and repeated-call nodes (``"layer1.0.add"``, ``"relu_1"``), or a list of these; each
+            must run once per forward. Required: ``None`` is an ``ArgumentError``.
         data: a DataLoader or any iterable of batches: a tensor, a tuple/list whose first item is the model input
             (labels etc. are ignored), or a dict of keyword inputs (Hugging Face style). Empty batches are skipped.
         out: a folder: one ``.npy`` per layer (N rows, readable by ``numpy.load(path, mmap_mode="r")`` without
@@ -126,8 +127,9 @@ def extract(
     check_model(model)
     _check.instance("hookkit.extract", "data", data, Iterable, "an iterable of batches (a DataLoader, a list)")
     _check.path("hookkit.extract", "out", out, none=True)
+    check_out_folder(out)
     _check.flag("hookkit.extract", progress=progress, stop=stop)
-    torch_dtype = _checked_options(pool, dtype, dataset_id, mask)
+    torch_dtype = checked_options(pool, dtype, dataset_id, mask)
     rank, world, dist = ranks(_device(model))
     names = _checked_layers(model, layers, select, out=out, world=world)
     listener = _Rows(select, pool, torch_dtype, mask)
@@ -149,24 +151,10 @@ def extract(
 
 # -- options ----------------------------------------------------------------------------------------------------------
 
-def _checked_options(pool: Pool, dtype: Any, dataset_id: Any, mask: Any) -> torch.dtype | None:
-    """The options that need no model: ``pool``, ``dtype`` (returned as a torch dtype), ``dataset_id``, ``mask``."""
-    if not (mask is None or mask is False or isinstance(mask, str) or (callable(mask) and mask is not True)):
-        raise ArgumentTypeError(f"mask={mask!r}: use None (a dict batch's 'attention_mask', if any), a key of dict "
-                                "batches, a callable that returns the batch's [N, T] mask, or False for no mask.")
-    if not callable(pool) and not any(pool is p or pool == p for p in _POOLS):
-        raise ArgumentError(f"pool={pool!r}: use None, 'avg', 'max', 'flatten', 'cls' or a callable.")
-    torch_dtype = _torch_dtype(dtype)
-    if dataset_id is not None and not isinstance(dataset_id, str):
-        raise ArgumentTypeError(f"dataset_id={dataset_id!r}: use a string that names your data, e.g. "
-                                "'imagenet-val@v2'.")
-    return torch_dtype
-
-
-def _checked_layers(model: nn.Module, layers: str | list[str], select: Select, *, out: Any, world: int) -> list[str]:
+def _checked_layers(model: nn.Module, layers: Layers, select: Select, *, out: Any, world: int) -> list[str]:
     """The layer names (model and names checked first), ``select``'s keys against them, and ``out`` under
     torchrun: everything is refused before anything runs or is written."""
-    names = [n for ns in resolve(model, layers).values() for n in ns]
+    names = _select_layers(model, layers, caller="hookkit.extract").names
     if any(n == "" for n in names):
         raise ArgumentError("extract the model's layers, not the model itself ('' is the root): name its last layer.")
     _check_select(select, names)
@@ -176,46 +164,6 @@ def _checked_layers(model: nn.Module, layers: str | list[str], select: Select, *
     return names
 
 
-def _torch_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        result = dtype
-    else:
-        try:
-            result = getattr(torch, np.dtype(dtype).name)
-        except (TypeError, AttributeError):
-            result = None
-    if result is not None:
-        try:
-            torch.empty(0, dtype=result).numpy()
-        except TypeError:
-            result = None
-    if result is None:
-        raise ArgumentError(f"dtype={dtype!r} is not a dtype numpy (and so a .npy file) can hold; use e.g. "
-                            "torch.float16 (half the size; bfloat16 has no numpy type) or torch.float32.")
-    return result
-
-
-def _check_select(select: Select, names: list[str]) -> None:
-    """Types and layer keys of ``select``, before anything runs (what it picks is seen on the first batch)."""
-    if isinstance(select, Mapping):
-        for key, choice in select.items():
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=3)
-                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ArgumentError(f"select has a key {key!r} that is not one of the extracted layers "
-                                    f"({', '.join(map(repr, names))}); key it by layer name.{hint}")
-            _check_choice(choice, f"select[{key!r}]")
-    else:
-        _check_choice(select, "select")
-
-
-def _check_choice(choice: Any, where: str) -> None:
-    if choice is None or callable(choice) or (isinstance(choice, (int, str)) and not isinstance(choice, bool)):
-        return
-    raise ArgumentTypeError(f"{where}={choice!r}: use an index (int), a key (str), a callable, or a "
-                            "{layer: choice} dict.")
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
@@ -238,7 +186,7 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
         with torch.inference_mode():
             for batch in batches:
                 # once per batch it needs (a mask= callable runs once), not for batches only read to be skipped
-                mask = _batch_mask(listener.mask_option, batch, device) if batch.first or batch.mine else None
+                mask = _rows.batch_mask(listener.mask_option, batch, device) if batch.first or batch.mine else None
                 if batch.first:
                     store.first_sample(batch.args, batch.kwargs, batch.n, mask)
                 if not batch.mine:
@@ -277,8 +225,8 @@ def _write(store: RowStore, first_row: int, rows: Callable[[], dict[str, Rows]],
     store.write(first_row, rows(), batch=index)
 
 
-def _nbytes(value: torch.Tensor | _Tokens) -> int:
-    if isinstance(value, _Tokens):
+def _nbytes(value: torch.Tensor | _rows.Tokens) -> int:
+    if isinstance(value, _rows.Tokens):
         return value.flat.nbytes + value.counts.nbytes
     return value.nbytes
 
@@ -292,12 +240,12 @@ class _HostCopies:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, rows: dict[str, torch.Tensor | _Tokens]) -> Callable[[], dict[str, Rows]]:
+    def start(self, rows: dict[str, torch.Tensor | _rows.Tokens]) -> Callable[[], dict[str, Rows]]:
         if self.stream is None:
             return functools.partial(_numpy, {k: _tree.map_leaves(lambda t: t.cpu(), v) for k, v in rows.items()})
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        host: dict[str, torch.Tensor | _Tokens] = {}
+        host: dict[str, torch.Tensor | _rows.Tokens] = {}
         with torch.cuda.stream(stream):
             for name, value in rows.items():
                 host[name] = _tree.map_leaves(lambda t: _pinned_copy(t, stream), value)
@@ -319,13 +267,13 @@ def _pinned_copy(t: torch.Tensor, stream: Any) -> torch.Tensor:
     return out
 
 
-def _numpy(rows: dict[str, torch.Tensor | _Tokens]) -> dict[str, Rows]:
-    return {name: TokenRows(v.flat.numpy(), v.counts.numpy()) if isinstance(v, _Tokens) else v.numpy()
+def _numpy(rows: dict[str, torch.Tensor | _rows.Tokens]) -> dict[str, Rows]:
+    return {name: TokenRows(v.flat.numpy(), v.counts.numpy()) if isinstance(v, _rows.Tokens) else v.numpy()
             for name, v in rows.items()}
 
 
 def _batch_rows(model: nn.Module, names: list[str], listener: _Rows, batch: Batch, device: torch.device,
-                mask: torch.Tensor | None, *, stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _Tokens]:
+                mask: torch.Tensor | None, *, stop: bool, stop_now: bool) -> dict[str, torch.Tensor | _rows.Tokens]:
     """One batch's rows of every layer (``mask``: its valid tokens), where the model made them; a failing model or
     a layer that did not run is an ExtractError naming the batch."""
     listener.start_batch(batch, mask)
@@ -356,113 +304,6 @@ def _forward_rows(model: nn.Module, names: list[str], listener: _Rows, stop: boo
 
 # -- from a layer's output to rows ------------------------------------------------------------------------------------
 
-class _Tokens(NamedTuple):
-    """A ragged layer's rows of one batch, where the model made them: the valid tokens, flat, and how many each
-    sample has."""
-
-    flat: torch.Tensor
-    counts: torch.Tensor
-
-
-def _batch_mask(option: Mask, batch: Batch, device: torch.device) -> torch.Tensor | None:
-    """The batch's [N, T] mask of valid tokens (bool, on ``device``), as ``mask=`` says; None for no mask."""
-    if option is False:
-        return None
-    where = f"mask={option!r}"
-    if option is None:
-        mask = batch.kwargs.get("attention_mask")
-        if mask is None:
-            return None
-        where = "its 'attention_mask'"
-    elif isinstance(option, str):
-        if not isinstance(batch.raw, Mapping):
-            raise ExtractError(f"mask={option!r} is a key of dict batches, but batch {batch.index} is a "
-                               f"{type(batch.raw).__name__}: pass a callable that returns its [N, T] mask.")
-        if option not in batch.kwargs:
-            raise ExtractError(f"mask={option!r}: batch {batch.index} has no such key (it has "
-                               f"{', '.join(map(repr, batch.kwargs))}); name the key of its [N, T] mask.")
-        mask = batch.kwargs[option]
-    else:
-        mask = option(batch.raw)  # type: ignore[operator]
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch.n:
-        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ExtractError(f"the mask of batch {batch.index} ({where}) is {found}; expected [N, T] with N = "
-                           f"{batch.n} samples (nonzero = a valid token). Pass mask= a key or a callable that gives "
-                           "one, or mask=False to use every token.")
-    return (mask != 0).to(device, non_blocking=True)
-
-
-def _masked(t: torch.Tensor, pool: Pool, mask: torch.Tensor | None, layer: str,
-            no_valid_token: Callable[[str], None]) -> torch.Tensor | _Tokens | None:
-    """``pool`` over the valid tokens of ``t`` when the mask applies (``t`` is [N, T, ...] with the mask's [N, T]),
-    else None (pooled as if there were no mask). ``"avg"`` and ``"max"`` first call ``no_valid_token(layer)``, which
-    refuses a sample whose mask is all zeros."""
-    if mask is None or not (pool is None or pool == "avg" or pool == "max"):
-        return None
-    if t.dim() < 2 or t.shape[:2] != mask.shape:
-        if t.dim() == 3 and pool is not None:
-            raise ExtractError(
-                f"{layer!r} gives tokens {tuple(t.shape)}, but the batch's mask is {tuple(mask.shape)}: pool={pool!r} "
-                "cannot tell its padding. Pass mask= a callable that gives this layer's [N, T] mask, or mask=False "
-                "to pool over every token.")
-        return None
-    if pool is None:
-        return _Tokens(t[mask], mask.sum(dim=1))  # a sample without valid tokens has none: well defined
-    no_valid_token(layer)
-    if pool == "avg":  # sentence-transformers' mean pooling, op for op
-        expanded = mask.view(*mask.shape, *(1,) * (t.dim() - 2)).expand(t.shape).to(t.dtype)
-        return torch.sum(t * expanded, 1) / torch.clamp(expanded.sum(1), min=1e-9)
-    lowest = torch.finfo(t.dtype).min if t.is_floating_point() else torch.iinfo(t.dtype).min
-    return t.masked_fill(~mask.view(*mask.shape, *(1,) * (t.dim() - 2)), lowest).amax(dim=1)
-
-
-def _pool(t: torch.Tensor, pool: Pool, layer: str) -> torch.Tensor:
-    if pool is None:
-        return t
-    if callable(pool):
-        return pool(t)
-    if pool == "flatten":
-        return t.reshape(t.shape[0], -1)
-    if t.dim() <= 2:
-        if pool == "cls":
-            raise ExtractError(f"pool='cls' needs token outputs [N, T, D]; {layer!r} gives {tuple(t.shape)}.")
-        return t
-    if pool == "cls":
-        if t.dim() != 3:
-            raise ExtractError(f"pool='cls' needs token outputs [N, T, D]; {layer!r} gives {tuple(t.shape)}.")
-        return t[:, 0]
-    # [N, T, D] tokens: reduce T; [N, C, *spatial]: reduce the spatial dims.
-    dims = (1,) if t.dim() == 3 else tuple(range(2, t.dim()))
-    return t.mean(dim=dims) if pool == "avg" else t.amax(dim=dims)
-
-
-def _selector(select: Select, layer: str) -> Callable[[Any], Any]:
-    choice = select.get(layer) if isinstance(select, Mapping) else select
-    if choice is None:
-        return lambda out: out
-    if callable(choice):
-        return choice
-
-    def pick(out: Any) -> Any:
-        try:
-            return out[choice]
-        except (KeyError, IndexError, TypeError):
-            if isinstance(choice, str) and hasattr(out, choice):
-                return getattr(out, choice)
-            raise ExtractError(f"select={choice!r} does not pick anything from {layer!r}'s output, a "
-                               f"{type(out).__name__}.") from None
-    return pick
-
-
-def _first_tensor(value: Any, layer: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    found = _tree.leaves(value)
-    if not found:
-        raise ExtractError(f"{layer!r} produced no tensor ({type(value).__name__}); pick one with select=.")
-    return found[0]
-
-
 class _Rows(Listener):
     """The listener: turns each selected layer's output into this batch's rows, at hook time (before any later
     in-place op can change it)."""
@@ -473,7 +314,7 @@ class _Rows(Listener):
         self.dtype = dtype
         self.mask_option = mask
         self.selectors: dict[str, Callable[[Any], Any]] = {}
-        self.batch: dict[str, torch.Tensor | _Tokens] = {}
+        self.batch: dict[str, torch.Tensor | _rows.Tokens] = {}
         self.n = 0
         self.mask: torch.Tensor | None = None  # this batch's
         self._where: Batch | None = None
@@ -511,14 +352,14 @@ class _Rows(Listener):
             raise ExtractError(
                 f"{name!r} ran more than once in one forward pass, and extract stores one row per sample. Pick a "
                 "layer that runs once (hookkit.trace shows the calls), or use hookkit.capture for every call.")
-        pick = self.selectors.get(name) or self.selectors.setdefault(name, _selector(self.select, name))
-        t = _first_tensor(pick(output), name)
-        masked = _masked(t, self.pool, self.mask, name, self._no_valid_token)
-        if isinstance(masked, _Tokens):
+        pick = self.selectors.get(name) or self.selectors.setdefault(name, _rows.selector(self.select, name))
+        t = _rows.first_tensor(pick(output), name)
+        masked = _rows.masked(t, self.pool, self.mask, name, self._no_valid_token)
+        if isinstance(masked, _rows.Tokens):
             flat = masked.flat.float() if masked.flat.dtype == torch.bfloat16 and self.dtype is None else masked.flat
-            self.batch[name] = _Tokens(flat if self.dtype is None else flat.to(self.dtype), masked.counts)
+            self.batch[name] = _rows.Tokens(flat if self.dtype is None else flat.to(self.dtype), masked.counts)
             return  # t[mask] is a copy: no later in-place op reaches it
-        rows = _pool(t, self.pool, name) if masked is None else masked
+        rows = _rows.pooled(t, self.pool, name) if masked is None else masked
         if not isinstance(rows, torch.Tensor) or rows.dim() == 0 or rows.shape[0] != self.n:
             raise ExtractError(f"{name!r}: expected a tensor with one row per sample ({self.n}), got "
                                f"{getattr(rows, 'shape', type(rows).__name__)}; check pool= / select=.")
@@ -568,3 +409,4 @@ def _progress(enabled: bool, total: int | None, console: Any = None) -> _Bar | N
 
     console = console or Console(stderr=True)
     return _Bar(total, console) if enabled and console.is_terminal else None
+

@@ -1,7 +1,7 @@
 """What identifies an ``extract()`` call without storing its model, options or data: hashes kept in a manifest.
 
-``_extract.extract()`` calls ``call_settings()`` once, before anything is written, and hands the dict to the
-``.npy`` folder store (``extraction.rowstore.NpyFolder``), which writes it into ``manifest.json`` and refuses a resumed
+``extraction.extract.extract()`` calls ``call_settings()`` once, before anything is written, and hands the dict to the
+``.npy`` folder store (``extraction.npyfolder.NpyFolder``), which writes it into ``manifest.json`` and refuses a resumed
 call whose settings differ. The store calls ``sample0_digest()`` on the first sample of the data, the cheap check that a
 resumed run reads the same data. Nothing here writes files or raises for bad input: it only hashes.
 """
@@ -101,22 +101,33 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
 def code_digest(fn: Any) -> str:
     """A hash of what a callable does: its code (constants and nested functions included), defaults, the values
     it closes over, and the plain global values it reads; a bound method's object; a module's fingerprint."""
-    h = hashlib.sha256()
+    digest = _CodeDigest()
+    digest.add_callable(fn, 0)
+    return digest.h.hexdigest()[:32]
 
-    def add_value(v: Any, depth: int) -> None:
+
+class _CodeDigest:
+    """``code_digest``'s walk: values and callables fed into one sha256, in an order that must not change (digests
+    are kept in manifests, and a resumed run compares them)."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def add_value(self, v: Any, depth: int) -> None:
+        h = self.h
         if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
             h.update(repr(v).encode())
         elif isinstance(v, (tuple, list)):
             h.update(b"(")
             for item in v:
-                add_value(item, depth)
+                self.add_value(item, depth)
             h.update(b")")
         elif isinstance(v, (set, frozenset)):
             h.update(repr(sorted(map(repr, v))).encode())
         elif isinstance(v, dict):
             for k in sorted(v, key=repr):
                 h.update(repr(k).encode())
-                add_value(v[k], depth)
+                self.add_value(v[k], depth)
         elif isinstance(v, torch.Tensor):
             h.update(f"tensor {v.dtype} {tuple(v.shape)}".encode())
             hash_tensor(h, v)
@@ -126,46 +137,46 @@ def code_digest(fn: Any) -> str:
             h.update(v.co_code)
             h.update(repr(v.co_names).encode())
             for const in v.co_consts:
-                add_value(const, depth)
+                self.add_value(const, depth)
         elif callable(v) and depth < 4:
-            add_callable(v, depth + 1)
+            self.add_callable(v, depth + 1)
         else:
             h.update(f"<{type(v).__module__}.{type(v).__qualname__}>".encode())
 
-    def add_callable(f: Any, depth: int) -> None:
-        h.update(f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}|".encode())
+    def add_callable(self, f: Any, depth: int) -> None:
+        self.h.update(f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}|".encode())
         if isinstance(f, functools.partial):
-            add_callable(f.func, depth)
-            add_value(f.args, depth)
-            add_value(f.keywords, depth)
+            self.add_callable(f.func, depth)
+            self.add_value(f.args, depth)
+            self.add_value(f.keywords, depth)
         elif isinstance(f, types.MethodType):
-            add_callable(f.__func__, depth)
-            add_value(f.__self__, depth)
+            self.add_callable(f.__func__, depth)
+            self.add_value(f.__self__, depth)
         elif isinstance(f, types.FunctionType):
-            add_value(f.__code__, depth)
-            add_value(f.__defaults__, depth)
-            add_value(f.__kwdefaults__, depth)
-            for cell in f.__closure__ or ():
-                try:
-                    add_value(cell.cell_contents, depth)
-                except ValueError:  # an empty cell
-                    h.update(b"<empty>")
-            for name in f.__code__.co_names:
-                g = f.__globals__.get(name)
-                if isinstance(g, (bool, int, float, str, tuple, torch.Tensor)):
-                    h.update(name.encode())
-                    add_value(g, depth)
+            self._add_function(f, depth)
         elif isinstance(f, nn.Module):
-            add_value(f, depth)
+            self.add_value(f, depth)
         # (hasattr on a class is true for every class, through its metaclass: kept as it is, digests depend on it)
         elif not isinstance(f, (types.BuiltinFunctionType, type)) and hasattr(type(f), "__call__"):  # noqa: B004
             call = type(f).__call__
             if isinstance(call, types.FunctionType):
-                add_callable(call, depth)
-            add_value(getattr(f, "__dict__", {}), depth)
+                self.add_callable(call, depth)
+            self.add_value(getattr(f, "__dict__", {}), depth)
 
-    add_callable(fn, 0)
-    return h.hexdigest()[:32]
+    def _add_function(self, f: types.FunctionType, depth: int) -> None:
+        self.add_value(f.__code__, depth)
+        self.add_value(f.__defaults__, depth)
+        self.add_value(f.__kwdefaults__, depth)
+        for cell in f.__closure__ or ():
+            try:
+                self.add_value(cell.cell_contents, depth)
+            except ValueError:  # an empty cell
+                self.h.update(b"<empty>")
+        for name in f.__code__.co_names:
+            g = f.__globals__.get(name)
+            if isinstance(g, (bool, int, float, str, tuple, torch.Tensor)):
+                self.h.update(name.encode())
+                self.add_value(g, depth)
 
 
 def describe_option(value: Any) -> Any:

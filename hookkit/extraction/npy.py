@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hookkit.core.fs import NEW_FILE_MODE, sync
+from hookkit._errors import ExtractError
+from hookkit.core import fs
 
 __all__ = ["HEADER_BYTES", "RowFile", "header_bytes", "finish_file", "npy_bytes"]
 
@@ -32,7 +33,8 @@ def header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     body = f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     room = HEADER_BYTES - len(_MAGIC) - 2
     if len(body) + 1 > room:
-        raise ValueError(f"shape {shape} is too long for a fixed .npy header")
+        raise ExtractError(f"rows of shape {tuple(shape)[1:]} have too many dimensions for hookkit's .npy files "
+                           f"(their header holds {HEADER_BYTES} bytes); reduce them with pool= (e.g. pool='flatten').")
     body = body + " " * (room - len(body) - 1) + "\n"
     return _MAGIC + struct.pack("<H", room) + body.encode("latin1")
 
@@ -45,7 +47,7 @@ def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     try:
         os.pwrite(fd, header_bytes(dtype, shape), 0)
         os.ftruncate(fd, size)
-        os.fsync(fd)
+        fs.sync(fd)
     finally:
         os.close(fd)
 
@@ -59,7 +61,7 @@ class RowFile:
         self.dtype = np.dtype(dtype)
         self.row_shape = tuple(row_shape)
         self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, fs.NEW_FILE_MODE)
         try:
             if os.fstat(self._fd).st_size < HEADER_BYTES:
                 # A provisional header (0 rows) so that even a partial file is a valid, empty .npy.
@@ -81,7 +83,7 @@ class RowFile:
         return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.row_shape)
 
     def sync(self) -> None:
-        sync(self._fd)
+        fs.sync(self._fd)
 
     def copy_rows(self, source: RowFile, source_row: int, first_row: int, count: int) -> None:
         """Rows ``[source_row, source_row + count)`` of ``source`` (same dtype and row shape) to ``first_row`` on,
@@ -91,7 +93,9 @@ class RowFile:
         while left:
             block = os.pread(source._fd, min(left, 1 << 24), at)
             if not block:
-                raise OSError(f"{source.path} ends before its row {source_row + count}")  # a bug, or cut by hand
+                raise ExtractError(f"{source.path} ends before its row {source_row + count}: it was cut while this "
+                                   "run wrote into it (by another program?). Run the same call again: the lost rows "
+                                   "are computed again.")
             at, left = at + len(block), left - len(block)
             view = memoryview(block)
             while view:
@@ -101,7 +105,8 @@ class RowFile:
     def write(self, first_row: int, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows, dtype=self.dtype)
         if data.shape[1:] != self.row_shape:  # extract() checks shapes first: this is a guard against bugs
-            raise ValueError(f"rows of shape {data.shape[1:]} do not fit {self.path.name}'s {self.row_shape}")
+            raise AssertionError(f"hookkit bug: rows of shape {data.shape[1:]} reached {self.path.name}, whose rows "
+                                 f"are {self.row_shape}")
         if data.size == 0:
             return
         view = data.data.cast("B")

@@ -4,7 +4,7 @@ A finished ragged layer is two plain ``.npy`` files: ``<layer>.npy`` of shape [t
 ``<layer>.offsets.npy`` (N + 1 int64): sample i's tokens are rows ``offsets[i]:offsets[i + 1]``.
 
 While a run is unfinished the tokens cannot be at their final place: where sample i's tokens start depends on the
-length of every sample before it, which another rank (or a later run) may compute. So ``extraction.rowstore.NpyFolder``
+length of every sample before it, which another rank (or a later run) may compute. So ``extraction.npyfolder.NpyFolder``
 keeps, per ragged layer and rank, a ``TokenFiles``: the rank appends its tokens to its own chunk
 ``<file>.rank-R.partial`` and writes, at row i of the shared ``<file>.index.partial`` ([N, 3] int64), where sample
 i's tokens are: (rank, first token in that chunk, count). Both are written (and synced) before the rank's progress

@@ -7,13 +7,12 @@ many it edited; a call that activation checkpointing recomputes in backward is p
 through ``core.checkpointing.CallNumbers``, and gets the same edit); after removing its hooks on a
 clean exit, ``Hooks`` calls each bound edit's ``check()`` (as ``__hookkit_check__``), which raises ``EditError``
 for an edit that never applied. ``edits()`` is ``hooks()`` with edits only, plus ``applied``. ``patch(capture)``
-reads the clean run's values through the capture's public ``Store`` surface (``store.calls(name)``).
+reads the clean run's values through the capture's public ``Store`` surface (``store.calls(name)``). Where in an
+output an edit lands (the tensor ``out`` names, ``output[index]``, a value fitted to it) is ``intervene/target.py``.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -24,156 +23,21 @@ import torch.nn as nn
 from hookkit._errors import ArgumentError, ArgumentTypeError, EditError, NotRecordedError
 from hookkit.core import check as _check
 from hookkit.core.checkpointing import CallNumbers
-from hookkit.core.select import LayerSpec
+from hookkit.core.select import LayerSpec, layers_needed
 from hookkit.intervene.hooks import Hooks, hooks
+from hookkit.intervene.target import (
+    Index,
+    Out,
+    check_edit_args,
+    fit_value,
+    fmt_index,
+    index_region,
+    pick_tensor,
+    shape_of,
+)
 from hookkit.record.capture import Store
 
 __all__ = ["patch", "add", "ablate", "edits", "Edit", "Edits", "BoundEdit"]
-
-Index = Any  # anything torch's tensor indexing takes: int, slice, Ellipsis, None, a tensor, a tuple of these
-Out = int | str
-_INDEX_ATOMS = (numbers.Integral, slice, type(Ellipsis), type(None), torch.Tensor)
-
-
-# -- argument checks (all before any hook exists) -------------------------------------------------------------------
-def _check_index(index: Index, what: str) -> None:
-    items = index if isinstance(index, tuple) else (index,)
-    for item in items:
-        if isinstance(item, list) and all(isinstance(v, int) for v in item):
-            continue  # a list of positions, as torch takes it
-        if not isinstance(item, _INDEX_ATOMS):
-            raise ArgumentTypeError(f"{what}: index={index!r} holds a {type(item).__name__}; an index is what "
-                                    "tensor[...] takes: an int, a slice, ..., None, a tensor, a list of ints, or a "
-                                    "tuple of these (e.g. index=(slice(None), 5) for token position 5).")
-
-
-def _check_common(what: str, index: Index, call: int | None, out: Out) -> None:
-    _check_index(index, what)
-    if call is not None and (isinstance(call, bool) or not isinstance(call, numbers.Integral)):
-        raise ArgumentTypeError(f"{what}: call= takes None (every call) or an int (the k-th call, from 0), "
-                                f"got {type(call).__name__} {call!r}.")
-    if call is not None and call < 0:
-        raise ArgumentError(f"{what}: call={call} is negative; calls count from 0 since the block began.")
-    if isinstance(out, bool) or not isinstance(out, (int, str)):
-        raise ArgumentTypeError(f"{what}: out= takes an int (position in a tuple output) or a str (key of a dict / "
-                                f"ModelOutput output), got {type(out).__name__} {out!r}.")
-
-
-def _fmt_index(index: Index) -> str:
-    def one(item: Any) -> str:
-        if isinstance(item, slice):
-            parts = ["" if v is None else str(v) for v in (item.start, item.stop, item.step)]
-            return ":".join(parts[:2]) + (f":{parts[2]}" if item.step is not None else "")
-        if item is Ellipsis:
-            return "..."
-        if isinstance(item, torch.Tensor):
-            return f"<{item.dtype} tensor of shape {tuple(item.shape)}>"
-        return repr(item)
-
-    if index is None:
-        return "[...]"
-    items = index if isinstance(index, tuple) else (index,)
-    return "[" + ", ".join(one(i) for i in items) + "]"
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-# -- choosing the tensor to edit in a nested output -----------------------------------------------------------------
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"Tensor{list(value.shape)}"
-    return type(value).__name__
-
-
-def _pick(output: Any, out: Out, where: str) -> tuple[torch.Tensor, Any]:
-    """The tensor that ``out`` names in ``output`` and a function that puts an edited tensor back in its place,
-    rebuilding the structure (same type, other parts unchanged); a bare tensor output ignores ``out``."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda new: new
-    target: Any
-    if isinstance(output, (tuple, list)):
-        fields = getattr(output, "_fields", None) if isinstance(output, tuple) else None
-        pos = fields.index(out) if isinstance(out, str) and fields and out in fields else out
-        if not isinstance(pos, int) or not -len(output) <= pos < len(output):
-            parts = ", ".join(_describe(v) for v in output)
-            raise EditError(f"{where}: out={out!r} is not in the output, a {type(output).__name__} of "
-                            f"{len(output)} ({parts}). Pass out= as the position of the tensor to edit"
-                            + (f" or one of its fields {list(fields)}." if fields else "."))
-        target = output[pos]
-        pos %= len(output)
-
-        def rebuild(new: torch.Tensor) -> Any:
-            items = [new if i == pos else v for i, v in enumerate(output)]
-            if fields is not None:
-                return type(output)(*items)
-            try:
-                return type(output)(items)
-            except TypeError:  # a subclass with another constructor (cf. _tree.map_leaves)
-                return tuple(items) if isinstance(output, tuple) else items
-    elif isinstance(output, dict):
-        keys = list(output.keys())
-        key = out if out in output else None
-        if key is None and isinstance(out, int) and -len(keys) <= out < len(keys):
-            key = keys[out]  # a position among the values, as ModelOutput's own output[i]
-        if key is None:
-            raise EditError(f"{where}: out={out!r} is not in the output, a {type(output).__name__} with keys "
-                            f"{keys}. Pass out= as one of these keys (or a position among them).")
-        target = output[key]
-
-        def rebuild(new: torch.Tensor) -> Any:
-            if type(output) is dict:
-                return {**output, key: new}
-            edited = copy.copy(output)  # OrderedDict, ModelOutput (whose attributes follow its keys)
-            edited[key] = new
-            return edited
-    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
-        names = [f.name for f in dataclasses.fields(output)]
-        name = out if isinstance(out, str) else (names[out] if -len(names) <= out < len(names) else None)
-        if name not in names:
-            raise EditError(f"{where}: out={out!r} is not a field of the output, a {type(output).__name__} with "
-                            f"fields {names}. Pass out= as one of them.")
-        target = getattr(output, name)
-
-        def rebuild(new: torch.Tensor) -> Any:
-            edited = copy.copy(output)
-            object.__setattr__(edited, name, new)
-            return edited
-    else:
-        raise EditError(f"{where}: the output is a {type(output).__name__}, which an edit cannot look into (it "
-                        "edits a tensor, or one tensor of a tuple, list, dict, ModelOutput or dataclass output).")
-    if not isinstance(target, torch.Tensor):
-        raise EditError(f"{where}: out={out!r} picks a {type(target).__name__} from the "
-                        f"{type(output).__name__} output, not a tensor. Pass out= naming a tensor of it.")
-    return target, rebuild
-
-
-def _region(target: torch.Tensor, index: Index, where: str, of: str = "the output") -> torch.Tensor:
-    if index is None:
-        return target
-    try:
-        return target[index]
-    except (IndexError, RuntimeError, TypeError, ValueError) as e:
-        raise EditError(f"{where}: index {_fmt_index(index)} does not fit {of}, of shape {_shape(target)}: "
-                        f"{e}") from None
-
-
-def _fit(value: torch.Tensor, region: torch.Tensor, target: torch.Tensor, index: Index, where: str,
-         what: str) -> torch.Tensor:
-    """``value`` on the region's device and dtype, if it broadcasts to the region's shape; else ``EditError``."""
-    try:
-        fits = torch.broadcast_shapes(value.shape, region.shape) == region.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        at = "the output" if index is None else f"output{_fmt_index(index)}"
-        raise EditError(
-            f"{where}: {what} has shape {_shape(value)}, which does not broadcast to {at} of shape "
-            f"{_shape(region)} (the output has shape {_shape(target)}, index {_fmt_index(index)}). Give a "
-            f"{what.split()[-1]} of shape {_shape(region)}, or one that broadcasts to it (e.g. "
-            f"{_shape(region)[-1:]}).")
-    return value.to(device=region.device, dtype=region.dtype)
 
 
 # -- edits --------------------------------------------------------------------------------------------------------
@@ -187,7 +51,7 @@ class Edit:
     _kind = "edit"
 
     def __init__(self, *, index: Index, call: int | None, out: Out) -> None:
-        _check_common(f"hookkit.{self._kind}", index, call, out)
+        check_edit_args(f"hookkit.{self._kind}", index, call, out)
         self.index = index
         self.call = None if call is None else int(call)
         self.out = out
@@ -205,12 +69,13 @@ class Edit:
 
     def _replacement(self, region: torch.Tensor, target: torch.Tensor, name: str, call: int,
                      where: str) -> torch.Tensor | float:
-        raise NotImplementedError
+        raise NotImplementedError(f"a bug in hookkit: {type(self).__name__} does not say what replaces the "
+                                  "output")
 
     def _apply(self, name: str, call: int, output: Any) -> Any:
         where = f"hookkit.{self._kind} on {name!r} (call {call})"
-        target, rebuild = _pick(output, self.out, where)
-        region = _region(target, self.index, where)
+        target, rebuild = pick_tensor(output, self.out, where)
+        region = index_region(target, self.index, where)
         replacement = self._replacement(region, target, name, call, where)
         edited = target.clone()  # never the layer's own tensor: autograd and later readers see the original
         edited[... if self.index is None else self.index] = replacement
@@ -219,7 +84,7 @@ class Edit:
     def _options(self) -> str:
         shown = []
         if self.index is not None:
-            shown.append(f"index={_fmt_index(self.index)}")
+            shown.append(f"index={fmt_index(self.index)}")
         if self.call is not None:
             shown.append(f"call={self.call}")
         if self.out != 0:
@@ -243,7 +108,7 @@ class _Patch(Edit):
     def _replacement(self, region: torch.Tensor, target: torch.Tensor, name: str, call: int,
                      where: str) -> torch.Tensor:
         if isinstance(self.value, torch.Tensor):
-            return _fit(self.value, region, target, self.index, where, "the value")
+            return fit_value(self.value, region, target, self.index, where, "the value")
         try:
             calls = self.value.calls(name)
         except NotRecordedError as e:  # not one of the captured layers, or it never ran there
@@ -253,13 +118,13 @@ class _Patch(Edit):
             raise EditError(f"{where}: the capture holds {len(calls)} call(s) of {name!r}, and this is call {call} "
                             "of the layer in this block: patch(capture) takes call i from call i of the capture. "
                             "Run the same inputs in both runs, or patch only some calls with call=.")
-        captured, _ = _pick(calls[call], self.out, f"{where}, the captured value")
-        source = _region(captured, self.index, where, of="the captured value")
-        return _fit(source, region, target, self.index, where, "the captured value")
+        captured, _ = pick_tensor(calls[call], self.out, f"{where}, the captured value")
+        source = index_region(captured, self.index, where, of="the captured value")
+        return fit_value(source, region, target, self.index, where, "the captured value")
 
     def __repr__(self) -> str:
         value = (f"<{type(self.value).__name__}>" if isinstance(self.value, Store)
-                 else f"<tensor of shape {_shape(self.value)}>")
+                 else f"<tensor of shape {shape_of(self.value)}>")
         return f"hookkit.patch({value}{self._options()})"
 
 
@@ -278,10 +143,10 @@ class _Add(Edit):
 
     def _replacement(self, region: torch.Tensor, target: torch.Tensor, name: str, call: int,
                      where: str) -> torch.Tensor:
-        return region + self.scale * _fit(self.vector, region, target, self.index, where, "the vector")
+        return region + self.scale * fit_value(self.vector, region, target, self.index, where, "the vector")
 
     def __repr__(self) -> str:
-        return f"hookkit.add(<tensor of shape {_shape(self.vector)}>, scale={self.scale}{self._options()})"
+        return f"hookkit.add(<tensor of shape {shape_of(self.vector)}>, scale={self.scale}{self._options()})"
 
 
 class _Ablate(Edit):
@@ -307,12 +172,12 @@ class _Ablate(Edit):
         if self.kind == "zero":
             return 0.0
         if self.mean is not None:
-            return _fit(self.mean, region, target, self.index, where, "the mean")
+            return fit_value(self.mean, region, target, self.index, where, "the mean")
         try:
             return region.mean(dim=self.over, keepdim=True)
         except (IndexError, RuntimeError) as e:
             raise EditError(f"{where}: cannot take the mean over dims {self.over} of output"
-                            f"{_fmt_index(self.index)}, of shape {_shape(region)} and dtype {region.dtype}: "
+                            f"{fmt_index(self.index)}, of shape {shape_of(region)} and dtype {region.dtype}: "
                             f"{e}") from None
 
     def __repr__(self) -> str:
@@ -405,7 +270,7 @@ def patch(value: torch.Tensor | Store, *, index: Index = None, call: int | None 
         An ``Edit``: give it to ``hookkit.edits`` or ``hookkit.hooks(model, forward=...)``.
 
     Raises:
-        TypeError, ValueError: a bad argument (before any hook is registered).
+        ArgumentTypeError, ArgumentError: a bad argument (before any hook is registered).
         EditError: in the forward, a value whose shape does not broadcast to ``output[index]`` or a capture
             without this layer's call; on a clean exit, an edit that never applied.
     """
@@ -433,7 +298,7 @@ def add(vector: torch.Tensor, *, scale: float = 1.0, index: Index = None, call: 
         An ``Edit``.
 
     Raises:
-        TypeError, ValueError: a bad argument (before any hook is registered).
+        ArgumentTypeError, ArgumentError: a bad argument (before any hook is registered).
         EditError: in the forward, a vector whose shape does not broadcast to ``output[index]``; on a clean exit,
             an edit that never applied.
     """
@@ -464,8 +329,8 @@ def ablate(kind: Literal["zero", "mean"] = "zero", *, over: int | tuple[int, ...
         An ``Edit``.
 
     Raises:
-        ValueError: ``kind`` is not ``"zero"`` / ``"mean"``, or ``mean=`` without ``kind="mean"``.
-        TypeError: a bad ``over``, ``mean``, ``index``, ``call`` or ``out`` (before any hook is registered).
+        ArgumentError: ``kind`` is not ``"zero"`` / ``"mean"``, or ``mean=`` without ``kind="mean"``.
+        ArgumentTypeError: a bad ``over``, ``mean``, ``index``, ``call`` or ``out`` (before any hook is registered).
         EditError: in the forward, a ``mean`` that does not broadcast to ``output[index]`` or dims ``over`` it
             lacks; on a clean exit, an edit that never applied.
     """
@@ -506,6 +371,8 @@ class Edits:
             raise ArgumentError("hookkit.edits: edits={} holds no edit; give {layer: edit}, e.g. "
                                 "{'layer1': hookkit.ablate()}.")
         for spec, edit in edits.items():
+            if spec is None:
+                raise layers_needed("hookkit.edits", "a key of edits=")
             if not isinstance(edit, Edit):
                 raise ArgumentTypeError(f"hookkit.edits: the value for {spec!r} is {type(edit).__name__}, not an edit "
                                         "(hookkit.patch / add / ablate); for your own functions use hookkit.hooks().")
@@ -549,7 +416,7 @@ def edits(model: nn.Module, edits: Mapping[LayerSpec, Edit]) -> Edits:
         model: the ``nn.Module`` to edit.
         edits: ``{layer spec: edit}``; a spec is anything ``hooks`` takes (a name from
             ``hookkit.layer_names(model, x)``, op nodes such as ``"layer1.0.add"`` included, a glob, a class...),
-            an edit is what ``patch``, ``add`` or ``ablate`` returns.
+            an edit is what ``patch``, ``add`` or ``ablate`` returns. A ``None`` key is an ``ArgumentError``.
 
     Returns:
         An ``Edits`` context manager; ``applied`` is ``{layer name: number of calls edited}``.

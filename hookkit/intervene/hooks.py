@@ -18,7 +18,7 @@ from hookkit.core import check as _check
 from hookkit.core.checkpointing import inside_checkpoint
 from hookkit.core.handles import HandleGroup
 from hookkit.core.ops import OpTaps
-from hookkit.core.select import LayerSpec, check_model, resolve_nodes, unwrap
+from hookkit.core.select import LayerSpec, check_model, select, unwrap
 
 __all__ = ["hooks", "Hooks"]
 
@@ -184,7 +184,8 @@ def hooks(
     Args:
         model: the ``nn.Module`` whose layers to hook.
         forward, forward_pre, backward, backward_pre: ``{layer spec: function or list of functions}``; a spec is
-            anything ``capture`` accepts (name, glob, class, module object, predicate).
+            anything ``capture`` accepts (name, glob, class, module object, predicate, op or repeated-call node,
+            a tuple of these); ``None`` is an ``ArgumentError`` (name the layers).
         with_kwargs: forward / forward_pre hooks also get the keyword inputs (torch's ``with_kwargs=True``).
         always_call: forward hooks also run when the forward raises (torch's ``always_call=True``).
         prepend: run these hooks before hooks already registered (torch's ``prepend=True``).
@@ -212,7 +213,8 @@ def hooks(
             for fn in fn_list:
                 if not callable(fn):
                     raise ArgumentTypeError(f"{kind}[{spec!r}] is {type(fn).__name__} {fn!r}, not a function.")
-            selected, nodes = resolve_nodes(model, spec)
+            chosen = select(model, spec, caller="hookkit.hooks", param=f"a key of {kind}=")
+            selected, nodes = chosen.modules, chosen.nodes
             if nodes and kind.startswith("backward"):
                 raise ArgumentError(
                     f"{kind}[{next(iter(nodes))!r}]: an op node has no {kind} hook (torch has them for modules "

@@ -24,7 +24,7 @@ import torch.nn as nn
 from hookkit._errors import ArgumentError, ArgumentTypeError
 from hookkit.core import check as _check
 from hookkit.core import tree as _tree
-from hookkit.core.select import Layers, resolve_nodes
+from hookkit.core.select import Layers, select
 from hookkit.intervene.hooks import hooks
 from hookkit.record.capture import capture
 
@@ -136,7 +136,9 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
         model: the ``nn.Module``.
         clean, corrupt: inputs of the same structure and shapes: a tensor, or a tuple / dict of tensors (a dict is
             passed as keyword arguments), each with the batch on dim 0.
-        layers: anything ``capture`` accepts, op nodes included (``"layer1.0.add"``); rows in this order.
+        layers: anything ``capture`` accepts, op nodes included (``"layer1.0.add"``); rows in the order
+            ``capture`` selects them (modules in ``named_modules`` order, then nodes). Required: ``None`` is an
+            ``ArgumentError``.
         metric: ``metric(model_output) -> number`` (a 0-d tensor or float), called on the output of the clean,
             the corrupted and each patched run, each with the batch of the given inputs. E.g. a logit
             difference: ``lambda out: out.logits[0, -1, good] - out.logits[0, -1, bad]``.
@@ -155,10 +157,11 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
     Raises:
         LayerNotFoundError: a spec matched no layer (before anything runs).
         ArgumentError: a module of the model is in training mode (before anything runs: call ``model.eval()``).
-        ValueError: clean and corrupt differ in structure or shape, a bad ``batch`` / ``positions``, a layer
+        ArgumentError: clean and corrupt differ in structure or shape, a bad ``batch`` / ``positions``, a layer
             whose output has no position ``p`` along ``dim``, or a layer that ran in the clean run but not in a
             patched one (or the other way round).
-        TypeError: ``metric`` did not return a single number.
+        ArgumentTypeError: ``metric`` did not return a single number, or a bad ``metric`` / ``forward`` / ``dim``
+            / ``batch`` (before anything runs).
     """
     where = "hookkit.patching_sweep"
     _check.function(where, "metric", metric, meaning=" (the model's output -> one number)")
@@ -166,9 +169,8 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
     _check.whole(where, "dim", dim)
     _check.whole(where, "batch", batch, minimum=1, meaning=" (the most cells per forward; 1: no batching)")
     _same_structure(clean, corrupt)
-    selected, nodes = resolve_nodes(model, layers)  # LayerNotFoundError before anything runs
+    names = select(model, layers, caller=where).names  # LayerNotFoundError before anything runs
     _refuse_training(model)
-    names = [n for ns in selected.values() for n in ns] + list(nodes)
     run = forward or _call
     n_in = _batch_size(clean)
 

@@ -6,7 +6,7 @@ renders them as a rich table.
             ...; opt.step(); opt.zero_grad(); mon.step()
     hookkit.plot_run("runs/exp1")          # runs/exp1/monitor.png
 
-The seams: ``hookkit._monitor`` records and ``hookkit._sinks`` writes ``<run>/monitor.jsonl``, one JSON object per
+The seams: ``monitoring.monitor`` records and ``monitoring.sinks`` writes ``<run>/monitor.jsonl``, one JSON object per
 recorded step (``{"step", "time", "layers": {name: {stat: value}}, "params": {name: {stat: value}}, "alerts": [...]}``;
 a non-finite float is ``"nan"`` / ``"inf"`` / ``"-inf"`` or ``null``). This module only reads that file
 (``read_run``), so it draws a finished run, one still being written, or one copied from another machine, and it never
@@ -32,7 +32,7 @@ from rich.text import Text
 
 from hookkit._errors import ArgumentError, PlotError
 from hookkit.core import check as _check
-from hookkit.monitoring.sinks import JSONL_NAME, BadLine, read_jsonl
+from hookkit.monitoring.records import JSONL_NAME, LAYER_STATS, PARAM_STATS, BadLine, read_jsonl
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,8 +42,6 @@ __all__ = ["plot_run", "save_png", "summary_table", "read_run", "check_stats", "
 _INSTALL = "pip install 'hookkit[plot]'"
 _PNG_FILE = "monitor.png"
 
-LAYER_STATS = ("act_mean", "act_std", "act_absmax", "zero_frac", "nan", "inf", "grad_norm")
-PARAM_STATS = ("grad_norm", "weight_norm", "update_ratio")
 # Every name --stats / stats= takes; grad_norm is both a layer's (its output gradient) and a parameter's, and
 # "layer:grad_norm" / "param:grad_norm" choose.
 STATS = (*dict.fromkeys([*LAYER_STATS, *PARAM_STATS]), "layer:grad_norm", "param:grad_norm")
@@ -70,7 +68,8 @@ def _log_path(run: str | os.PathLike[str]) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` (``monitoring.sinks.read_jsonl``, which owns the format and checks each record's shape).
+    """The records of ``path`` (``monitoring.records.read_jsonl``, which owns the format and checks each record's
+    shape).
     A last line cut short (a run killed while writing) is left out with a warning; any other line that is not a monitor
     record (not JSON, or a field of the wrong shape) is a ``PlotError`` naming the line and what is wrong."""
 
@@ -200,9 +199,6 @@ def _draw(records: Sequence[dict[str, Any]], *, stats: Sequence[str], heatmap: b
     import numpy as np
 
     Figure, FigureCanvasAgg = matplotlib_figure()
-    from matplotlib import colormaps
-    from matplotlib.colors import LogNorm, Normalize
-
     resolved = [_resolve_stat(records, stat) for stat in stats]
     series = [_series(records, kind, stat) for kind, stat in resolved]
     fig = Figure(figsize=(11, 0.8 + 2.9 * len(series)), layout="constrained")
@@ -221,46 +217,63 @@ def _draw(records: Sequence[dict[str, Any]], *, stats: Sequence[str], heatmap: b
         recorded = np.array([[v is not None for v in row] for row in s.values], dtype=bool).reshape(data.shape)
         bad = recorded & ~np.isfinite(data)
         finite = np.where(np.isfinite(data), data, np.nan)
-        positive = finite[finite > 0] if finite.size else finite
-        log = s.stat in _LOG_SCALE and positive.size > 0
-        as_image = bool(s.names) and (heatmap is True or (heatmap is None and len(s.names) > MAX_LINES))
-        if as_image:
-            masked = np.ma.masked_invalid(np.where(log & (finite <= 0), np.nan, finite) if log else finite)
-            if log:
-                norm: Any = LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
-            else:
-                norm = Normalize()
-            step = (s.steps[1] - s.steps[0]) if len(s.steps) > 1 else 1
-            extent = (s.steps[0] - step / 2, s.steps[-1] + step / 2, len(s.names) - 0.5, -0.5)
-            image = ax.imshow(masked, aspect="auto", interpolation="nearest", norm=norm, extent=extent,
-                              cmap=colormaps["viridis"].with_extremes(bad="white"))  # not recorded: blank
-            fig.colorbar(image, ax=ax, label=s.stat + (" (log)" if log else ""), pad=0.01)
-            every = max(1, math.ceil(len(s.names) / 40))
-            ticks = list(range(0, len(s.names), every))
-            ax.set_yticks(ticks, [s.names[i] for i in ticks], fontsize=6)
-            rows, cols = np.nonzero(bad)
-            if rows.size:
-                ax.plot([s.steps[c] for c in cols], rows, "x", color="red", markersize=6, gid="nonfinite",
-                        label="non-finite")
+        if bool(s.names) and (heatmap is True or (heatmap is None and len(s.names) > MAX_LINES)):
+            _draw_image(fig, ax, s, finite, bad)
         else:
-            for i, name in enumerate(s.names):
-                (line,) = ax.plot(s.steps, finite[i], marker="." if len(s.steps) <= 60 else None, label=name,
-                                  linewidth=1.2)
-                cols = np.nonzero(bad[i])[0]
-                if cols.size:  # at the top of the panel: a non-finite value has no place on the y axis
-                    ax.plot([s.steps[c] for c in cols], [0.97] * cols.size, "x", color=line.get_color(),
-                            transform=ax.get_xaxis_transform(), gid="nonfinite", markersize=7)
-            if log:
-                ax.set_yscale("log", nonpositive="mask")
-            if s.names:
-                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-            ax.grid(True, alpha=0.3, which="both" if log else "major")
+            _draw_lines(ax, s, finite, bad)
         for step in alert_steps:
             ax.axvline(step, color="red", alpha=0.5, linestyle=":", linewidth=1, gid="alert")
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+def _log_scale(s: _Series, finite: Any) -> Any:
+    """The positive values of a panel if it is drawn on a log scale (a norm or ratio with some), else None."""
+    positive = finite[finite > 0] if finite.size else finite
+    return positive if s.stat in _LOG_SCALE and positive.size > 0 else None
+
+
+def _draw_image(fig: Figure, ax: Any, s: _Series, finite: Any, bad: Any) -> None:
+    """A panel as one image: rows = names, columns = steps; not recorded or not finite is blank, non-finite an x."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm, Normalize
+
+    positive = _log_scale(s, finite)
+    log = positive is not None
+    masked = np.ma.masked_invalid(np.where(finite <= 0, np.nan, finite) if log else finite)
+    norm: Any = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if log else Normalize()
+    step = (s.steps[1] - s.steps[0]) if len(s.steps) > 1 else 1
+    extent = (s.steps[0] - step / 2, s.steps[-1] + step / 2, len(s.names) - 0.5, -0.5)
+    image = ax.imshow(masked, aspect="auto", interpolation="nearest", norm=norm, extent=extent,
+                      cmap=colormaps["viridis"].with_extremes(bad="white"))  # not recorded: blank
+    fig.colorbar(image, ax=ax, label=s.stat + (" (log)" if log else ""), pad=0.01)
+    every = max(1, math.ceil(len(s.names) / 40))
+    ticks = list(range(0, len(s.names), every))
+    ax.set_yticks(ticks, [s.names[i] for i in ticks], fontsize=6)
+    rows, cols = np.nonzero(bad)
+    if rows.size:
+        ax.plot([s.steps[c] for c in cols], rows, "x", color="red", markersize=6, gid="nonfinite", label="non-finite")
+
+
+def _draw_lines(ax: Any, s: _Series, finite: Any, bad: Any) -> None:
+    """A panel as one line per name, labelled with it; a non-finite value is an x at the top of the panel."""
+    import numpy as np
+
+    log = _log_scale(s, finite) is not None
+    for i, name in enumerate(s.names):
+        (line,) = ax.plot(s.steps, finite[i], marker="." if len(s.steps) <= 60 else None, label=name, linewidth=1.2)
+        cols = np.nonzero(bad[i])[0]
+        if cols.size:  # at the top of the panel: a non-finite value has no place on the y axis
+            ax.plot([s.steps[c] for c in cols], [0.97] * cols.size, "x", color=line.get_color(),
+                    transform=ax.get_xaxis_transform(), gid="nonfinite", markersize=7)
+    if log:
+        ax.set_yscale("log", nonpositive="mask")
+    if s.names:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.grid(True, alpha=0.3, which="both" if log else "major")
 
 
 def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,

@@ -1,19 +1,22 @@
 """The classes of saved containers (namedtuples, dataclasses, ``ModelOutput`` and other dict, tuple and list
-subclasses), rebuilt by ``hookkit.load`` without importing a module or running a class's code because a file says so.
+subclasses) and of saved enum members, rebuilt by ``hookkit.load`` without importing a module or running a class's
+code because a file says so.
 
-``record.saved``'s decoder asks ``Classes`` for each container node that names a class (by module and qualname). A class
+``record.decode``'s decoder asks ``Classes`` for each node that names a class (by module and qualname). A class
 is taken only from the classes the caller passed (``load(path, classes=[...])``) or from a module already in
 ``sys.modules``, looked up in module and class ``__dict__``s (never ``getattr``, which can run a module's
 ``__getattr__`` or a descriptor); it must be of the kind the file claims (a namedtuple with those fields, a
 dataclass with those fields, a subclass of dict / tuple / list) and have no ``__del__``; the instance is made by
 the C type it derives from (``tuple.__new__`` as ``namedtuple._make`` does, ``dict.__setitem__``,
 ``object.__setattr__``...), so no ``__new__``, ``__init__``, ``__post_init__`` or ``__setitem__`` written in Python
-runs. Any other class gives the plain container, and ``refused`` says why, for ``load``'s warning.
+runs; an enum member is looked up among its class's members. Any other class gives the plain container (an enum
+member, a ``NotSaved`` placeholder), and ``refused`` says why, for ``load``'s warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import sys
 import types
@@ -24,6 +27,11 @@ __all__ = ["Classes"]
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement (or type()), not a type built in C
 _LOOKUPS = ("__getattribute__", "__getattr__", "__dict__", "__mro__", "__flags__", "__module__", "__qualname__")
+# the lookups enum's own metaclass changes (Python 3.11's ``EnumType.__getattr__`` reads the class's members): the
+# standard library's code, not a class's; a metaclass derived from it that changes a lookup again is refused
+_KNOWN_LOOKUPS = tuple(found for name in _LOOKUPS
+                       if (found := inspect.getattr_static(enum.EnumType, name, None)) is not None
+                       and found is not inspect.getattr_static(type, name, None))
 
 
 def _plain_lookup(cls: Any) -> bool:
@@ -33,7 +41,8 @@ def _plain_lookup(cls: Any) -> bool:
     meta = type(cls)
     for name in _LOOKUPS:
         found = inspect.getattr_static(meta, name, None)
-        if found is not inspect.getattr_static(type, name, None) and hasattr(type(found), "__get__"):
+        if found is not inspect.getattr_static(type, name, None) and found not in _KNOWN_LOOKUPS \
+                and hasattr(type(found), "__get__"):
             return False  # a descriptor of the metaclass's own (a data one would run on every lookup)
     return True
 
@@ -155,6 +164,19 @@ class Classes:
         except (TypeError, AttributeError) as exc:
             self._refuse(module, qualname, exc)
             return dict(items)
+
+    def enum_member(self, module: str, qualname: str, name: str) -> enum.Enum | None:
+        """Member ``name`` of an enum class, looked up in the class's own table of members (no member is made, no
+        ``_missing_`` runs); None where the class or the member is not found, with the reason."""
+        cls = self._get(module, qualname, "an enum", lambda c: "" if issubclass(c, enum.Enum) else "is not an enum")
+        if cls is None:
+            return None
+        members = vars(cls).get("_member_map_")
+        member = members.get(name) if type(members) is dict else None
+        if not (isinstance(member, enum.Enum) and isinstance(member, cls)):
+            self._say(module, qualname, f"it has no member {name!r}")
+            return None
+        return member
 
     def dataclass(self, module: str, qualname: str, fields: dict[str, Any]) -> Any:
         def fits(cls: type) -> str:

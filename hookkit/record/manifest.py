@@ -2,11 +2,11 @@
 checked against the format (``record.saved``'s module docstring describes it) by one iterative walk, before any value,
 tensor or class is built from it.
 
-``record.saved.load`` calls ``parse`` on the manifest's text, checks the format version and the manifest's SHA-256, then
-``check``s the parsed manifest; its decoder then builds values from nodes whose types are known to be right, and
-only checks what depends on the tensors (a key the file holds, its dtype and shape) and on the values built (a
-hashable dict key, gradient slots that fit). Every problem is a ``Malformed`` that names where in the manifest it
-is; ``load`` reports it as a ``SavedCaptureError`` with the file's path.
+``record.saved.read`` (``hookkit.load``) calls ``parse`` on the manifest's text, checks the format version and the
+manifest's SHA-256, then ``check``s the parsed manifest; the decoder (``record.decode``) then builds values from nodes
+whose types are known to be right, and only checks what depends on the tensors (a key the file holds, its dtype and
+shape) and on the values built (a hashable dict key, gradient slots that fit). Every problem is a ``Malformed`` that
+names where in the manifest it is; ``load`` reports it as a ``SavedCaptureError`` with the file's path.
 """
 
 from __future__ import annotations
@@ -199,6 +199,8 @@ _LEAVES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {  # node typ
     "size": {"value": (_is_ints, "a list of sizes")},  # a torch.Size a module made may hold -1
     "not_stored": {"class": (_is_name, "a class name")},
     "not_saved": {"class": (_is_name, "a class name"), "repr": (_is_text, "a repr")},
+    "enum": {"module": (_is_name, "a module name"), "qualname": (_is_name, "a class name"),
+             "name": (_is_name, "a member's name"), "repr": (_is_text, "a repr")},
 }
 
 

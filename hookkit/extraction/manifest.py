@@ -1,0 +1,266 @@
+"""The bookkeeping files of an extraction folder, and the errors of writing into it.
+
+``manifest.json`` says what the rows are (model fingerprint, layers, options, data checks, the file of each layer;
+``complete`` once finished); ``progress/rank-R.json`` lists the row ranges rank R has written (with each layer's row
+shape and dtype), rewritten atomically after each batch's rows are synced; ``progress/rank-R.lock`` is held
+(``flock``) by the process writing as rank R. ``extraction.npyfolder.NpyFolder`` reads and writes them through the
+functions here; ``rows_written`` reads them for the command line. Every file is replaced through ``hookkit.core.fs``
+(``write_json``); ``Writing`` turns a full or failing disk into an ``ExtractError`` that names the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hookkit._errors import ExtractError
+from hookkit._version import __version__ as _version
+from hookkit.core.fs import NEW_FILE_MODE, write_bytes
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, a second writer is not noticed
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["MANIFEST", "merge_ranges", "clip_ranges", "row_gaps", "file_names", "write_json", "Writing", "Lock",
+           "take_lock", "try_lock", "new_manifest", "read_manifest", "rows_written", "read_progress", "all_progress",
+           "forget_rows"]
+
+MANIFEST = "manifest.json"
+
+
+# -- row ranges -------------------------------------------------------------------------------------------------------
+
+def merge_ranges(ranges: Iterable[Iterable[int]]) -> list[list[int]]:
+    """Sorted, disjoint ``[start, stop)`` row ranges."""
+    out: list[list[int]] = []
+    for a, b in sorted([int(a), int(b)] for a, b in ranges):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def clip_ranges(ranges: list[list[int]], limit: int) -> list[list[int]]:
+    return [[a, min(b, limit)] for a, b in ranges if a < limit]
+
+
+def row_gaps(ranges: list[list[int]], n: int) -> list[list[int]]:
+    gaps, at = [], 0
+    for a, b in clip_ranges(ranges, n):
+        if a > at:
+            gaps.append([at, a])
+        at = max(at, b)
+    if at < n:
+        gaps.append([at, n])
+    return gaps
+
+
+# -- the folder's files -----------------------------------------------------------------------------------------------
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}")
+
+
+def file_names(names: list[str]) -> dict[str, str]:
+    """Each layer's file inside ``out``: the layer name itself when that is a plain file name, else a cleaned name
+    with a hash (``a/b`` must not become a folder, ``../x`` must not leave ``out``)."""
+    files: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = name
+        # "x.offsets" would be the offsets file of a ragged layer "x": such a name gets a hash too
+        if not _SAFE_NAME.fullmatch(name) or name.lower() in taken or name.lower().endswith(".offsets"):
+            clean = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:100]
+            stem = f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        taken.add(stem.lower())
+        files[name] = f"{stem}.npy"
+    return files
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` whole with ``data``, durably: the new file is synced before the rename and the folder after
+    it, so that after a power cut ``path`` holds the old or the new content, and the new one once this returns."""
+    write_bytes(path, json.dumps(data, indent=1).encode())
+
+
+class Writing:
+    """``with Writing(path):`` around a write: a full disk (or any OS error) becomes an ExtractError that names
+    the file and says that the rows written so far are kept and how to go on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not isinstance(exc, OSError):
+            return
+        if exc.errno in _DISK_FULL:
+            raise ExtractError(
+                f"the disk is full ({exc.strerror}) while writing {self.path}. The rows written so far are kept: "
+                "free some space and run the same call again to resume.") from exc
+        if exc.errno in _DISK_TROUBLE:
+            raise ExtractError(f"could not write {self.path} ({exc.strerror}). The rows written so far are kept: "
+                               "fix that and run the same call again to resume.") from exc
+        # anything else (a closed file, a bad argument) is a bug of ours: raised as it is
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_TROUBLE = {errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
+
+
+class Lock:
+    """``progress/rank-R.lock``, held with ``flock`` while this process writes as rank R: a second writer into the
+    same folder (same rank) is refused instead of interleaving its rows and progress with ours."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self.fd)
+                self.fd = -1
+                raise
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass  # the pid is for messages only
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def take_lock(out: Path, rank: int) -> Lock:
+    path = out / "progress" / f"rank-{rank}.lock"
+    try:
+        return Lock(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise ExtractError(f"out={str(out)!r} is not a writable folder ({exc.strerror or exc}); "
+                               "choose another.") from None
+        try:
+            pid = path.read_text().strip()
+        except OSError:
+            pid = ""
+        who = f", pid {pid}" if pid else ""
+        raise ExtractError(
+            f"another process is writing into {out} (rank {rank}{who}); two writers would mix their rows. Wait for "
+            "it to finish (then this call returns its result), stop it, or use another out= folder.") from None
+
+
+def try_lock(path: Path) -> Lock | None:
+    try:
+        return Lock(path)
+    except OSError:
+        return None
+
+
+def new_manifest(settings: dict[str, Any], samples: int | None, sample0: str | None, files: dict[str, str],
+              **finished: Any) -> dict[str, Any]:
+    return {"settings": settings, "data": {"samples": samples, "sample0": sample0}, "files": files,
+            "complete": bool(finished), **finished,
+            "hookkit": _version, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ExtractError(f"{path} is unreadable ({exc}): delete the folder to start over, or use another "
+                           "out=.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise ExtractError(f"{path} is unreadable (not a hookkit manifest): delete the folder to start over, or "
+                           "use another out=.")
+    return manifest
+
+
+def rows_written(out: Path) -> tuple[int, bool]:
+    """How many rows the extraction folder ``out`` holds (every rank's progress, merged; all of them once it is
+    finished), and whether it is finished: what a resumed run starts from, or what an interrupted one kept. A
+    folder that holds no extraction (no manifest yet) holds 0 rows."""
+    manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
+    if manifest is None:
+        return 0, False
+    if manifest.get("complete"):
+        return int(manifest.get("rows", 0)), True
+    rows = all_progress(out)[0] if (out / "progress").is_dir() else []
+    return sum(b - a for a, b in rows), False
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    """One rank's progress; an unreadable or old-format file counts as nothing done (those rows are recomputed)."""
+    try:
+        data = json.loads(path.read_text())
+        return {"rows": merge_ranges(data["rows"]), "shapes": dict(data.get("shapes", {})),
+                "dtypes": dict(data.get("dtypes", {})), "ragged": list(data.get("ragged", []))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"rows": [], "shapes": {}, "dtypes": {}, "ragged": []}
+
+
+def all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dict[str, str], set[str]]:
+    """What every rank's progress file says: the rows written, each layer's row (or token) shape and dtype, and
+    which layers are ragged."""
+    rows: list[list[int]] = []
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
+    ragged: set[str] = set()
+    for path in sorted((out / "progress").glob("rank-*.json")):
+        p = read_progress(path)
+        rows += p["rows"]
+        for name, shape in p["shapes"].items():
+            if shapes.setdefault(name, shape) != shape:
+                raise ExtractError(f"{out}: ranks wrote rows of two shapes for {name!r} ({shapes[name]} and "
+                                   f"{shape}); delete the folder and run again with pool= or inputs of one size.")
+        for name, dt in p["dtypes"].items():
+            dtypes.setdefault(name, dt)
+        ragged.update(p["ragged"])
+    return merge_ranges(rows), shapes, dtypes, ragged
+
+
+def _clip_progress(path: Path, limit: int) -> None:
+    p = read_progress(path)
+    with Writing(path):
+        if limit == 0:
+            path.unlink(missing_ok=True)
+        else:
+            write_json(path, {**p, "rows": clip_ranges(p["rows"], limit)})
+
+
+def forget_rows(out: Path, rank: int, world: int, limit: int) -> None:
+    """Forget progress at and after row ``limit``: this rank's file, and (rank 0) the files of ranks beyond this
+    job's ``world`` (left by a run with more ranks) that no live process holds. The job's ranks forget their own."""
+    _clip_progress(out / "progress" / f"rank-{rank}.json", limit)
+    if rank != 0:
+        return
+    for path in (out / "progress").glob("rank-*.json"):
+        number = path.stem.removeprefix("rank-")
+        if not number.isdigit() or int(number) < world:
+            continue
+        held = try_lock(path.with_suffix(".lock"))
+        if held is not None:
+            try:
+                _clip_progress(path, limit)
+            finally:
+                held.release()
+
