@@ -102,3 +102,30 @@ def test_entering_a_block_twice_is_a_usage_error(open_block):
     with pytest.raises(hookkit.UsageError, match="entered once"), block:
         pass
     assert hookkit.hook_census(model) == hookkit.hook_census(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_param_grads_without_keep_tell_the_listener_the_gradient_itself_and_copy_nothing():
+    """``keep=False`` with ``param_grads``: the listener reads each parameter's ``.grad`` at the end of the backward
+    (the tensor itself, under every name of its layer) and the engine keeps no copy of it (monitor's recorded steps
+    rely on this to cost no gradient memory)."""
+    from hookkit.core.engine import Engine
+    from hookkit.core.listener import Listener
+    from hookkit.core.select import select
+
+    class Told(Listener):
+        def __init__(self) -> None:
+            self.told: list[tuple[str, str, torch.Tensor]] = []
+
+        def param_grad(self, layer: str, pname: str, grad: torch.Tensor) -> None:
+            self.told.append((layer, pname, grad))
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    listener = Told()
+    with Engine(model, select(model, ["0", "2"], caller="test"), listener=listener, keep=False,
+                param_grads=True) as engine:
+        model(torch.randn(5, 3)).sum().backward()
+    assert engine.recording.param_grads == {}
+    assert sorted((layer, pname) for layer, pname, _ in listener.told) == [
+        ("0", "bias"), ("0", "weight"), ("2", "bias"), ("2", "weight")]
+    params = dict(model.named_parameters())
+    assert all(grad is params[f"{layer}.{pname}"].grad for layer, pname, grad in listener.told)

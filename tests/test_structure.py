@@ -107,3 +107,49 @@ def test_the_allow_list_of_plain_raises_names_only_raises_that_exist():
     stale = sorted(set(_PLAIN_RAISES_ALLOWED) - present)
     assert not stale, f"no longer raised, delete from _PLAIN_RAISES_ALLOWED: {stale}"
     assert all(_PLAIN_RAISES_ALLOWED.values()), "every allowed plain raise says why"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports (at the top or inside a function); ``from
+    hookkit.x import y`` counts as importing ``hookkit.x.y`` where ``y`` is a module, else ``hookkit.x``."""
+    import ast
+    from pathlib import Path
+
+    package = Path(hookkit.__file__).parent
+    names = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hookkit"):
+                assert node.level == 0, f"{name}: relative import"
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in names else node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.startswith("hookkit"))
+        edges.discard(name)
+    return graph
+
+
+def test_no_module_imports_the_package_root_and_imports_have_no_cycle():
+    graph = _import_graph()
+    up = sorted(m for m, edges in graph.items() if "hookkit" in edges and m not in ("hookkit", "hookkit.__main__"))
+    assert not up, f"these modules import back up from hookkit itself: {up}"
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for e in sorted(graph.get(m, ())):
+            if state.get(e) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(e):], e]))
+            if e not in state:
+                visit(e, [*path, e])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])

@@ -207,6 +207,11 @@ class GradTaps:
             grad = param.grad
             if grad is None:  # set to None after the hook (by a callback of the user's)
                 continue
+            if self._listener is not None:
+                for n in names:
+                    self._listener.param_grad(n, pname, grad)
+            if not self._keep:  # the listener read it; nothing is stored, so nothing is copied
+                continue
             g = copies.get(id(param))
             if g is None:
                 g = copies[id(param)] = self._snap.copy(grad)

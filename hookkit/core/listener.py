@@ -30,3 +30,8 @@ class Listener:
 
     def grad(self, where: Where, which: str, i: int, n: int, grad: torch.Tensor) -> None:
         """A gradient arrived: w.r.t. output ``i`` of ``n`` (``which="output"``) or input ``i`` (``"input"``)."""
+
+    def param_grad(self, layer: str, pname: str, grad: torch.Tensor) -> None:
+        """With ``param_grads``: parameter ``pname`` of layer ``layer`` has ``grad`` (its ``.grad`` itself, not a
+        copy: read it here) at the end of a backward, after DDP's and FSDP's reductions; told under every name of
+        the layer, once per backward."""

@@ -1,2 +1,2 @@
-"""Changing a model's internals: ``hooks()`` (``hooks``), edits ``patch`` / ``add`` / ``ablate`` (``edits``) and
-``patching_sweep()`` (``sweep``)."""
+"""Changing a model's internals: ``hooks()`` (``hooks``), edits ``patch`` / ``add`` / ``ablate`` (``edits``; where an
+edit lands in a layer's output: ``target``) and ``patching_sweep()`` (``sweep``)."""

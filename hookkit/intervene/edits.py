@@ -73,7 +73,7 @@ class Edit:
                                   "output")
 
     def _apply(self, name: str, call: int, output: Any) -> Any:
-        where = f"hookkit.{self._kind} on {name!r} (call {call})"
+        where = f"hookkit.{self._kind} on {name!r} (call={call})"
         target, rebuild = pick_tensor(output, self.out, where)
         region = index_region(target, self.index, where)
         replacement = self._replacement(region, target, name, call, where)
@@ -115,8 +115,9 @@ class _Patch(Edit):
             raise EditError(f"{where}: the capture to patch from holds no value of {name!r}: {e} Capture this "
                             f"layer in the clean run: hookkit.capture(model, [{name!r}]).") from None
         if call >= len(calls):
-            raise EditError(f"{where}: the capture holds {len(calls)} call(s) of {name!r}, and this is call {call} "
-                            "of the layer in this block: patch(capture) takes call i from call i of the capture. "
+            raise EditError(f"{where}: the capture holds {len(calls)} call(s) of {name!r}, and this is its "
+                            f"calls({name!r})[{call}] in this block: patch(capture) takes each call's value from the "
+                            "same call of the capture. "
                             "Run the same inputs in both runs, or patch only some calls with call=.")
         captured, _ = pick_tensor(calls[call], self.out, f"{where}, the captured value")
         source = index_region(captured, self.index, where, of="the captured value")

@@ -72,6 +72,7 @@ class Collect(Listener):
     def __init__(self, histograms: bool) -> None:
         self.sums: dict[str, list[float]] = {}  # n, sum, sum of squares, absmax, zeros, nan, inf
         self.grad_sq: dict[str, float] = {}
+        self.param_sq: dict[tuple[str, str], float] = {}  # (layer, parameter) -> squared norm of its gradient
         self.histograms = histograms
         self.hists: dict[str, Any] = {}
 
@@ -106,6 +107,9 @@ class Collect(Listener):
             sq = sq_norm(local(grad))
         self.grad_sq[where[0]] = self.grad_sq.get(where[0], 0.0) + sq
 
+    def param_grad(self, layer: str, pname: str, grad: torch.Tensor) -> None:
+        # read from .grad at the end of each backward (no copy kept); the last backward of a step wins
+        self.param_sq[(layer, pname)] = sq_norm(local(grad))
 
 def sq_norm(t: torch.Tensor) -> float:
     """The squared L2 norm of ``t``, accumulated in float64 (no float64 copy of ``t`` is made)."""

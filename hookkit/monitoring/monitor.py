@@ -5,10 +5,10 @@ How it connects: ``Monitor`` owns two views on the hook engine (``core.engine.En
 a light one, entered for the whole block, whose listener (``Finite``) takes one sum per selected layer's output
 on every step, so that the first NaN or Inf is found at its step and layer without a sync per layer; and a full one
 (``Collect``), entered only for recorded steps (``every``), which takes the activation statistics and the gradient
-w.r.t. each layer's output, and with ``params`` copies the parameters' gradients (the engine's ``param_grads``:
-``p.grad`` when a backward has finished, after DDP's and FSDP's own end-of-backward reductions, i.e. the gradient the
-optimizer steps with), of which ``step()`` keeps the norms. Update ratios come from a copy of the weights taken when
-a recorded step begins; all of these exist only during recorded steps. Under
+w.r.t. each layer's output, and with ``params`` reads the parameters' gradients (the engine's ``param_grads``, told
+to the listener without a copy: ``p.grad`` when a backward has finished, after DDP's and FSDP's own end-of-backward
+reductions, i.e. the gradient the optimizer steps with), of which ``step()`` keeps the norms. Update ratios come from a
+copy of the weights taken when a recorded step begins; all of these exist only during recorded steps. Under
 ``torch.distributed`` each recorded step's sums (counts, sums, squares, maxima; of each rank's own shard where a
 tensor is a DTensor) are reduced over ranks in one SUM and one MAX ``all_reduce`` before any statistic is finished
 (``Reduction``), so that each statistic is the whole run's. Each recorded step (and each step with an alert)
@@ -274,11 +274,10 @@ class Monitor:
         for name, p in self.params.items():
             self._before[name] = _ranks.local(p).detach().clone()
 
-    def _param_grad_sq(self, grads: dict[str, dict[str, torch.Tensor]], name: str) -> float | None:
-        """The squared norm of the gradient of parameter ``name`` that the engine copied (this rank's shard)."""
-        layer, pname = self._param_keys[name]
-        g = grads.get(layer, {}).get(pname)
-        return None if g is None else sq_norm(_ranks.local(g))
+    def _param_grad_sq(self, grads: dict[tuple[str, str], float], name: str) -> float | None:
+        """The squared norm of the gradient of parameter ``name`` at the end of the step's last backward (this
+        rank's shard), as the engine told it; None when no backward reached it."""
+        return grads.get(self._param_keys[name])
 
     def _disarm(self) -> None:
         if self._full is not None:
@@ -291,7 +290,8 @@ class Monitor:
     def _finish_record(self, step: int) -> dict[str, Any]:
         collect = self._collect
         assert self._full is not None  # noqa: S101 - armed implies an engine
-        grads = self._full.recording.param_grads  # {layer: {parameter: a copy of its gradient}}
+        assert collect is not None  # noqa: S101 - armed implies collected
+        grads = collect.param_sq  # {(layer, parameter): squared norm of its gradient}
         self._disarm()
         record = self._empty_record(step)
         assert collect is not None  # noqa: S101 - armed implies collected

@@ -167,8 +167,8 @@ def _call(name: str, entry: dict[str, Any], i: int, dec: Decoder, want_inputs: b
         n = tensors_in(entry["outputs"][i])
         grad_out = parts.get("grad_out")
         if grad_out is not None and len(grad_out) < n:
-            raise Malformed("", f"layer {name!r} call {i} has {len(grad_out)} gradient slot(s) for an output of {n} "
-                                "tensor(s)")
+            raise Malformed("", f"layer {name!r}, calls({name!r})[{i}], has {len(grad_out)} gradient slot(s) for an "
+                                f"output of {n} tensor(s)")
     return new_call(dec.value(entry["outputs"][i]), None if found is None else found[i], **parts)
 
 

@@ -77,7 +77,7 @@ def _class_ref(cls: type) -> dict[str, str]:
 def place(name: str, kind: str, i: int, n: int) -> str:
     what = {"outputs": "the output", "inputs": "an input", "kwargs": "a keyword input", "grads": "a gradient w.r.t. "
             "the output", "grad_inputs": "a gradient w.r.t. an input", "param_grads": "a parameter gradient"}[kind]
-    return f"{what} of {name!r}" + (f" (call {i})" if n > 1 else "")
+    return f"{what} of {name!r}" + (f" (calls({name!r})[{i}])" if n > 1 else "")
 
 
 # -- writing: values to JSON nodes ------------------------------------------------------------------------------------

@@ -186,8 +186,8 @@ def _merge_layer(name: str, per_capture: list[list[Call]], recs: list[Recording]
             for field, node in signatures[0].items():
                 found = _difference(node, sig[field], "")
                 if found:
-                    raise ArgumentError(f"hookkit.merge: capture {j} differs from capture 0 at {name!r} call {i}, in "
-                                        f"{field}{found}.")
+                    raise ArgumentError(f"hookkit.merge: capture {j} differs from capture 0 at calls({name!r})[{i}], "
+                                        f"in {field}{found}.")
         merged.append(_joined(name, i, n, parts, per_capture[0][i], recs[0], dim))
     return merged
 

@@ -152,7 +152,7 @@ class Store:
     # -- internals -----------------------------------------------------------------------------------------------
     def _read(self, name: str, calls: list[Call], i: int) -> Any:
         call = calls[i]
-        where = f"{name!r}" + (f" (call {i})" if len(calls) > 1 else "")
+        where = f"{name!r}" + (f" (calls({name!r})[{i}])" if len(calls) > 1 else "")
         kind = self._kind
         if kind == "outputs":
             if call.version is not None:
