@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -90,3 +91,37 @@ def test_under_ddp_param_grads_are_the_reduced_grad_the_optimizer_steps_with(tmp
                 torch.testing.assert_close(g, own[f"{layer}.{pname}"])
     assert not torch.allclose(ranks[0]["local"]["captured"]["0"]["weight"],
                               ranks[1]["local"]["captured"]["0"]["weight"])  # the ranks' data differ
+
+
+def test_a_backward_that_raised_leaves_no_parameter_held_by_the_capture():
+    """A backward that raises after some parameters' gradients arrived never reaches its end, where their copies
+    would be taken: once the block is left, the capture holds none of those parameters (the model can be freed)."""
+    import gc
+    import weakref
+
+    class Fails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("backward failed on purpose")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(3, 4)
+            self.last = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.last(Fails.apply(self.first(x)))
+
+    model = Net()
+    ref = weakref.ref(model.last.weight)
+    with pytest.raises(RuntimeError, match="on purpose"), hookkit.capture(model, ["last"], param_grads=True) as cap:
+        model(torch.randn(5, 3)).sum().backward()  # last's gradients arrive, then Fails.backward raises
+    del model
+    gc.collect()
+    assert ref() is None, "the capture still holds a parameter whose backward never finished"
+    assert "last" not in cap.param_grads
