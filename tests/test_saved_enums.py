@@ -111,6 +111,7 @@ def test_merge_keeps_equal_enum_members_and_refuses_different_ones():
         caps.append(cap)
     merged = hookkit.merge(caps[:2])
     assert merged[""]["mode"] is Mode.MUL and merged[""]["y"].shape == (4, 3)
-    differs = r"capture 2 differs from capture 0 at calls\(''\)\[0\], in outputs\['mode'\]: <Mode.MUL: 'mul'> vs <Mode.ADD"
+    differs = (r"capture 2 differs from capture 0 at calls\(''\)\[0\], in outputs\['mode'\]: "
+               r"<Mode.MUL: 'mul'> vs <Mode.ADD")
     with pytest.raises(hookkit.ArgumentError, match=differs):
         hookkit.merge(caps)
