@@ -16,7 +16,7 @@ except ImportError:  # not installed, or built for another torch
     _TORCHVISION_MISSING = True
 else:
     _TORCHVISION_MISSING = False
-_MODULES_THAT_NEED_TORCHVISION = ("hookkit._grid",)
+_MODULES_THAT_NEED_TORCHVISION = ("hookkit.extraction.grid",)
 try:
     import safetensors  # noqa: F401
 except ImportError:  # the optional `save` extra is not installed
