@@ -632,3 +632,19 @@ def test_an_edits_repr_shows_its_call_so_edits_differing_only_in_call_read_diffe
     assert "call=1" in repr(make(1)), repr(make(1))
     assert "call=" not in repr(make(None))  # every call: the default, not shown
     assert len({repr(make(call)) for call in (None, 0, 1, 2)}) == 4
+
+
+def test_remove_takes_an_edit_blocks_hooks_off_at_once_and_twice_is_safe():
+    """``Edits.remove()`` inside the block: every hook of the block is gone (the model runs unedited), a second
+    ``remove()`` and the block's exit change nothing."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(2, 3)
+    before = hook_census(model)
+    clean = model(x)
+    with hookkit.edits(model, {"0": hookkit.ablate()}) as block:
+        assert not torch.equal(model(x), clean)
+        block.remove()
+        assert hook_census(model) == before
+        assert torch.equal(model(x), clean)
+        block.remove()
+    assert hook_census(model) == before

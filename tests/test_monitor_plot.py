@@ -325,6 +325,8 @@ def test_summary_table_has_a_row_per_layer_with_last_value_and_range(tmp_path):
     cells = [c.strip() for c in row.split("│")[1:-1]]
     # act std 2.0 + step/100: last 2.3, range 2 - 2.3; update ratio of l1.w1 is 1e-2 from step 10 on
     assert cells == ["l1", "2.3", "4", "0.5", "0.02", "0.01", "-"]
+    header = next(line for line in text.splitlines() if "Layer" in line)
+    assert [c.strip() for c in header.split("┃")[1:-1]][-2:] == ["update ratio", "non-finite"]
 
 
 def test_summary_table_shows_the_first_non_finite_step_and_what(tmp_path):
