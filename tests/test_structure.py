@@ -153,3 +153,35 @@ def test_no_module_imports_the_package_root_and_imports_have_no_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+_MAX_MODULE_LINES = 520  # "about 500"
+_MAX_FUNCTION_LINES = 60  # lines of code: docstring, comments and blank lines not counted
+
+
+def test_modules_and_functions_stay_small_or_say_why():
+    """No module of the package over about 500 lines; no function over 60 lines of code unless a comment on its
+    ``def`` line (or the line above) starting ``# long:`` says why."""
+    import ast
+    from pathlib import Path
+
+    package = Path(hookkit.__file__).parent
+    big, long = [], []
+    for path in sorted(package.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        where = str(path.relative_to(package))
+        if len(lines) > _MAX_MODULE_LINES:
+            big.append((where, len(lines)))
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            body = node.body
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and len(body) > 1:
+                first = body[1]  # after the docstring
+            code = [t for t in lines[first.lineno - 1:node.end_lineno] if t.strip() and not t.strip().startswith("#")]
+            said = any("# long:" in lines[i] for i in (node.lineno - 2, node.lineno - 1) if i >= 0)
+            if len(code) > _MAX_FUNCTION_LINES and not said:
+                long.append((f"{where}:{node.lineno} {node.name}", len(code)))
+    assert not big, f"modules over {_MAX_MODULE_LINES} lines (split them by concern): {big}"
+    assert not long, f"functions over {_MAX_FUNCTION_LINES} lines of code without a '# long:' reason: {long}"

@@ -65,7 +65,7 @@ TESTS: dict[str, list[str]] = {
     "hookkit/core/checkpointing*.py": ["test_checkpointing", "test_engine"],
     "hookkit/core/opnames*.py": ["test_op_nodes", "test_op_nodes_fx", "test_wrapped_torch", "test_copy_on_write"],
     "hookkit/core/snapshot*.py": ["test_capture_values", "test_copy_on_write", "test_hostile_core"],
-    "hookkit/core/ops*.py": ["test_op_nodes", "test_op_nodes_fx", "test_copy_on_write"],
+    "hookkit/core/ops*.py": ["test_op_nodes", "test_op_nodes_fx", "test_copy_on_write", "test_wrapped_torch"],
     "hookkit/core/select*.py": ["test_arguments", "test_errors", "test_capture_values", "test_op_nodes"],
     "hookkit/core/tree*.py": ["test_tree", "test_capture_values", "test_hf_outputs"],
     "hookkit/core/handles*.py": ["test_hooks_come_off", "test_hooks", "test_structure"],
