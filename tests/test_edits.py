@@ -648,3 +648,20 @@ def test_remove_takes_an_edit_blocks_hooks_off_at_once_and_twice_is_safe():
         assert torch.equal(model(x), clean)
         block.remove()
     assert hook_census(model) == before
+
+
+def test_patch_takes_the_capture_block_as_well_as_the_capture_it_fills():
+    """``block = hookkit.capture(...)`` kept instead of ``with ... as cap``: ``patch(block)`` patches from the
+    capture the block filled, as ``patch(cap)`` does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    clean, corrupt = torch.randn(2, 3), torch.randn(2, 3)
+    block = hookkit.capture(model, ["0"])
+    with torch.no_grad(), block as cap:
+        expected = model(clean)
+    with torch.no_grad():
+        with hookkit.edits(model, {"0": hookkit.patch(block)}):
+            from_block = model(corrupt)
+        with hookkit.edits(model, {"0": hookkit.patch(cap)}):
+            from_capture = model(corrupt)
+    assert torch.equal(from_block, expected) and torch.equal(from_capture, expected)

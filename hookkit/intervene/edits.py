@@ -35,7 +35,7 @@ from hookkit.intervene.target import (
     pick_tensor,
     shape_of,
 )
-from hookkit.record.capture import Store
+from hookkit.record.capture import CaptureBlock, Store
 
 __all__ = ["patch", "add", "ablate", "edits", "Edit", "Edits", "BoundEdit"]
 
@@ -98,7 +98,10 @@ class Edit:
 class _Patch(Edit):
     _kind = "patch"
 
-    def __init__(self, value: torch.Tensor | Store, *, index: Index, call: int | None, out: Out) -> None:
+    def __init__(self, value: torch.Tensor | Store | CaptureBlock, *, index: Index, call: int | None,
+                 out: Out) -> None:
+        if isinstance(value, CaptureBlock):  # `block = hookkit.capture(...)` kept instead of `with ... as cap`
+            value = value.capture
         if not isinstance(value, (torch.Tensor, Store)):
             raise ArgumentTypeError(f"hookkit.patch: value= takes a tensor or a hookkit.Capture (or one of its "
                                     f"stores), got {type(value).__name__}; to zero an output use hookkit.ablate().")
@@ -239,7 +242,8 @@ class BoundEdit:
         return f"<{self.edit!r} on {self.name!r}: applied {self.applied} of {self.calls} call(s)>"
 
 
-def patch(value: torch.Tensor | Store, *, index: Index = None, call: int | None = None, out: Out = 0) -> Edit:
+def patch(value: torch.Tensor | Store | CaptureBlock, *, index: Index = None, call: int | None = None,
+          out: Out = 0) -> Edit:
     """Replace a layer's output, or ``output[index]``, by ``value``: a tensor, or the same layer's value in a capture.
 
     Example:
