@@ -61,21 +61,11 @@ class CaptureBlock:
         return swallowed
 
     @property
-    def copies(self) -> int:
-        """How many stored tensors hookkit copied because an in-place op was about to overwrite them
-        (``Capture.copies`` reads this)."""
-        return self._engine.copies
-
-    @property
     def active(self) -> bool:
         """Whether the hooks are in place (inside the ``with`` block)."""
         return self._engine.active
 
-    def remove(self) -> None:
-        """Remove every hook this block made (``__exit__`` does this for you); safe to call twice."""
-        self._engine.remove()
-
-    # -- the block reads as its capture ----------------------------------------------------------------------------
+    # -- the block reads as its capture (copies, remove(), save(), ...) ------------------------------------------
     def __getattr__(self, name: str) -> Any:  # only reached for what the block itself lacks
         if name.startswith("__") or name in ("_engine", "capture"):
             raise AttributeError(name)
