@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, NotRecordedError, SampleIndexError
+from hookkit.extraction.loader import RowLoader, row_loader
 from hookkit.extraction.tokens import TokenRows
 
 __all__ = ["Features", "RowStore", "MemoryRows", "TokenRows", "Rows", "RowShapes", "row_layout", "layout_mismatch"]
@@ -78,6 +79,66 @@ class Features(Mapping[str, np.ndarray]):
             raise ArgumentError("these features are in memory: extract(..., out=DIR) writes files.")
         self[layer]  # a clear KeyError for a layer that was not extracted
         return self.out / self.manifest["files"][layer]
+
+    def loader(self, layer: str, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+               drop_last: bool = False, start: int = 0, rank: int | None = None,
+               world: int | None = None) -> RowLoader:
+        """The rows of ``layer`` (its tokens, for a ragged layer) in batches for training: each row once per epoch,
+        in an order fixed by ``(seed, epoch)``, read from the file in large sequential blocks.
+
+        Example:
+            >>> import torch, torch.nn as nn, hookkit
+            >>> data = [torch.randn(5, 4) for _ in range(2)]  # 10 samples
+            >>> feats = hookkit.extract(nn.Sequential(nn.Linear(4, 3)), ["0"], data, progress=False)
+            >>> loader = feats.loader("0", batch_size=4, epoch=0)  # a new epoch= for each epoch
+            >>> len(loader), [tuple(b.shape) for b in loader]
+            (3, [(4, 3), (4, 3), (2, 3)])
+            >>> sorted(loader.rows().tolist()) == list(range(10))  # the rows of the batches, e.g. for labels
+            True
+
+        The order: the rows are cut into blocks of contiguous rows (about 1 MiB, at least one row); the blocks are
+        shuffled, taken in windows of about 32 MiB (at least one block), and the rows of each window shuffled in
+        memory. That is one permutation of all rows, the same for every number of ranks. Each block is read with one
+        contiguous copy, so a pass runs near the speed of reading the file front to back, and memory holds about
+        two windows. Rows of one batch come from one or two windows: this mixes less than a ``DataLoader(
+        TensorDataset(rows), shuffle=True)`` over rows held in memory (which draws each batch from the whole set,
+        but needs the whole layer in memory), and much more than file order once the file spans many windows.
+
+        Under ``torch.distributed`` (or with ``rank=`` and ``world=``), rank ``r`` takes a contiguous share of the
+        permutation and reads only the windows it touches (about ``1 / world`` of the file):
+
+        * ``drop_last=True``: every rank yields ``N // (batch_size * world)`` full batches; the last ``N % (batch_size
+          * world)`` rows of the permutation are skipped this epoch (other rows in another epoch).
+        * ``drop_last=False``: rank ``r`` gets ``N // world`` rows, plus one for the first ``N % world`` ranks, each
+          yielded once, in batches of ``batch_size`` and a shorter last batch. Every rank yields the same number of
+          batches except where no split can do it without repeating rows (``N % world != 0`` and ``N // world`` a
+          multiple of ``batch_size``: then the first ``N % world`` ranks yield one more batch, of one row). Under
+          DDP, which hangs when ranks disagree, use ``drop_last=True``.
+
+        Args:
+            layer: an extracted layer.
+            batch_size: rows per batch (per rank), at least 1.
+            shuffle: ``False`` yields the rows in file order (the rank shares as above).
+            seed: the order's seed, an int >= 0; the same ``(seed, epoch)`` gives the same batches.
+            epoch: the epoch's number (int >= 0): each epoch has its own order.
+            drop_last: see above.
+            start: skip this rank's first ``start`` batches of the epoch (to resume a run from a step): the loader
+                yields ``list(full)[start:]`` of the loader with ``start=0``, without reading the windows before.
+            rank, world: this process's rank and the number of ranks; default: the initialized process group's,
+                else 0 and 1. Give both or neither.
+
+        Returns:
+            A ``RowLoader``: iterable (again and again, the same batches) of tensors [rows, ...] in the stored
+            dtype, each contiguous and owning its memory; ``len()`` is the number of batches this rank yields;
+            ``rows()`` the file's row numbers of those rows, in order.
+
+        Raises:
+            NotRecordedError: a layer that was not extracted.
+            ArgumentTypeError / ArgumentError: an argument of the wrong type or out of range (``start`` past the
+                epoch's batches, ``rank`` not below ``world``).
+        """
+        return row_loader(self, layer, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
+                          start=start, rank=rank, world=world)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" + (f" tokens of {len(self._offsets[k]) - 1} samples"
