@@ -205,15 +205,25 @@ def test_reads_are_whole_blocks_each_read_once_not_one_read_per_row(reads):
     assert sorted(reads) == [(lo, min(lo + 3, N)) for lo in range(0, N, 3)]
 
 
-def test_a_rank_reads_only_the_windows_of_its_share_and_start_skips_reading(reads):
-    f = pooled(None)
-    blocks = math.ceil(N / 3)
-    list(f.loader("3", 4, seed=1, rank=1, world=2))
-    assert len(reads) <= blocks / 2 + 2 * 4  # its half, and at most the two windows it shares with another rank
-    reads.clear()
-    loader = f.loader("3", 4, seed=1, start=20)  # 80 of 101 rows skipped
+@pytest.mark.parametrize("rank, world, start", [(1, 2, 0), (0, 2, 3), (0, 1, 20), (2, 3, 1)])
+def test_a_loader_reads_only_the_blocks_holding_its_rows_and_start_skips_the_rest(reads, rank, world, start):
+    f = pooled(None)  # blocks of 3 rows
+    loader = f.loader("3", 4, seed=1, rank=rank, world=world, start=start)
     list(loader)
-    assert len(reads) <= math.ceil((N - 80) / 3) + 4
+    blocks = sorted({r // 3 for r in loader.rows().tolist()})
+    assert sorted(reads) == [(3 * b, min(3 * b + 3, N)) for b in blocks]
+    assert len(blocks) <= math.ceil(len(loader.rows()) / 3) + 2 * 4  # at most the two windows shared with others
+
+
+def test_windows_are_whole_blocks_drawn_from_all_over_the_file():
+    f = hookkit.extract(nn.Sequential(nn.Identity()), ["0"], [torch.randn(96, 8)], progress=False)
+    order = f.loader("0", 4, seed=1).rows().tolist()  # blocks of 3 rows, windows of 4 blocks: 8 windows of 12 rows
+    windows = [order[i:i + 12] for i in range(0, 96, 12)]
+    for w in windows:
+        blocks = {r // 3 for r in w}
+        assert sorted(w) == sorted(r for b in blocks for r in range(3 * b, 3 * b + 3))  # whole blocks
+    assert max(windows[0]) - min(windows[0]) > 24  # its blocks are not the file's first ones
+    assert order[:12] != sorted(order[:12])  # the rows of a window are shuffled
 
 
 # -- arguments ------------------------------------------------------------------------------------------------------
