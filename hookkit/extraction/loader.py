@@ -38,7 +38,7 @@ _BUFFER_BYTES = 32 << 20  # 32 MiB: the blocks of one window, read into memory a
 
 def _source(feats: Any, layer: str) -> torch.Tensor:
     """The layer's rows (a ragged layer's tokens) as a torch tensor over the file, or over the array in memory."""
-    array = np.load(feats.path(layer), mmap_mode="c") if feats.out else feats[layer]
+    array = np.load(feats.path(layer), mmap_mode="r") if feats.out else feats[layer]
     with warnings.catch_warnings():  # a read-only array: the loader only ever reads from it
         warnings.filterwarnings("ignore", message=".*not writable.*")
         return torch.from_numpy(array)

@@ -99,10 +99,13 @@ class Features(Mapping[str, np.ndarray]):
         The order: the rows are cut into blocks of contiguous rows (about 1 MiB, at least one row); the blocks are
         shuffled, taken in windows of about 32 MiB (at least one block), and the rows of each window shuffled in
         memory. That is one permutation of all rows, the same for every number of ranks. Each block is read with one
-        contiguous copy, so a pass runs near the speed of reading the file front to back, and memory holds about
-        two windows. Rows of one batch come from one or two windows: this mixes less than a ``DataLoader(
-        TensorDataset(rows), shuffle=True)`` over rows held in memory (which draws each batch from the whole set,
-        but needs the whole layer in memory), and much more than file order once the file spans many windows.
+        contiguous copy, and memory holds about two windows, not the layer. Rows of one batch come from one or two
+        windows: this mixes less than ``DataLoader(TensorDataset(rows), shuffle=True)`` over the rows held in
+        memory, which draws each batch from all rows, and much more than file order once the file spans many
+        windows. It is also faster than that ``DataLoader``, which fetches and collates row by row:
+        ``benchmarks/bench_loader.py`` (20,000 rows of 384 float32 in the page cache, one thread) measured a
+        shuffled pass at about 7x its rows per second, 0.75x those of gathering batches from a random permutation
+        of the rows in memory, and 0.35x those of the same loader in file order (``shuffle=False``).
 
         Under ``torch.distributed`` (or with ``rank=`` and ``world=``), rank ``r`` takes a contiguous share of the
         permutation and reads only the windows it touches (about ``1 / world`` of the file):
