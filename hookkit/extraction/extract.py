@@ -32,6 +32,7 @@ from hookkit.core.select import select as _select_layers
 from hookkit.core.snapshot import shares_memory
 from hookkit.core.stats import fmt_bytes
 from hookkit.extraction import rows as _rows
+from hookkit.extraction.dtypes import host_array
 from hookkit.extraction.fingerprint import call_settings
 from hookkit.extraction.npyfolder import NpyFolder
 from hookkit.extraction.options import Mask, Pool, Select, check_out_folder, checked_options
@@ -135,7 +136,7 @@ def extract(
     listener = _Rows(select, pool, torch_dtype, mask)
     store: RowStore
     if out is None:
-        store = MemoryRows(names)
+        store = MemoryRows(names, bfloat16=torch_dtype == torch.bfloat16)
     else:
         settings = call_settings(model, names, pool=pool, select=select, dtype=torch_dtype, stop=stop,
                                  dataset_id=dataset_id, mask=mask)
@@ -268,7 +269,8 @@ def _pinned_copy(t: torch.Tensor, stream: Any) -> torch.Tensor:
 
 
 def _numpy(rows: dict[str, torch.Tensor | _rows.Tokens]) -> dict[str, Rows]:
-    return {name: TokenRows(v.flat.numpy(), v.counts.numpy()) if isinstance(v, _rows.Tokens) else v.numpy()
+    """Host rows as numpy, sharing their memory (bfloat16 as its raw bits: ``extraction.dtypes``)."""
+    return {name: TokenRows(host_array(v.flat), v.counts.numpy()) if isinstance(v, _rows.Tokens) else host_array(v)
             for name, v in rows.items()}
 
 
