@@ -481,3 +481,47 @@ def test_the_command_line_is_recorded_and_named_to_finish_an_unfinished_folder(t
     feats = hookkit.load_features("feats")
     assert feats.torch("3").dtype == torch.bfloat16 and feats.torch("3").shape == (8, 4)
     assert feats.manifest["command"]["line"] == line
+
+
+# -- under torchrun ----------------------------------------------------------------------------------------------------
+
+_WORKER = """
+import os, sys
+import torch
+sys.path.insert(0, {here!r})
+from test_extract_dtypes import Masked, padded
+import hookkit
+
+torch.set_num_threads(1)
+out, pool = sys.argv[1], sys.argv[2]
+hookkit.extract(Masked(torch.bfloat16), ["net.0", "net.2"], padded(torch.bfloat16), out=out,
+                pool=None if pool == "none" else pool, dtype=torch.bfloat16, progress=False)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("pool", ["none", "max"])
+def test_two_ranks_write_the_same_bfloat16_files_as_one_process(pool, tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER.format(here=str(Path(__file__).resolve().parent)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / "two"), pool],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    results = [(p.returncode, o) for p, o in zip(procs, outputs, strict=True)]
+    assert all(code == 0 for code, _ in results), results
+    one = hookkit.extract(Masked(torch.bfloat16), ["net.0", "net.2"], padded(torch.bfloat16), out=tmp_path / "one",
+                          pool=None if pool == "none" else pool, dtype=torch.bfloat16, progress=False)
+    two = hookkit.load_features(tmp_path / "two")
+    for layer in one:
+        assert two.path(layer).read_bytes() == one.path(layer).read_bytes()
+        assert two.torch(layer).dtype == torch.bfloat16
+    assert two.manifest["torch_dtypes"] == {"net.0": "bfloat16", "net.2": "bfloat16"}
