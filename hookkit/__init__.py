@@ -10,7 +10,8 @@ This file is the whole public API. The package's map:
                  nested outputs, hook census, torch shims, argument checks, stats, atomic file writing
     record/      Capture, the one result type (recording); capture() fills it, load() / merge() make one
     debug/       trace(), check_finite(), summary(), graph()
-    extraction/  extract(): row stores, token files, ranks, resume, the background writer; feature grids
+    extraction/  extract(): row stores, token files, ranks, resume, the background writer, bfloat16 storage;
+                 load_features(); feature grids
     monitoring/  monitor(): statistics per step, sinks (JSON Lines, TensorBoard, W&B), plots
     intervene/   hooks(), patch / add / ablate, patching_sweep()
     cli/         the ``hookkit`` command and its loaders of models, images and texts
@@ -46,6 +47,7 @@ from hookkit.debug.summary import Summary, SummaryRow, summary
 from hookkit.debug.trace import CheckFinite, Trace, TraceEvent, check_finite, trace
 from hookkit.extraction.extract import Features, extract
 from hookkit.extraction.grid import feature_grid, save_feature_grid
+from hookkit.extraction.load import load_features
 from hookkit.intervene.edits import Edit, Edits, ablate, add, edits, patch
 from hookkit.intervene.hooks import Hooks, hooks
 from hookkit.intervene.sweep import Sweep, patching_sweep
@@ -70,6 +72,7 @@ __all__ = [
     "check_finite",
     "graph",
     "extract",
+    "load_features",
     "monitor",
     "plot_run",
     "load",

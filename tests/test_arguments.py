@@ -215,6 +215,14 @@ def call_features_path(e: Env, **o: Any) -> Any:
     return e.disk.path(**_kw(dict(layer="0"), o))
 
 
+def call_features_torch(e: Env, **o: Any) -> Any:
+    return e.disk.torch(**_kw(dict(layer="0"), o))
+
+
+def call_load_features(e: Env, **o: Any) -> Any:
+    return hookkit.load_features(**_kw(dict(out=e.tmp / "feats"), o))
+
+
 def call_sweep_save_png(e: Env, **o: Any) -> Any:
     return e.sweep.save_png(**_kw(dict(path=e.out / "sweep.png", title=None, labels=None), o))
 
@@ -230,6 +238,7 @@ CALLS: dict[str, Callable[..., Any]] = {
     "Capture.save": call_capture_save, "Features.__getitem__": call_features_getitem,
     "Features.offsets": call_features_offsets, "Features.tokens": call_features_tokens,
     "Features.path": call_features_path, "Sweep.save_png": call_sweep_save_png,
+    "Features.torch": call_features_torch, "load_features": call_load_features,
 }
 
 # Classes a user builds through the function of the same name: the same table covers their constructors.
@@ -336,6 +345,9 @@ BAD = [
     *rows("Features.offsets", ("layer", "nope", hookkit.NotRecordedError, "nope"), ("layer", 3, T, "3")),
     *rows("Features.tokens", ("layer", "nope", hookkit.NotRecordedError, "nope"), ("i", "0", T), ("i", 1.0, T)),
     *rows("Features.path", ("layer", "nope", hookkit.NotRecordedError, "nope")),
+    *rows("Features.torch", ("layer", "nope", hookkit.NotRecordedError, "nope"), ("layer", 3, T, "3")),
+    *rows("load_features", ("out", 3, T), ("out", lambda e: e.tmp / "nowhere", hookkit.ExtractError, "nowhere"),
+          ("out", lambda e: e.tmp, hookkit.ExtractError, "not an extraction folder")),
     *rows("Sweep.save_png", ("path", 3, T), ("labels", ["a"], V), ("labels", 3, T), ("title", 3, T)),
 ]
 

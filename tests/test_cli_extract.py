@@ -191,6 +191,9 @@ def test_ctrl_c_is_one_line_with_the_rows_kept_and_the_command_that_resumes_to_t
         if name != "manifest.json":
             assert (tmp_path / "feats" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     manifests = [json_of(tmp_path / d / "manifest.json") for d in ("feats", "whole")]
+    commands = [m.pop("command") for m in manifests]  # each folder records the command line that wrote it
+    assert commands == [{"line": shlex.join(["hookkit", *command(d)]), "cwd": str(tmp_path)}
+                        for d in ("feats", "whole")]
     assert manifests[0] == manifests[1]
 
     again_done = hookkit_cli(command("feats"))

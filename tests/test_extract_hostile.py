@@ -349,8 +349,8 @@ def token_model():
     ({"layers": ["2"], "select": 3.5}, TypeError, "select"),
     ({"layers": ["2"], "select": {"3": "hidden"}}, ValueError, "'3'"),
     ({"layers": ["2"], "select": {"2": True}}, TypeError, "select"),
-    ({"layers": ["1"], "dtype": torch.bfloat16}, ValueError, "bfloat16"),
-    ({"layers": ["1"], "dtype": "bfloat16"}, ValueError, "bfloat16"),
+    ({"layers": ["1"], "dtype": torch.float8_e4m3fn}, ValueError, "float8_e4m3fn"),
+    ({"layers": ["1"], "dtype": "no-such-dtype"}, ValueError, "no-such-dtype"),
 ])
 def test_a_bad_option_leaves_the_folder_usable_for_the_corrected_call(bad, error, match, tmp_path):
     model = token_model()

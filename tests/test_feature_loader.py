@@ -249,3 +249,17 @@ def test_argument_mistakes_raise_hookkit_errors_that_name_the_fix(kwargs, error,
     args = {"layer": "3", "batch_size": 4, **kwargs}
     with pytest.raises(error, match=words.replace("(", r"\(")):
         f.loader(args.pop("layer"), args.pop("batch_size"), **args)
+
+
+@pytest.mark.parametrize("where", ["disk", "memory"])
+def test_a_bfloat16_layer_streams_its_stored_bfloat16_rows(tmp_path, where):
+    """A layer stored in bfloat16: batches in bfloat16, bit for bit the stored rows, in the order ``rows()`` says."""
+    model, _, batches = model_and_data(N, 8)
+    f = hookkit.extract(model, ["3"], batches, out=tmp_path / "out" if where == "disk" else None,
+                        dtype=torch.bfloat16, progress=False)
+    stored = f.torch("3")
+    loader = f.loader("3", 16, seed=3)
+    got = list(loader)
+    assert all(b.dtype == torch.bfloat16 for b in got)
+    assert torch.equal(torch.cat(got).view(torch.int16), stored[loader.rows()].view(torch.int16))
+    assert sorted(loader.rows().tolist()) == list(range(N))

@@ -77,8 +77,9 @@ def register(sub: Any) -> None:
                              "not the padding), flatten (images only), or the first token; text without --pool "
                              "keeps every real token (DIR/<layer>.npy [tokens, ...] and DIR/<layer>.offsets.npy)")
     extract_cmd.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
-    extract_cmd.add_argument("--dtype", choices=["float32", "float16"], default=None,
-                             help="storage dtype (default: the layer's own)")
+    extract_cmd.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                             help="storage dtype (default: the layer's own; a bfloat16 layer as float32). bfloat16 "
+                             "files hold the raw 2-byte values (numpy uint16; manifest.json names the dtype)")
     extract_cmd.add_argument("--workers", type=count, default=0, metavar="N",
                              help="DataLoader worker processes (decoding images, tokenizing text)")
     images = extract_cmd.add_argument_group("images (--data)")
@@ -189,13 +190,14 @@ def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, rows:
     resumed from k rows, or already finished). Ctrl-C becomes ``Interrupted``: the rows kept and the command that
     resumes."""
     from hookkit.extraction.extract import extract
-    from hookkit.extraction.manifest import rows_written
+    from hookkit.extraction.manifest import COMMAND, rows_written
 
     done, finished = rows_written(out)
+    again = shlex.join(["hookkit", *args.argv])
+    recorded = COMMAND.set({"line": again, "cwd": os.getcwd()})  # kept in the manifest: how to finish the folder
     try:
         feats = extract(model, args.layers, loader, out=out, dtype=args.dtype, progress=True, **options)
     except KeyboardInterrupt:
-        again = shlex.join(["hookkit", *args.argv])
         try:
             kept, _ = rows_written(out)  # extract's writer has written and recorded every batch it was handed
         except HookkitError:  # pragma: no cover - a folder made unreadable while it ran
@@ -203,6 +205,8 @@ def _extract(args: argparse.Namespace, model: Any, loader: Any, out: Path, rows:
                               f"the others: {again}") from None
         raise Interrupted(f"{kept} of {rows} rows are written to {str(out)!r} and kept; run the same command "
                           f"again to compute the other {rows - kept}: {again}") from None
+    finally:
+        COMMAND.reset(recorded)
     if finished:
         return feats, f" (all {rows} rows were already written by an earlier run: nothing was computed)"
     if done:
@@ -215,15 +219,17 @@ def _show(feats: Any, console: Console, note: str) -> None:
     for column in ("layer", "file", "shape", "dtype"):
         table.add_column(column)
     ragged = False
-    for name, array in feats.items():
+    for name in feats:
         path = feats.path(name)
+        array = feats.torch(name)  # a memory map: also a bfloat16 layer, which numpy has no type for
+        dtype = str(array.dtype).removeprefix("torch.")
         try:
             offsets = feats.offsets(name)
         except ArgumentError:  # one row per sample
-            table.add_row(name, str(path), " × ".join(map(str, array.shape)), str(array.dtype))
+            table.add_row(name, str(path), " × ".join(map(str, array.shape)), dtype)
             continue
         ragged = True
-        table.add_row(name, str(path), " × ".join(map(str, array.shape)) + " (tokens)", str(array.dtype))
+        table.add_row(name, str(path), " × ".join(map(str, array.shape)) + " (tokens)", dtype)
         table.add_row("", str(path.with_name(path.name.removesuffix(".npy") + ".offsets.npy")),
                       f"{len(offsets)} (offsets)", str(offsets.dtype))
     console.print(table)

@@ -32,6 +32,7 @@ from hookkit.core.select import select as _select_layers
 from hookkit.core.snapshot import shares_memory
 from hookkit.core.stats import fmt_bytes
 from hookkit.extraction import rows as _rows
+from hookkit.extraction.dtypes import host_array
 from hookkit.extraction.fingerprint import call_settings
 from hookkit.extraction.npyfolder import NpyFolder
 from hookkit.extraction.options import Mask, Pool, Select, check_out_folder, checked_options
@@ -95,8 +96,13 @@ def extract(
             plain numpy).
         select: which tensor of a structured output (tuple, dict, ModelOutput): an index, a key, a callable, or a
             ``{layer: choice}`` dict. Default: the first tensor.
-        dtype: storage dtype, e.g. ``torch.float16`` (halves the disk). numpy has no bfloat16: a bfloat16 layer
-            is stored as float32 unless ``dtype`` says otherwise, and ``dtype=torch.bfloat16`` is refused.
+        dtype: storage dtype, e.g. ``torch.float16`` or ``torch.bfloat16`` (either halves the disk); rows are
+            cast with torch's ``.to(dtype)``, and a layer already in that dtype is stored bit for bit. Default: the
+            layer's own, except that a bfloat16 layer is stored as float32 (exact, and readable by numpy).
+            ``torch.bfloat16`` (or ``"bfloat16"``), which numpy has no type for, is stored as its raw 2-byte values:
+            ``<layer>.npy`` is a plain ``.npy`` of dtype uint16 and ``manifest.json`` names the layer's dtype
+            (``"torch_dtypes": {layer: "bfloat16"}``); another tool reads the values with
+            ``torch.from_numpy(numpy.load(path)).view(torch.bfloat16)``.
         mask: which tokens of a batch are valid, [N, T] (nonzero = valid). Default (``None``): a dict batch's
             ``"attention_mask"`` (Hugging Face style), if it has one. A key of dict batches, or a callable that
             gets the batch as the data yielded it and returns the mask; ``False``: no mask (pool over padding
@@ -115,7 +121,12 @@ def extract(
     Other data is read by every rank, which skips what it does not compute (a warning says so).
 
     Returns:
-        ``Features``: ``feats[layer]`` -> numpy array (memmap with ``out``), ``feats.manifest``.
+        ``Features``: ``feats[layer]`` -> numpy array (memmap with ``out``), ``feats.torch(layer)`` -> torch tensor
+        in the stored dtype (a copy-on-write map of the file with ``out``: nothing is read into memory up front),
+        ``feats.manifest``. A bfloat16 layer has no numpy array: ``feats[layer]`` raises an ``ArgumentError``
+        naming ``feats.torch(layer)`` (its values) and ``numpy.load(feats.path(layer))`` (its raw bits), and
+        ``feats.tokens(layer, i)`` of a ragged bfloat16 layer is a bfloat16 tensor. ``hookkit.load_features(out)``
+        opens the finished folder again later, without the model.
 
     Raises:
         ExtractError: empty data, a batch the model rejects (naming its index), a layer that never runs or runs
@@ -135,7 +146,7 @@ def extract(
     listener = _Rows(select, pool, torch_dtype, mask)
     store: RowStore
     if out is None:
-        store = MemoryRows(names)
+        store = MemoryRows(names, bfloat16=torch_dtype == torch.bfloat16)
     else:
         settings = call_settings(model, names, pool=pool, select=select, dtype=torch_dtype, stop=stop,
                                  dataset_id=dataset_id, mask=mask)
@@ -268,7 +279,8 @@ def _pinned_copy(t: torch.Tensor, stream: Any) -> torch.Tensor:
 
 
 def _numpy(rows: dict[str, torch.Tensor | _rows.Tokens]) -> dict[str, Rows]:
-    return {name: TokenRows(v.flat.numpy(), v.counts.numpy()) if isinstance(v, _rows.Tokens) else v.numpy()
+    """Host rows as numpy, sharing their memory (bfloat16 as its raw bits: ``extraction.dtypes``)."""
+    return {name: TokenRows(host_array(v.flat), v.counts.numpy()) if isinstance(v, _rows.Tokens) else host_array(v)
             for name, v in rows.items()}
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, a second w
 
 __all__ = ["MANIFEST", "merge_ranges", "clip_ranges", "row_gaps", "file_names", "write_json", "Writing", "Lock",
            "take_lock", "try_lock", "new_manifest", "read_manifest", "rows_written", "read_progress", "all_progress",
-           "forget_rows"]
+           "forget_rows", "COMMAND"]
 
 MANIFEST = "manifest.json"
 
@@ -173,10 +174,16 @@ def try_lock(path: Path) -> Lock | None:
         return None
 
 
+# The command line that runs this extraction (``hookkit extract ...`` sets it: {"line": ..., "cwd": ...}), kept in the
+# manifest outside its settings (a resumed run compares only those) so that an unfinished folder can say how to finish.
+COMMAND: ContextVar[dict[str, str] | None] = ContextVar("hookkit_extract_command", default=None)
+
+
 def new_manifest(settings: dict[str, Any], samples: int | None, sample0: str | None, files: dict[str, str],
               **finished: Any) -> dict[str, Any]:
+    command = COMMAND.get()
     return {"settings": settings, "data": {"samples": samples, "sample0": sample0}, "files": files,
-            "complete": bool(finished), **finished,
+            "complete": bool(finished), **finished, **({"command": command} if command else {}),
             "hookkit": _version, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from hookkit._errors import ExtractError
 from hookkit.core import fs
+from hookkit.extraction.dtypes import torch_names
 from hookkit.extraction.fingerprint import sample0_digest
 from hookkit.extraction.manifest import (
     MANIFEST,
@@ -355,6 +356,7 @@ def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches:
         with Writing(partial):
             finish_file(partial, dt, (rows, *shapes[name]))
     manifest.update(complete=True, batches=batches, rows=rows, dtypes={n: dtypes[n] for n in names},
+                    torch_dtypes=torch_names(names, dtypes, manifest["settings"].get("dtype")),
                     shapes={n: [finished[n]["tokens"] if n in finished else rows, *shapes[n]] for n in names},
                     ragged=finished)
     with Writing(out / MANIFEST):

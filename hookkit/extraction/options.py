@@ -2,7 +2,7 @@
 the command line (``hookkit extract``), which calls them with its own option names.
 
 ``checked_options`` (``pool``, ``dtype``, ``dataset_id``, ``mask``), ``check_select`` (``select`` against the layers),
-``torch_dtype`` (a storage dtype numpy can hold) and ``check_out_folder`` (``out``: a folder that exists or can be
+``torch_dtype`` (a storage dtype a ``.npy`` can hold) and ``check_out_folder`` (``out``: a folder that exists or can be
 created, on a writable file system, checked without writing). ``POOLS`` are the pool names ``extract`` knows.
 Each raises a hookkit error naming the option, the value and the fix.
 """
@@ -44,9 +44,14 @@ def checked_options(pool: Pool, dtype: Any, dataset_id: Any, mask: Any) -> torch
 
 def torch_dtype(dtype: Any) -> torch.dtype | None:
     """``dtype`` (a torch dtype, a numpy dtype or its name; None: the layer's own) as the torch dtype rows are
-    stored in, refused unless numpy (and so a ``.npy`` file) can hold it."""
+    stored in, refused unless numpy (and so a ``.npy`` file) can hold it; bfloat16 (``torch.bfloat16`` or
+    ``"bfloat16"``), which numpy has no type for, is stored as its raw 2-byte values (``extraction.dtypes``)."""
     if dtype is None:
         return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") == "bfloat16":
+        return torch.bfloat16
+    if dtype is torch.bfloat16:
+        return dtype
     if isinstance(dtype, torch.dtype):
         result = dtype
     else:
@@ -60,8 +65,8 @@ def torch_dtype(dtype: Any) -> torch.dtype | None:
         except TypeError:
             result = None
     if result is None:
-        raise ArgumentError(f"dtype={dtype!r} is not a dtype numpy (and so a .npy file) can hold; use e.g. "
-                            "torch.float16 (half the size; bfloat16 has no numpy type) or torch.float32.")
+        raise ArgumentError(f"dtype={dtype!r} is not a dtype a .npy file can hold; use e.g. torch.bfloat16 or "
+                            "torch.float16 (half the size) or torch.float32.")
     return result
 
 

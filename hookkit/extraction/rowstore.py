@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from hookkit._errors import ArgumentError, ArgumentTypeError, ExtractError, NotRecordedError, SampleIndexError
+from hookkit.extraction.dtypes import BFLOAT16, as_tensor
 from hookkit.extraction.loader import RowLoader, row_loader
 from hookkit.extraction.tokens import TokenRows
 
@@ -26,25 +28,47 @@ Rows = np.ndarray | TokenRows  # a batch's rows of one layer: one per sample, or
 
 
 class Features(Mapping[str, np.ndarray]):
-    """What ``extract()`` returns: ``feats[layer]`` is an N-row array in dataset order (a read-only memmap of
-    the layer's file when ``out`` was given; ``feats.path(layer)`` names it). A ragged layer (token outputs of
-    masked batches, ``pool=None``) holds every sample's valid tokens, flat: ``feats[layer]`` is [total tokens, ...],
-    ``feats.offsets(layer)`` the N + 1 offsets, ``feats.tokens(layer, i)`` sample i's tokens."""
+    """What ``extract()`` (and ``load_features``) return: ``feats[layer]`` is an N-row array in dataset order (a
+    read-only memmap of the layer's file when ``out`` was given; ``feats.path(layer)`` names it), ``feats.torch(layer)``
+    the same rows as a torch tensor (without copying the file into memory). A ragged layer (token outputs of masked
+    batches, ``pool=None``) holds every sample's valid tokens, flat: ``feats[layer]`` is [total tokens, ...],
+    ``feats.offsets(layer)`` the N + 1 offsets, ``feats.tokens(layer, i)`` sample i's tokens.
+
+    A bfloat16 layer (``extract(..., dtype=torch.bfloat16)``) has no numpy type: ``feats[layer]`` raises an
+    ``ArgumentError`` (so do ``feats.values()`` and ``feats.items()``) instead of handing out its raw bits as if
+    they were numbers; ``feats.torch(layer)`` gives its values, ``feats.tokens(layer, i)`` a bfloat16 tensor, and
+    ``numpy.load(feats.path(layer))`` the raw bits (uint16). ``len``, iteration, ``in``, ``path`` and ``offsets``
+    work for every layer."""
 
     def __init__(self, arrays: dict[str, np.ndarray], out: Path | None, manifest: dict[str, Any] | None,
-                 offsets: dict[str, np.ndarray] | None = None) -> None:
+                 offsets: dict[str, np.ndarray] | None = None, torch_dtypes: Mapping[str, str] | None = None) -> None:
         self._arrays = arrays
         self._offsets = offsets or {}
         self.out = out
         self.manifest = manifest
+        # torch's name of each layer's stored dtype where numpy has none (bfloat16, held as uint16)
+        known = torch_dtypes if torch_dtypes is not None else (manifest or {}).get("torch_dtypes", {})
+        self._bfloat16 = {n for n, d in known.items() if d == BFLOAT16 and n in arrays}
+        self._tensors: dict[str, Tensor] = {}  # bfloat16 layers' tensors, for tokens()
 
     def __getitem__(self, layer: str) -> np.ndarray:
+        self._check(layer)
+        if layer in self._bfloat16:
+            bits = (f"numpy.load(feats.path({layer!r})) its raw bits (uint16)" if self.out is not None
+                    else f"feats.torch({layer!r}).view(torch.int16).numpy() its raw bits")
+            raise ArgumentError(f"{layer!r} is stored in bfloat16, which numpy has no type for: feats.torch({layer!r}) "
+                                f"gives its values (a torch.bfloat16 tensor), {bits}.")
+        return self._arrays[layer]
+
+    def _check(self, layer: Any) -> None:
+        """A clear error for a layer that was not extracted."""
         if not isinstance(layer, str):
             raise ArgumentTypeError(f"layer names are strings, got {type(layer).__name__} {layer!r}.")
-        try:
-            return self._arrays[layer]
-        except KeyError:
-            raise NotRecordedError(f"{layer!r} was not extracted; layers: {', '.join(self._arrays)}") from None
+        if layer not in self._arrays:
+            raise NotRecordedError(f"{layer!r} was not extracted; layers: {', '.join(self._arrays)}")
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._arrays
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)
@@ -52,17 +76,28 @@ class Features(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._arrays)
 
+    def torch(self, layer: str) -> Tensor:
+        """``layer``'s rows (a ragged layer's flat tokens) as a torch tensor in their stored dtype (bfloat16 for a
+        bfloat16 layer), without copying: with ``out``, a copy-on-write memory map of the file (pages are read as
+        they are used; writing into the tensor changes this tensor only, never the file); in memory, a view of the
+        held array (writing into it changes ``feats[layer]`` too)."""
+        self._check(layer)
+        # mmap_mode="c": a private, writable map (torch.from_numpy warns about a read-only array)
+        array = self._arrays[layer] if self.out is None else np.load(self.path(layer), mmap_mode="c")
+        return as_tensor(array, BFLOAT16 if layer in self._bfloat16 else None)
+
     def offsets(self, layer: str) -> np.ndarray:
         """A ragged layer's N + 1 offsets (int64): sample i's tokens are ``feats[layer][offsets[i]:offsets[i + 1]]``
         (on disk: ``<layer>.offsets.npy`` beside ``<layer>.npy``)."""
-        self[layer]  # a clear KeyError for a layer that was not extracted
+        self._check(layer)
         if layer not in self._offsets:
             raise ArgumentError(f"{layer!r} has one row per sample, not ragged tokens: feats[{layer!r}][i] is sample "
                                 "i's row.")
         return self._offsets[layer]
 
-    def tokens(self, layer: str, i: int) -> np.ndarray:
-        """Sample ``i``'s valid tokens of a ragged layer, [T_i, ...]."""
+    def tokens(self, layer: str, i: int) -> np.ndarray | Tensor:
+        """Sample ``i``'s valid tokens of a ragged layer, [T_i, ...]: a numpy array, or a bfloat16 torch tensor for a
+        bfloat16 layer (a view of ``feats.torch(layer)``)."""
         offsets = self.offsets(layer)
         n = len(offsets) - 1
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
@@ -70,14 +105,19 @@ class Features(Mapping[str, np.ndarray]):
         if not -n <= i < n:
             raise SampleIndexError(f"sample {i!r} of {layer!r}: there are {n} samples (0 to {n - 1}).")
         i = int(i) % n
-        return self._arrays[layer][int(offsets[i]):int(offsets[i + 1])]
+        rows: np.ndarray | Tensor = self._arrays[layer]
+        if layer in self._bfloat16:  # one map of the file for every sample's tokens, made on first use
+            if layer not in self._tensors:
+                self._tensors[layer] = self.torch(layer)
+            rows = self._tensors[layer]
+        return rows[int(offsets[i]):int(offsets[i + 1])]
 
     def path(self, layer: str) -> Path:
         """The ``.npy`` file of ``layer`` (its name, or a cleaned name with a hash when the layer name is not a
         plain file name, e.g. holds ``/``)."""
         if self.out is None or self.manifest is None:
             raise ArgumentError("these features are in memory: extract(..., out=DIR) writes files.")
-        self[layer]  # a clear KeyError for a layer that was not extracted
+        self._check(layer)
         return self.out / self.manifest["files"][layer]
 
     def loader(self, layer: str, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
@@ -140,12 +180,13 @@ class Features(Mapping[str, np.ndarray]):
             ArgumentTypeError / ArgumentError: an argument of the wrong type or out of range (``start`` past the
                 epoch's batches, ``rank`` not below ``world``).
         """
+        self._check(layer)
         return row_loader(self, layer, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
                           start=start, rank=rank, world=world)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" + (f" tokens of {len(self._offsets[k]) - 1} samples"
-                                                          if k in self._offsets else "")
+        shapes = ", ".join(f"{k}: {v.shape} {BFLOAT16 if k in self._bfloat16 else v.dtype}"
+                           + (f" tokens of {len(self._offsets[k]) - 1} samples" if k in self._offsets else "")
                            for k, v in self._arrays.items())
         return f"<hookkit.Features {shapes}{f' in {self.out}' if self.out else ''}>"
 
@@ -237,9 +278,10 @@ class RowStore:
 class MemoryRows(RowStore):
     """In memory, one process: each layer's rows as a list of arrays (in data order), concatenated at the end."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], *, bfloat16: bool = False) -> None:
         self.arrays: dict[str, list[Rows]] = {n: [] for n in names}
         self.shapes = RowShapes({})
+        self.bfloat16 = bfloat16  # rows are bfloat16's raw bits (uint16): extract(..., dtype=torch.bfloat16)
 
     def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
         self.shapes.check(rows, batch)
@@ -256,6 +298,6 @@ class MemoryRows(RowStore):
                 offsets[name] = offsets[name].astype(np.int64)
             else:
                 arrays[name] = np.concatenate([p for p in parts if isinstance(p, np.ndarray)])
-        return Features(arrays, None, None, offsets)
+        return Features(arrays, None, None, offsets, {n: BFLOAT16 for n in arrays} if self.bfloat16 else None)
 
 

@@ -11,6 +11,8 @@ every batch written before it stays.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -49,8 +51,11 @@ class Background:
             raise error
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job``; waits while ``depth`` jobs are queued. Raises the error of an earlier job first."""
+        """Queue ``job``, to run in a copy of the caller's context (its context variables, e.g. the command line
+        that ``extraction.manifest.COMMAND`` records); waits while ``depth`` jobs are queued. Raises the error of an
+        earlier job first."""
         self.check()
+        job = functools.partial(contextvars.copy_context().run, job)
         while True:
             try:
                 self._queue.put(job, timeout=0.1)
