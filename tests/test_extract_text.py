@@ -194,6 +194,29 @@ def test_text_command_writes_row_i_for_document_i_equal_to_the_library_call(mode
     assert "8 documents" in text and "lines.txt" in text
 
 
+# -- batches of similar length ---------------------------------------------------------------------------------------
+
+def test_token_lengths_are_the_lengths_of_the_datasets_items(tokenizer):
+    data = TokenizedTexts(SENTENCES, tokenizer, max_length=None)
+    lengths = texts_module.token_lengths(SENTENCES, tokenizer)
+    assert lengths == [len(data[i]["input_ids"]) for i in range(len(SENTENCES))]
+    assert lengths[0] == 4 and max(lengths) > 150
+
+
+def test_text_loader_batches_by_length_unless_corpus_order_is_asked(tokenizer):
+    cut = TokenizedTexts(SENTENCES, tokenizer, max_length=16)
+    lengths = [min(len(ids), 16) for ids in tokenizer(SENTENCES)["input_ids"]]  # cut documents count as cut
+    by_length = texts_module.text_loader(cut, 3)
+    assert list(by_length.batch_sampler) == list(hookkit.length_batches(lengths, 3))
+    uncut = TokenizedTexts(SENTENCES, tokenizer, max_length=512)
+    widths = [b["input_ids"].shape[1] for b in texts_module.text_loader(uncut, 3)]
+    assert widths == sorted(widths, reverse=True)
+    corpus = texts_module.text_loader(uncut, 3, order="corpus")
+    assert list(corpus.batch_sampler) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    given = texts_module.text_loader(uncut, 3, lengths=list(range(8)))  # the caller's counts, not counted again
+    assert list(given.batch_sampler) == [[5, 6, 7], [2, 3, 4], [0, 1]]
+
+
 def test_text_command_reads_a_field_of_json_lines(model, tokenizer, tmp_path):
     rows = [json.dumps({"id": i, "text": s}, ensure_ascii=i % 2 == 0) for i, s in enumerate(SENTENCES)]
     data = write_lines(tmp_path / "docs.jsonl", [rows[0], "", *rows[1:]])
