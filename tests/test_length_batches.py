@@ -171,3 +171,18 @@ def test_bad_arguments_are_hookkit_errors_naming_what_and_the_fix(lengths, optio
     assert message.startswith("hookkit.length_batches: ") and names in message, message
     if "lengths" in names:
         assert "pass one whole number" in message
+
+
+def test_extract_over_length_batches_writes_row_i_for_sample_i(tmp_path):
+    """What the sampler is for: bucketed batches, rows in dataset order (pooled and ragged, memory and disk)."""
+    lengths = varied(64, seed=1)
+    model = Identity()
+    corpus = DataLoader(Rows(lengths), batch_size=8, collate_fn=pad)
+    bucketed = DataLoader(Rows(lengths), batch_sampler=hookkit.length_batches(lengths, 8), collate_fn=pad)
+    for pool in ("avg", None):
+        for out in (None, tmp_path / f"{pool}"):
+            want = hookkit.extract(model, "layer", corpus, pool=pool, progress=False)
+            got = hookkit.extract(model, "layer", bucketed, pool=pool, out=out, progress=False)
+            np.testing.assert_array_equal(np.asarray(got["layer"]), np.asarray(want["layer"]))
+            if pool == "avg":
+                assert np.asarray(got["layer"])[:, 0].tolist() == list(range(64))
