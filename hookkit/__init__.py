@@ -10,8 +10,8 @@ This file is the whole public API. The package's map:
                  nested outputs, hook census, torch shims, argument checks, stats, atomic file writing
     record/      Capture, the one result type (recording); capture() fills it, load() / merge() make one
     debug/       trace(), check_finite(), summary(), graph()
-    extraction/  extract(): row stores, token files, ranks, resume, the background writer, bfloat16 storage;
-                 load_features(); feature grids
+    extraction/  extract(), length_batches(), load_features(): row stores, token files, ranks, resume, the writer,
+                 bfloat16 storage, the loader back for training; feature grids
     monitoring/  monitor(): statistics per step, sinks (JSON Lines, TensorBoard, W&B), plots
     intervene/   hooks(), patch / add / ablate, patching_sweep()
     cli/         the ``hookkit`` command and its loaders of models, images and texts
@@ -45,6 +45,7 @@ from hookkit.core.select import layer_names
 from hookkit.debug.graph import AutogradGraph, GraphNode, graph
 from hookkit.debug.summary import Summary, SummaryRow, summary
 from hookkit.debug.trace import CheckFinite, Trace, TraceEvent, check_finite, trace
+from hookkit.extraction.batches import LengthBatches, length_batches
 from hookkit.extraction.extract import Features, extract
 from hookkit.extraction.grid import feature_grid, save_feature_grid
 from hookkit.extraction.load import load_features
@@ -73,6 +74,7 @@ __all__ = [
     "graph",
     "extract",
     "load_features",
+    "length_batches",
     "monitor",
     "plot_run",
     "load",
@@ -93,6 +95,7 @@ __all__ = [
     "AutogradGraph",
     "GraphNode",
     "Features",
+    "LengthBatches",
     "Monitor",
     "Sweep",
     "Summary",

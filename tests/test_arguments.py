@@ -139,6 +139,10 @@ def call_graph(e: Env, **o: Any) -> Any:
     return hookkit.graph(**_kw(dict(tensor=e.loss, params=dict(e.model.named_parameters()), max_depth=None), o))
 
 
+def call_length_batches(e: Env, **o: Any) -> Any:
+    return hookkit.length_batches(**_kw(dict(lengths=[3, 1, 2], batch_size=2, max_tokens=None), o))
+
+
 def call_extract(e: Env, **o: Any) -> Any:
     return hookkit.extract(**_kw(dict(model=e.model, layers=["0"], data=[e.x[:2], e.x[2:]], out=e.out, pool=None,
                                       select=None, dtype=None, mask=None, dataset_id=None, progress=False,
@@ -239,11 +243,12 @@ CALLS: dict[str, Callable[..., Any]] = {
     "Features.offsets": call_features_offsets, "Features.tokens": call_features_tokens,
     "Features.path": call_features_path, "Sweep.save_png": call_sweep_save_png,
     "Features.torch": call_features_torch, "load_features": call_load_features,
+    "length_batches": call_length_batches,
 }
 
 # Classes a user builds through the function of the same name: the same table covers their constructors.
 CONSTRUCTORS = {"CaptureBlock": "capture", "Edits": "edits", "Trace": "trace", "CheckFinite": "check_finite",
-                "Monitor": "monitor"}
+                "Monitor": "monitor", "LengthBatches": "length_batches"}
 # Result types: hookkit builds them and hands them to the user, whose methods are in the table above.
 RESULTS = {"Capture", "Store", "Edit", "Hooks", "TraceEvent", "AutogradGraph", "GraphNode", "Features", "Sweep",
            "Summary", "SummaryRow"}
@@ -306,6 +311,8 @@ BAD = [
     *rows("check_finite", *model_bads, *layer_bads, ("backward", "yes", T), ("ops", 1, T)),
     *rows("graph", ("tensor", 3.0, T), ("params", 3, T), ("params", {"w": 3}, T), ("max_depth", -1, V),
           ("max_depth", "2", T)),
+    *rows("length_batches", ("lengths", [3, -1], V), ("lengths", [3, 1.5], T), ("batch_size", 0, V),
+          ("batch_size", "2", T), ("max_tokens", 0, V), ("max_tokens", 2.5, T)),
     *rows("extract", *model_bads, ("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),
           ("layers", ["nope"], LayerNotFoundError, "nope"), ("data", 3, T), ("out", 3, T), ("pool", "mean", V),
           ("select", 1.5, T), ("select", {"nope": 0}, V), ("dtype", "float128x", V), ("mask", 3, T),

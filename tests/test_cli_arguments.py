@@ -104,6 +104,8 @@ BAD = [
     ([*EXTRACT, "--no-truncation=1"], "--no-truncation"),
     ([*EXTRACT, "--field", "text"], "--field"),
     ([*EXTRACT, "--max-length", "8"], "--max-length"),
+    ([*EXTRACT, "--order", "random"], "--order"),
+    ([*EXTRACT, "--order", "corpus"], "--order"),  # with --data: it applies to --text only
     (["plot", "{w}/none"], "none"),
     (["plot", "{w}/run", "--stats", "nope"], "nope"),
     (["plot", "{w}/run", "--heatmap=1"], "--heatmap"),

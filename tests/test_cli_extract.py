@@ -151,7 +151,7 @@ def test_ctrl_c_is_one_line_with_the_rows_kept_and_the_command_that_resumes_to_t
 
     proc = subprocess.Popen([sys.executable, "-m", "hookkit", *command("feats")], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    progress = tmp_path / "feats" / "progress" / "rank-0.json"
+    progress = tmp_path / "feats" / "progress" / "rank-0.rows"
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -209,10 +209,10 @@ def json_of(path: Path) -> dict:
 
 
 def written(progress: Path) -> bool:
-    """Whether a progress file lists rows (it is replaced whole, so it is read whole or not at all)."""
+    """Whether a progress file marks a row done (one byte per row, set once its rows are synced)."""
     try:
-        return bool(json_of(progress)["rows"])
-    except (OSError, ValueError, KeyError):
+        return any(progress.read_bytes())
+    except OSError:
         return False
 
 

@@ -21,6 +21,8 @@ from conftest import hook_census
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _progress import done_ranges  # noqa: E402
+
 from _extract_worker import model_and_data  # noqa: E402
 
 
@@ -267,8 +269,7 @@ def test_a_batch_the_model_rejects_is_named_and_earlier_rows_stay(tmp_path):
     bad = batches[:2] + [torch.randn(4, 7)] + batches[2:]
     with pytest.raises(hookkit.ExtractError, match="failed on batch 2 \\(4 samples\\)"):
         hookkit.extract(model, ["1"], bad, out=tmp_path, progress=False)
-    done = json.loads((tmp_path / "progress" / "rank-0.json").read_text())["rows"]
-    assert done == [[0, 8]]  # rows, not batches: a resumed run may use another batch size
+    assert done_ranges(tmp_path) == [[0, 8]]  # rows, not batches: a resumed run may use another batch size
 
 
 def test_the_final_renames_are_followed_by_a_sync_of_the_folder(tmp_path, monkeypatch):

@@ -111,6 +111,25 @@ def test_masked_avg_pool_of_minilm_is_sentence_transformers_embedding(model, tok
     assert gap[padded].min() > 1e-2 and padded.sum() >= 5
 
 
+def test_the_readmes_length_batches_lines_give_sentence_transformers_embedding(model, tokenizer):
+    """The README's three lines (a tokenizer, length_batches, extract) run as written (with batches of 3 instead of
+    32, so that 8 sentences make 3 batches): rows in the order of texts."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [block for block in readme.split("```python\n")[1:] if "length_batches" in block.split("```")[0]]
+    namespace = {"texts": SENTENCES, "tokenizer": tokenizer, "bert": model, "DataLoader": DataLoader,
+                 "hookkit": hookkit}
+    code = code.split("```")[0]
+    assert "length_batches(lengths, 32)" in code
+    code = code.replace("length_batches(lengths, 32)", "length_batches(lengths, 3)")  # 8 sentences: 3 batches
+    exec(compile(code, "README.md", "exec"), namespace)
+    sampler = namespace["loader"].batch_sampler
+    assert isinstance(sampler, hookkit.LengthBatches) and list(sampler) == [[1, 4, 7], [2, 3, 6], [0, 5]]
+    got = torch.from_numpy(np.asarray(namespace["emb"]["encoder"]))
+    st = sentence_transformers.SentenceTransformer(MODEL_DIR, device="cpu")
+    reference = st.encode(SENTENCES, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(torch.nn.functional.normalize(got, dim=1).numpy(), reference, atol=2e-5)
+
+
 def test_masked_avg_pool_does_not_depend_on_the_batch_a_sentence_is_in(model, tokenizer):
     alone = hookkit.extract(model, "encoder", loader(tokenizer, batch_size=1), pool="avg", progress=False)
     for batch_size in (2, 8):
@@ -192,6 +211,92 @@ def test_text_command_writes_row_i_for_document_i_equal_to_the_library_call(mode
     ref = hookkit.extract(model, "encoder", loader(tokenizer, batch_size=8), pool="avg", progress=False)
     np.testing.assert_allclose(np.load(out / "encoder.npy"), ref["encoder"], atol=1e-5)
     assert "8 documents" in text and "lines.txt" in text
+
+
+# -- batches of similar length ---------------------------------------------------------------------------------------
+
+def test_token_lengths_are_the_lengths_of_the_datasets_items(tokenizer):
+    data = TokenizedTexts(SENTENCES, tokenizer, max_length=None)
+    lengths = texts_module.token_lengths(SENTENCES, tokenizer)
+    assert lengths == [len(data[i]["input_ids"]) for i in range(len(SENTENCES))]
+    assert lengths[0] == 4 and max(lengths) > 150
+
+
+def test_text_loader_batches_by_length_unless_corpus_order_is_asked(tokenizer):
+    cut = TokenizedTexts(SENTENCES, tokenizer, max_length=16)
+    lengths = [min(len(ids), 16) for ids in tokenizer(SENTENCES)["input_ids"]]  # cut documents count as cut
+    by_length = texts_module.text_loader(cut, 3)
+    assert list(by_length.batch_sampler) == list(hookkit.length_batches(lengths, 3))
+    uncut = TokenizedTexts(SENTENCES, tokenizer, max_length=512)
+    widths = [b["input_ids"].shape[1] for b in texts_module.text_loader(uncut, 3)]
+    assert widths == sorted(widths, reverse=True)
+    corpus = texts_module.text_loader(uncut, 3, order="corpus")
+    assert list(corpus.batch_sampler) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    given = texts_module.text_loader(uncut, 3, lengths=list(range(8)))  # the caller's counts, not counted again
+    assert list(given.batch_sampler) == [[5, 6, 7], [2, 3, 4], [0, 1]]
+
+
+def test_text_command_help_shows_the_order_option_and_its_default(capsys):
+    assert run(["extract", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--order {length,corpus}" in shown and "length (the default) puts documents of similar token" in shown
+    assert "corpus takes them in file order" in shown and "Row i is document i either way" in shown
+
+
+def test_text_command_batches_by_length_with_rows_in_file_order_equal_to_sentence_transformers(tmp_path,
+                                                                                               monkeypatch):
+    data = write_lines(tmp_path / "docs.txt", SENTENCES)
+    shapes: list[tuple[int, int]] = []
+
+    def load_and_watch(folder):
+        m = load_text_model(folder)
+        m.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+        return m
+
+    monkeypatch.setattr(texts_module, "load_text_model", load_and_watch)
+    seen = {}
+    for order in ("length", "corpus"):
+        for pool in ("avg", None):
+            shapes.clear()
+            more = (["--pool", pool] if pool else []) + (["--order", order] if order == "corpus" else [])
+            code, text = invoke(text_args(data, tmp_path / f"{order}-{pool}", "--batch-size", "3", *more))
+            assert code == 0, text
+            seen[order, pool] = list(shapes)
+    lengths = texts_module.token_lengths(SENTENCES, load_tokenizer(MODEL_DIR))
+    batches = {order: [(len(b), max(lengths[i] for i in b)) for b in batch_lists]
+               for order, batch_lists in (("length", hookkit.length_batches(lengths, 3)),
+                                          ("corpus", [[0, 1, 2], [3, 4, 5], [6, 7]]))}
+    for (order, _), shapes_seen in seen.items():  # extract runs the batch holding sample 0 first, then the others
+        assert sorted(shapes_seen) == sorted(batches[order]), order
+    padded = {order: sum(n * w for n, w in seen[order, "avg"]) for order in ("length", "corpus")}
+    assert padded["length"] < 0.8 * padded["corpus"]
+    pooled = np.load(tmp_path / "length-avg" / "encoder.npy")
+    np.testing.assert_allclose(pooled, np.load(tmp_path / "corpus-avg" / "encoder.npy"), atol=1e-5)
+    st = sentence_transformers.SentenceTransformer(MODEL_DIR, device="cpu")
+    reference = st.encode(SENTENCES, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(torch.nn.functional.normalize(torch.from_numpy(pooled), dim=1).numpy(), reference,
+                               atol=2e-5)
+    for name in ("encoder.offsets.npy", "lines.txt"):  # ragged: the same offsets, row i's tokens are document i's
+        assert (tmp_path / "length-None" / name).read_bytes() == (tmp_path / "corpus-None" / name).read_bytes()
+    np.testing.assert_allclose(np.load(tmp_path / "length-None" / "encoder.npy"),
+                               np.load(tmp_path / "corpus-None" / "encoder.npy"), atol=1e-5)
+
+
+def test_the_command_counts_token_lengths_once_also_when_it_checks_them(tmp_path, monkeypatch):
+    data = write_lines(tmp_path / "docs.txt", SENTENCES)
+    counted = []
+    real = texts_module.token_lengths
+
+    def count(texts, tokenizer):
+        counted.append(len(texts))
+        return real(texts, tokenizer)
+    monkeypatch.setattr(texts_module, "token_lengths", count)
+    for n, more in enumerate([[], ["--no-truncation"], ["--order", "corpus"]]):
+        counted.clear()
+        code, text = invoke(text_args(data, tmp_path / f"out{n}", "--pool", "avg", *more))
+        assert code == 0, text
+        assert counted == ([] if "corpus" in more else [len(SENTENCES)])
 
 
 def test_text_command_reads_a_field_of_json_lines(model, tokenizer, tmp_path):

@@ -23,6 +23,9 @@ from hookkit.extraction import npy as _npy
 from hookkit.extraction import npyfolder as _npyfolder
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _progress import done_ranges  # noqa: E402
+
 LAYERS = ["net.1", "net.3"]
 
 
@@ -323,8 +326,7 @@ def test_a_failed_write_surfaces_at_once_and_every_batch_recorded_as_done_stays(
     with pytest.raises(hookkit.ExtractError, match="could not write"):
         hookkit.extract(model, ["net.3"], padded(seqs, 8), pool="avg", out=tmp_path / "f", progress=False)
     assert len(forwards) <= 4 + 3  # the loop stops within the writer's queue (2) and the batch in hand
-    progress = json.loads((tmp_path / "f" / "progress" / "rank-0.json").read_text())
-    assert progress["rows"] == [[0, 24]]  # batches 0-2 written and recorded; nothing after the failure
+    assert done_ranges(tmp_path / "f") == [[0, 24]]  # batches 0-2 written and recorded; nothing after the failure
     monkeypatch.setattr(_npy.RowFile, "write", real)
     forwards.clear()
     hookkit.extract(model, ["net.3"], padded(seqs, 8), pool="avg", out=tmp_path / "f", progress=False)
@@ -361,14 +363,15 @@ def test_a_batch_is_recorded_as_done_only_after_its_rows_are_synced(model, tmp_p
     monkeypatch.setattr(_fs, "sync", sync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b))[1])
     hookkit.extract(model, LAYERS, padded(sequences(24), 8), out=tmp_path / "f", progress=False)
-    records = [i for i, e in enumerate(events) if e == "replace rank-0.json"]
+    records = [i for i, e in enumerate(events) if e.endswith("/progress/rank-0.rows")]  # a batch's rows marked done
     assert len(records) == 3
+    layouts = events.index("replace rank-0.json")  # the row shapes, recorded once, before any row is marked
+    assert events[layouts - 1] == "sync json" and layouts < records[0]
     for k, at in enumerate(records):
         before = events[records[k - 1] if k else 0:at]
-        synced = {e.rsplit("/", 1)[-1] for e in before if e.startswith("sync /")}
-        assert synced >= {"net.1.npy.rank-0.partial", "net.1.npy.index.partial", "net.3.npy.rank-0.partial",
-                          "net.3.npy.index.partial"}, before
-        assert events[at - 1] == "sync json"  # the new progress file itself is synced before it replaces the old
+        synced = [e.rsplit("/", 1)[-1] for e in before if e.startswith("sync /")]
+        assert set(synced) >= {"net.1.npy.rank-0.partial", "net.1.npy.index.partial", "net.3.npy.rank-0.partial",
+                               "net.3.npy.index.partial"}, before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -404,8 +407,7 @@ def test_a_sample_whose_mask_is_all_zeros_is_refused_naming_it_and_earlier_batch
     assert hookkit.hook_census(model) == census and torch.overrides._get_current_function_mode_stack() == modes
     with pytest.raises(hookkit.ExtractError, match="sample 11 "):  # in memory too
         hookkit.extract(model, LAYERS, broken, pool=pool, progress=False)
-    progress = json.loads((tmp_path / "feats" / "progress" / "rank-0.json").read_text())
-    assert progress["rows"] == [[0, 8]]  # batch 0 is kept, nothing of batch 1
+    assert done_ranges(tmp_path / "feats") == [[0, 8]]  # batch 0 is kept, nothing of batch 1
 
     calls = []
     handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)

@@ -45,7 +45,8 @@ __all__: list[str] = []  # run through `hookkit extract`
 _IMAGE_SIZE = 224
 _TEXT_POOLS = tuple(p for p in POOLS if p != "flatten")  # a document's tokens do not flatten to one width
 _IMAGE_ONLY = (("image_size", "--image-size"), ("weights", "--weights"))
-_TEXT_ONLY = (("field", "--field"), ("max_length", "--max-length"), ("no_truncation", "--no-truncation"))
+_TEXT_ONLY = (("field", "--field"), ("max_length", "--max-length"), ("no_truncation", "--no-truncation"),
+              ("order", "--order"))
 
 
 def register(sub: Any) -> None:
@@ -76,7 +77,8 @@ def register(sub: Any) -> None:
                              help="per sample: average / max over space or tokens (text: over the real tokens, "
                              "not the padding), flatten (images only), or the first token; text without --pool "
                              "keeps every real token (DIR/<layer>.npy [tokens, ...] and DIR/<layer>.offsets.npy)")
-    extract_cmd.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
+    extract_cmd.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
+                             help="images or documents per batch; default: %(default)s")
     extract_cmd.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                              help="storage dtype (default: the layer's own; a bfloat16 layer as float32). bfloat16 "
                              "files hold the raw 2-byte values (numpy uint16; manifest.json names the dtype)")
@@ -96,6 +98,10 @@ def register(sub: Any) -> None:
                       "model takes")
     text.add_argument("--no-truncation", action="store_true",
                       help="never cut a document: refuse (before anything is written) one over the limit")
+    text.add_argument("--order", choices=["length", "corpus"], default=None,
+                      help="which documents share a batch: length (the default) puts documents of similar token "
+                      "counts together, the longest batch first, so that little of each batch is padding; corpus "
+                      "takes them in file order. Row i is document i either way")
     extract_cmd.set_defaults(command=_cmd_extract)
 
 
@@ -138,8 +144,6 @@ def _images(args: argparse.Namespace, out: Path, console: Console) -> int:
 
 
 def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
-    from torch.utils.data import DataLoader
-
     from hookkit.cli import texts as _texts
 
     if args.pool not in _TEXT_POOLS:
@@ -153,9 +157,10 @@ def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
             raise CommandLineError(f"--max-length {args.max_length} is over the {limit} tokens the model takes "
                                    f"(its position embeddings end there); pass --max-length {limit} or less.")
         limit = args.max_length
+    lengths = None  # each document's token count, for --order length: counted once, here or by text_loader
     if args.no_truncation and limit is not None:
         whose = "the model's limit of" if args.max_length is None else "--max-length"
-        _texts.check_lengths(docs, tokenizer, limit, limit_from=whose)
+        lengths = _texts.check_lengths(docs, tokenizer, limit, limit_from=whose)
     listing = out / "lines.txt"
     _texts.check_line_index(docs, listing)
     model = _texts.load_text_model(args.model)
@@ -166,8 +171,8 @@ def _text(args: argparse.Namespace, out: Path, console: Console) -> int:
     texts = _texts.TokenizedTexts(docs.texts, tokenizer, max_length=limit, truncation=not args.no_truncation)
     dataset_id = _texts.corpus_id(docs, tokenizer, max_length=limit, truncation=not args.no_truncation)
     _write_index(args, lambda: _texts.write_line_index(docs, listing))
-    loader = DataLoader(texts, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        collate_fn=texts.collate)
+    loader = _texts.text_loader(texts, args.batch_size, order=args.order or "length", lengths=lengths,
+                                num_workers=args.workers)
     feats, before = _extract(args, model, loader, out, len(docs), pool=args.pool, dataset_id=dataset_id)
     _show(feats, console, f"{len(docs)} documents{before}; row i is the document whose input line is the first "
           f"number on line i of {listing}.")

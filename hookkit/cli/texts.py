@@ -7,6 +7,9 @@ or JSON Lines with ``field``) into ``Documents`` (the texts and the line each ca
 DataLoader workers share the work) and its ``collate`` pads a batch into the dict a Hugging Face model takes, with
 the ``attention_mask`` that ``hookkit.extract`` uses to pool over, or keep, only the real tokens.
 
+``text_loader`` batches them, by default documents of similar length together (``hookkit.length_batches``, from
+the token counts of ``token_lengths``), so that little of each batch is padding.
+
 ``write_line_index`` / ``check_line_index`` keep ``OUT/lines.txt`` (line ``i``: the input line of row ``i`` and a
 hash of its text), the record ``hookkit.cli.extract`` compares before it resumes, as ``files.txt`` is for images.
 transformers (the optional extra ``hookkit[hf]``) is imported by the loaders, not with this module. A bad text file
@@ -25,12 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from hookkit._errors import CommandLineError, HookkitError, ModelSpecError
+from hookkit.extraction.batches import length_batches
 
 __all__ = [
     "Documents",
@@ -41,6 +46,8 @@ __all__ = [
     "model_max_length",
     "TokenizedTexts",
     "check_lengths",
+    "token_lengths",
+    "text_loader",
     "corpus_id",
     "write_line_index",
     "check_line_index",
@@ -372,19 +379,50 @@ class TokenizedTexts(torch.utils.data.Dataset):
         return f"TokenizedTexts({len(self.texts)} documents, {limit})"
 
 
-def check_lengths(docs: Documents, tokenizer: Any, limit: int, *, limit_from: str = "the model's limit of",
-                  option: str = "--no-truncation") -> None:
-    """Refuse the first document longer than ``limit`` tokens (special tokens included), naming its line; for a
-    run that does not cut documents (``limit_from`` says whose limit it is, ``option`` names the switch)."""
+def token_lengths(texts: Sequence[str], tokenizer: Any) -> list[int]:
+    """Each text's number of tokens (special tokens included), uncut; one call of the tokenizer per 1,024 texts."""
     chunk = 1024
-    for start in range(0, len(docs), chunk):
-        encoded = tokenizer(docs.texts[start:start + chunk])["input_ids"]
-        for j, ids in enumerate(encoded):
-            if len(ids) > limit:
-                i = start + j
-                raise CommandLineError(f"line {docs.lines[i]} of {str(docs.path)!r} (row {i}) is {len(ids):,} tokens "
-                                       f"long, over {limit_from} {limit:,}, and {option} forbids cutting it; split "
-                                       f"long documents, or leave out {option} to keep their first {limit:,} tokens.")
+    lengths: list[int] = []
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(list(texts[start:start + chunk]), return_attention_mask=False,
+                            return_token_type_ids=False)
+        lengths.extend(len(ids) for ids in encoded["input_ids"])
+    return lengths
+
+
+def check_lengths(docs: Documents, tokenizer: Any, limit: int, *, limit_from: str = "the model's limit of",
+                  option: str = "--no-truncation") -> list[int]:
+    """Refuse the first document longer than ``limit`` tokens (special tokens included), naming its line; for a
+    run that does not cut documents (``limit_from`` says whose limit it is, ``option`` names the switch). Returns
+    each document's length (``token_lengths``), for ``text_loader``, so that they are counted once."""
+    lengths = token_lengths(docs.texts, tokenizer)
+    for i, n in enumerate(lengths):
+        if n > limit:
+            raise CommandLineError(f"line {docs.lines[i]} of {str(docs.path)!r} (row {i}) is {n:,} tokens long, over "
+                                   f"{limit_from} {limit:,}, and {option} forbids cutting it; split long documents, "
+                                   f"or leave out {option} to keep their first {limit:,} tokens.")
+    return lengths
+
+
+def text_loader(texts: TokenizedTexts, batch_size: int, *, order: Literal["length", "corpus"] = "length",
+                lengths: Sequence[int] | None = None, num_workers: int = 0) -> DataLoader:
+    """The DataLoader ``hookkit extract --text`` reads: ``texts`` padded per batch by ``texts.collate``.
+
+    ``order="length"`` (the default) batches documents of similar length together with ``hookkit.length_batches``
+    (``batch_size`` per batch, the longest batch first), so that little of each batch is padding; ``"corpus"``
+    batches them in file order. ``hookkit.extract`` writes row i for document i either way. ``lengths``: each
+    document's uncut token count where the caller has it (``check_lengths`` returns them); counted here otherwise
+    (one more pass of the tokenizer, a small cost beside the model's). Lengths over ``texts.max_length`` count as
+    cut to it when ``texts`` cuts documents.
+    """
+    if order == "corpus":
+        return DataLoader(texts, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          collate_fn=texts.collate)
+    counts = list(lengths) if lengths is not None else token_lengths(texts.texts, texts.tokenizer)
+    if texts.truncation and texts.max_length is not None:
+        counts = [min(n, texts.max_length) for n in counts]
+    return DataLoader(texts, batch_sampler=length_batches(counts, batch_size), num_workers=num_workers,
+                      collate_fn=texts.collate)
 
 
 # -- what identifies the rows ---------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
                 # once per batch it needs (a mask= callable runs once), not for batches only read to be skipped
                 mask = _rows.batch_mask(listener.mask_option, batch, device) if batch.first or batch.mine else None
                 if batch.first:
-                    store.first_sample(batch.args, batch.kwargs, batch.n, mask)
+                    store.first_sample(batch.args, batch.kwargs, batch.n, mask, at=batch.zero)
                 if not batch.mine:
                     if bar is not None:
                         bar.update(batch.index + 1, images, written)
@@ -209,7 +209,7 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
                 rows = _batch_rows(model, names, listener, batch, device, mask, stop=stop,
                                    stop_now=stop and whole_forward_done)
                 whole_forward_done = True
-                job = functools.partial(_write, store, batch.first_row, host.start(rows), batch.index)
+                job = functools.partial(_write, store, batch.rows, host.start(rows), batch.index)
                 if writer is None:
                     job()
                 else:
@@ -232,8 +232,8 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
             bar.stop()
 
 
-def _write(store: RowStore, first_row: int, rows: Callable[[], dict[str, Rows]], index: int) -> None:
-    store.write(first_row, rows(), batch=index)
+def _write(store: RowStore, at: Any, rows: Callable[[], dict[str, Rows]], index: int) -> None:
+    store.write(at, rows(), batch=index)
 
 
 def _nbytes(value: torch.Tensor | _rows.Tokens) -> int:
@@ -349,7 +349,7 @@ class _Rows(Listener):
         if not self._empty or self._where is None:
             return
         batch, rows = self._where, self._empty
-        samples = ", ".join(str(batch.first_row + r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        samples = ", ".join(str(int(batch.rows[r])) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
         raise ExtractError(
             f"sample{'s' * (len(rows) > 1)} {samples} (row {rows[0]} of batch {batch.index}) "
             f"{'have' if len(rows) > 1 else 'has'} no valid token: {'their' if len(rows) > 1 else 'its'} mask is all "

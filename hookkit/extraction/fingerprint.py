@@ -2,8 +2,9 @@
 
 ``extraction.extract.extract()`` calls ``call_settings()`` once, before anything is written, and hands the dict to the
 ``.npy`` folder store (``extraction.npyfolder.NpyFolder``), which writes it into ``manifest.json`` and refuses a resumed
-call whose settings differ. The store calls ``sample0_digest()`` on the first sample of the data, the cheap check that a
-resumed run reads the same data. Nothing here writes files or raises for bad input: it only hashes.
+call whose settings differ. The store calls ``sample0_digest()`` on sample 0 of the data (row 0, in whichever batch
+holds it), the cheap check that a resumed run reads the same data. Nothing here writes files or raises for bad input: it
+only hashes.
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ def hash_tensor(h: Any, t: torch.Tensor) -> None:
     h.update(flat.view(torch.uint8).numpy().data)
 
 
-def sample0_digest(args: tuple, kwargs: dict, n: int, valid: torch.Tensor | None = None) -> str:
-    """A hash of the first sample of every input tensor: the cheap check that a resumed run reads the same data.
-    With the batch's [N, T] mask of ``valid`` tokens, only sample 0's valid tokens count in tensors of that [N, T]:
-    its padding depends on what it was batched with, so a run resumed with another batch size still matches."""
+def sample0_digest(args: tuple, kwargs: dict, n: int, valid: torch.Tensor | None = None, *, at: int = 0) -> str:
+    """A hash of sample 0 of the data, the sample at position ``at`` of a batch of ``n`` (every input tensor's
+    row ``at``): the cheap check that a resumed run reads the same data. With the batch's [N, T] mask of ``valid``
+    tokens, only the sample's valid tokens count in tensors of that [N, T]: its padding depends on what it was
+    batched with, so a run resumed with another batch size or other batches still matches."""
     h = hashlib.sha256()
     for t in _tree.leaves((args, kwargs)):
-        first = t[:1] if t.dim() and t.shape[0] == n else t
+        first = t[at:at + 1] if t.dim() and t.shape[0] == n else t
         if valid is not None and t.dim() >= 2 and t.shape[:2] == valid.shape:
-            first = first[:, valid[0].to(t.device)]
+            first = first[:, valid[at].to(t.device)]
         h.update(f"{first.dtype} {tuple(first.shape)};".encode())
         hash_tensor(h, first)
     return h.hexdigest()[:32]

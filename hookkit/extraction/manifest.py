@@ -1,9 +1,11 @@
 """The bookkeeping files of an extraction folder, and the errors of writing into it.
 
 ``manifest.json`` says what the rows are (model fingerprint, layers, options, data checks, the file of each layer;
-``complete`` once finished); ``progress/rank-R.json`` lists the row ranges rank R has written (with each layer's row
-shape and dtype), rewritten atomically after each batch's rows are synced; ``progress/rank-R.lock`` is held
-(``flock``) by the process writing as rank R. ``extraction.npyfolder.NpyFolder`` reads and writes them through the
+``complete`` once finished; ``progress_format``, the layout of the progress files); ``progress/rank-R.rows`` holds one
+byte per row, set (``DoneRows.mark``, in place) once rank R's rows of it are synced in the files, itself synced before
+the next batch; ``progress/rank-R.json`` each layer's row shape and dtype as rank R wrote them (replaced whole when
+they change, before any row of theirs is marked); ``progress/rank-R.lock`` is held (``flock``) by the process
+writing as rank R. ``extraction.npyfolder.NpyFolder`` reads and writes them through the
 functions here; ``rows_written`` reads them for the command line. Every file is replaced through ``hookkit.core.fs``
 (``write_json``); ``Writing`` turns a full or failing disk into an ``ExtractError`` that names the file.
 """
@@ -16,15 +18,16 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hookkit._errors import ExtractError
 from hookkit._version import __version__ as _version
+from hookkit.core import fs as _fs
 from hookkit.core.fs import NEW_FILE_MODE, write_bytes
 
 try:
@@ -32,41 +35,29 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, a second writer is not noticed
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["MANIFEST", "merge_ranges", "clip_ranges", "row_gaps", "file_names", "write_json", "Writing", "Lock",
-           "take_lock", "try_lock", "new_manifest", "read_manifest", "rows_written", "read_progress", "all_progress",
-           "forget_rows", "COMMAND"]
+__all__ = ["MANIFEST", "PROGRESS_FORMAT", "done_end", "row_gaps", "DoneRows", "file_names", "write_json", "Writing",
+           "Lock", "take_lock", "try_lock", "new_manifest", "read_manifest", "rows_written", "read_done",
+           "read_progress", "all_progress", "forget_rows", "COMMAND"]
 
 MANIFEST = "manifest.json"
 
 
-# -- row ranges -------------------------------------------------------------------------------------------------------
+# -- done rows ------------------------------------------------------------------------------------------------------
+# Which rows are written is a boolean mask over the rows (``done[i]``: row i is in the files); a mask shorter than the
+# data says nothing of the rows past its end (not done).
 
-def merge_ranges(ranges: Iterable[Iterable[int]]) -> list[list[int]]:
-    """Sorted, disjoint ``[start, stop)`` row ranges."""
-    out: list[list[int]] = []
-    for a, b in sorted([int(a), int(b)] for a, b in ranges):
-        if b <= a:
-            continue
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
+def done_end(done: np.ndarray) -> int:
+    """One past the last done row (0 when none is)."""
+    where = np.flatnonzero(done)
+    return int(where[-1]) + 1 if len(where) else 0
 
 
-def clip_ranges(ranges: list[list[int]], limit: int) -> list[list[int]]:
-    return [[a, min(b, limit)] for a, b in ranges if a < limit]
-
-
-def row_gaps(ranges: list[list[int]], n: int) -> list[list[int]]:
-    gaps, at = [], 0
-    for a, b in clip_ranges(ranges, n):
-        if a > at:
-            gaps.append([at, a])
-        at = max(at, b)
-    if at < n:
-        gaps.append([at, n])
-    return gaps
+def row_gaps(done: np.ndarray, n: int) -> list[list[int]]:
+    """The ``[start, stop)`` ranges of rows below ``n`` that ``done`` does not mark."""
+    have = np.zeros(n, dtype=bool)
+    have[:min(n, len(done))] = done[:n]
+    edges = np.flatnonzero(np.diff(np.concatenate([[True], have, [True]]).astype(np.int8)))
+    return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 # -- the folder's files -----------------------------------------------------------------------------------------------
@@ -178,12 +169,17 @@ def try_lock(path: Path) -> Lock | None:
 # manifest outside its settings (a resumed run compares only those) so that an unfinished folder can say how to finish.
 COMMAND: ContextVar[dict[str, str] | None] = ContextVar("hookkit_extract_command", default=None)
 
+# The layout of the progress files a manifest goes with: a folder whose unfinished run kept its progress another way
+# (row ranges in ``rank-R.json``, before rows were placed by sample index) is refused instead of misread.
+PROGRESS_FORMAT = 2
+
 
 def new_manifest(settings: dict[str, Any], samples: int | None, sample0: str | None, files: dict[str, str],
               **finished: Any) -> dict[str, Any]:
     command = COMMAND.get()
     return {"settings": settings, "data": {"samples": samples, "sample0": sample0}, "files": files,
-            "complete": bool(finished), **finished, **({"command": command} if command else {}),
+            "complete": bool(finished), **finished, "progress_format": PROGRESS_FORMAT,
+            **({"command": command} if command else {}),
             "hookkit": _version, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
@@ -211,30 +207,74 @@ def rows_written(out: Path) -> tuple[int, bool]:
         return 0, False
     if manifest.get("complete"):
         return int(manifest.get("rows", 0)), True
-    rows = all_progress(out)[0] if (out / "progress").is_dir() else []
-    return sum(b - a for a, b in rows), False
+    done = all_progress(out)[0] if (out / "progress").is_dir() else np.zeros(0, dtype=bool)
+    return int(done.sum()), False
+
+
+class DoneRows:
+    """``progress/rank-R.rows``: one byte per row, 1 once rank R's rows of it are in the files. ``mark`` writes the
+    bytes of a batch's rows in place (one ``pwrite`` per run of consecutive rows), so a batch costs the same however
+    many rows are done, in whatever order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, NEW_FILE_MODE)
+
+    def mark(self, rows: np.ndarray) -> None:
+        at = np.sort(np.asarray(rows, dtype=np.int64))
+        breaks = np.flatnonzero(np.diff(at) != 1) + 1
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(at)], strict=True):
+            if b > a:
+                os.pwrite(self.fd, b"\x01" * (b - a), int(at[a]))
+
+    def sync(self) -> None:
+        _fs.sync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_done(path: Path) -> np.ndarray:
+    """The rows one rank's ``.rows`` file marks done (an absent file: none)."""
+    try:
+        return np.fromfile(path, dtype=np.uint8) != 0
+    except FileNotFoundError:
+        return np.zeros(0, dtype=bool)
 
 
 def read_progress(path: Path) -> dict[str, Any]:
-    """One rank's progress; an unreadable or old-format file counts as nothing done (those rows are recomputed)."""
+    """One rank's progress: the rows done (``rank-R.rows`` beside ``path``) and, from ``path`` (``rank-R.json``),
+    each layer's row shape and dtype and which layers are ragged. An unreadable file counts as nothing known."""
+    done = read_done(path.with_suffix(".rows"))
     try:
         data = json.loads(path.read_text())
-        return {"rows": merge_ranges(data["rows"]), "shapes": dict(data.get("shapes", {})),
-                "dtypes": dict(data.get("dtypes", {})), "ragged": list(data.get("ragged", []))}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"rows": [], "shapes": {}, "dtypes": {}, "ragged": []}
+        return {"rows": done, "shapes": dict(data.get("shapes", {})), "dtypes": dict(data.get("dtypes", {})),
+                "ragged": list(data.get("ragged", []))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {"rows": done, "shapes": {}, "dtypes": {}, "ragged": []}
 
 
-def all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dict[str, str], set[str]]:
-    """What every rank's progress file says: the rows written, each layer's row (or token) shape and dtype, and
-    which layers are ragged."""
-    rows: list[list[int]] = []
+def _ranks_with_progress(out: Path) -> list[int]:
+    found = {p.stem.removeprefix("rank-") for pattern in ("rank-*.json", "rank-*.rows")
+             for p in (out / "progress").glob(pattern)}
+    return sorted(int(r) for r in found if r.isdigit())
+
+
+def all_progress(out: Path) -> tuple[np.ndarray, dict[str, list[int]], dict[str, str], set[str]]:
+    """What every rank's progress files say: the rows written (a mask), each layer's row (or token) shape and
+    dtype, and which layers are ragged."""
+    done = np.zeros(0, dtype=bool)
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, str] = {}
     ragged: set[str] = set()
-    for path in sorted((out / "progress").glob("rank-*.json")):
-        p = read_progress(path)
-        rows += p["rows"]
+    for rank in _ranks_with_progress(out):
+        p = read_progress(out / "progress" / f"rank-{rank}.json")
+        rows = p["rows"]
+        if len(rows) > len(done):
+            done = np.concatenate([done, np.zeros(len(rows) - len(done), dtype=bool)])
+        done[:len(rows)] |= rows
         for name, shape in p["shapes"].items():
             if shapes.setdefault(name, shape) != shape:
                 raise ExtractError(f"{out}: ranks wrote rows of two shapes for {name!r} ({shapes[name]} and "
@@ -242,32 +282,37 @@ def all_progress(out: Path) -> tuple[list[list[int]], dict[str, list[int]], dict
         for name, dt in p["dtypes"].items():
             dtypes.setdefault(name, dt)
         ragged.update(p["ragged"])
-    return merge_ranges(rows), shapes, dtypes, ragged
+    return done, shapes, dtypes, ragged
 
 
-def _clip_progress(path: Path, limit: int) -> None:
-    p = read_progress(path)
-    with Writing(path):
+def _clip_progress(out: Path, rank: int, limit: int) -> None:
+    """Forget rank ``rank``'s rows at and after ``limit`` (all of its progress at 0)."""
+    rows, meta = out / "progress" / f"rank-{rank}.rows", out / "progress" / f"rank-{rank}.json"
+    with Writing(rows):
         if limit == 0:
-            path.unlink(missing_ok=True)
-        else:
-            write_json(path, {**p, "rows": clip_ranges(p["rows"], limit)})
+            rows.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+        elif rows.exists() and rows.stat().st_size > limit:
+            os.truncate(rows, limit)
+            fd = os.open(rows, os.O_RDONLY)
+            try:
+                _fs.sync(fd)
+            finally:
+                os.close(fd)
 
 
 def forget_rows(out: Path, rank: int, world: int, limit: int) -> None:
-    """Forget progress at and after row ``limit``: this rank's file, and (rank 0) the files of ranks beyond this
+    """Forget progress at and after row ``limit``: this rank's files, and (rank 0) the files of ranks beyond this
     job's ``world`` (left by a run with more ranks) that no live process holds. The job's ranks forget their own."""
-    _clip_progress(out / "progress" / f"rank-{rank}.json", limit)
+    _clip_progress(out, rank, limit)
     if rank != 0:
         return
-    for path in (out / "progress").glob("rank-*.json"):
-        number = path.stem.removeprefix("rank-")
-        if not number.isdigit() or int(number) < world:
+    for number in _ranks_with_progress(out):
+        if number < world:
             continue
-        held = try_lock(path.with_suffix(".lock"))
+        held = try_lock(out / "progress" / f"rank-{number}.lock")
         if held is not None:
             try:
-                _clip_progress(path, limit)
+                _clip_progress(out, number, limit)
             finally:
                 held.release()
-

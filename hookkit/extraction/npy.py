@@ -53,7 +53,7 @@ def finish_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
 
 
 class RowFile:
-    """One layer's rows: ``write(first_row, array)`` puts rows at their place; opened without truncating, so
+    """One layer's rows: ``write(at, array)`` puts rows at their place; opened without truncating, so
     several processes (and a resumed run) share the file."""
 
     def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
@@ -102,13 +102,27 @@ class RowFile:
                 n = os.pwrite(self._fd, view, to)
                 view, to = view[n:], to + n
 
-    def write(self, first_row: int, rows: np.ndarray) -> None:
+    def write(self, at: int | np.ndarray, rows: np.ndarray) -> None:
+        """``rows`` at their places: from row ``at`` on (an int), or row ``at[j]`` for ``rows[j]`` (an index array,
+        in any order: sorted, each run of consecutive rows is one ``pwrite``)."""
         data = np.ascontiguousarray(rows, dtype=self.dtype)
         if data.shape[1:] != self.row_shape:  # extract() checks shapes first: this is a guard against bugs
             raise AssertionError(f"hookkit bug: rows of shape {data.shape[1:]} reached {self.path.name}, whose rows "
                                  f"are {self.row_shape}")
         if data.size == 0:
             return
+        if isinstance(at, (int, np.integer)):
+            self._put(data, int(at))
+            return
+        where = np.asarray(at, dtype=np.int64)
+        if len(where) > 1 and not (np.diff(where) > 0).all():
+            order = np.argsort(where, kind="stable")
+            where, data = where[order], data[order]
+        breaks = (np.flatnonzero(np.diff(where) != 1) + 1).tolist()
+        for a, b in zip([0, *breaks], [*breaks, len(where)], strict=True):
+            self._put(data[a:b], int(where[a]))
+
+    def _put(self, data: np.ndarray, first_row: int) -> None:
         view = data.data.cast("B")
         offset = HEADER_BYTES + first_row * self.row_bytes
         while view:

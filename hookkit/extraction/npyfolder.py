@@ -26,12 +26,14 @@ from hookkit.extraction.dtypes import torch_names
 from hookkit.extraction.fingerprint import sample0_digest
 from hookkit.extraction.manifest import (
     MANIFEST,
+    PROGRESS_FORMAT,
+    DoneRows,
     Lock,
     Writing,
     all_progress,
+    done_end,
     file_names,
     forget_rows,
-    merge_ranges,
     new_manifest,
     read_manifest,
     read_progress,
@@ -79,9 +81,10 @@ class NpyFolder(RowStore):
         self.files = file_names(names)
         self.manifest: dict[str, Any] | None = None
         self.sample0: str | None = None
-        self._done: list[list[int]] = []
+        self._done = np.zeros(0, dtype=bool)
         self._own = out / "progress" / f"rank-{rank}.json"
-        self._mine: list[list[int]] = []
+        self._marks: DoneRows | None = None  # progress/rank-R.rows, opened at the first write
+        self._layouts: dict[str, Any] = {}  # what this rank's progress json says now
         self._shapes = RowShapes({})
         self._dtypes: dict[str, str] = {}
         self._row_files: dict[str, RowFile | TokenFiles] = {}
@@ -95,6 +98,7 @@ class NpyFolder(RowStore):
             _check_same(out, manifest, self.settings, self.samples)
             if manifest.get("complete"):
                 return _open_finished(out, manifest, names)
+            _check_format(out, manifest)
             _check_partials(out, names, self.files, self.rank, self.world)
         else:
             _start_fresh(out, self.rank, self.world)
@@ -103,18 +107,19 @@ class NpyFolder(RowStore):
         done, known_shapes, dtypes, ragged = all_progress(out)
         self.manifest = manifest
         self._done = done
-        self._mine = read_progress(self._own)["rows"]
+        own = read_progress(self._own)
+        self._layouts = {k: own[k] for k in ("shapes", "dtypes", "ragged")}
         self._shapes = RowShapes({n: ((s, n in ragged), f"the rows already in {out}")
                                    for n, s in known_shapes.items() if n in names})
         self._dtypes = {n: d for n, d in dtypes.items() if n in names}
         self._token_ends = {n: chunk_end(out, self.files[n], self.rank, done) for n in ragged if n in names}
         return None
 
-    def done_rows(self) -> list[list[int]]:
+    def done_rows(self) -> np.ndarray:
         return self._done
 
-    def first_sample(self, args: tuple, kwargs: dict, n: int, valid: Any = None) -> None:
-        self.sample0 = digest = sample0_digest(args, kwargs, n, valid)
+    def first_sample(self, args: tuple, kwargs: dict, n: int, valid: Any = None, *, at: int = 0) -> None:
+        self.sample0 = digest = sample0_digest(args, kwargs, n, valid, at=at)
         before = (self.manifest or {}).get("data", {}).get("sample0")
         if before is not None and before != digest:
             raise ExtractError(
@@ -122,7 +127,7 @@ class NpyFolder(RowStore):
                 "(other content or order; random transforms or shuffle=True do this too), so its rows would not "
                 "match. Use another out= folder, or delete this one to start over.")
 
-    def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
+    def write(self, at: np.ndarray, rows: dict[str, Rows], *, batch: int) -> None:
         self._shapes.check(rows, batch)
         out = self.out
         for name, arr in rows.items():
@@ -138,15 +143,21 @@ class NpyFolder(RowStore):
                           else f"{self.files[name]}.partial")
             with Writing(path):  # errors name the file this rank writes
                 f = self._open_file(name, arr)
-                f.write(first_row, arr)  # type: ignore[arg-type]
+                f.write(at, arr)  # type: ignore[arg-type]
                 f.sync()
-        n = len(next(iter(rows.values())))
-        self._mine[:] = merge_ranges([*self._mine, [first_row, first_row + n]])
+        layouts = {"shapes": self._shapes.recorded(), "dtypes": self._dtypes, "ragged": self._shapes.ragged()}
+        if layouts != self._layouts:  # a layer's first rows: its shape is known before any of its rows is marked
+            with Writing(self._own):
+                write_json(self._own, layouts)
+            self._layouts = json.loads(json.dumps(layouts))  # a copy: later layers add to the live dicts
         # Only after the rows are on disk (synced above): neither a killed process nor a power cut leaves progress
         # claiming rows that are not in the files.
-        with Writing(self._own):
-            write_json(self._own, {"rows": self._mine, "shapes": self._shapes.recorded(), "dtypes": self._dtypes,
-                                     "ragged": self._shapes.ragged()})
+        marks = self.out / "progress" / f"rank-{self.rank}.rows"
+        with Writing(marks):
+            if self._marks is None:
+                self._marks = DoneRows(marks)
+            self._marks.mark(at)
+            self._marks.sync()
 
     def _open_file(self, name: str, arr: Rows) -> RowFile | TokenFiles:
         if name not in self._row_files:
@@ -189,6 +200,8 @@ class NpyFolder(RowStore):
     def _close_files(self) -> None:
         for f in self._row_files.values():
             f.close()
+        if self._marks is not None:
+            self._marks.close()
 
     def close(self) -> None:
         self._close_files()
@@ -221,9 +234,9 @@ def _check_partials(out: Path, names: list[str], files: dict[str, str], rank: in
     forgotten (and computed again), never returned as zeros. Called by ``NpyFolder.resume``, itself called by
     ``extract()``: the warning's ``stacklevel`` points at the user's call."""
     rows, shapes, dtypes, ragged = all_progress(out)
-    if not rows:
+    end = done_end(rows)
+    if not end:
         return
-    end = rows[-1][1]
     limit = end
     problems = []
     for name in names:
@@ -261,6 +274,16 @@ def _start_fresh(out: Path, rank: int, world: int) -> None:
     if rank == 0:
         for path in (out / "progress").glob("*.layout"):
             path.unlink(missing_ok=True)
+
+
+def _check_format(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an unfinished folder whose progress files are kept another way than this hookkit's (an older one's):
+    they would be misread."""
+    if manifest.get("progress_format") != PROGRESS_FORMAT:
+        raise ExtractError(
+            f"{out} holds an unfinished extraction started by hookkit {manifest.get('hookkit', '(an older one)')}, "
+            "whose progress files this version does not read. Finish it with that version, or delete the folder "
+            "(or use another out=) to start over.")
 
 
 def _check_same(out: Path, manifest: dict[str, Any], settings: dict[str, Any], samples: int | None) -> None:
@@ -327,11 +350,12 @@ def _complete(out: Path, manifest: dict[str, Any], names: list[str], *, batches:
     if current is not None and current.get("complete"):
         return  # finished by another process: never replace finished files
     written, shapes, dtypes, ragged = all_progress(out)
-    if written and written[-1][1] > rows:
+    if done_end(written) > rows:
         raise ExtractError(
-            f"{out} holds {written[-1][1]} rows written earlier, but data now gives only {rows}: the dataset "
-            "shrank or changed since the extraction began, so its rows would not match. Use another out= folder, "
-            "or delete this one to start over.")
+            f"{out} holds {int(written.sum())} rows written earlier (up to row {done_end(written) - 1}), but data "
+            f"now gives only {rows}: the "
+            "dataset shrank or changed since the extraction began, so its rows would not match. Use another out= "
+            "folder, or delete this one to start over.")
     gaps = row_gaps(written, rows)
     if gaps:
         listed = ", ".join(f"{a}..{b - 1}" for a, b in gaps[:5])

@@ -2,8 +2,9 @@
 
 ``extraction.extract.extract()`` opens one store per call (``MemoryRows(names)`` here without ``out``,
 ``extraction.npyfolder.NpyFolder`` with it) and uses it as a context manager: ``resume()`` (a finished folder's
-``Features``, else None), ``done_rows()`` (row ranges already written, handed to the share of ``extraction.shards``),
-``first_sample()`` (the data check), then ``write(first_row, rows, batch=)`` for every batch this rank computes, and
+``Features``, else None), ``done_rows()`` (the mask of rows already written, handed to the share of
+``extraction.shards``), ``first_sample()`` (the data check), then ``write(at, rows, batch=)`` for every batch this rank
+computes (``at``: the row of each of its samples), and
 ``finish(batches, rows)``, which returns the ``Features``. ``RowShapes`` and ``layout_mismatch`` refuse rows whose
 shape changes from batch to batch, for both stores.
 """
@@ -248,16 +249,16 @@ class RowStore:
         """Check what the store already holds against this call: the ``Features`` of a finished run, else None."""
         return None
 
-    def done_rows(self) -> list[list[int]]:
-        """Row ranges ``[start, stop)`` (sorted, disjoint) already written by any rank: not computed again."""
-        return []
+    def done_rows(self) -> np.ndarray:
+        """The rows already written by any rank (a boolean mask; rows past its end are not): not computed again."""
+        return np.zeros(0, dtype=bool)
 
-    def first_sample(self, args: tuple, kwargs: dict, n: int, valid: Any = None) -> None:
-        """The data's first batch (as model input, ``n`` samples; ``valid``: its [N, T] mask of valid tokens, if
-        any), seen before any row is written."""
+    def first_sample(self, args: tuple, kwargs: dict, n: int, valid: Any = None, *, at: int = 0) -> None:
+        """The batch holding row 0 (as model input, ``n`` samples, row 0's at position ``at``; ``valid``: its
+        [N, T] mask of valid tokens, if any), seen before any row is written."""
 
-    def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
-        """Rows ``[first_row, first_row + len)`` of each layer, computed from batch number ``batch``. Called from
+    def write(self, at: np.ndarray, rows: dict[str, Rows], *, batch: int) -> None:
+        """Each layer's rows of batch number ``batch``: sample j's at row ``at[j]`` (int64, any order). Called from
         one thread at a time (``extraction.writer.Background``'s), after ``first_sample``."""
         raise NotImplementedError
 
@@ -276,28 +277,61 @@ class RowStore:
 
 
 class MemoryRows(RowStore):
-    """In memory, one process: each layer's rows as a list of arrays (in data order), concatenated at the end."""
+    """In memory, one process: each layer's batches of rows as they come, put in row order at the end."""
 
     def __init__(self, names: list[str], *, bfloat16: bool = False) -> None:
-        self.arrays: dict[str, list[Rows]] = {n: [] for n in names}
+        self.arrays: dict[str, list[tuple[np.ndarray, Rows]]] = {n: [] for n in names}
         self.shapes = RowShapes({})
         self.bfloat16 = bfloat16  # rows are bfloat16's raw bits (uint16): extract(..., dtype=torch.bfloat16)
 
-    def write(self, first_row: int, rows: dict[str, Rows], *, batch: int) -> None:
+    def write(self, at: np.ndarray, rows: dict[str, Rows], *, batch: int) -> None:
         self.shapes.check(rows, batch)
         for name, arr in rows.items():
-            self.arrays[name].append(arr)
+            self.arrays[name].append((at, arr))
 
     def finish(self, batches: int, rows: int) -> Features:
         arrays, offsets = {}, {}
         for name, parts in self.arrays.items():
-            if parts and isinstance(parts[0], TokenRows):
-                tokens = [p for p in parts if isinstance(p, TokenRows)]
-                arrays[name] = np.concatenate([p.flat for p in tokens])
-                offsets[name] = np.concatenate([[0], np.cumsum(np.concatenate([p.counts for p in tokens]))])
-                offsets[name] = offsets[name].astype(np.int64)
+            at = [a for a, _ in parts]
+            tokens = [p for _, p in parts if isinstance(p, TokenRows)]
+            if tokens:
+                arrays[name], offsets[name] = _placed_tokens(at, tokens, rows)
             else:
-                arrays[name] = np.concatenate([p for p in parts if isinstance(p, np.ndarray)])
+                arrays[name] = _placed_rows(at, [p for _, p in parts if isinstance(p, np.ndarray)], rows)
         return Features(arrays, None, None, offsets, {n: BFLOAT16 for n in arrays} if self.bfloat16 else None)
 
 
+def _in_order(at: list[np.ndarray], rows: int) -> bool:
+    """Whether the batches' rows are 0..rows-1 in the order written (the data's own order)."""
+    if not at:
+        return rows == 0
+    joined = np.concatenate(at)
+    return len(joined) == rows and bool((joined == np.arange(rows)).all())
+
+
+def _placed_rows(at: list[np.ndarray], parts: list[np.ndarray], rows: int) -> np.ndarray:
+    """The batches' rows, row ``at[k][j]`` from ``parts[k][j]``."""
+    if _in_order(at, rows):
+        return np.concatenate(parts)
+    out = np.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for where, part in zip(at, parts, strict=True):
+        out[where] = part
+    return out
+
+
+def _placed_tokens(at: list[np.ndarray], parts: list[TokenRows], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged layer's tokens in row order, and its ``rows + 1`` offsets."""
+    counts = np.zeros(rows, dtype=np.int64)
+    for where, part in zip(at, parts, strict=True):
+        counts[where] = part.counts
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if _in_order(at, rows):
+        return np.concatenate([p.flat for p in parts]), offsets
+    flat = np.empty((int(offsets[-1]), *parts[0].flat.shape[1:]), dtype=parts[0].flat.dtype)
+    for where, part in zip(at, parts, strict=True):
+        part_counts = part.counts.astype(np.int64)
+        starts_here = np.cumsum(part_counts) - part_counts  # where each sample's tokens start in the batch
+        shift = np.repeat(offsets[where] - starts_here, part_counts)
+        flat[np.arange(len(part.flat)) + shift] = part.flat
+    return flat, offsets

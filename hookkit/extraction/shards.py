@@ -1,24 +1,26 @@
-"""The data side of ``extract()``: how a batch becomes model input and a range of rows, which batches this rank
-computes, and which process group it belongs to.
+"""The data side of ``extract()``: how a batch becomes model input and the rows its samples go to, which batches this
+rank computes, and which process group it belongs to.
 
 ``_extract.extract()`` asks ``ranks(device)`` for (rank, world, ``torch.distributed``): under torchrun a process
 that has not joined its process group yet joins it here (or is refused), so that a job is never run whole on every
 rank. ``extract()`` then builds one share per call with ``share(data, rank=, world=, done=)``, ``done`` being the
-row ranges its store (``extraction.rowstore``) already holds, and ``extraction.extract._run`` iterates it: it gets a
-``Batch`` for each non-empty batch this rank loads: its index, its rows ``[first_row, stop_row)``, the model's ``args``
-/ ``kwargs``, ``mine`` (whether this rank computes it) and ``first`` (the data's first non-empty batch, whose sample 0
-the store checks against its manifest). After the loop, ``totals()`` gives the number of batches and rows the whole data
+mask of rows its store (``extraction.rowstore``) already holds, and ``extraction.extract._run`` iterates it: it gets a
+``Batch`` for each non-empty batch this rank loads: its index, its ``rows`` (one per sample), the model's ``args`` /
+``kwargs``, ``mine`` (whether this rank computes it) and ``first`` (the batch holding row 0, whose sample the store
+checks against its manifest). After the loop, ``totals()`` gives the number of batches and rows the whole data
 held, which the store needs to finish its files.
 
 Batch i is computed by rank ``i % world`` unless its rows are all in ``done``; two shares make that assignment:
 
 * ``Sampled``, for a ``torch.utils.data.DataLoader`` over a map-style dataset with automatic batching (the common
-  case): the index lists of ``loader.batch_sampler`` give every batch's rows without loading anything, and a new
-  DataLoader with the user's settings loads only the batches this rank computes, plus the data's first batch for the
-  sample-0 check. A sampler whose order changes from pass to pass (``shuffle=True``) is refused here.
+  case): the index lists of ``loader.batch_sampler`` are the batch's rows (dataset sample i at row i, in whatever
+  order the batches come, e.g. grouped by length), known without loading anything, and a new DataLoader with the
+  user's settings loads only the batches this rank computes, plus the batch holding sample 0 for the sample-0 check.
+  A sampler whose order changes from pass to pass (``shuffle=True``), or index lists that do not give every sample
+  exactly once (``drop_last=True`` among them), are refused here.
 * ``RoundRobin``, for anything else (lists, generators, ``IterableDataset``, ``batch_size=None``, DataLoader
-  subclasses): every rank reads every batch, as that is the only way to know where its rows go; ``share()`` warns
-  once when that means reading batches only to skip them.
+  subclasses): rows in the order read (row r is the r-th sample); every rank reads every batch, as that is the only
+  way to know where its rows go; ``share()`` warns once when that means reading batches only to skip them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -132,34 +135,33 @@ def sample_count(data: Any) -> int | None:
 
 @dataclass
 class Batch:
-    """One non-empty batch of the data: rows ``[first_row, stop_row)`` of the output, and whether this rank
-    computes them (``mine``)."""
+    """One non-empty batch of the data: the output rows of its samples (``rows[j]`` for sample j of the batch), and
+    whether this rank computes them (``mine``)."""
 
     index: int
-    first_row: int
+    rows: np.ndarray  # int64, one per sample of the batch, in the batch's order
     args: tuple
     kwargs: dict
     n: int
     mine: bool
-    first: bool = False  # the data's first non-empty batch: its first sample is checked against the manifest
+    first: bool = False  # holds row 0: its sample ``zero`` is checked against the manifest
     raw: Any = None  # the batch as the data gave it (for a mask= callable)
-
-    @property
-    def stop_row(self) -> int:
-        return self.first_row + self.n
+    zero: int = 0  # where row 0 is in the batch, when ``first``
 
 
-def _covers(ranges: list[list[int]], a: int, b: int) -> bool:
-    return any(lo <= a and b <= hi for lo, hi in ranges)
+def _covers(done: np.ndarray, rows: np.ndarray) -> bool:
+    """Whether every row of ``rows`` is marked in ``done`` (a mask of the rows already written)."""
+    return len(rows) > 0 and int(rows.max()) < len(done) and bool(done[rows].all())
 
 
 # -- shares -----------------------------------------------------------------------------------------------------------
 
 class RoundRobin:
-    """Batch i is computed by rank ``i % world``, unless its rows are all in ``done`` (sorted, disjoint
-    ``[start, stop)`` ranges). Every batch is read, by every rank: that is how a rank knows where its rows go."""
+    """Batch i is computed by rank ``i % world``, unless its rows are all marked in ``done``. Its rows follow the
+    batches before it (row r is the r-th sample the data yields). Every batch is read, by every rank: that is how a
+    rank knows where its rows go."""
 
-    def __init__(self, data: Iterable[Any], *, rank: int, world: int, done: list[list[int]]) -> None:
+    def __init__(self, data: Iterable[Any], *, rank: int, world: int, done: np.ndarray) -> None:
         self.data = data
         self.rank = rank
         self.world = world
@@ -176,12 +178,12 @@ class RoundRobin:
         for index, batch in enumerate(self.data):
             self.batches += 1
             args, kwargs, n = model_input(batch, index)
-            first_row = self.rows
+            rows = np.arange(self.rows, self.rows + n, dtype=np.int64)
             self.rows += n
             if n == 0:
                 continue  # an empty batch: no rows
-            mine = index % self.world == self.rank and not _covers(self.done, first_row, self.rows)
-            yield Batch(index, first_row, args, kwargs, n, mine, first, batch)
+            mine = index % self.world == self.rank and not _covers(self.done, rows)
+            yield Batch(index, rows, args, kwargs, n, mine, first, batch)
             first = False
 
     def totals(self) -> tuple[int, int]:
@@ -195,13 +197,14 @@ class RoundRobin:
 
 @dataclass
 class _Planned:
-    """A batch ``Sampled`` loads: its place in the data and its index list."""
+    """A batch ``Sampled`` loads: its place in the data, its index list and rows (the same sample indices)."""
 
     index: int
-    first_row: int
     indices: Any
+    rows: np.ndarray
     mine: bool
     first: bool
+    zero: int
 
 
 # The DataLoader settings a rebuilt loader copies: everything but what says which samples form a batch (dataset,
@@ -216,29 +219,37 @@ _LOADER_SETTINGS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worke
 
 class Sampled(RoundRobin):
     """The same assignment as ``RoundRobin``, for a DataLoader over a map-style dataset with a ``batch_sampler``:
-    the index lists say where every batch's rows go, so this rank loads only the batches it computes, and the
-    data's first non-empty batch (``first=True``, ``mine=False`` unless it computes it) so that every rank checks
-    sample 0 before it writes. Built before anything runs (a sampler with another order on each pass is refused
-    then), so ``total`` and ``totals()`` are known before any batch is loaded. A ``RoundRobin`` for the loop
-    (``extraction.extract._run`` takes one): the same ``__iter__`` / ``total`` / ``totals()``, another way to load."""
+    the index lists say where every batch's rows go (sample i of the dataset at row i, whatever the batch order), so
+    this rank loads only the batches it computes, and the batch holding sample 0 (``first=True``, ``mine=False``
+    unless it computes it), first, so that every rank checks sample 0 before it writes. Built before anything runs:
+    a sampler with another order on each pass, or whose index lists do not give every sample exactly once, is
+    refused then, and ``total`` and ``totals()`` are known before any batch is loaded. A ``RoundRobin`` for the
+    loop (``extraction.extract._run`` takes one): the same ``__iter__`` / ``total`` / ``totals()``, another way to
+    load."""
 
-    def __init__(self, loader: DataLoader, *, rank: int, world: int, done: list[list[int]]) -> None:
+    def __init__(self, loader: DataLoader, *, rank: int, world: int, done: np.ndarray) -> None:
         super().__init__(loader, rank=rank, world=world, done=done)
         self.loader = loader
         self.plan: list[_Planned] = []
+        samples = len(cast(Any, loader.dataset))
+        seen = np.zeros(samples, dtype=bool)
         batches = rows = 0
-        first = True
         index_lists = cast(Iterable[Any], loader.batch_sampler)  # share() sends only a DataLoader that has one
         for index, indices in enumerate(_one_order(index_lists, loader)):
-            n = len(indices)
+            at = _sample_rows(indices, index, seen)
             batches += 1
-            first_row, rows = rows, rows + n
-            if n == 0:
+            rows += len(at)
+            if len(at) == 0:
                 continue  # an empty index list: no rows, nothing to load
-            mine = index % world == rank and not _covers(done, first_row, rows)
-            if mine or first:
-                self.plan.append(_Planned(index, first_row, indices, mine, first))
-            first = False
+            mine = index % world == rank and not _covers(done, at)
+            zero = np.flatnonzero(at == 0)
+            if mine or len(zero):
+                planned = _Planned(index, indices, at, mine, bool(len(zero)), int(zero[0]) if len(zero) else 0)
+                if planned.first:  # loaded first: every rank checks sample 0 before it writes
+                    self.plan.insert(0, planned)
+                else:
+                    self.plan.append(planned)
+        _check_every_sample(seen, loader)
         self.total, self.batches, self.rows = batches, batches, rows
 
     def __iter__(self) -> Iterator[Batch]:
@@ -249,15 +260,70 @@ class Sampled(RoundRobin):
         part = DataLoader(self.loader.dataset, batch_sampler=[p.indices for p in self.plan], **options)
         for planned, batch in zip(self.plan, part, strict=True):
             args, kwargs, n = model_input(batch, planned.index)
-            if n != len(planned.indices):
+            if n != len(planned.rows):
                 raise ExtractError(
                     f"batch {planned.index} holds {n} samples, but the DataLoader's batch_sampler gave it "
-                    f"{len(planned.indices)} indices: a collate_fn that changes the number of samples (drops, adds "
+                    f"{len(planned.rows)} indices: a collate_fn that changes the number of samples (drops, adds "
                     "or splits them) cannot be split across ranks or resumed, since each batch's rows are placed "
                     "from its index list without loading the batches before it. Make collate_fn return one sample "
                     "per index (filter bad samples in the Dataset instead), or pass the batches as a plain iterable "
                     "(e.g. `(b for b in loader)`) to have every batch read on every rank.")
-            yield Batch(planned.index, planned.first_row, args, kwargs, n, planned.mine, planned.first, batch)
+            yield Batch(planned.index, planned.rows, args, kwargs, n, planned.mine, planned.first, batch,
+                        planned.zero)
+
+
+_ROW_I = "extract() writes the features of dataset sample i at row i"
+
+
+def _sample_rows(indices: Any, index: int, seen: np.ndarray) -> np.ndarray:
+    """Batch ``index``'s index list as the rows its samples go to; ``seen`` (the samples given so far) is updated.
+    An index that is not a sample number of the dataset, or a sample given twice, is refused."""
+    try:
+        at = np.asarray(indices)
+    except Exception:  # an index list numpy cannot read: refused below as not numbers
+        at = np.asarray([None])
+    if at.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if at.ndim != 1 or at.dtype.kind not in "iu":
+        raise ExtractError(
+            f"the DataLoader's batch_sampler gives batch {index} as {_shown(indices)}, not a list of sample "
+            f"indices: {_ROW_I}, so every index must be a sample number. Give each batch as a list of ints.")
+    at = at.astype(np.int64)
+    outside = at[(at < 0) | (at >= len(seen))]
+    if len(outside):
+        raise ExtractError(
+            f"the DataLoader's batch_sampler gives index {int(outside[0])} in batch {index}, but the dataset holds "
+            f"{len(seen)} samples (0 to {len(seen) - 1}): {_ROW_I}, so every index must name a sample. Fix the "
+            "batch_sampler (or the dataset's __len__).")
+    unique, counts = np.unique(at, return_counts=True)
+    twice = np.concatenate([unique[counts > 1], unique[seen[unique]]])
+    if len(twice):
+        raise ExtractError(
+            f"the DataLoader's batch_sampler gives sample {int(twice[0])} twice (again in batch {index}): "
+            f"{_ROW_I}, so each sample must be in exactly one batch. Give each index once.")
+    seen[at] = True
+    return at
+
+
+def _check_every_sample(seen: np.ndarray, loader: DataLoader) -> None:
+    """Refuse index lists that leave samples of the dataset out: their rows would hold nothing."""
+    missing = np.flatnonzero(~seen)
+    if not len(missing):
+        return
+    shown = ", ".join(map(str, missing[:5].tolist())) + (", ..." if len(missing) > 5 else "")
+    fix = ("drop_last=True leaves the samples of the last, incomplete batch without rows: pass drop_last=False"
+           if getattr(loader, "drop_last", False) else
+           f"give every index 0 to {len(seen) - 1} once (to extract only some samples, pass a "
+           "torch.utils.data.Subset of the dataset)")
+    raise ExtractError(
+        f"the DataLoader's batch_sampler leaves {len(missing)} of the dataset's {len(seen)} samples out "
+        f"(sample{'s' * (len(missing) > 1)} {shown}): {_ROW_I} of a {len(seen)}-row file, so every sample needs "
+        f"a batch. Nothing was written. Fix: {fix}.")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _one_order(sampler: Iterable[Any], loader: DataLoader) -> Iterator[Any]:
@@ -268,9 +334,10 @@ def _one_order(sampler: Iterable[Any], loader: DataLoader) -> Iterator[Any]:
         if a is end or b is end or _as_list(a) != _as_list(b):
             raise ExtractError(
                 f"the DataLoader's sampler ({type(loader.sampler).__name__}) gives another order on each pass "
-                f"(they differ at item {position}): shuffle=True or a random sampler. extract() keeps the "
-                "sampler's order (row i is the i-th sample it gives), and a run must see the same order again to "
-                "be split across ranks or resumed. Pass shuffle=False, or a sampler with a fixed order.")
+                f"(they differ at item {position}): shuffle=True or a random sampler. extract() places each "
+                "batch's rows by the sampler's indices, and a run must see the same batches again to be split "
+                "across ranks or resumed. Pass shuffle=False, or a sampler with a fixed order (e.g. "
+                "hookkit.length_batches).")
         yield a
 
 
@@ -304,7 +371,7 @@ def _check_distributed_sampler(loader: DataLoader) -> None:
                 "the whole dataset without a DistributedSampler.")
 
 
-def share(data: Iterable[Any], *, rank: int, world: int, done: list[list[int]]) -> RoundRobin:
+def share(data: Iterable[Any], *, rank: int, world: int, done: np.ndarray) -> RoundRobin:
     """This rank's share of ``data``: the batches it computes, and the data's first batch where it checks it.
 
     A DataLoader over a map-style dataset with a batch size is split without loading the other ranks' batches
@@ -318,9 +385,9 @@ def share(data: Iterable[Any], *, rank: int, world: int, done: list[list[int]]) 
             return Sampled(data, rank=rank, world=world, done=done)
         for _ in _one_order(data.sampler, data):  # batch_size=None: each sample is a batch, in the sampler's order
             pass
-    if world > 1 or done:
+    if world > 1 or done.any():
         skipped = " and ".join((["the other ranks' batches"] if world > 1 else [])
-                               + (["the batches already written"] if done else []))
+                               + (["the batches already written"] if done.any() else []))
         warnings.warn(
             f"extract() reads every batch of this data on every rank, and skips {skipped}, because {why}: that "
             "loading is repeated work. Pass a torch.utils.data.DataLoader over a map-style dataset (one with "

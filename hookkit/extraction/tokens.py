@@ -3,13 +3,13 @@
 A finished ragged layer is two plain ``.npy`` files: ``<layer>.npy`` of shape [total valid tokens, ...] and
 ``<layer>.offsets.npy`` (N + 1 int64): sample i's tokens are rows ``offsets[i]:offsets[i + 1]``.
 
-While a run is unfinished the tokens cannot be at their final place: where sample i's tokens start depends on the
-length of every sample before it, which another rank (or a later run) may compute. So ``extraction.npyfolder.NpyFolder``
-keeps, per ragged layer and rank, a ``TokenFiles``: the rank appends its tokens to its own chunk
-``<file>.rank-R.partial`` and writes, at row i of the shared ``<file>.index.partial`` ([N, 3] int64), where sample
-i's tokens are: (rank, first token in that chunk, count). Both are written (and synced) before the rank's progress
-file says row i is done. ``chunk_end`` (on resume) finds where a rank appends next; ``lost_from`` finds rows whose
-tokens a cut or deleted file lost; ``assemble`` (rank 0, finishing) turns the index into offsets and copies the
+While a run is unfinished the tokens cannot be at their final place: where sample i's tokens start depends on the length
+of every sample before it, which another rank (or a later run) may compute. So ``extraction.npyfolder.NpyFolder`` keeps,
+per ragged layer and rank, a ``TokenFiles``: the rank appends its tokens to its own chunk ``<file>.rank-R.partial`` and
+writes, at row i of the shared ``<file>.index.partial`` ([N, 3] int64), where sample i's tokens are: (rank, first token
+in that chunk, count); a batch's samples may be any rows, in any order. Both are written (and synced) before the rank's
+progress file says row i is done. ``chunk_end`` (on resume) finds where a rank appends next; ``lost_from`` finds rows
+whose tokens a cut or deleted file lost; ``assemble`` (rank 0, finishing) turns the index into offsets and copies the
 chunks into one file in row order: a one-process run, whose chunk is already in row order, is used as it is.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hookkit.extraction.manifest import done_end
 from hookkit.extraction.npy import RowFile, finish_file
 
 __all__ = ["TokenRows", "TokenFiles", "chunk_name", "index_name", "offsets_name", "chunk_end", "lost_from",
@@ -77,11 +78,13 @@ class TokenFiles:
             self.index.close()
             raise
 
-    def write(self, first_row: int, rows: TokenRows) -> None:
+    def write(self, at: np.ndarray, rows: TokenRows) -> None:
+        """The batch's tokens appended to the chunk (in batch order), and the index entry of its sample ``at[j]``
+        at row ``at[j]``."""
         counts = rows.counts.astype(np.int64, copy=False)
         self.chunk.write(self.end, rows.flat)
         starts = self.end + np.cumsum(counts) - counts
-        self.index.write(first_row, np.stack([np.full_like(counts, self.rank), starts, counts], axis=1))
+        self.index.write(at, np.stack([np.full_like(counts, self.rank), starts, counts], axis=1))
         self.end += int(counts.sum())
 
     def sync(self) -> None:
@@ -93,10 +96,10 @@ class TokenFiles:
         self.index.close()
 
 
-def _done_mask(done: list[list[int]], rows: int) -> np.ndarray:
+def _done_mask(done: np.ndarray, rows: int) -> np.ndarray:
+    """``done`` (a mask of done rows) cut or padded to ``rows``."""
     mask = np.zeros(rows, dtype=bool)
-    for a, b in done:
-        mask[a:min(b, rows)] = True
+    mask[:min(rows, len(done))] = done[:rows]
     return mask
 
 
@@ -113,19 +116,19 @@ def _read_index(out: Path, file: str, rows: int) -> tuple[np.ndarray, int]:
         f.close()
 
 
-def chunk_end(out: Path, file: str, rank: int, done: list[list[int]]) -> int:
+def chunk_end(out: Path, file: str, rank: int, done: np.ndarray) -> int:
     """Where rank ``rank`` appends its next tokens: past every token of a done row in its chunk (anything beyond was
     written by a run killed before its progress said so, and is overwritten)."""
-    rows = done[-1][1] if done else 0
+    rows = done_end(done)
     index, _ = _read_index(out, file, rows)
     entries = index[_done_mask(done, rows) & (index[:, 0] == rank)]
     return int((entries[:, 1] + entries[:, 2]).max()) if len(entries) else 0
 
 
-def lost_from(out: Path, file: str, dtype: np.dtype, token_shape: list[int], done: list[list[int]]) -> int | None:
+def lost_from(out: Path, file: str, dtype: np.dtype, token_shape: list[int], done: np.ndarray) -> int | None:
     """The first done row whose index entry or tokens are no longer in the files (cut or deleted by hand), else
     None."""
-    rows = done[-1][1] if done else 0
+    rows = done_end(done)
     index, held_rows = _read_index(out, file, rows)
     bad = _done_mask(done, rows) & (np.arange(rows) >= held_rows)
     held: dict[int, int] = {}
