@@ -226,3 +226,11 @@ def test_ragged_rows_assembled_in_small_blocks_give_the_same_files(tmp_path, mon
     monkeypatch.setattr(_tokens, "_BLOCK_BYTES", 5 * 32 * 4)  # 5 tokens of net.1: samples of up to 12 span blocks
     hookkit.extract(TinyEncoder(), LAYERS, samplers(ds, 4)["list"], out=tmp_path / "bucketed", progress=False)
     assert_same_files(tmp_path / "bucketed", tmp_path / "corpus")
+
+
+@pytest.mark.parametrize("form", [np.asarray, torch.tensor], ids=["numpy", "tensor"])
+def test_index_lists_given_as_arrays_are_placed_like_lists(form):
+    ds = Lines()
+    lists = [form(b) for b in by_length(ds.lengths(), 4, seed=5)]
+    got = hookkit.extract(TinyEncoder(), LAYERS, DataLoader(ds, batch_sampler=lists, collate_fn=pad), progress=False)
+    assert_same_rows(got, hookkit.extract(TinyEncoder(), LAYERS, corpus_order(ds, 4), progress=False), None)

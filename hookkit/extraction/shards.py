@@ -345,6 +345,9 @@ def _one_order(sampler: Iterable[Any], loader: DataLoader) -> Iterator[Any]:
 
 
 def _as_list(item: Any) -> Any:
+    """An item of a sampler in a form ``!=`` compares whole (index lists may be numpy arrays or tensors)."""
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.tolist()
     return list(item) if isinstance(item, (list, tuple)) else item
 
 
