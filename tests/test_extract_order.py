@@ -147,7 +147,9 @@ def test_a_resume_on_a_changed_sample_0_is_refused_wherever_its_batch_is(tmp_pat
     out = tmp_path / "f"
     killed_midway(out, None, after=3)
     lists = by_length(Lines().lengths(), 6, seed=4)
-    assert 0 not in lists[0]  # sample 0 is not in the first batch: it is still the one checked
+    holder = next(k for k, b in enumerate(lists) if 0 in b)
+    lists[holder] = sorted(lists[holder], reverse=True)
+    assert holder != 0 and lists[holder][-1] == 0  # sample 0 last in a later batch: it is still the one checked
     with pytest.raises(ExtractError, match="sample 0 of data differs"):
         hookkit.extract(TinyEncoder(), LAYERS, DataLoader(Lines(changed=True), batch_sampler=lists, collate_fn=pad),
                         out=out, progress=False)
@@ -214,3 +216,21 @@ def test_an_unfinished_folder_of_the_older_progress_format_is_refused_not_misrea
     with pytest.raises(ExtractError, match="unfinished extraction started by hookkit .* does not read.*delete the "
                                            "folder"):
         hookkit.extract(TinyEncoder(), LAYERS, bucketed(Lines(), 4, seed=1), out=out, pool="avg", progress=False)
+
+
+def test_ragged_rows_assembled_in_small_blocks_give_the_same_files(tmp_path, monkeypatch):
+    from hookkit.extraction import tokens as _tokens
+
+    ds = Lines()
+    hookkit.extract(TinyEncoder(), LAYERS, corpus_order(ds, 4), out=tmp_path / "corpus", progress=False)
+    monkeypatch.setattr(_tokens, "_BLOCK_BYTES", 5 * 32 * 4)  # 5 tokens of net.1: samples of up to 12 span blocks
+    hookkit.extract(TinyEncoder(), LAYERS, samplers(ds, 4)["list"], out=tmp_path / "bucketed", progress=False)
+    assert_same_files(tmp_path / "bucketed", tmp_path / "corpus")
+
+
+@pytest.mark.parametrize("form", [np.asarray, torch.tensor], ids=["numpy", "tensor"])
+def test_index_lists_given_as_arrays_are_placed_like_lists(form):
+    ds = Lines()
+    lists = [form(b) for b in by_length(ds.lengths(), 4, seed=5)]
+    got = hookkit.extract(TinyEncoder(), LAYERS, DataLoader(ds, batch_sampler=lists, collate_fn=pad), progress=False)
+    assert_same_rows(got, hookkit.extract(TinyEncoder(), LAYERS, corpus_order(ds, 4), progress=False), None)

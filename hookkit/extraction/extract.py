@@ -76,6 +76,10 @@ def extract(
             must run once per forward. Required: ``None`` is an ``ArgumentError``.
         data: a DataLoader or any iterable of batches: a tensor, a tuple/list whose first item is the model input
             (labels etc. are ignored), or a dict of keyword inputs (Hugging Face style). Empty batches are skipped.
+            A DataLoader's batches may come in any fixed order (e.g. grouped by length): each batch's rows go to
+            the sample indices its ``batch_sampler`` gives, so row i is dataset sample i; index lists that repeat,
+            leave out (``drop_last=True``) or name no sample, and samplers that change from pass to pass
+            (``shuffle=True``), are refused before anything runs. Other iterables keep rows in the order read.
         out: a folder: one ``.npy`` per layer (N rows, readable by ``numpy.load(path, mmap_mode="r")`` without
             hookkit; named after the layer, ``feats.path(layer)``) and ``manifest.json``. Written batch by batch;
             an interrupted run, called again the same way (any batch size, any number of ranks), computes only
@@ -116,8 +120,8 @@ def extract(
     Under ``torchrun``, rank r computes batches r, r + W, r + 2W, ... and writes only its rows; the files are
     identical to a one-process run. If torchrun started the processes (``WORLD_SIZE`` > 1) and the default process
     group is not initialised, ``extract`` joins it (gloo on CPU, NCCL on a GPU) and leaves it joined. With a
-    DataLoader over a map-style dataset each rank loads only the batches it computes (and the first batch, to check
-    sample 0), with the loader's own batches, collate_fn and workers; a resumed run loads only what is missing.
+    DataLoader over a map-style dataset each rank loads only the batches it computes (and the batch holding sample 0,
+    to check it), with the loader's own batches, collate_fn and workers; a resumed run loads only what is missing.
     Other data is read by every rank, which skips what it does not compute (a warning says so).
 
     Returns:
@@ -183,7 +187,7 @@ def _run(model: nn.Module, names: list[str], batches: RoundRobin, listener: _Row
          progress: bool) -> None:
     """Every batch of ``batches`` goes through the model if this rank computes it (eval mode, inference mode;
     each module's mode restored after, also on error) and its rows to ``store.write``, in a background writer for a
-    store on disk (``extraction.writer``) while the next batch runs; the data's first batch also goes to
+    store on disk (``extraction.writer``) while the next batch runs; the batch holding row 0 also goes to
     ``store.first_sample``."""
     device = _device(model)
     images = written = 0

@@ -85,23 +85,6 @@ class RowFile:
     def sync(self) -> None:
         fs.sync(self._fd)
 
-    def copy_rows(self, source: RowFile, source_row: int, first_row: int, count: int) -> None:
-        """Rows ``[source_row, source_row + count)`` of ``source`` (same dtype and row shape) to ``first_row`` on,
-        in blocks of at most 16 MiB."""
-        at, to, left = HEADER_BYTES + source_row * self.row_bytes, HEADER_BYTES + first_row * self.row_bytes, \
-            count * self.row_bytes
-        while left:
-            block = os.pread(source._fd, min(left, 1 << 24), at)
-            if not block:
-                raise ExtractError(f"{source.path} ends before its row {source_row + count}: it was cut while this "
-                                   "run wrote into it (by another program?). Run the same call again: the lost rows "
-                                   "are computed again.")
-            at, left = at + len(block), left - len(block)
-            view = memoryview(block)
-            while view:
-                n = os.pwrite(self._fd, view, to)
-                view, to = view[n:], to + n
-
     def write(self, at: int | np.ndarray, rows: np.ndarray) -> None:
         """``rows`` at their places: from row ``at`` on (an int), or row ``at[j]`` for ``rows[j]`` (an index array,
         in any order: sorted, each run of consecutive rows is one ``pwrite``)."""

@@ -4,10 +4,13 @@ On disk: ``manifest.json`` and ``progress/`` (``extraction.manifest``), ``<file>
 final place (``extraction.npy.RowFile``), and ``progress/<file>.layout``, the row shape the first rank to write a layer
 set, which every other rank checks before it writes (rows of another shape never reach the shared file). A ragged
 layer (token outputs of masked batches) is written through ``extraction.tokens.TokenFiles`` (per-rank chunks and a
-shared index) and assembled at the finish into ``<layer>.npy`` and ``<layer>.offsets.npy``. Finished work is tracked
-by rows, not batches, so a resumed run may use another batch size or another number of ranks. Rank 0 finishes the
-files (``_complete``: checks that every row is written, writes the final headers, marks the manifest complete, then
-renames) once every rank is done; a folder already marked complete is never finished again, whoever finished it.
+shared index) and assembled at the finish into ``<layer>.npy`` and ``<layer>.offsets.npy``. Each batch's rows go to
+the rows ``write`` is given (its samples' indices, in any order). Finished work is tracked by rows, not batches (a
+byte per row in ``progress/rank-R.rows``), so a resumed run may use another batch size, other batches or another
+number of ranks; an unfinished folder whose progress files are kept another way (an older hookkit's) is refused
+(``_check_format``). Rank 0 finishes the files (``_complete``: checks that every row is written, writes the final
+headers, marks the manifest complete, then renames) once every rank is done; a folder already marked complete is
+never finished again, whoever finished it.
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@
 ``extraction.npyfolder.NpyFolder`` with it) and uses it as a context manager: ``resume()`` (a finished folder's
 ``Features``, else None), ``done_rows()`` (the mask of rows already written, handed to the share of
 ``extraction.shards``), ``first_sample()`` (the data check), then ``write(at, rows, batch=)`` for every batch this rank
-computes (``at``: the row of each of its samples), and
-``finish(batches, rows)``, which returns the ``Features``. ``RowShapes`` and ``layout_mismatch`` refuse rows whose
-shape changes from batch to batch, for both stores.
+computes (``at``: the row of each of its samples), and ``finish(batches, rows)``, which returns the ``Features``.
+``RowShapes`` and ``layout_mismatch`` refuse rows whose shape changes from batch to batch, for both stores.
 """
 
 from __future__ import annotations

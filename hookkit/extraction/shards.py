@@ -151,7 +151,7 @@ class Batch:
 
 def _covers(done: np.ndarray, rows: np.ndarray) -> bool:
     """Whether every row of ``rows`` is marked in ``done`` (a mask of the rows already written)."""
-    return len(rows) > 0 and int(rows.max()) < len(done) and bool(done[rows].all())
+    return len(rows) > 0 and int(rows.min()) >= 0 and int(rows.max()) < len(done) and bool(done[rows].all())
 
 
 # -- shares -----------------------------------------------------------------------------------------------------------
@@ -231,26 +231,24 @@ class Sampled(RoundRobin):
         super().__init__(loader, rank=rank, world=world, done=done)
         self.loader = loader
         self.plan: list[_Planned] = []
-        samples = len(cast(Any, loader.dataset))
-        seen = np.zeros(samples, dtype=bool)
-        batches = rows = 0
+        arrays: list[np.ndarray] = []
         index_lists = cast(Iterable[Any], loader.batch_sampler)  # share() sends only a DataLoader that has one
         for index, indices in enumerate(_one_order(index_lists, loader)):
-            at = _sample_rows(indices, index, seen)
-            batches += 1
-            rows += len(at)
+            at = _sample_rows(indices, index)
+            arrays.append(at)
             if len(at) == 0:
                 continue  # an empty index list: no rows, nothing to load
             mine = index % world == rank and not _covers(done, at)
-            zero = np.flatnonzero(at == 0)
-            if mine or len(zero):
-                planned = _Planned(index, indices, at, mine, bool(len(zero)), int(zero[0]) if len(zero) else 0)
-                if planned.first:  # loaded first: every rank checks sample 0 before it writes
+            first = bool((at == 0).any())
+            if mine or first:
+                planned = _Planned(index, indices, at, mine, first, int(np.argmax(at == 0)))
+                if first:  # loaded first: every rank checks sample 0 before it writes
                     self.plan.insert(0, planned)
                 else:
                     self.plan.append(planned)
-        _check_every_sample(seen, loader)
-        self.total, self.batches, self.rows = batches, batches, rows
+        _check_every_sample_once(arrays, len(cast(Any, loader.dataset)), loader)
+        self.total = self.batches = len(arrays)
+        self.rows = sum(len(a) for a in arrays)
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.plan:
@@ -275,9 +273,8 @@ class Sampled(RoundRobin):
 _ROW_I = "extract() writes the features of dataset sample i at row i"
 
 
-def _sample_rows(indices: Any, index: int, seen: np.ndarray) -> np.ndarray:
-    """Batch ``index``'s index list as the rows its samples go to; ``seen`` (the samples given so far) is updated.
-    An index that is not a sample number of the dataset, or a sample given twice, is refused."""
+def _sample_rows(indices: Any, index: int) -> np.ndarray:
+    """Batch ``index``'s index list as the rows its samples go to (int64); a list of anything but ints is refused."""
     try:
         at = np.asarray(indices)
     except Exception:  # an index list numpy cannot read: refused below as not numbers
@@ -288,36 +285,42 @@ def _sample_rows(indices: Any, index: int, seen: np.ndarray) -> np.ndarray:
         raise ExtractError(
             f"the DataLoader's batch_sampler gives batch {index} as {_shown(indices)}, not a list of sample "
             f"indices: {_ROW_I}, so every index must be a sample number. Give each batch as a list of ints.")
-    at = at.astype(np.int64)
-    outside = at[(at < 0) | (at >= len(seen))]
+    return at.astype(np.int64, copy=False)
+
+
+def _check_every_sample_once(arrays: list[np.ndarray], samples: int, loader: DataLoader) -> None:
+    """Refuse index lists that name no sample of the dataset, give a sample twice, or leave samples out (their rows
+    would hold nothing): checked on all the lists at once, before anything is loaded."""
+    joined = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    ends = np.cumsum([len(a) for a in arrays])
+
+    def batch_of(position: int) -> int:
+        return int(np.searchsorted(ends, position, side="right"))
+
+    outside = np.flatnonzero((joined < 0) | (joined >= samples))
     if len(outside):
         raise ExtractError(
-            f"the DataLoader's batch_sampler gives index {int(outside[0])} in batch {index}, but the dataset holds "
-            f"{len(seen)} samples (0 to {len(seen) - 1}): {_ROW_I}, so every index must name a sample. Fix the "
-            "batch_sampler (or the dataset's __len__).")
-    unique, counts = np.unique(at, return_counts=True)
-    twice = np.concatenate([unique[counts > 1], unique[seen[unique]]])
+            f"the DataLoader's batch_sampler gives index {int(joined[outside[0]])} in batch "
+            f"{batch_of(int(outside[0]))}, but the dataset holds {samples} samples (0 to {samples - 1}): {_ROW_I}, "
+            "so every index must name a sample. Fix the batch_sampler (or the dataset's __len__).")
+    counts = np.bincount(joined, minlength=samples)
+    twice = np.flatnonzero(counts > 1)
     if len(twice):
+        again = int(np.flatnonzero(joined == twice[0])[1])
         raise ExtractError(
-            f"the DataLoader's batch_sampler gives sample {int(twice[0])} twice (again in batch {index}): "
+            f"the DataLoader's batch_sampler gives sample {int(twice[0])} twice (again in batch {batch_of(again)}): "
             f"{_ROW_I}, so each sample must be in exactly one batch. Give each index once.")
-    seen[at] = True
-    return at
-
-
-def _check_every_sample(seen: np.ndarray, loader: DataLoader) -> None:
-    """Refuse index lists that leave samples of the dataset out: their rows would hold nothing."""
-    missing = np.flatnonzero(~seen)
+    missing = np.flatnonzero(counts == 0)
     if not len(missing):
         return
     shown = ", ".join(map(str, missing[:5].tolist())) + (", ..." if len(missing) > 5 else "")
     fix = ("drop_last=True leaves the samples of the last, incomplete batch without rows: pass drop_last=False"
            if getattr(loader, "drop_last", False) else
-           f"give every index 0 to {len(seen) - 1} once (to extract only some samples, pass a "
+           f"give every index 0 to {samples - 1} once (to extract only some samples, pass a "
            "torch.utils.data.Subset of the dataset)")
     raise ExtractError(
-        f"the DataLoader's batch_sampler leaves {len(missing)} of the dataset's {len(seen)} samples out "
-        f"(sample{'s' * (len(missing) > 1)} {shown}): {_ROW_I} of a {len(seen)}-row file, so every sample needs "
+        f"the DataLoader's batch_sampler leaves {len(missing)} of the dataset's {samples} samples out "
+        f"(sample{'s' * (len(missing) > 1)} {shown}): {_ROW_I} of a {samples}-row file, so every sample needs "
         f"a batch. Nothing was written. Fix: {fix}.")
 
 
@@ -342,6 +345,9 @@ def _one_order(sampler: Iterable[Any], loader: DataLoader) -> Iterator[Any]:
 
 
 def _as_list(item: Any) -> Any:
+    """An item of a sampler in a form ``!=`` compares whole (index lists may be numpy arrays or tensors)."""
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.tolist()
     return list(item) if isinstance(item, (list, tuple)) else item
 
 
@@ -372,7 +378,7 @@ def _check_distributed_sampler(loader: DataLoader) -> None:
 
 
 def share(data: Iterable[Any], *, rank: int, world: int, done: np.ndarray) -> RoundRobin:
-    """This rank's share of ``data``: the batches it computes, and the data's first batch where it checks it.
+    """This rank's share of ``data``: the batches it computes, and the batch holding row 0, where it checks it.
 
     A DataLoader over a map-style dataset with a batch size is split without loading the other ranks' batches
     (``Sampled``); anything else is read whole on every rank (``RoundRobin``), with one warning, pointing at the

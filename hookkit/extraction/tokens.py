@@ -10,7 +10,8 @@ writes, at row i of the shared ``<file>.index.partial`` ([N, 3] int64), where sa
 in that chunk, count); a batch's samples may be any rows, in any order. Both are written (and synced) before the rank's
 progress file says row i is done. ``chunk_end`` (on resume) finds where a rank appends next; ``lost_from`` finds rows
 whose tokens a cut or deleted file lost; ``assemble`` (rank 0, finishing) turns the index into offsets and copies the
-chunks into one file in row order: a one-process run, whose chunk is already in row order, is used as it is.
+chunks into one file in row order, a block at a time: a one-process run whose chunk is already in row order (batches
+in corpus order) is used as it is.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hookkit._errors import ExtractError
 from hookkit.extraction.manifest import done_end
-from hookkit.extraction.npy import RowFile, finish_file
+from hookkit.extraction.npy import HEADER_BYTES, RowFile, finish_file
 
 __all__ = ["TokenRows", "TokenFiles", "chunk_name", "index_name", "offsets_name", "chunk_end", "lost_from",
            "assemble", "leftovers"]
@@ -146,6 +148,46 @@ def lost_from(out: Path, file: str, dtype: np.dtype, token_shape: list[int], don
     return int(where[0]) if len(where) else None
 
 
+_BLOCK_BYTES = 64 << 20  # tokens gathered per write when assembling
+
+
+def _gather(out: Path, file: str, index: np.ndarray, offsets: np.ndarray, dtype: np.dtype, shape: tuple[int, ...],
+            target: RowFile) -> None:
+    """Every row's tokens from its rank's chunk to its place in ``target``, in row order, in blocks of about
+    ``_BLOCK_BYTES``: each block is gathered from read-only memory maps of the chunks (rows in any order, e.g.
+    batches grouped by length, cost one write per block, not one per row) and written in one piece."""
+    token_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    budget = max(1, _BLOCK_BYTES // token_bytes)
+    chunks: dict[int, np.ndarray] = {}
+    rows, row = len(index), 0
+    while row < rows:
+        stop = min(max(int(np.searchsorted(offsets, offsets[row] + budget, side="right")) - 1, row + 1), rows)
+        block = np.empty((int(offsets[stop] - offsets[row]), *shape), dtype)
+        part, starts = index[row:stop], offsets[row:stop] - offsets[row]
+        for rank in np.unique(part[:, 0]).tolist():
+            mine = part[:, 0] == rank
+            counts = part[mine, 2]
+            within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            source = np.repeat(part[mine, 1], counts) + within
+            if rank not in chunks:
+                chunks[rank] = _mapped(out / chunk_name(file, rank), dtype, shape, token_bytes)
+            if len(source) and int(source.max()) >= len(chunks[rank]):
+                raise ExtractError(f"{out / chunk_name(file, rank)} ends before its token {int(source.max())}: it "
+                                   "was cut while this run wrote into it (by another program?). Run the same call "
+                                   "again: the lost rows are computed again.")
+            block[np.repeat(starts[mine], counts) + within] = chunks[rank][source]
+        target.write(int(offsets[row]), block)
+        row = stop
+
+
+def _mapped(path: Path, dtype: np.dtype, shape: tuple[int, ...], token_bytes: int) -> np.ndarray:
+    """A chunk's tokens as a read-only memory map (empty when it holds none)."""
+    held = max(path.stat().st_size - HEADER_BYTES, 0) // token_bytes if path.exists() else 0
+    if held == 0:
+        return np.zeros((0, *shape), dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(held, *shape))
+
+
 def assemble(out: Path, file: str, rows: int, dtype: np.dtype, token_shape: list[int]) -> tuple[str, int]:
     """Rank 0, finishing: the layer's tokens in row order in one finished ``.npy`` (its name inside ``out`` is
     returned, with the number of tokens) and ``offsets_name(file) + ".partial"`` finished beside it."""
@@ -160,23 +202,11 @@ def assemble(out: Path, file: str, rows: int, dtype: np.dtype, token_shape: list
     else:
         source = f"{file}.partial"
         target = RowFile(out / source, dtype, shape)
-        chunks: dict[int, RowFile] = {}
         try:
-            row = 0
-            while row < rows:  # runs of rows whose tokens lie one after the other in one chunk: one copy each
-                rank, start, _ = (int(v) for v in index[row])
-                stop = row + 1
-                while stop < rows and index[stop, 0] == rank and index[stop, 1] == start + offsets[stop] - offsets[row]:
-                    stop += 1
-                if rank not in chunks:
-                    chunks[rank] = RowFile(out / chunk_name(file, rank), dtype, shape)
-                target.copy_rows(chunks[rank], start, int(offsets[row]), int(offsets[stop] - offsets[row]))
-                row = stop
+            _gather(out, file, index, offsets, np.dtype(dtype), shape, target)
             target.sync()
         finally:
             target.close()
-            for chunk in chunks.values():
-                chunk.close()
     finish_file(out / source, np.dtype(dtype), (total, *shape))
     offsets_path = out / f"{offsets_name(file)}.partial"
     offsets_file = RowFile(offsets_path, np.dtype(np.int64), ())
