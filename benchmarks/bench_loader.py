@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,25 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from bench_extract import interleaved  # noqa: E402  (run as benchmarks/bench_loader.py: its folder is on sys.path)
 from torch.utils.data import DataLoader, TensorDataset
 
 import hookkit
-
-
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each variant per round, after one warm-up call each; each round starts one variant later than the
-    one before, so that no variant always runs first."""
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for f in variants.values():
-        f()
-    for r in range(rounds):
-        order = list(variants.items())
-        order = order[r % len(order):] + order[: r % len(order)]
-        for k, f in order:
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def write(out: Path, rows: int, dim: int, dtype: torch.dtype) -> hookkit.Features:
