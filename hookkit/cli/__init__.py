@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hookkit`` command and return its exit code (0 ok, 2 bad input, 1 a bug in hookkit, shown with
     its traceback); ``argv`` defaults to ``sys.argv``.
 
-    Example:
+    Examples:
         >>> from hookkit.cli import main
         >>> main(["layers", "torchvision:resnet18", "--depth", "1"])  # doctest: +SKIP
         0
@@ -63,7 +63,7 @@ def run(argv: Sequence[str] | None = None, *, console: Console | None = None) ->
     """``main`` with the rich ``console`` to render to. A user's mistake is one line on ``sys.stderr`` and exit
     code 2; Ctrl-C is one line and exit code 130; any other exception (a bug) propagates.
 
-    Example:
+    Examples:
         >>> import io; from rich.console import Console; from hookkit.cli import run
         >>> out = Console(file=io.StringIO(), width=120)
         >>> run(["layers", "torchvision:resnet18", "--filter", "layer1.0.*"], console=out)

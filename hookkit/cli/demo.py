@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
 def demo_image(size: int = 224, *, seed: int = 0) -> torch.Tensor:
     """A deterministic procedural RGB image, ``(3, size, size)`` in ``[0, 1]``: smooth gradients, shapes, light noise.
 
-    Example:
+    Examples:
         >>> from hookkit.cli import demo_image
         >>> demo_image(64).shape
         torch.Size([3, 64, 64])
@@ -119,7 +119,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Capture ``layers`` of ``model`` on one input, print their statistics, and check that every hook came off.
 
-    Example:
+    Examples:
         >>> import torchvision; from hookkit.cli import run_demo
         >>> result = run_demo(torchvision.models.resnet18().eval(), ["layer1", "fc"])  # doctest: +SKIP
         >>> result["hooks_unchanged"]  # doctest: +SKIP

@@ -31,7 +31,7 @@ _SPEC_HELP = ("use 'torchvision:NAME' (e.g. 'torchvision:resnet18'), 'package.mo
 def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> nn.Module:
     """Build the model a spec names, optionally load a local state_dict into it, and return it in eval mode.
 
-    Example:
+    Examples:
         >>> from hookkit.cli.models import load_model
         >>> type(load_model("torchvision:resnet18")).__name__
         'ResNet'

@@ -22,7 +22,7 @@ def hook_census(model: nn.Module) -> dict[str, Any]:
     """Every hook of every module of ``model``, and torch's global hook state, as data: two censuses are equal only
     if nothing was added, removed, swapped or flipped in between.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
         >>> before = hookkit.hook_census(model)

@@ -46,7 +46,7 @@ def layer_names(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> 
     wrapped in DataParallel or DistributedDataParallel, the names are the wrapped model's (``"layer1"``; hookkit
     also accepts ``"module.layer1"``).
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, torch.nn.functional as F, hookkit
         >>> hookkit.layer_names(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         ['0', '1']

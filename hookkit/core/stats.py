@@ -80,7 +80,7 @@ def fmt_bytes(n: float, *, si: bool = False) -> str:
     """A byte count for people: ``'512 B'``, ``'1.5 KiB'``, ``'3.6 PiB'`` (steps of 1024); ``si=True`` gives
     ``'1.5 KB'`` (steps of 1000, as torchinfo writes model sizes).
 
-    Example:
+    Examples:
         >>> fmt_bytes(1536), fmt_bytes(1500, si=True), fmt_bytes(7)
         ('1.5 KiB', '1.5 KB', '7 B')
     """
@@ -129,7 +129,7 @@ def describe(value: Any, *, stats: bool = True) -> str:
     """One line for any value a module takes or returns: tensors with shape, dtype and statistics; tuples, lists,
     dicts and dataclasses as such; ``None`` as ``None``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> describe((torch.ones(2, 3), None))
         '(f32[2, 3] μ=1 σ=0 [1, 1], None)'
@@ -183,7 +183,7 @@ def shorten_name(name: str, limit: int = 40) -> str:
 
     The first part stays when it fits alongside at least the last two parts.
 
-    Example:
+    Examples:
         >>> shorten_name("encoder.layer.11.attention.output.dense", 30)
         'encoder.….output.dense'
         >>> shorten_name("model.encoder.layers.11.self_attn.out_proj", 30)

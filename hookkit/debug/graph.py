@@ -135,7 +135,7 @@ class AutogradGraph:
 def graph(tensor: torch.Tensor, *, params: Params | None = None, max_depth: int | None = None) -> AutogradGraph:
     """The autograd graph behind ``tensor``: every node its ``grad_fn`` reaches, as data and as a rich tree.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from rich.console import Console
         >>> from hookkit import graph

@@ -127,7 +127,7 @@ def summary(
 ) -> Summary:
     """Run ``model(*example_inputs, **forward_kwargs)`` once and summarise every module call, in call order.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn
         >>> from hookkit import summary
         >>> _ = torch.manual_seed(0)

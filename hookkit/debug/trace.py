@@ -164,7 +164,7 @@ def trace(
 ) -> Trace:
     """Print one line per hook event (input, output, gradients) of the selected modules while the block is open.
 
-    Example:
+    Examples:
         >>> import io, torch, torch.nn as nn, hookkit
         >>> from rich.console import Console
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
@@ -196,8 +196,10 @@ def trace(
         A ``Trace`` whose ``events`` list holds every ``TraceEvent`` after the block.
 
     Raises:
-        LayerNotFoundError, TypeError, UnsupportedModelError: as ``capture``, before anything is registered;
-        ``TypeError`` also for a ``console`` that is not a rich ``Console``.
+        LayerNotFoundError: as ``capture``, before anything is registered.
+        UnsupportedModelError: as ``capture``, before anything is registered.
+        TypeError: as ``capture``, before anything is registered; also for a ``console`` that is not a rich
+            ``Console``.
     """
     return Trace(model, layers, console=console, backward=backward, inputs=inputs, stats=stats, ops=ops)
 
@@ -360,7 +362,7 @@ def check_finite(model: nn.Module, layers: Layers | None = None, *, backward: bo
     """Raise ``NonFiniteError`` at the first module (in execution order) whose output has NaN or Inf, or, in
     backward, at the first module or op whose backward turned a finite gradient into a non-finite one.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.LogSigmoid(), nn.Linear(2, 1))
         >>> with hookkit.check_finite(model):

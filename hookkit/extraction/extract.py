@@ -60,7 +60,7 @@ def extract(
 ) -> Features:
     """Features of every sample of ``data`` at the given layers, in dataset order; streamed to ``out`` if given.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> data = [torch.randn(3, 4) for _ in range(5)]           # 5 batches of 3 samples

@@ -210,7 +210,7 @@ def feature_grid(
 ) -> torch.Tensor:
     """A picture of a conv layer's feature maps: one tile per channel of one sample, as an RGB image tensor.
 
-    Example:
+    Examples:
         >>> import torch, torchvision, hookkit
         >>> from hookkit import feature_grid
         >>> model = torchvision.models.resnet18().eval()
@@ -265,7 +265,7 @@ def save_feature_grid(
 ) -> Path:
     """Write ``feature_grid(activation, ...)`` to a PNG file, creating its folder; return the path written.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> from hookkit import save_feature_grid
         >>> with tempfile.TemporaryDirectory() as tmp:
@@ -277,7 +277,12 @@ def save_feature_grid(
         activation: feature maps ``[N, C, H, W]`` or ``[C, H, W]``, as for ``feature_grid``.
         path: where to write; must end in ``.png``. Missing parent folders are created; an existing file is
             overwritten.
-        sample, channels, nrow, padding, normalize, cmap: as for ``feature_grid``.
+        sample: as for ``feature_grid``.
+        channels: as for ``feature_grid``.
+        nrow: as for ``feature_grid``.
+        padding: as for ``feature_grid``.
+        normalize: as for ``feature_grid``.
+        cmap: as for ``feature_grid``.
 
     Returns:
         The ``Path`` written.

@@ -25,7 +25,7 @@ __all__ = ["load_features"]
 def load_features(out: str | os.PathLike) -> Features:
     """The features a finished ``hookkit.extract(..., out=out)`` wrote, without the model or the data.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
         >>> folder = tempfile.mkdtemp()

@@ -126,7 +126,7 @@ class Features(Mapping[str, np.ndarray]):
         """The rows of ``layer`` (its tokens, for a ragged layer) in batches for training: each row once per epoch,
         in an order fixed by ``(seed, epoch)``, read from the file in large sequential blocks.
 
-        Example:
+        Examples:
             >>> import torch, torch.nn as nn, hookkit
             >>> data = [torch.randn(5, 4) for _ in range(2)]  # 10 samples
             >>> feats = hookkit.extract(nn.Sequential(nn.Linear(4, 3)), ["0"], data, progress=False)
@@ -168,8 +168,9 @@ class Features(Mapping[str, np.ndarray]):
             drop_last: see above.
             start: skip this rank's first ``start`` batches of the epoch (to resume a run from a step): the loader
                 yields ``list(full)[start:]`` of the loader with ``start=0``, without reading the windows before.
-            rank, world: this process's rank and the number of ranks; default: the initialized process group's,
-                else 0 and 1. Give both or neither.
+            rank: this process's rank; default: the initialized process group's, else 0. Give ``rank`` and
+                ``world`` both or neither.
+            world: the number of ranks; default: the initialized process group's, else 1.
 
         Returns:
             A ``RowLoader``: iterable (again and again, the same batches) of tensors [rows, ...] in the stored

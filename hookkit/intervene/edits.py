@@ -246,7 +246,7 @@ def patch(value: torch.Tensor | Store | CaptureBlock, *, index: Index = None, ca
           out: Out = 0) -> Edit:
     """Replace a layer's output, or ``output[index]``, by ``value``: a tensor, or the same layer's value in a capture.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
         >>> with hookkit.edits(model, {"0": hookkit.patch(torch.zeros(3), index=0)}) as ed:
@@ -286,7 +286,7 @@ def add(vector: torch.Tensor, *, scale: float = 1.0, index: Index = None, call: 
         out: Out = 0) -> Edit:
     """Steer a layer: replace ``output[index]`` by ``output[index] + scale * vector``.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Identity())
         >>> with hookkit.edits(model, {"0": hookkit.add(torch.tensor([1.0, 0.0]), scale=4)}):
@@ -297,7 +297,9 @@ def add(vector: torch.Tensor, *, scale: float = 1.0, index: Index = None, call: 
         vector: a tensor that broadcasts to ``output[index]``: a ``[d_model]`` vector adds to every position of a
             ``[B, T, d_model]`` output.
         scale: the factor on ``vector`` (default 1.0).
-        index, call, out: as for ``hookkit.patch``.
+        index: as for ``hookkit.patch``.
+        call: as for ``hookkit.patch``.
+        out: as for ``hookkit.patch``.
 
     Returns:
         An ``Edit``.
@@ -314,7 +316,7 @@ def ablate(kind: Literal["zero", "mean"] = "zero", *, over: int | tuple[int, ...
            mean: torch.Tensor | None = None, index: Index = None, call: int | None = None, out: Out = 0) -> Edit:
     """Ablate a layer: zero ``output[index]``, or replace it by its mean (over dims ``over``) or a given mean.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Identity())
         >>> x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
@@ -328,7 +330,9 @@ def ablate(kind: Literal["zero", "mean"] = "zero", *, over: int | tuple[int, ...
             tuple (default 0, the batch); the mean of this very output, kept in the autograd graph.
         mean: for ``kind="mean"``: a tensor that broadcasts to ``output[index]`` (e.g. averaged over a reference
             dataset), used in place of the output's own mean.
-        index, call, out: as for ``hookkit.patch``.
+        index: as for ``hookkit.patch``.
+        call: as for ``hookkit.patch``.
+        out: as for ``hookkit.patch``.
 
     Returns:
         An ``Edit``.
@@ -407,7 +411,7 @@ class Edits:
 def edits(model: nn.Module, edits: Mapping[LayerSpec, Edit]) -> Edits:
     """Apply edits to layers' outputs while the ``with`` block is open; remove them on exit and check they applied.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
         >>> with hookkit.edits(model, {"0": hookkit.add(torch.ones(2)), "1": hookkit.ablate()}) as ed:

@@ -148,7 +148,7 @@ def hooks(
 ) -> Hooks:
     """Register your own hook functions on layers picked by name, glob, class or predicate; remove them on exit.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
         >>> zero = lambda module, args, output: output * 0  # a returned value replaces the output
@@ -183,9 +183,12 @@ def hooks(
 
     Args:
         model: the ``nn.Module`` whose layers to hook.
-        forward, forward_pre, backward, backward_pre: ``{layer spec: function or list of functions}``; a spec is
-            anything ``capture`` accepts (name, glob, class, module object, predicate, op or repeated-call node,
-            a tuple of these); ``None`` is an ``ArgumentError`` (name the layers).
+        forward: ``{layer spec: function or list of functions}``, forward hooks; a spec is anything ``capture``
+            accepts (name, glob, class, module object, predicate, op or repeated-call node, a tuple of these);
+            ``None`` is an ``ArgumentError`` (name the layers).
+        forward_pre: the same, forward pre-hooks.
+        backward: the same, backward hooks.
+        backward_pre: the same, backward pre-hooks.
         with_kwargs: forward / forward_pre hooks also get the keyword inputs (torch's ``with_kwargs=True``).
         always_call: forward hooks also run when the forward raises (torch's ``always_call=True``).
         prepend: run these hooks before hooks already registered (torch's ``prepend=True``).

@@ -115,7 +115,7 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
                    forward: Callable[[nn.Module, Any], Any] | None = None) -> Sweep:
     """Patch each layer's clean output into the corrupted run, one layer (and position) at a time, and measure.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
@@ -134,8 +134,9 @@ def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, m
 
     Args:
         model: the ``nn.Module``.
-        clean, corrupt: inputs of the same structure and shapes: a tensor, or a tuple / dict of tensors (a dict is
-            passed as keyword arguments), each with the batch on dim 0.
+        clean: the clean input: a tensor, or a tuple / dict of tensors (a dict is passed as keyword arguments),
+            with the batch on dim 0.
+        corrupt: the corrupted input, of the same structure and shapes as ``clean``.
         layers: anything ``capture`` accepts, op nodes included (``"layer1.0.add"``); rows in the order
             ``capture`` selects them (modules in ``named_modules`` order, then nodes). Required: ``None`` is an
             ``ArgumentError``.

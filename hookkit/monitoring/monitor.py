@@ -50,7 +50,7 @@ def monitor(model: nn.Module, layers: Layers | None = None, *, every: int = 100,
             console: Any = None) -> Monitor:
     """Watch a training run layer by layer; call ``mon.step()`` once per training step.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -93,7 +93,7 @@ def read_run(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a monitor run, in step order: ``run`` is the folder given to ``hookkit.monitor(log=...)``
     (its ``monitor.jsonl`` is read) or a ``.jsonl`` file.
 
-    Example:
+    Examples:
         >>> records = read_run("runs/exp1")  # doctest: +SKIP
         >>> records[-1]["layers"]["layer1"]["zero_frac"]  # doctest: +SKIP
         0.41
@@ -280,7 +280,7 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
              stats: Sequence[str] = ("grad_norm", "update_ratio", "zero_frac"), heatmap: bool | None = None) -> Path:
     """Draw a monitor run's statistics against the step and save them as a PNG; returns its path.
 
-    Example:
+    Examples:
         >>> hookkit.plot_run("runs/exp1")  # doctest: +SKIP
         PosixPath('runs/exp1/monitor.png')
 
@@ -392,7 +392,7 @@ def summary_table(records: Sequence[dict[str, Any]]) -> Table:
 
     Rendering only: pass it to a console (``Console().print(summary_table(read_run("runs/exp1")))``).
 
-    Example:
+    Examples:
         >>> records = [{"step": 0, "layers": {"fc": {"act_std": 1.0, "nan": 0, "inf": 0}}, "alerts": []},
         ...            {"step": 5, "layers": {"fc": {"act_std": "nan", "nan": 3, "inf": 0}}, "alerts": []}]
         >>> table = summary_table(records)  # its fc row: act std nan, first non-finite "step 5 (nan, act_std)"

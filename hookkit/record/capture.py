@@ -102,7 +102,7 @@ def capture(
 ) -> CaptureBlock:
     """Record what the selected layers produce while the ``with`` block is open; remove every hook on exit.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
         >>> with hookkit.capture(model, ["0", "3"]) as cap:

@@ -46,7 +46,7 @@ def concat(values: Sequence[Any], dim: int = DIM, *, caller: str, where: str) ->
 def concat_calls(values: list[Any], dim: int = DIM) -> Any:
     """Join the calls of one layer into one value, along ``dim`` (default 0, as ``torch.cat`` and ``hookkit.merge``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> steps = [torch.zeros(1, 5, 8), torch.ones(1, 1, 8), torch.ones(1, 1, 8)]  # prompt, then 2 tokens
         >>> concat_calls(steps, dim=1).shape

@@ -87,7 +87,7 @@ def _call_values(rec: Recording, call: Call) -> dict[str, Any]:
 def merge(captures: Iterable[Capture], *, dim: int = DIM) -> Capture:
     """Join captures of several batches (or runs) into one: every call's tensors concatenated along ``dim``.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
         >>> caps = []

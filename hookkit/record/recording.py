@@ -241,7 +241,7 @@ class Capture(Store):
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write what this capture recorded to one ``.safetensors`` file, atomically; ``hookkit.load`` reads it back.
 
-        Example:
+        Examples:
             >>> import os, tempfile, torch, torch.nn as nn, hookkit
             >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
             >>> with hookkit.capture(model, ["1"]) as cap:
@@ -277,7 +277,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", ve
          classes: Iterable[type] = ()) -> Capture:
     """Read a capture that ``Capture.save`` wrote: the same reading API, no model needed.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, torch.nn as nn, hookkit
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
         >>> with hookkit.capture(model, ["0", "1"], inputs=True) as cap:
