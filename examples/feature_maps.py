@@ -4,8 +4,8 @@ The input is a made-up landscape drawn from code (sky, sun, hills, a house, a fe
 needs no download. The network has random weights (``weights=None``): even so, conv1's filters respond to edges,
 stripes and flat regions, and each tile shows the scene filtered a different way. Runs on CPU in a few seconds:
 
-    python examples/feature_maps.py                # writes feature_maps/{input,conv1,layer1}.png
-    python examples/feature_maps.py --out /tmp/fm --cmap viridis
+    python examples/feature_maps.py          # writes examples/out/feature_maps/{input,conv1,layer1}.png
+    python examples/feature_maps.py --out examples/out/fm_viridis --cmap viridis
 
 tests/test_grid.py runs it.
 """
@@ -23,6 +23,8 @@ from torchvision.utils import save_image
 import hookkit
 from hookkit import save_feature_grid
 
+# Where the example writes by default: under examples/out/ (git-ignored), wherever it is run from.
+OUT = Path(__file__).resolve().parent / "out" / "feature_maps"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -75,8 +77,8 @@ def landscape(size: int = 224, seed: int = 0) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("feature_maps"), help="folder for the PNGs "
-                        "(default: feature_maps/)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for the PNGs "
+                        "(default: examples/out/feature_maps/)")
     parser.add_argument("--cmap", choices=["gray", "viridis"], default="gray", help="tile colours (default: gray)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the picture's noise and the random weights")
     args = parser.parse_args(argv)

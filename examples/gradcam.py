@@ -9,8 +9,8 @@ The network has random weights (``weights=None``) and the input is a picture dra
 downloaded; the heatmap is then not meaningful as an explanation, but every step is the real computation. Runs on
 CPU in a few seconds:
 
-    python examples/gradcam.py                  # writes gradcam_out/{input,heatmap,overlay}.png
-    python examples/gradcam.py --out /tmp/cam --layer layer3
+    python examples/gradcam.py          # writes examples/out/gradcam/{input,heatmap,overlay}.png
+    python examples/gradcam.py --out examples/out/gradcam_layer3 --layer layer3
 
 tests/test_interventions.py runs it, and checks ``gradcam()`` against the same formula computed with raw torch hooks.
 """
@@ -28,6 +28,8 @@ from torchvision.utils import save_image
 
 import hookkit
 
+# Where the example writes by default: under examples/out/ (git-ignored), wherever it is run from.
+OUT = Path(__file__).resolve().parent / "out" / "gradcam"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -78,8 +80,8 @@ def colourise(cam: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("gradcam_out"), help="folder for the PNGs "
-                        "(default: gradcam_out/)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for the PNGs "
+                        "(default: examples/out/gradcam/)")
     parser.add_argument("--layer", default="layer4", help="layer to explain from (default: layer4)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the picture's noise and the random weights")
     args = parser.parse_args(argv)

@@ -1,6 +1,10 @@
-"""A runnable walkthrough of the autograd / hooks lecture notes (shared/seed/autograd-lecture.txt).
+"""A runnable walkthrough of a lecture on autograd and module hooks, step by step.
 
-Every step prints what torch really does; where the notes are wrong, a "NOTE" line says what they claimed.
+The steps reproduce a classic introduction: ``y.backward(gradients)``, ``requires_grad=False``, backward twice and
+``retain_graph``, ``grad_fn``, forward / pre / full backward hooks on a small CNN (``SimpleNet``), the sigmoid
+chain rule seen from a backward hook, a hook that replaces ``grad_input``, ``handle.remove()``, and the same
+activations and gradients read with ``hookkit.capture``. Every step prints what torch really does; where the
+lecture's notes got it wrong, a "NOTE" line says what they claimed.
 Runs on CPU in a few seconds:
 
     python examples/lecture_autograd.py

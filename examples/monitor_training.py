@@ -1,6 +1,6 @@
 """Watch a training run with ``hookkit.monitor`` and find the layer group whose learning rate is wrong.
 
-    python examples/monitor_training.py [RUN_FOLDER]     # default: runs/monitor_example
+    python examples/monitor_training.py [RUN_FOLDER]     # default: examples/out/monitor_training
 
 A small CNN is trained on random images (made here; CPU, a few seconds) with two optimizer parameter groups: the
 convolutional body at lr 1e-2, the classifier head at lr 1.0, a typo-sized mistake. ``hookkit.monitor`` records
@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 
 import hookkit
+
+# Where the example writes by default: under examples/out/ (git-ignored), wherever it is run from.
+OUT = Path(__file__).resolve().parent / "out" / "monitor_training"
 
 
 def small_cnn() -> nn.Module:
@@ -68,4 +71,4 @@ def main(run: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/monitor_example"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)

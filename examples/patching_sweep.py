@@ -1,6 +1,6 @@
 """Activation patching, layer x position: which layer, at which token, carries what the corruption changed?
 
-    python examples/patching_sweep.py [OUT_DIR]
+    python examples/patching_sweep.py [OUT_DIR]     # default: examples/out/patching_sweep
 
 Part 1 (needs transformers: pip install 'hookkit[hf]'): GPT-2 built from a small config with random weights shows
 the mechanics. The corrupted prompt differs from the clean one in one token (position 2); patching a block's clean
@@ -26,6 +26,9 @@ import torch
 from rich.console import Console
 
 import hookkit
+
+# Where the example writes by default: under examples/out/ (git-ignored), wherever it is run from.
+OUT = Path(__file__).resolve().parent / "out" / "patching_sweep"
 
 
 def gpt2_random(out: Path, console: Console) -> None:
@@ -72,7 +75,7 @@ def minilm_real(out: Path, console: Console) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
     if not importlib.util.find_spec("transformers"):

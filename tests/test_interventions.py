@@ -101,7 +101,7 @@ def test_gradcam_example_runs_and_writes_its_png(tmp_path):
     assert "top class" in proc.stdout and "cam from layer4: shape (224, 224), min 0.000, max 1.000" in proc.stdout
     for name in ("input.png", "heatmap.png", "overlay.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp_path / "gradcam_out").exists()  # --out was honoured
+    assert list(tmp_path.iterdir()) == [out]  # --out was honoured: nothing else in the current folder
 
 
 # -- head ablation in BERT -----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every claim of the Korean autograd / hooks lecture notes (shared/seed/autograd-lecture.txt), checked against torch.
+"""Every claim of a Korean lecture on autograd and module hooks, checked against torch (examples/lecture_autograd.py).
 
 Where the notes are wrong (typos, OCR damage or plain confusion), the test checks what torch really does and a
 comment quotes what the notes said. The walkthrough ``examples/lecture_autograd.py`` prints the same steps.
