@@ -292,7 +292,7 @@ class _Groups:
             return self.colours.get(name), "-", name
         group = self.of(name)
         leaf = name[len(group):].lstrip(".") if group else name
-        style = self._STYLES.get(leaf)
+        style: Any = self._STYLES.get(leaf)
         if style is None:
             others = [p for p in siblings if self.of(p) == group and p[len(group):].lstrip(".") not in self._STYLES]
             style = self._OTHER[others.index(name) % len(self._OTHER)]
