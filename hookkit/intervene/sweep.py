@@ -33,6 +33,7 @@ __all__ = ["patching_sweep", "Sweep"]
 _COLORBAR_LABEL = "fraction of the clean-vs-corrupt gap restored"
 _FONT_PT = 10  # tick labels; axis labels +1, the title +2: readable at any grid size (the figure grows instead)
 _MAX_INCHES = 60.0  # matplotlib refuses figures of more than 2^16 pixels a side
+_NOISE = 0.01  # beyond [0, 1] by less: drawn at the end, not flagged (a hundredth of the scale is no colour step)
 _UNDER = "#4393c3"  # below 0: blue, the opposite of restoring
 _OVER = "#3f007d"  # above 1: dark purple, past the reddest red
 
@@ -90,11 +91,12 @@ class Sweep:
 
         The colours are on one fixed scale in every sweep: the fraction of the clean-vs-corrupt gap that patching
         the cell restores, white at 0 (no effect) to red at 1 (the clean metric restored), with a colour bar saying
-        so. A cell outside [0, 1] gets the colour of the nearest end's extreme: below 0 (patching moved the metric
-        away from clean) blue, above 1 (overshoot) dark purple; the colour bar then has an arrow at that end and
-        the title counts those cells. When clean and corrupt agree there is no gap: every cell is grey, and the
-        title says so. Font sizes and the figure size follow the number of layers and positions, so the labels
-        stay readable on a large grid.
+        so. A cell more than 0.01 outside [0, 1] gets its own colour: below 0 (patching moved the metric away from
+        clean) blue, above 1 (overshoot) dark purple; the colour bar then has an arrow at that end and the title
+        counts those cells, with the extreme value. A cell within 0.01 of an end (float noise, e.g. -0.003) is
+        drawn at that end: the colours cannot show a hundredth of the scale anyway. When clean and corrupt agree
+        there is no gap: every cell is grey, and the title says so. Font sizes and the figure size follow the number
+        of layers and positions, so the labels stay readable on a large grid.
         """
         where = "Sweep.save_png"
         _check.path(where, "path", path)
@@ -129,7 +131,10 @@ class Sweep:
         ax = fig.add_subplot(1, 1, 1)
         restored = self.restored.double()
         finite = restored[~restored.isnan()]
-        below, above = int((finite < 0).sum()), int((finite > 1).sum())
+        below, above = int((finite < -_NOISE).sum()), int((finite > 1 + _NOISE).sum())
+        # within _NOISE of an end: drawn at that end, as the colour scale cannot show a hundredth anyway
+        near = ((restored < 0) & (restored >= -_NOISE)) | ((restored > 1) & (restored <= 1 + _NOISE))
+        restored = torch.where(near, restored.clamp(0.0, 1.0), restored)
         extend = "both" if below and above else "min" if below else "max" if above else "neither"
         cmap = colormaps["Reds"].with_extremes(under=_UNDER, over=_OVER, bad="lightgray")
         image = ax.imshow(restored.numpy(), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
