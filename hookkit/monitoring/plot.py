@@ -343,7 +343,7 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     Args:
         run: the folder given to ``hookkit.monitor(log=...)``, or its ``.jsonl`` file.
         out: the PNG to write (its folder is created); default ``<run folder>/monitor.png``.
-        stats: the statistics to draw, one panel each, in order (names in ``hookkit._plot.STATS``).
+        stats: the statistics to draw, one panel each, in order (names in ``hookkit.monitoring.plot.STATS``).
         heatmap: True draws every panel as a heatmap, False every panel as lines; None (default) chooses by the
             number of names.
 
