@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"input   {tuple(image.shape)} -> {args.out / 'input.png'}")
     for name in ("conv1", "layer1"):
         act = cap[name]
-        path = save_feature_grid(act, args.out / f"{name}.png", cmap=args.cmap)
+        path = save_feature_grid(act, args.out / f"{name}.png", cmap=args.cmap, title=name)
         print(f"{name:<7} {tuple(act.shape)} -> {path} ({act.shape[1]} channels, each scaled to its own min/max)")
 
 

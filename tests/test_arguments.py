@@ -179,7 +179,8 @@ def call_feature_grid(e: Env, **o: Any) -> Any:
 
 def call_save_feature_grid(e: Env, **o: Any) -> Any:
     return hookkit.save_feature_grid(**_kw(dict(activation=e.maps, path=e.out / "grid.png", sample=0, channels=None,
-                                                nrow=None, padding=1, normalize="channel", cmap=None), o))
+                                                nrow=None, padding=1, normalize="channel", cmap=None, title=None,
+                                                annotate=True), o))
 
 
 def call_summary(e: Env, **o: Any) -> Any:
@@ -340,7 +341,7 @@ BAD = [
           ("cmap", "jet", V)),
     *rows("save_feature_grid", ("activation", [1.0], T), ("path", 3, T), ("path", lambda e: e.out / "grid.jpg", V),
           ("sample", 9, V), ("channels", [7], V), ("nrow", 0, V), ("padding", -1, V), ("normalize", "none", V),
-          ("cmap", "jet", V)),
+          ("cmap", "jet", V), ("title", 3, T), ("annotate", "yes", T)),
     *rows("summary", *model_bads, ("layers", 3, T), ("layers", [], V), ("layers", "a[z-a]", V),
           ("layers", ["nope"], LayerNotFoundError, "nope"), ("depth", 0, V), ("depth", "2", T), ("timing", "yes", T)),
     *rows("Store.calls", ("name", 3, T, "3"), ("name", "nope", hookkit.NotRecordedError, "nope")),

@@ -319,10 +319,10 @@ def test_meta_and_complex_tensors_are_refused():
 
 
 # -- save_feature_grid ---------------------------------------------------------------------------------------------
-def test_save_writes_a_png_of_the_grid_and_creates_folders(tmp_path):
+def test_save_without_annotations_writes_the_grid_pixel_for_pixel_and_creates_folders(tmp_path):
     act = torch.randn(2, 6, 9, 7)
     target = tmp_path / "a" / "b" / "maps.png"
-    path = save_feature_grid(act, target, sample=1, nrow=3, cmap="viridis")
+    path = save_feature_grid(act, target, sample=1, nrow=3, cmap="viridis", annotate=False)
     assert path == target and isinstance(path, Path) and path.is_file()
     grid = feature_grid(act, sample=1, nrow=3, cmap="viridis")
     with Image.open(path) as im:
@@ -335,8 +335,8 @@ def test_save_writes_a_png_of_the_grid_and_creates_folders(tmp_path):
 
 def test_save_accepts_a_str_and_overwrites(tmp_path):
     target = str(tmp_path / "x.PNG")
-    save_feature_grid(torch.randn(1, 4, 3, 3), target)
-    path = save_feature_grid(torch.randn(1, 9, 3, 3), target)
+    save_feature_grid(torch.randn(1, 4, 3, 3), target, annotate=False)
+    path = save_feature_grid(torch.randn(1, 9, 3, 3), target, annotate=False)
     assert read_png(path).shape == expected_size(9, 3, 3, 3, 1)
 
 
@@ -363,6 +363,60 @@ def test_save_warning_points_at_the_caller(tmp_path):
     assert record[0].filename == __file__
 
 
+# -- the annotated picture: a title and the channel numbers ------------------------------------------------------------
+@pytest.fixture
+def drawn_text(monkeypatch):
+    """Every text PIL draws, as (x, y, text), recorded while it is drawn."""
+    from PIL import ImageDraw
+
+    texts = []
+    original = ImageDraw.ImageDraw.text
+
+    def text(self, xy, content, *args, **kwargs):
+        texts.append((xy[0], xy[1], content, kwargs.get("font")))
+        return original(self, xy, content, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+    return texts
+
+
+def test_save_draws_each_tiles_channel_number_above_it(tmp_path, drawn_text):
+    act = torch.randn(2, 12, 20, 30)
+    path = save_feature_grid(act, tmp_path / "maps.png", channels=[7, 2, -1, 0, 5], nrow=3, padding=1)
+    numbers = [(x, y, text) for x, y, text, _ in drawn_text if text.isdigit()]
+    assert [text for _, _, text in numbers] == ["7", "2", "11", "0", "5"]  # in the order drawn, -1 as 11
+    xs = [x for x, _, _ in numbers]
+    ys = [y for _, y, _ in numbers]
+    assert xs[:3] == sorted(set(xs[:3])) and xs[3:] == xs[:2]  # 3 per row, the second row under the first
+    assert ys[0] == ys[1] == ys[2] < ys[3] == ys[4]
+    assert xs[1] - xs[0] == 2 * 30 + 2  # tiles under 48 pixels are enlarged by a whole factor (here 2), 2 apart
+    assert path.is_file()
+    assert all(font.size >= 10 for *_, text, font in drawn_text)  # readable
+
+
+def test_save_has_a_title_naming_the_layer_and_what_it_shows(tmp_path, drawn_text):
+    act = torch.randn(1, 64, 8, 8)
+    save_feature_grid(act, tmp_path / "a.png", channels=16, title="layer1")
+    title = " ".join(text for _, _, text, _ in drawn_text if not text.isdigit())
+    assert title == "layer1: 16 of 64 channels of sample 0, each scaled to its own min / max"
+    drawn_text.clear()
+    save_feature_grid(act[:, :4], tmp_path / "b.png", normalize="global")
+    title = " ".join(text for _, _, text, _ in drawn_text if not text.isdigit())
+    assert title == "All 4 channels of sample 0, one scale for all tiles"
+    assert min(font.size for _, _, text, font in drawn_text if not text.isdigit()) >= 12
+
+
+def test_save_keeps_the_maps_pixels_below_their_numbers(tmp_path):
+    act = torch.randn(1, 4, 50, 60)  # 50 x 60 tiles: no enlargement
+    path = save_feature_grid(act, tmp_path / "m.png", nrow=2)
+    pixels = read_png(path)
+    grid = feature_grid(act, nrow=2, padding=0).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    first = grid[:, :50, :60]  # channel 0, as make_grid draws it
+    found = [(y, x) for y in range(pixels.shape[1] - 49) for x in range(pixels.shape[2] - 59)
+             if torch.equal(pixels[:, y:y + 50, x:x + 60], first)]
+    assert len(found) == 1 and found[0][0] > 12  # once, under its title and its number
+
+
 # -- the example ---------------------------------------------------------------------------------------------------
 def test_feature_maps_example_writes_three_pngs(tmp_path):
     out = tmp_path / "fm"
@@ -376,5 +430,6 @@ def test_feature_maps_example_writes_three_pngs(tmp_path):
         with Image.open(path) as im:
             sizes[name] = im.size
     assert sizes["input"] == (224, 224)
-    assert sizes["conv1"] == (8 * 113 + 1,) * 2  # 64 maps of 112 x 112
-    assert sizes["layer1"] == (8 * 57 + 1,) * 2  # 64 maps of 56 x 56
+    # 64 maps of 112 x 112 and of 56 x 56, 8 per row 2 pixels apart; a title and a strip of numbers per row on top
+    assert sizes["conv1"][0] == 8 * 114 + 2 and sizes["conv1"][1] > 8 * 114 + 2
+    assert sizes["layer1"][0] == 8 * 58 + 2 and sizes["layer1"][1] > 8 * 58 + 2

@@ -389,14 +389,15 @@ def test_hookkit_plot_mistakes_are_one_error_line_and_exit_code_2(tmp_path, caps
     assert not (tmp_path / "run" / "monitor.png").exists()
 
 
-def test_hookkit_plot_without_matplotlib_is_exit_code_2_with_the_install_line(tmp_path, monkeypatch, capsys):
+def test_hookkit_plot_without_matplotlib_prints_the_table_and_the_install_line(tmp_path, monkeypatch, capsys):
     make_run(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     code, out = cli([str(tmp_path)])
-    assert code == 2 and out == ""
-    assert "pip install 'hookkit[plot]'" in capsys.readouterr().err
+    assert code == 0 and "hookkit monitor: 4 recorded steps" in out  # the table needs no matplotlib
+    assert "pip install 'hookkit[plot]'" in " ".join(out.split()) and capsys.readouterr().err == ""
+    assert not (tmp_path / "monitor.png").exists()
 
 
 def test_hookkit_plot_is_listed_in_the_help(capsys):
@@ -458,3 +459,30 @@ def test_a_monitored_training_run_is_drawn_with_a_line_per_parameter(tmp_path):
     assert line_labels(zero) == ["0", "2"]
     drawn = ratio.get_lines()[0].get_ydata()
     assert list(drawn[1:]) == pytest.approx([r["params"]["0.weight"]["update_ratio"] for r in records[1:]])
+
+
+# -- a layer's parameters, grouped ---------------------------------------------------------------------------------
+def weights_and_biases(record):
+    record["params"] = {f"{layer}.{leaf}": param_stats(i, record["step"])
+                        for layer in ("l2", "l0", "l1") for i, leaf in enumerate(("weight", "bias", "gamma"))
+                        if leaf != "gamma" or layer == "l1"}
+
+
+@needs_matplotlib
+def test_a_layers_weight_and_bias_share_its_colour_solid_and_dashed_and_sit_together_in_the_legend(tmp_path):
+    records = read_run(make_run(tmp_path, layers=3, edit=weights_and_biases))
+    params, layers = panels(_draw(records, stats=["update_ratio", "act_std"], heatmap=None))
+    lines = {line.get_label(): line for line in params.get_lines() if line.get_gid() is None}
+    for layer in ("l0", "l1", "l2"):
+        weight, bias = lines[f"{layer}.weight"], lines[f"{layer}.bias"]
+        assert weight.get_color() == bias.get_color()
+        assert (weight.get_linestyle(), bias.get_linestyle()) == ("-", "--")
+    assert lines["l1.gamma"].get_color() == lines["l1.weight"].get_color()
+    assert lines["l1.gamma"].get_linestyle() not in ("-", "--")
+    assert len({lines[f"{layer}.weight"].get_color() for layer in ("l0", "l1", "l2")}) == 3
+    # the layer's own line (its output statistics) has its colour in the other panel
+    own = {line.get_label(): line.get_color() for line in layers.get_lines() if line.get_gid() is None}
+    assert all(own[layer] == lines[f"{layer}.weight"].get_color() for layer in ("l0", "l1", "l2"))
+    # the legend lists the parameters layer by layer, in the order of the layers
+    legend = [t.get_text() for t in params.get_legend().get_texts()]
+    assert legend == ["l0.weight", "l0.bias", "l1.weight", "l1.bias", "l1.gamma", "l2.weight", "l2.bias"]

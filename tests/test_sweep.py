@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -268,3 +269,71 @@ def test_a_sweep_on_an_in_place_op_node_patches_the_tensor_the_model_goes_on_wit
             def write(h, p=p):
                 h[:, p] = clean_h[:, p]
             assert cells.values[0, p].item() == pytest.approx(float(metric(model(corrupt, by_hand=write))))
+
+
+# -- the heatmap's scale and labels ------------------------------------------------------------------------------------
+def heatmap(values, clean=1.0, corrupt=0.0, n_pos=None, labels=None):
+    """The figure ``save_png`` saves for a Sweep of ``values`` (restored = values when clean 1, corrupt 0)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    layers = [f"transformer.h.{i}.attn" for i in range(values.shape[0])]
+    sweep = hookkit.Sweep(values, layers, list(range(values.shape[1])), clean, corrupt, 1, 1.0, 0.1)
+    fig = sweep._figure(None, labels)
+    (ax, bar_ax) = fig.axes
+    return fig, ax, ax.get_images()[0]
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
+def test_the_heatmap_draws_the_fraction_restored_on_a_fixed_0_to_1_scale_with_a_labelled_colour_bar():
+    for values in ([[0.0, 0.5], [0.25, 1.0]], [[0.0, 0.01], [0.02, 0.03]]):  # the scale does not follow the data
+        fig, ax, image = heatmap([[0.0 + 10 * v for v in row] for row in values], clean=10.0, corrupt=0.0)
+        assert image.norm.vmin == 0.0 and image.norm.vmax == 1.0
+        assert np.asarray(image.get_array()) == pytest.approx(np.array(values))  # restored, not the metric
+        bar = image.colorbar
+        assert bar is not None and bar.ax.get_ylabel() == "fraction of the clean-vs-corrupt gap restored"
+        assert bar.extend == "neither"
+    # red restores: 1 is the reddest colour of the map, 0 is (near) white
+    r, g, b, _ = image.cmap(1.0)
+    assert r > 0.35 and g < 0.1 and b < 0.1
+    assert min(image.cmap(0.0)[:3]) > 0.9
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
+@pytest.mark.parametrize(("values", "extend", "said"), [
+    ([[-0.5, 0.5]], "min", "1 cell(s) below 0 (blue; lowest -0.5)"),
+    ([[1.5, 0.5]], "max", "1 cell(s) above 1 (purple; highest 1.5)"),
+    ([[1.5, -0.25]], "both", "below 0"),
+])
+def test_values_outside_0_1_get_an_arrow_on_the_colour_bar_and_are_counted_in_the_title(values, extend, said):
+    fig, ax, image = heatmap(values)
+    assert image.colorbar.extend == extend
+    assert said in ax.get_title()
+    under, over = image.cmap.get_under(), image.cmap.get_over()
+    assert tuple(under) != tuple(image.cmap(0.0)) and tuple(over) != tuple(image.cmap(1.0))  # not silently 0 or 1
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
+def test_float_noise_just_outside_0_1_is_drawn_at_the_end_without_a_flag():
+    fig, ax, image = heatmap([[-0.009, 1.004, 0.5]])
+    assert image.colorbar.extend == "neither" and "cell(s)" not in ax.get_title()
+    assert np.asarray(image.get_array()) == pytest.approx(np.array([[0.0, 1.0, 0.5]]))
+    fig, ax, image = heatmap([[-0.02, 0.5]])
+    assert image.colorbar.extend == "min" and "lowest -0.02" in ax.get_title()
+
+
+def test_clean_equal_to_corrupt_is_said_in_the_heatmap_title():
+    fig, ax, image = heatmap([[1.0, 1.0]], clean=1.0, corrupt=1.0)
+    assert "no gap to restore" in ax.get_title()
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
+@pytest.mark.parametrize(("n_layers", "n_pos"), [(2, 3), (48, 30)])
+def test_heatmap_labels_keep_a_readable_size_on_any_grid(n_layers, n_pos):
+    fig, ax, image = heatmap(torch.rand(n_layers, n_pos), labels=[f"tok{i}" for i in range(n_pos)])
+    ticks = ax.get_yticklabels() + ax.get_xticklabels()
+    assert len(ax.get_yticklabels()) == n_layers and len(ax.get_xticklabels()) == n_pos
+    assert all(t.get_fontsize() >= 9 for t in ticks)
+    assert ax.title.get_fontsize() >= 10 and ax.xaxis.label.get_fontsize() >= 10
+    width, height = fig.get_size_inches()
+    # each row and column gets at least about a line of its labels' height
+    assert height / n_layers >= 0.2 or height >= 50 and width / n_pos >= 0.3

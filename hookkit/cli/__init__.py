@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
-    """``main`` with the rich ``console`` to render to. A user's mistake is one line on ``sys.stderr`` and exit
-    code 2; Ctrl-C is one line and exit code 130; any other exception (a bug) propagates.
+    """``main`` with the rich ``console`` to render to. No arguments print the help (exit code 0), as ``--help``
+    does. A user's mistake is one line on ``sys.stderr`` and exit code 2; Ctrl-C is one line and exit code 130; any
+    other exception (a bug) propagates.
 
     Examples:
         >>> import io; from rich.console import Console; from hookkit.cli import run
@@ -71,6 +72,9 @@ def run(argv: Sequence[str] | None = None, *, console: Console | None = None) ->
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # bare `hookkit`: what it can do, as `hookkit --help` shows it
+        parser.print_help()
+        return 0
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): return the code instead of exiting

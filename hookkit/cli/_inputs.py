@@ -107,8 +107,9 @@ def add_model_and_input_args(p: argparse.ArgumentParser, *, input_required: bool
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--input-shape", required=input_required, type=shape, metavar="N,C,H,W",
                    help=f"{input_help}, comma-separated, e.g. 1,3,224,224 (refused when it would take over half "
-                   "of the memory)")
-    p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+                   "of the memory)" + ("" if input_required else "; default: none, the model is not run"))
+    p.add_argument("--weights", metavar="PATH",
+                   help="a local state_dict file to load into the model; default: none, random weights (--seed)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the weights and the input; default: %(default)s")
 
 

@@ -48,9 +48,11 @@ def register(sub: Any) -> None:
     )
     demo.add_argument("--model", default="torchvision:resnet18", metavar="MODEL",
                       help=f"{MODEL_HELP}; default: %(default)s")
-    demo.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+    demo.add_argument("--weights", metavar="PATH",
+                      help="a local state_dict file to load into the model; default: none, random weights (--seed)")
     demo.add_argument("--layers", nargs="+", default=list(DEMO_LAYERS), metavar="LAYER",
-                      help="layer names or globs to capture (see `hookkit layers MODEL`); default: %(default)s")
+                      help="layer names or globs to capture (see `hookkit layers MODEL`); default: "
+                      + " ".join(DEMO_LAYERS))
     demo.add_argument("--seed", type=seed, default=0,
                       help="seed of the random weights and of the generated image; default: %(default)s")
     demo.set_defaults(command=_cmd_demo)

@@ -75,29 +75,34 @@ def register(sub: Any) -> None:
     extract_cmd.add_argument("--out", required=True, metavar="DIR", help="where the .npy files go")
     extract_cmd.add_argument("--pool", choices=[p for p in POOLS if p is not None],
                              help="per sample: average / max over space or tokens (text: over the real tokens, "
-                             "not the padding), flatten (images only), or the first token; text without --pool "
-                             "keeps every real token (DIR/<layer>.npy [tokens, ...] and DIR/<layer>.offsets.npy)")
+                             "not the padding), flatten (images only), or the first token. Default: none, an image "
+                             "keeps the layer's whole output per row, a text every real token (DIR/<layer>.npy "
+                             "[tokens, ...] and DIR/<layer>.offsets.npy)")
     extract_cmd.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                              help="images or documents per batch; default: %(default)s")
     extract_cmd.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                              help="storage dtype (default: the layer's own; a bfloat16 layer as float32). bfloat16 "
                              "files hold the raw 2-byte values (numpy uint16; manifest.json names the dtype)")
     extract_cmd.add_argument("--workers", type=count, default=0, metavar="N",
-                             help="DataLoader worker processes (decoding images, tokenizing text)")
+                             help="DataLoader worker processes (decoding images, tokenizing text); default: "
+                             "%(default)s, everything in the main process")
     images = extract_cmd.add_argument_group("images (--data)")
     images.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
                         help=f"side of the square crop; default: {_IMAGE_SIZE} (a batch over half of the memory "
                         "is refused)")
-    images.add_argument("--weights", metavar="PATH", help="a local state_dict file to load into the model")
+    images.add_argument("--weights", metavar="PATH",
+                        help="a local state_dict file to load into the model; default: none, random weights (--seed)")
     images.add_argument("--seed", type=seed, default=0, help="seed of random weights; default: %(default)s")
     text = extract_cmd.add_argument_group("text (--text)")
     text.add_argument("--field", metavar="NAME",
-                      help="read --text as JSON Lines: each line an object whose field NAME holds the document")
+                      help="read --text as JSON Lines: each line an object whose field NAME holds the document "
+                      "(default: plain text, one document per line)")
     text.add_argument("--max-length", type=positive_int, default=None, metavar="TOKENS",
                       help="cut documents to this many tokens, special tokens included; default: the most the "
                       "model takes")
     text.add_argument("--no-truncation", action="store_true",
-                      help="never cut a document: refuse (before anything is written) one over the limit")
+                      help="never cut a document: refuse (before anything is written) one over the limit (default: "
+                      "cut it to --max-length)")
     text.add_argument("--order", choices=["length", "corpus"], default=None,
                       help="which documents share a batch: length (the default) puts documents of similar token "
                       "counts together, the longest batch first, so that little of each batch is padding; corpus "

@@ -52,12 +52,14 @@ def register(sub: Any) -> None:
                              input_help="also list op nodes and repeated calls: run MODEL once (under no_grad) on "
                              "a random float input of this shape")
     layers.add_argument("--depth", type=positive_int, metavar="N",
-                        help="show names with at most N dotted parts (1 = the model's direct children)")
+                        help="show names with at most N dotted parts (1 = the model's direct children); default: every "
+                        "depth")
     layers.add_argument("--filter", metavar="GLOB",
                         help="show only names that this name or glob selects, as capture() would: '*' stays "
                         "inside one dotted part, '**' crosses parts (e.g. 'layer1.**', '**conv*'); with "
-                        "--input-shape, op and repeated-call names match too")
-    layers.add_argument("--table", action="store_true", help="a flat table with own and total parameters")
+                        "--input-shape, op and repeated-call names match too; default: every name")
+    layers.add_argument("--table", action="store_true",
+                        help="a flat table with own and total parameters (default: a tree nested by dotted name)")
     layers.set_defaults(command=_cmd_layers)
 
 

@@ -28,9 +28,10 @@ def register(sub: Any) -> None:
     )
     add_model_and_input_args(summary_cmd)
     summary_cmd.add_argument("--depth", type=positive_int, metavar="N",
-                             help="show modules with at most N dotted parts (the data keeps every row)")
+                             help="show modules with at most N dotted parts (the data keeps every row); default: "
+                             "every depth")
     summary_cmd.add_argument("--layers", nargs="+", metavar="LAYER", help="names or globs (default: every submodule)")
-    summary_cmd.add_argument("--no-timing", action="store_true", help="leave out the Time column")
+    summary_cmd.add_argument("--no-timing", action="store_true", help="leave out the Time column (default: shown)")
     summary_cmd.set_defaults(command=_cmd_summary)
 
 

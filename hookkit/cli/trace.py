@@ -33,8 +33,10 @@ def register(sub: Any) -> None:
                            help="names, globs or op nodes to trace (default: every submodule; see "
                            "`hookkit layers MODEL`)")
     trace_cmd.add_argument("--backward", action="store_true",
-                           help="also run backward() on the sum of the output and show the gradients")
-    trace_cmd.add_argument("--no-stats", action="store_true", help="types and shapes only (fastest)")
+                           help="also run backward() on the sum of the output and show the gradients (default: the "
+                           "forward only)")
+    trace_cmd.add_argument("--no-stats", action="store_true",
+                           help="types and shapes only, the fastest (default: with statistics)")
     trace_cmd.set_defaults(command=_cmd_trace)
 
 

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -102,12 +102,13 @@ def _pick_sample(activation: torch.Tensor, sample: Any) -> torch.Tensor:
     return activation[i]
 
 
-def _pick_channels(maps: torch.Tensor, channels: Channels) -> torch.Tensor:
+def _pick_channels(maps: torch.Tensor, channels: Channels) -> tuple[torch.Tensor, list[int]]:
+    """The maps of ``channels`` and their channel numbers."""
     c = maps.shape[0]
     if c == 0 or maps.shape[1] == 0 or maps.shape[2] == 0:
         raise ArgumentError(f"nothing to draw: the sample's feature maps [C, H, W] have shape {tuple(maps.shape)}.")
     if channels is None:
-        return maps
+        return maps, list(range(c))
     if isinstance(channels, torch.Tensor):
         if channels.dim() != 1 or channels.is_floating_point() or channels.is_complex():
             raise ArgumentTypeError(f"channels as a tensor must be a 1-D tensor of ints, got {channels.dtype} of shape "
@@ -123,7 +124,7 @@ def _pick_channels(maps: torch.Tensor, channels: Channels) -> torch.Tensor:
             ) from None
         if n < 1:
             raise ArgumentError(f"channels={n}: ask for at least one channel (or channels=None for all {c}).")
-        return maps[: min(n, c)]
+        return maps[: min(n, c)], list(range(min(n, c)))
     if len(channels) == 0:
         raise ArgumentError("channels=[] selects nothing: give at least one channel index (or channels=None for all).")
     indices = [_index(i, "each channel index") for i in channels]
@@ -133,7 +134,7 @@ def _pick_channels(maps: torch.Tensor, channels: Channels) -> torch.Tensor:
             f"channel index {bad[0]} is out of range: the sample has {c} channels (feature maps [C, H, W] of shape "
             f"{tuple(maps.shape)}); valid indices: 0..{c - 1}."
         )
-    return maps[torch.tensor(indices, device=maps.device)]
+    return maps[torch.tensor(indices, device=maps.device)], [i % c for i in indices]
 
 
 def _scale(maps: torch.Tensor, normalize: str) -> tuple[torch.Tensor, int]:
@@ -164,21 +165,30 @@ def _colour(scaled: torch.Tensor, cmap: str | None) -> torch.Tensor:
     return rgb.permute(0, 3, 1, 2).clamp_(0, 1)
 
 
-def _render(
-    activation: Any, *, sample: Any, channels: Channels, nrow: Any, padding: Any, normalize: Any, cmap: Any,
-    stacklevel: int,
-) -> torch.Tensor:
+class _Tiles(NamedTuple):
+    """What a grid shows: ``tiles`` [K, 3, H, W] in [0, 1], ``nrow`` per row, their channel numbers, and where
+    they come from (for the title of a saved grid)."""
+
+    tiles: torch.Tensor
+    nrow: int
+    channels: list[int]
+    total: int  # the channels the sample has
+    sample: int
+    normalize: str
+
+
+def _tiles(
+    activation: Any, *, sample: Any, channels: Channels, nrow: Any, normalize: Any, cmap: Any, stacklevel: int,
+) -> _Tiles:
     activation = _check_activation(activation)
     if normalize not in ("channel", "global"):
         raise ArgumentError(f"normalize={normalize!r}: choose 'channel' (each map by its own min / max) or 'global' "
                             "(one min / max for all the maps shown).")
     if cmap not in (None, "gray", "viridis"):
         raise ArgumentError(f"cmap={cmap!r}: choose None or 'gray' (grayscale) or 'viridis'.")
-    padding = _index(padding, "padding")
-    if padding < 0:
-        raise ArgumentError(f"padding={padding}: the gap between tiles in pixels must be 0 or more.")
     with torch.no_grad():
-        maps = _pick_channels(_pick_sample(activation.detach(), sample), channels)
+        one = _pick_sample(activation.detach(), sample)
+        maps, picked = _pick_channels(one, channels)
         k = maps.shape[0]
         if nrow is None:
             nrow = math.ceil(math.sqrt(k))
@@ -192,10 +202,27 @@ def _render(
                 "they are drawn as 0 and left out of the min / max. hookkit.check_finite(model) finds the layer "
                 "that first produced them.",
                 RuntimeWarning,
-                stacklevel=stacklevel,
+                stacklevel=stacklevel + 1,
             )
-        tiles = _colour(scaled, cmap)
-        return _torchvision_utils().make_grid(tiles, nrow=nrow, padding=padding, pad_value=_PAD_VALUE)
+        which = _index(sample, "sample") % activation.shape[0] if activation.dim() == 4 else 0
+        return _Tiles(_colour(scaled, cmap), nrow, picked, one.shape[0], which, normalize)
+
+
+def _padding(padding: Any) -> int:
+    padding = _index(padding, "padding")
+    if padding < 0:
+        raise ArgumentError(f"padding={padding}: the gap between tiles in pixels must be 0 or more.")
+    return padding
+
+
+def _render(
+    activation: Any, *, sample: Any, channels: Channels, nrow: Any, padding: Any, normalize: Any, cmap: Any,
+    stacklevel: int,
+) -> torch.Tensor:
+    pad = _padding(padding)
+    t = _tiles(activation, sample=sample, channels=channels, nrow=nrow, normalize=normalize, cmap=cmap,
+               stacklevel=stacklevel)
+    return _torchvision_utils().make_grid(t.tiles, nrow=t.nrow, padding=pad, pad_value=_PAD_VALUE)
 
 
 def feature_grid(
@@ -262,8 +289,11 @@ def save_feature_grid(
     padding: int = 1,
     normalize: Normalize = "channel",
     cmap: Cmap = None,
+    title: str | None = None,
+    annotate: bool = True,
 ) -> Path:
-    """Write ``feature_grid(activation, ...)`` to a PNG file, creating its folder; return the path written.
+    """Write ``feature_grid(activation, ...)`` to a PNG file, with a title and each tile's channel number;
+    creating its folder; return the path written.
 
     Examples:
         >>> import tempfile, torch
@@ -272,6 +302,10 @@ def save_feature_grid(
         ...     path = save_feature_grid(torch.randn(1, 8, 16, 16), f"{tmp}/maps/layer1.png", nrow=4)
         ...     print(path.name, path.exists())
         layer1.png True
+
+    The picture has a title line saying what it shows (``"layer1: 16 of 64 channels of sample 0, each scaled to
+    its own min / max"``) and the channel number above each tile. Tiles smaller than 48 pixels are enlarged by a
+    whole factor (each value a square of pixels) so that their numbers fit; tiles are at least 2 pixels apart.
 
     Args:
         activation: feature maps ``[N, C, H, W]`` or ``[C, H, W]``, as for ``feature_grid``.
@@ -283,24 +317,92 @@ def save_feature_grid(
         padding: as for ``feature_grid``.
         normalize: as for ``feature_grid``.
         cmap: as for ``feature_grid``.
+        title: what the maps are, usually the layer's name (default ``None``: the title only says which channels
+            of which sample, and how they are scaled).
+        annotate: ``True`` (default) draws the title and the channel numbers; ``False`` writes
+            ``feature_grid(...)`` as it is, pixel for pixel (``title`` is then unused).
 
     Returns:
         The ``Path`` written.
 
     Raises:
         ValueError: ``path`` does not end in ``.png``; and what ``feature_grid`` raises, before anything is written.
-        TypeError: ``path`` is not a string or path.
+        TypeError: ``path`` is not a string or path, ``title`` not a string or ``None``, ``annotate`` not a bool.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentTypeError(f"path must be a str or pathlib.Path ending in .png, got {type(path).__name__} "
                                 f"{path!r}.")
+    if title is not None and not isinstance(title, str):
+        raise ArgumentTypeError(f"title must be a str (e.g. the layer's name) or None, got {type(title).__name__}.")
+    if not isinstance(annotate, bool):
+        raise ArgumentTypeError(f"annotate must be True or False, got {type(annotate).__name__} {annotate!r}.")
     out = Path(path).expanduser()
     if out.suffix.lower() != ".png":
         found = f"suffix {out.suffix!r}" if out.suffix else "no suffix"
         raise ArgumentError(f"save_feature_grid writes PNG files; path={str(path)!r} has {found}. Use a name ending "
                             "in .png.")
-    grid = _render(activation, sample=sample, channels=channels, nrow=nrow, padding=padding, normalize=normalize,
-                   cmap=cmap, stacklevel=3)
+    pad = _padding(padding)
+    t = _tiles(activation, sample=sample, channels=channels, nrow=nrow, normalize=normalize, cmap=cmap,
+               stacklevel=2)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _torchvision_utils().save_image(grid, out, format="PNG")
+    utils = _torchvision_utils()
+    if not annotate:
+        utils.save_image(utils.make_grid(t.tiles, nrow=t.nrow, padding=pad, pad_value=_PAD_VALUE), out, format="PNG")
+    else:
+        _annotated(t, pad, title).save(out, format="PNG")
     return out
+
+
+# -- the annotated picture ---------------------------------------------------------------------------------------------
+_MIN_TILE = 48  # pixels: a smaller tile is enlarged by a whole factor, so that its channel number fits
+
+
+def _describe(t: _Tiles, title: str | None) -> str:
+    k = len(t.channels)
+    which = f"all {k} channels" if k == t.total and t.channels == list(range(k)) else f"{k} of {t.total} channels"
+    scale = "each scaled to its own min / max" if t.normalize == "channel" else "one scale for all tiles"
+    text = f"{which} of sample {t.sample}, {scale}"
+    return f"{title}: {text}" if title else text[0].upper() + text[1:]
+
+
+def _annotated(t: _Tiles, padding: int, title: str | None) -> Any:
+    """The tiles laid out as ``make_grid`` lays them out, with a wrapped title on top and each tile's channel
+    number in a strip above it; returns a PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    k, _, h, w = t.tiles.shape
+    zoom = max(1, math.ceil(_MIN_TILE / max(h, w)))
+    tiles = t.tiles.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3) if zoom > 1 else t.tiles
+    th, tw = h * zoom, w * zoom
+    cols, rows = min(t.nrow, k), math.ceil(k / t.nrow)
+    gap = max(padding, 2)
+    label_px = min(16, max(10, tw // 6))  # the channel numbers' font size: readable, and no larger than a tile
+    title_px = min(22, max(12, (cols * (tw + gap)) // 40))
+    label_font = ImageFont.load_default(size=label_px)
+    title_font = ImageFont.load_default(size=title_px)
+    strip = label_px + 4
+    width = gap + cols * (tw + gap)
+    lines = _wrap(_describe(t, title), title_font, max(width - 2 * gap, 200))
+    top = gap + len(lines) * (title_px + 4) + 4
+    picture = Image.new("RGB", (max(width, 200 + 2 * gap), top + rows * (strip + th + gap)), "white")
+    draw = ImageDraw.Draw(picture)
+    for i, line in enumerate(lines):
+        draw.text((gap, gap + i * (title_px + 4)), line, fill="black", font=title_font)
+    pixels = tiles.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, channel in enumerate(t.channels):
+        x = gap + (i % t.nrow) * (tw + gap)
+        y = top + (i // t.nrow) * (strip + th + gap)
+        draw.text((x, y + 1), str(channel), fill=(60, 60, 60), font=label_font)
+        picture.paste(Image.fromarray(pixels[i]), (x, y + strip))
+    return picture
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels in ``font`` (a word longer than that gets its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines

@@ -30,6 +30,13 @@ from hookkit.record.capture import capture
 
 __all__ = ["patching_sweep", "Sweep"]
 
+_COLORBAR_LABEL = "fraction of the clean-vs-corrupt gap restored"
+_FONT_PT = 10  # tick labels; axis labels +1, the title +2: readable at any grid size (the figure grows instead)
+_MAX_INCHES = 60.0  # matplotlib refuses figures of more than 2^16 pixels a side
+_NOISE = 0.01  # beyond [0, 1] by less: drawn at the end, not flagged (a hundredth of the scale is no colour step)
+_UNDER = "#4393c3"  # below 0: blue, the opposite of restoring
+_OVER = "#3f007d"  # above 1: dark purple, past the reddest red
+
 
 class Sweep:
     """What ``patching_sweep`` returns: ``values[i, j]``, the metric with layer ``layers[i]`` patched at position
@@ -79,35 +86,76 @@ class Sweep:
         yield table
 
     def save_png(self, path: str | Path, *, title: str | None = None, labels: Sequence[str] | None = None) -> Path:
-        """Draw ``values`` as a layer x position heatmap into ``path`` (PNG), the positions named by ``labels``
-        (e.g. the tokens) if given; needs matplotlib (``pip install 'hookkit[plot]'``)."""
+        """Draw ``restored`` as a layer x position heatmap into ``path`` (PNG), the positions named by ``labels``
+        (e.g. the tokens) if given; needs matplotlib (``pip install 'hookkit[plot]'``).
+
+        The colours are on one fixed scale in every sweep: the fraction of the clean-vs-corrupt gap that patching
+        the cell restores, white at 0 (no effect) to red at 1 (the clean metric restored), with a colour bar saying
+        so. A cell more than 0.01 outside [0, 1] gets its own colour: below 0 (patching moved the metric away from
+        clean) blue, above 1 (overshoot) dark purple; the colour bar then has an arrow at that end and the title
+        counts those cells, with the extreme value. A cell within 0.01 of an end (float noise, e.g. -0.003) is
+        drawn at that end: the colours cannot show a hundredth of the scale anyway. When clean and corrupt agree
+        there is no gap: every cell is grey, and the title says so. Font sizes and the figure size follow the number
+        of layers and positions, so the labels stay readable on a large grid.
+        """
         where = "Sweep.save_png"
         _check.path(where, "path", path)
         _check.instance(where, "title", title, (str, type(None)), "a str or None")
         _check.instance(where, "labels", labels, (list, tuple, type(None)), "a list of position names or None")
         if labels is not None and len(labels) < max((p for p in self.positions if p is not None), default=-1) + 1:
             raise ArgumentError(f"labels has {len(labels)} name(s), too few for positions {self.positions}.")
-        from hookkit.monitoring.plot import matplotlib_figure
-
-        Figure, FigureCanvasAgg = matplotlib_figure("drawing a patching sweep")
-        n_layers, n_pos = self.values.shape
-        fig = Figure(figsize=(max(4.0, 1.0 + 0.5 * n_pos), max(3.0, 1.0 + 0.3 * n_layers)))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        image = ax.imshow(self.values.double().numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest")
-        fig.colorbar(image, ax=ax, label="metric")
-        ax.set_yticks(range(n_layers), self.layers, fontsize=7)
-        ax.set_xticks(range(n_pos), ["all" if p is None else f"{p}: {labels[p]}" if labels is not None else str(p)
-                                     for p in self.positions], fontsize=7, rotation=45 if labels else 0)
-        ax.set_xlabel("position patched")
-        ax.set_ylabel("layer patched")
-        ax.set_title(title or f"activation patching (clean {self.clean:.3g}, corrupt {self.corrupt:.3g})",
-                     fontsize=9)
-        fig.tight_layout()
+        fig = self._figure(title, labels)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)  # as save_feature_grid and plot_run do
         fig.savefig(path, dpi=110)
         return path
+
+    def _figure(self, title: str | None, labels: Sequence[str] | None) -> Any:
+        """The matplotlib ``Figure`` that ``save_png`` saves (tests read its colour bar and labels)."""
+        from matplotlib import colormaps
+
+        from hookkit.monitoring.plot import matplotlib_figure
+
+        Figure, FigureCanvasAgg = matplotlib_figure("drawing a patching sweep")
+        n_layers, n_pos = self.values.shape
+        names = ["all" if p is None else f"{p}: {labels[p]}" if labels is not None else str(p)
+                 for p in self.positions]
+        longest = max((len(n) for n in self.layers), default=1)
+        font = _FONT_PT
+        # Wide enough for the layer names (at ~0.6 of a point per character) and ~0.45 in per column, tall
+        # enough for ~0.28 in per row: the labels keep their size, the figure grows instead.
+        width = 2.5 + longest * font * 0.6 / 72 + max(0.45 * n_pos, 2.5)
+        height = 1.8 + max(0.28 * n_layers, 2.0) + (max(len(n) for n in names) * font * 0.45 / 72 if labels else 0)
+        fig = Figure(figsize=(min(width, _MAX_INCHES), min(height, _MAX_INCHES)), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        restored = self.restored.double()
+        finite = restored[~restored.isnan()]
+        below, above = int((finite < -_NOISE).sum()), int((finite > 1 + _NOISE).sum())
+        # within _NOISE of an end: drawn at that end, as the colour scale cannot show a hundredth anyway
+        near = ((restored < 0) & (restored >= -_NOISE)) | ((restored > 1) & (restored <= 1 + _NOISE))
+        restored = torch.where(near, restored.clamp(0.0, 1.0), restored)
+        extend = "both" if below and above else "min" if below else "max" if above else "neither"
+        cmap = colormaps["Reds"].with_extremes(under=_UNDER, over=_OVER, bad="lightgray")
+        image = ax.imshow(restored.numpy(), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        bar = fig.colorbar(image, ax=ax, extend=extend, label=_COLORBAR_LABEL)
+        bar.ax.tick_params(labelsize=font)
+        bar.set_label(_COLORBAR_LABEL, fontsize=font + 1)
+        ax.set_yticks(range(n_layers), self.layers, fontsize=font)
+        ax.set_xticks(range(n_pos), names, fontsize=font, rotation=45 if labels else 0,
+                      ha="right" if labels else "center")
+        ax.set_xlabel("position patched", fontsize=font + 1)
+        ax.set_ylabel("layer patched", fontsize=font + 1)
+        head = title or f"activation patching: clean {self.clean:.3g}, corrupt {self.corrupt:.3g}"
+        notes = []
+        if not finite.numel():
+            notes.append("clean and corrupt agree: no gap to restore")
+        if below:
+            notes.append(f"{below} cell(s) below 0 (blue; lowest {float(finite.min()):.2g})")
+        if above:
+            notes.append(f"{above} cell(s) above 1 (purple; highest {float(finite.max()):.3g})")
+        ax.set_title(head + ("\n" + "; ".join(notes) if notes else ""), fontsize=font + 2)
+        return fig
 
 
 def patching_sweep(model: nn.Module, clean: Any, corrupt: Any, layers: Layers, metric: Callable[[Any], Any], *,

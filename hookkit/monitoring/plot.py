@@ -204,6 +204,7 @@ def _draw(records: Sequence[dict[str, Any]], *, stats: Sequence[str], heatmap: b
     fig = Figure(figsize=(11, 0.8 + 2.9 * len(series)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    groups = _Groups(records)
     alert_steps = sorted({a["step"] for r in records for a in (r.get("alerts") or [])
                           if isinstance(a, dict) and isinstance(a.get("step"), int)})
     for ax, s in zip(axes, series, strict=True):
@@ -220,7 +221,7 @@ def _draw(records: Sequence[dict[str, Any]], *, stats: Sequence[str], heatmap: b
         if bool(s.names) and (heatmap is True or (heatmap is None and len(s.names) > MAX_LINES)):
             _draw_image(fig, ax, s, finite, bad)
         else:
-            _draw_lines(ax, s, finite, bad)
+            _draw_lines(ax, s, finite, bad, groups)
         for step in alert_steps:
             ax.axvline(step, color="red", alpha=0.5, linestyle=":", linewidth=1, gid="alert")
     axes[-1].set_xlabel("step")
@@ -258,13 +259,58 @@ def _draw_image(fig: Figure, ax: Any, s: _Series, finite: Any, bad: Any) -> None
         ax.plot([s.steps[c] for c in cols], rows, "x", color="red", markersize=6, gid="nonfinite", label="non-finite")
 
 
-def _draw_lines(ax: Any, s: _Series, finite: Any, bad: Any) -> None:
-    """A panel as one line per name, labelled with it; a non-finite value is an x at the top of the panel."""
+class _Groups:
+    """One colour per layer, the same in every panel of a figure: a layer's line (its output statistics) and the
+    lines of its parameters (``layer.weight``, ``layer.bias``) share it. Parameters of a layer differ by line style:
+    ``weight`` solid, ``bias`` dashed, any other (``in_proj_weight``, ``gamma``) dotted, then dash-dotted. A
+    parameter belongs to the longest recorded layer whose name is a dotted prefix of its own, else to the name
+    before its last dot."""
+
+    _STYLES = {"weight": "-", "bias": "--"}
+    _OTHER = (":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+
+    def __init__(self, records: Sequence[dict[str, Any]]) -> None:
+        from matplotlib import colormaps
+
+        self.layers = _names(records, "layers")
+        order = dict.fromkeys(self.layers)
+        for param in _names(records, "params"):
+            order.setdefault(self.of(param))
+        self.order = {name: i for i, name in enumerate(order)}
+        palette = colormaps["tab10" if len(order) <= 10 else "tab20"]
+        self.colours = {name: palette(i % palette.N) for name, i in self.order.items()}
+
+    def of(self, param: str) -> str:
+        """The layer that parameter ``param`` belongs to."""
+        owner = _owner(param, self.layers)
+        return owner if owner is not None else param.rpartition(".")[0]
+
+    def style(self, kind: str, name: str, siblings: Sequence[str]) -> tuple[Any, Any, str]:
+        """``(colour, linestyle, group)`` of the line of ``name`` (a layer, or a parameter among ``siblings``,
+        the names of its panel)."""
+        if kind == "layers":
+            return self.colours.get(name), "-", name
+        group = self.of(name)
+        leaf = name[len(group):].lstrip(".") if group else name
+        style: Any = self._STYLES.get(leaf)
+        if style is None:
+            others = [p for p in siblings if self.of(p) == group and p[len(group):].lstrip(".") not in self._STYLES]
+            style = self._OTHER[others.index(name) % len(self._OTHER)]
+        return self.colours.get(group), style, group
+
+
+def _draw_lines(ax: Any, s: _Series, finite: Any, bad: Any, groups: _Groups) -> None:
+    """A panel as one line per name, labelled with it; a non-finite value is an x at the top of the panel. A layer's
+    parameters share its colour (``_Groups``) and sit together in the legend, in the order of the layers."""
     import numpy as np
 
     log = _log_scale(s, finite) is not None
+    keyed = []
     for i, name in enumerate(s.names):
-        (line,) = ax.plot(s.steps, finite[i], marker="." if len(s.steps) <= 60 else None, label=name, linewidth=1.2)
+        colour, style, group = groups.style(s.kind, name, s.names)
+        (line,) = ax.plot(s.steps, finite[i], marker="." if len(s.steps) <= 60 else None, label=name, linewidth=1.2,
+                          color=colour, linestyle=style)
+        keyed.append(((groups.order.get(group, len(groups.order)), i), line))
         cols = np.nonzero(bad[i])[0]
         if cols.size:  # at the top of the panel: a non-finite value has no place on the y axis
             ax.plot([s.steps[c] for c in cols], [0.97] * cols.size, "x", color=line.get_color(),
@@ -272,7 +318,9 @@ def _draw_lines(ax: Any, s: _Series, finite: Any, bad: Any) -> None:
     if log:
         ax.set_yscale("log", nonpositive="mask")
     if s.names:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        handles = [line for _, line in sorted(keyed, key=lambda kl: kl[0])]
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  handlelength=3)
     ax.grid(True, alpha=0.3, which="both" if log else "major")
 
 
@@ -289,12 +337,13 @@ def plot_run(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     parameters' (``grad_norm`` is the layers' output gradient when no parameter gradient was recorded; write
     ``"layer:grad_norm"`` or ``"param:grad_norm"`` to choose). With more than 12 names a panel is a heatmap, name by
     step. Norms and ratios have a log scale. Non-finite values are red / coloured ``x`` marks; alerts are dotted
-    vertical lines in every panel.
+    vertical lines in every panel. A layer keeps one colour in every panel, and its parameters take it: ``weight``
+    a solid line, ``bias`` a dashed one (others dotted), listed together in the legend, layer by layer.
 
     Args:
         run: the folder given to ``hookkit.monitor(log=...)``, or its ``.jsonl`` file.
         out: the PNG to write (its folder is created); default ``<run folder>/monitor.png``.
-        stats: the statistics to draw, one panel each, in order (names in ``hookkit._plot.STATS``).
+        stats: the statistics to draw, one panel each, in order (names in ``hookkit.monitoring.plot.STATS``).
         heatmap: True draws every panel as a heatmap, False every panel as lines; None (default) chooses by the
             number of names.
 
