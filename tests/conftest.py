@@ -159,5 +159,9 @@ def torch_state_unchanged():
 
 def _torch_state() -> dict[str, Any]:
     census = hook_census(nn.Module())
-    # dynamo's config appears when a test first imports dynamo; whether it changed is test_compiled.py's to check
-    return {k: v for k, v in census.items() if not k.startswith("<root>") and k != "dynamo.config"}
+    # dynamo's config appears when a test first imports dynamo; whether it changed is test_compiled.py's to check,
+    # except the flag an open hookkit block turns off (a block left open keeps compiled code guarding on hooks)
+    state = {k: v for k, v in census.items() if not k.startswith("<root>") and k != "dynamo.config"}
+    config = sys.modules.get("torch._dynamo.config")
+    state["skip_nnmodule_hook_guards"] = getattr(config, "skip_nnmodule_hook_guards", True)  # True: its default
+    return state
