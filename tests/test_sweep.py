@@ -312,7 +312,6 @@ def test_values_outside_0_1_get_an_arrow_on_the_colour_bar_and_are_counted_in_th
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
-@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
 def test_float_noise_just_outside_0_1_is_drawn_at_the_end_without_a_flag():
     fig, ax, image = heatmap([[-0.009, 1.004, 0.5]])
     assert image.colorbar.extend == "neither" and "cell(s)" not in ax.get_title()
@@ -321,6 +320,7 @@ def test_float_noise_just_outside_0_1_is_drawn_at_the_end_without_a_flag():
     assert image.colorbar.extend == "min" and "lowest -0.02" in ax.get_title()
 
 
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib: pip install 'hookkit[plot]'")
 def test_clean_equal_to_corrupt_is_said_in_the_heatmap_title():
     fig, ax, image = heatmap([[1.0, 1.0]], clean=1.0, corrupt=1.0)
     assert "no gap to restore" in ax.get_title()
