@@ -208,7 +208,8 @@ def test_to_moves_op_node_values():
 
 def test_op_looking_names_that_match_nothing_get_close_matches_and_the_discovery_call():
     m = Net()
-    with pytest.raises(hookkit.LayerNotFoundError, match=r"'mull'.*Did you mean 'mul'.*layer_names\(model, "):
+    with pytest.raises(hookkit.LayerNotFoundError, match=r"'mull'.*Did you mean one of the op nodes 'mul', 'mul_' \(a "
+                       r"node only if the forward calls those torch functions\)\?.*layer_names\(model, "):
         hookkit.capture(m, ["mull"])
     with pytest.raises(hookkit.LayerNotFoundError, match=r"ops inside torch's own modules .* not nodes"):
         hookkit.capture(m, ["fc.linear"])
@@ -483,3 +484,19 @@ def test_a_capture_leaves_multihead_attentions_fast_path_and_its_exact_values():
             assert torch.equal(got, expected), layers
             assert modes() == 0
     assert torch.equal(cap["add"], expected)
+
+
+def test_a_module_name_close_to_the_spec_is_suggested_as_a_name_not_as_an_op():
+    """A close module name is suggested plainly; only torch function names come with the warning that the forward
+    may never call them (a Sequential of convs has no 'conv2d' node unless its forward calls F.conv2d)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(hookkit.LayerNotFoundError) as raised:
+        hookkit.capture(m, ["conv"])
+    assert "Did you mean one of the op nodes 'cov', 'conv3d', 'conv2d' (a node only if the forward calls those " \
+           "torch functions)?" in str(raised.value)
+    with pytest.raises(hookkit.LayerNotFoundError, match=r"Did you mean the op node 'einsum' \(a node only if the "
+                       r"forward calls that torch function\)\?"):
+        hookkit.capture(m, ["einsumm"])
+    m.add_module("conv", nn.Conv2d(8, 8, 1))
+    with pytest.raises(hookkit.LayerNotFoundError, match=r"Did you mean 'conv'\?"):
+        hookkit.capture(m, ["cnv"])

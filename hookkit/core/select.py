@@ -169,12 +169,18 @@ def _not_found(model: nn.Module, spec: Any, names: list[str]) -> LayerNotFoundEr
     if isinstance(spec, str):
         kind = "pattern" if _GLOB_CHARS.search(spec) else "layer"
         close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
-        if not close and not _GLOB_CHARS.search(spec):
+        ops = not close and not _GLOB_CHARS.search(spec)
+        if ops:  # names of torch functions, which this model's forward may never call: said so
             close = _close_ops(model, names, spec)
         if not close and _GLOB_CHARS.search(spec):
             literal = _GLOB_CHARS.sub("", spec)
             close = difflib.get_close_matches(literal, names, n=5, cutoff=0.4)
-        did_you_mean = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        what, whether = "", ""
+        if ops:
+            one = len(close) == 1
+            what = "the op node " if one else "one of the op nodes "
+            whether = f" (a node only if the forward calls {'that torch function' if one else 'those torch functions'})"
+        did_you_mean = f" Did you mean {what}{', '.join(repr(c) for c in close)}{whether}?" if close else ""
         glob_help = " (in patterns `*` matches inside one dotted part, `**` across parts)" if kind == "pattern" else ""
         return LayerNotFoundError(f"no {kind} {spec!r} in {model_name}{glob_help}.{did_you_mean} {hint}")
     if isinstance(spec, type):
