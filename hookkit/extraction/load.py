@@ -1,7 +1,7 @@
 """``load_features(out)``: the ``Features`` of a finished ``extract(..., out=out)``, opened without the model.
 
 It reads the folder's ``manifest.json`` (``extraction.manifest``) and opens the files as ``extract()`` does when a
-finished run is called again (``extraction.npyfolder._open_finished``: the same layers in the same order, arrays,
+finished run is called again (``extraction.npyfolder.open_finished``: the same layers in the same order, arrays,
 offsets, manifest). An unfinished folder is refused with what is missing and how to finish it: the ``hookkit extract``
 command line that wrote it (recorded in the manifest as ``"command"``), or the ``hookkit.extract(...)`` call its
 settings describe.
@@ -16,7 +16,7 @@ from typing import Any
 from hookkit._errors import ExtractError
 from hookkit.core import check as _check
 from hookkit.extraction.manifest import MANIFEST, read_manifest, rows_written
-from hookkit.extraction.npyfolder import _open_finished
+from hookkit.extraction.npyfolder import open_finished
 from hookkit.extraction.rowstore import Features
 
 __all__ = ["load_features"]
@@ -75,7 +75,7 @@ def load_features(out: str | os.PathLike) -> Features:
                            f"files are still .partial. To finish it (only the missing rows are computed), "
                            f"{_how_to_run(manifest, shown)}")
     try:
-        return _open_finished(folder, manifest, layers)
+        return open_finished(folder, manifest, layers)
     except ExtractError as exc:
         raise ExtractError(f"{exc} {_how_to_run(manifest, shown, again=True)}") from None
 

@@ -57,7 +57,7 @@ from hookkit.extraction.tokens import (
     offsets_name,
 )
 
-__all__ = ["NpyFolder"]
+__all__ = ["NpyFolder", "open_finished"]
 
 
 class NpyFolder(RowStore):
@@ -100,7 +100,7 @@ class NpyFolder(RowStore):
         if manifest is not None:
             _check_same(out, manifest, self.settings, self.samples)
             if manifest.get("complete"):
-                return _open_finished(out, manifest, names)
+                return open_finished(out, manifest, names)
             _check_format(out, manifest)
             _check_partials(out, names, self.files, self.rank, self.world)
         else:
@@ -198,7 +198,7 @@ class NpyFolder(RowStore):
         if manifest is None or not manifest.get("complete"):
             raise ExtractError(f"rank 0 could not finish the files in {out} (its error says why); run the same call "
                                "again to complete them.")
-        return _open_finished(out, manifest, self.names)
+        return open_finished(out, manifest, self.names)
 
     def _close_files(self) -> None:
         for f in self._row_files.values():
@@ -303,7 +303,7 @@ def _check_same(out: Path, manifest: dict[str, Any], settings: dict[str, Any], s
             "changed, so its rows would not match. Use another out= folder, or delete this one to start over.")
 
 
-def _open_finished(out: Path, manifest: dict[str, Any], names: list[str]) -> Features:
+def open_finished(out: Path, manifest: dict[str, Any], names: list[str]) -> Features:
     """A finished folder as it is; renames left undone by an interrupted finish are completed."""
     _put_in_place(out, manifest, names)
     files, ragged = manifest["files"], manifest.get("ragged", {})
